@@ -1,0 +1,226 @@
+"""The public API: `merge`, `merge_all`, `analyze`, and the reusable `Zipper`."""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .bn_reset import reset_bn as reset_batch_norm
+from .errors import InputError
+from .inputs import Batches
+from .matching import METHODS, Match, match_features
+from .passes.analysis import Analysis
+from .passes.layout import Feat
+from .passes.rewrite import rewrite
+from .passes.statistics import SpaceStats, collect
+from .tracing import check_isomorphic, trace
+
+DEFAULT_ALPHA = 0.5
+DEFAULT_BETA = 1.0
+
+
+@dataclass
+class SpaceReport:
+    space: int
+    width: int
+    merged_width: int
+    within_model_merges: int
+    mean_correlation: float | None
+
+
+@dataclass
+class MergeReport:
+    """What a merge did: the stop point, how many layers were zipped, each merged space, timings."""
+
+    method: str
+    stop_at: Any
+    layers_zipped: int
+    layers_total: int
+    spaces: list[SpaceReport] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"fxzip merge ({self.method}), stop_at={self.stop_at!r}: zipped "
+                 f"{self.layers_zipped}/{self.layers_total} layers, {len(self.spaces)} spaces merged"]
+        for s in self.spaces:
+            corr = "-" if s.mean_correlation is None else f"{s.mean_correlation:.3f}"
+            lines.append(f"  space {s.space:3d}: width {s.width} -> {s.merged_width}, within-model "
+                         f"merges {s.within_model_merges}, mean corr of merged features {corr}")
+        lines.append("  time: " + ", ".join(f"{k} {v:.3f}s" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+class Zipper:
+    """A prepared merge of N models of one architecture: traced graphs, the analysis and (lazily)
+    the feature statistics. `merge()` can then be called for many stop points and methods without
+    tracing or collecting statistics again."""
+
+    def __init__(self, models: Sequence[nn.Module], inputs: Any, *, progress: bool = True,
+                 leaf_modules: Sequence[type] = (), concrete_args: dict | None = None):
+        models = list(models)
+        if len(models) < 2:
+            raise InputError(f"merging needs at least two models, got {len(models)}")
+        for k, m in enumerate(models):
+            if not isinstance(m, nn.Module):
+                raise InputError(f"model {k} is a {type(m).__name__}, not a torch.nn.Module")
+        devices = {_device_of(m) for m in models}
+        if len(devices) > 1:
+            raise InputError(f"the models live on different devices {sorted(map(str, devices))}; "
+                             "move them to one device first")
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+        self.batches = Batches(inputs, devices.pop())
+        with self._timed("trace"):
+            self.graphs = [trace(m, self.batches.example, leaf_modules=leaf_modules,
+                                 concrete_args=concrete_args) for m in models]
+            check_isomorphic(self.graphs)
+        with self._timed("analysis"):
+            self.analysis = Analysis(self.graphs[0])
+        self._moments: dict[int, SpaceStats] = {}
+        self._matches: dict[tuple, Match] = {}
+
+    @contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    @property
+    def num_models(self) -> int:
+        return len(self.graphs)
+
+    def spaces_of(self, trunk: set[str]) -> list[int]:
+        """The non-pinned spaces a trunk touches (its tensors and its parameters)."""
+        spaces: set[int] = set()
+        for name in trunk:
+            feat = self.analysis.feat(name)
+            if feat:
+                spaces.update(b.space for b in feat.blocks)
+        targets = {n.target for n in self.analysis.nodes
+                   if n.name in trunk and n.op in ("call_module", "get_attr")}
+        for target in targets:
+            for use in self.analysis.param_uses.get(target, []):
+                spaces.update(b.space for b in use.feat.blocks)
+        return sorted(s for s in spaces if not self.analysis.spaces[s].pinned)
+
+    def statistics(self, spaces: Sequence[int]) -> dict[int, SpaceStats]:
+        """Feature statistics of the given spaces, collected once and cached."""
+        missing = [s for s in spaces if s not in self._moments]
+        if missing:
+            with self._timed("statistics"):
+                self._moments.update(collect(self.graphs, self.analysis, missing, self.batches,
+                                             progress=self.progress))
+        return {s: self._moments[s] for s in spaces}
+
+    def match(self, space: int, method: str, alpha: float, beta: float) -> Match:
+        key = (space, method, alpha, beta)
+        if key not in self._matches:
+            size = self.analysis.spaces[space].size
+            if method == "average":
+                self._matches[key] = Match.identity(size, self.num_models)
+            else:
+                corr = self.statistics([space])[space].correlation()
+                with self._timed("matching"):
+                    self._matches[key] = match_features(corr, [size] * self.num_models, method,
+                                                        alpha=alpha, beta=beta)
+        return self._matches[key]
+
+    def merge(self, stop_at: str | int | None = None, *, method: str = "zipit",
+              alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
+              reset_bn: bool = True) -> fx.GraphModule:
+        """The merged model for one stop point (see `fxzip.merge`)."""
+        if method not in METHODS:
+            raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        before = dict(self.seconds)
+        trunk = self.analysis.trunk(stop_at)
+        spaces = self.spaces_of(trunk)
+        if method != "average":
+            self.statistics(spaces)
+        matches = {s: self.match(s, method, alpha, beta) for s in spaces}
+        with self._timed("rewrite"):
+            merged = rewrite(self.graphs, self.analysis, matches, trunk)
+        if reset_bn:
+            with self._timed("bn_reset"):
+                reset_batch_norm(merged, self.batches, progress=self.progress)
+        seconds = {k: v - before.get(k, 0.0) for k, v in self.seconds.items()}
+        seconds = {k: v for k, v in seconds.items() if v > 0}
+        merged.fxzip_report = MergeReport(
+            method, stop_at, self.analysis.layers_in(trunk), len(self.analysis.layers),
+            [self._space_report(s, matches[s]) for s in spaces], seconds)
+        return merged
+
+    def _space_report(self, space: int, match: Match) -> SpaceReport:
+        size = self.analysis.spaces[space].size
+        within = sum(int((np.bincount(a, minlength=match.size) - 1).clip(min=0).sum())
+                     for a in match.assign)
+        corr = None
+        if space in self._moments:
+            c = self._moments[space].correlation()
+            pairs = [(k * size + i, j * size + jj) for k in range(self.num_models)
+                     for j in range(k + 1, self.num_models)
+                     for i, jj in _same_cluster(match.assign[k], match.assign[j])]
+            if pairs:
+                rows, cols = zip(*pairs)
+                corr = float(np.mean(c[list(rows), list(cols)]))
+        return SpaceReport(space, size, match.size, within, corr)
+
+
+def _same_cluster(a: np.ndarray, b: np.ndarray) -> list[tuple[int, int]]:
+    first_b: dict[int, int] = {}
+    for j, c in enumerate(b):
+        first_b.setdefault(int(c), j)
+    return [(i, first_b[int(c)]) for i, c in enumerate(a) if int(c) in first_b]
+
+
+def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str | int | None = None,
+          method: str = "zipit", alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
+          reset_bn: bool = True, progress: bool = True, leaf_modules: Sequence[type] = (),
+          concrete_args: dict | None = None) -> fx.GraphModule:
+    """Merge two models of one architecture into one GraphModule returning `(out_a, out_b)`.
+
+    inputs: calibration data: a tensor batch, a list of batches, or an iterable/DataLoader of
+        `x` or `(x, y, ...)`.
+    stop_at: a node or module name (or a module prefix such as "layer3"): everything it depends
+        on is zipped, the rest becomes one head per model. An int n zips the first n parametrised
+        layers (ZipIt! n/m). None zips every layer but the ones producing the outputs, so each
+        model keeps its own output layer.
+    method: "zipit" (greedy, within and across models; `alpha`, `beta`), "permute" (Hungarian
+        across models: Git Re-Basin activation matching) or "average" (plain weight averaging).
+    reset_bn: re-estimate the BatchNorm statistics of the merged model on `inputs`.
+    The input models are never modified. The report is in `merged.fxzip_report`.
+    """
+    return merge_all([model_a, model_b], inputs, stop_at=stop_at, method=method, alpha=alpha,
+                     beta=beta, reset_bn=reset_bn, progress=progress, leaf_modules=leaf_modules,
+                     concrete_args=concrete_args)
+
+
+def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | None = None,
+              method: str = "zipit", alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
+              reset_bn: bool = True, progress: bool = True, leaf_modules: Sequence[type] = (),
+              concrete_args: dict | None = None) -> fx.GraphModule:
+    """Merge N ≥ 2 models (see `merge`); the merged model returns one output per model."""
+    zipper = Zipper(models, inputs, progress=progress, leaf_modules=leaf_modules,
+                    concrete_args=concrete_args)
+    merged = zipper.merge(stop_at, method=method, alpha=alpha, beta=beta, reset_bn=reset_bn)
+    merged.fxzip_report.seconds = {**{k: zipper.seconds[k] for k in ("trace", "analysis")},
+                                   **merged.fxzip_report.seconds}
+    return merged
+
+
+def analyze(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[type] = (),
+            concrete_args: dict | None = None) -> Analysis:
+    """The feature spaces, barriers and valid stop points of a model (printable)."""
+    batches = Batches(example_inputs, _device_of(model) if isinstance(model, nn.Module) else None)
+    return Analysis(trace(model, batches.example, leaf_modules=leaf_modules,
+                          concrete_args=concrete_args))

@@ -1,0 +1,138 @@
+"""Offline real data for demos and tests: scikit-learn's handwritten digits split into two
+disjoint tasks (classes 0–4 and 5–9), small CNNs trained on the CPU in seconds, and the paper's
+joint/per-task accuracies."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+TASK_CLASSES = (tuple(range(5)), tuple(range(5, 10)))
+
+
+@dataclass
+class DigitsSplit:
+    """Train/test tensors of the digits (N, 1, 8, 8), scaled to zero mean and unit variance."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    def task(self, classes: tuple[int, ...], train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples of `classes`, labels renumbered 0..len(classes)-1."""
+        x, y = (self.x_train, self.y_train) if train else (self.x_test, self.y_test)
+        keep = torch.isin(y, torch.tensor(classes))
+        lookup = torch.full((10,), -1, dtype=torch.long)
+        lookup[list(classes)] = torch.arange(len(classes))
+        return x[keep], lookup[y[keep]]
+
+
+def load_digits_split(test_fraction: float = 0.3, seed: int = 0) -> DigitsSplit:
+    """The 1,797 digits of scikit-learn (shipped inside the package), split per seed."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(data.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    x, y = x[order], y[order]
+    n_test = int(len(y) * test_fraction)
+    mean, std = x[n_test:].mean(), x[n_test:].std()
+    x = (x - mean) / std
+    return DigitsSplit(x[n_test:], y[n_test:], x[:n_test], y[:n_test])
+
+
+class DigitsCNN(nn.Module):
+    """A small VGG-style CNN for 8×8 digits: three conv-BN-ReLU stages, global pool, linear head."""
+
+    def __init__(self, width: int = 16, num_classes: int = 5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.pool = nn.MaxPool2d(2)
+        self.conv3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(2 * width)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.pool(F.relu(self.bn2(self.conv2(x))))
+        x = F.relu(self.bn3(self.conv3(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 30,
+                     batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> nn.Module:
+    """Plain Adam + cross-entropy training on the CPU; returns the model in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=generator)
+        for start in range(0, len(y), batch_size):
+            batch = order[start:start + batch_size]
+            optimiser.zero_grad()
+            F.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimiser.step()
+    return model.eval()
+
+
+def train_task_pair(split: DigitsSplit, make_model, *, seed: int = 0, epochs: int = 30) -> list[nn.Module]:
+    """Two models of one architecture, different initialisations, trained on the two tasks."""
+    models = []
+    for k, classes in enumerate(TASK_CLASSES):
+        torch.manual_seed(seed * 100 + k)
+        x, y = split.task(classes)
+        models.append(train_classifier(make_model(), x, y, epochs=epochs, seed=seed * 100 + k))
+    return models
+
+
+@dataclass
+class Accuracy:
+    joint: float
+    task_a: float
+    task_b: float
+
+    @property
+    def avg(self) -> float:
+        return (self.task_a + self.task_b) / 2
+
+
+def evaluate_heads(outputs: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor) -> Accuracy:
+    """Joint accuracy: argmax over the concatenated per-head softmaxes over all 10 classes;
+    task accuracy: each head on its own classes."""
+    probs = torch.cat([o.softmax(-1) for o in outputs], dim=-1)
+    classes = torch.tensor([c for task in TASK_CLASSES for c in task])
+    joint = (classes[probs.argmax(-1)] == y).float().mean().item()
+    per_task = []
+    for k, task in enumerate(TASK_CLASSES):
+        keep = torch.isin(y, torch.tensor(task))
+        pred = torch.tensor(task)[outputs[k][keep].argmax(-1)]
+        per_task.append((pred == y[keep]).float().mean().item())
+    return Accuracy(joint, *per_task)
+
+
+def evaluate(model_or_pair, x: torch.Tensor, y: torch.Tensor) -> Accuracy:
+    """Accuracy of a merged model (returning one output per task) or of a pair of models (the
+    ensemble)."""
+    with torch.no_grad():
+        if isinstance(model_or_pair, (list, tuple)):
+            outputs = tuple(m(x) for m in model_or_pair)
+        else:
+            outputs = tuple(model_or_pair(x))
+    return evaluate_heads(outputs, y)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def seeded(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)

@@ -1,0 +1,29 @@
+"""fxzip's exceptions: every error a user can cause says what is wrong and how to fix it."""
+
+
+class FxzipError(Exception):
+    """Base class of every error fxzip raises on purpose."""
+
+
+class TraceError(FxzipError):
+    """A model could not be traced by torch.fx, or its shapes could not be propagated."""
+
+
+class ArchitectureMismatchError(FxzipError):
+    """The models to merge do not have the same traced graph (ops, targets or shapes)."""
+
+
+class StopPointError(FxzipError):
+    """`stop_at` names no node, or a node that zipping cannot reach (past a barrier)."""
+
+
+class InputError(FxzipError):
+    """The calibration inputs are empty, of the wrong shape or type, or the models are unusable."""
+
+
+class NonFiniteError(FxzipError):
+    """A model produced NaN or Inf activations on the calibration inputs."""
+
+
+class MatchingError(FxzipError):
+    """Feature matching was given inconsistent sizes or options."""

@@ -1,0 +1,1 @@
+"""The graph passes: analysis (feature spaces), statistics, rewrite."""

@@ -1,0 +1,333 @@
+"""Analysis pass: infer the feature spaces (merge sites) of a traced graph from the op-rule table.
+
+The result, `Analysis`, is a plain printable structure: every tensor node's channel axis and
+layout, the spaces with their producers, consumers, per-channel parameters and statistic taps,
+the barriers, and the valid stop points.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+import torch.nn as nn
+
+from ..errors import StopPointError
+from ..tracing import tensor_shape
+from .layout import BLOCKED, LAZY, SHARED, UNTRACKED, Block, Feat, UnionFind
+from .op_rules import Barrier, rule_for
+
+
+@dataclass(frozen=True)
+class ParamUse:
+    """Axis `axis` of parameter `param` of `target` runs along `feat`'s layout; role M merges
+    (rows, biases, per-channel tensors), role U unmerges (weight columns)."""
+
+    target: str
+    param: str
+    axis: int
+    feat: Feat
+    role: str
+
+
+@dataclass(frozen=True)
+class Tap:
+    """Where statistics of a space are read: `size` channels at element `offset` of `node`'s axis."""
+
+    node: str
+    axis: int
+    offset: int
+    size: int
+    expand: int
+
+
+@dataclass
+class Space:
+    """One merge site: features that must share one matching."""
+
+    id: int
+    size: int
+    pinned: bool
+    producers: list[str] = field(default_factory=list)
+    per_channel: list[str] = field(default_factory=list)
+    consumers: list[str] = field(default_factory=list)
+    taps: list[Tap] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BarrierInfo:
+    node: str
+    op: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.node} ({self.op}): {self.reason}"
+
+
+class Context:
+    """What the op rules see and record while the analysis walks the graph."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.uf = UnionFind()
+        self.infos: dict[str, Any] = {}
+        self.uses: dict[tuple[str, str, int], ParamUse] = {}
+        self.consumed: list[tuple[str, str, Feat]] = []  # (consumer node, input node, layout)
+        self.produced: dict[str, Feat] = {}               # producer node -> output layout
+        self.module_spaces: dict[str, Feat] = {}           # module target -> output layout (reuse)
+        self.node: fx.Node | None = None
+
+    # -- reading ------------------------------------------------------------------------------
+    def info(self, value: Any) -> Any:
+        return self.infos.get(value.name) if isinstance(value, fx.Node) else None
+
+    def shape(self, node: Any) -> tuple[int, ...] | None:
+        return tensor_shape(node) if isinstance(node, fx.Node) else None
+
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.gm.get_submodule(node.target)
+
+    # -- recording ----------------------------------------------------------------------------
+    def pinned_feat(self, axis: int, size: int) -> Feat:
+        return Feat(axis, (Block(self.uf.new(size, pinned=True), size),))
+
+    def pin(self, feat: Feat) -> None:
+        for b in feat.blocks:
+            self.uf.pin(b.space)
+
+    def unify(self, a: Feat, b: Feat) -> None:
+        if not self.uf.unify(a, b):
+            raise Barrier(f"ties channel layouts of different structure ({a.blocks} vs {b.blocks})")
+
+    def produce(self, node: fx.Node, axis: int, size: int) -> Feat:
+        """A new space opened by a producer (one per module, reused if the module is called again)."""
+        key = node.target if node.op == "call_module" else node.name
+        feat = self.module_spaces.get(key)
+        if feat is None:
+            feat = Feat(axis, (Block(self.uf.new(size), size),))
+            self.module_spaces[key] = feat
+        feat = feat.moved(axis)
+        self.produced[node.name] = feat
+        return feat
+
+    def consume(self, node: fx.Node, source: fx.Node, feat: Feat) -> None:
+        self.consumed.append((node.name, source.name, feat))
+
+    def use(self, node: fx.Node, param: str, axis: int, feat: Feat, role: str) -> None:
+        target = node.target
+        key = (target, param, axis)
+        if key in self.uses:
+            self.unify(self.uses[key].feat, feat)
+        else:
+            self.uses[key] = ParamUse(target, param, axis, feat, role)
+
+    def tie_param(self, getattr_node: fx.Node, axis: int, feat: Feat) -> None:
+        """A parameter read by get_attr turns out to be per-channel along `axis`."""
+        placed = feat.moved(axis)
+        self.infos[getattr_node.name] = placed
+        self.uses[(getattr_node.target, "", axis)] = ParamUse(getattr_node.target, "", axis, placed, "M")
+
+
+class Analysis:
+    """The feature spaces of one traced model, printable and queryable."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.nodes: list[fx.Node] = list(gm.graph.nodes)
+        ctx = Context(gm)
+        self.barriers: list[BarrierInfo] = []
+        for node in self.nodes:
+            ctx.node = node
+            ctx.infos[node.name] = self._visit(ctx, node)
+        self.uf = ctx.uf
+        self.infos: dict[str, Any] = {
+            name: ctx.uf.resolve(i) if isinstance(i, Feat) else i for name, i in ctx.infos.items()}
+        self.param_uses: dict[str, list[ParamUse]] = defaultdict(list)
+        for use in ctx.uses.values():
+            self.param_uses[use.target].append(
+                ParamUse(use.target, use.param, use.axis, ctx.uf.resolve(use.feat), use.role))
+        self.layers: list[str] = [n.name for n in self.nodes if n.name in ctx.produced]
+        self.spaces: dict[int, Space] = self._collect_spaces(ctx)
+        self.stop_points: list[str] = [
+            n.name for n in self.nodes
+            if n.op != "output" and self.infos.get(n.name) is not BLOCKED]
+
+    # -- the walk -----------------------------------------------------------------------------
+    def _visit(self, ctx: Context, node: fx.Node) -> Any:
+        if node.op == "placeholder":
+            return SHARED
+        if node.op == "get_attr":
+            return LAZY
+        if node.op == "output":
+            return None
+        inputs = [ctx.info(n) for n in node.all_input_nodes]
+        if any(i is BLOCKED for i in inputs):
+            return BLOCKED
+        module = ctx.module(node) if node.op == "call_module" else None
+        rule = rule_for(node, module)
+        try:
+            if rule is None:
+                return self._unknown(node, module, inputs)
+            return rule(ctx, node)
+        except Barrier as barrier:
+            self.barriers.append(BarrierInfo(node.name, _op_name(node, module), str(barrier)))
+            return BLOCKED
+
+    @staticmethod
+    def _unknown(node: fx.Node, module: nn.Module | None, inputs: list[Any]) -> Any:
+        """Ops outside the table: harmless on shared values, a barrier on anything per model."""
+        has_params = module is not None and any(True for _ in module.parameters())
+        if has_params or any(i is not SHARED and i is not None for i in inputs):
+            raise Barrier("this op is not in fxzip's op-rule table and reads per-model features")
+        return SHARED if tensor_shape(node) is not None else None
+
+    def _collect_spaces(self, ctx: Context) -> dict[int, Space]:
+        uf = ctx.uf
+        spaces: dict[int, Space] = {}
+
+        def space(i: int) -> Space:
+            root = uf.find(i)
+            if root not in spaces:
+                spaces[root] = Space(root, uf.sizes[root], uf.pinned[root])
+            return spaces[root]
+
+        for name, feat in ctx.produced.items():
+            for b in feat.blocks:
+                space(b.space).producers.append(name)
+        producer_targets = {n.target for n in self.nodes if n.name in ctx.produced}
+        for uses in self.param_uses.values():
+            for use in uses:
+                if use.role == "M" and use.target not in producer_targets:
+                    for b in use.feat.blocks:
+                        s = space(b.space)
+                        if use.target not in s.per_channel:
+                            s.per_channel.append(use.target)
+        for consumer, source, feat in ctx.consumed:
+            feat = uf.resolve(feat)
+            for b, offset in zip(feat.blocks, feat.offsets()):
+                s = space(b.space)
+                if consumer not in s.consumers:
+                    s.consumers.append(consumer)
+                tap = Tap(source, feat.axis, offset, b.size, b.expand)
+                if tap not in s.taps:
+                    s.taps.append(tap)
+        for s in spaces.values():
+            if not s.taps:  # no layer reads it: take its producers' outputs
+                s.taps = [Tap(p, self.infos[p].axis, 0, s.size, 1) for p in s.producers]
+        return dict(sorted(spaces.items()))
+
+    # -- queries ------------------------------------------------------------------------------
+    def feat(self, name: str) -> Feat | None:
+        info = self.infos.get(name)
+        return info if isinstance(info, Feat) else None
+
+    def mergeable_spaces(self) -> list[int]:
+        return [s.id for s in self.spaces.values() if not s.pinned and s.taps]
+
+    def output_spaces(self) -> set[int]:
+        out = next(n for n in self.nodes if n.op == "output")
+        spaces: set[int] = set()
+        for n in out.all_input_nodes:
+            feat = self.feat(n.name)
+            if feat:
+                spaces.update(b.space for b in feat.blocks)
+        return spaces
+
+    def _ancestors(self, names: list[str]) -> set[str]:
+        by_name = {n.name: n for n in self.nodes}
+        seen: set[str] = set()
+        stack = list(names)
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            stack.extend(n.name for n in by_name[name].all_input_nodes)
+        return seen
+
+    def _descendants(self, names: set[str]) -> set[str]:
+        seen = set(names)
+        for node in self.nodes:
+            if any(n.name in seen for n in node.all_input_nodes):
+                seen.add(node.name)
+        return seen
+
+    def resolve_stop(self, stop_at: Any) -> str | None:
+        """The node name that `stop_at` (node name, module name or module prefix) designates."""
+        names = {n.name for n in self.nodes}
+        if stop_at in names:
+            return stop_at
+        calls = [n.name for n in self.nodes if n.op == "call_module"
+                 and (n.target == stop_at or n.target.startswith(f"{stop_at}."))]
+        if calls:
+            return calls[-1]
+        raise StopPointError(
+            f"stop_at={stop_at!r} names no node or module of the traced graph. Valid stop points "
+            f"include: {self._some_stop_points()}. `fxzip.analyze(model, x)` lists all of them.")
+
+    def _some_stop_points(self) -> str:
+        named = [n.name for n in self.nodes if n.name in set(self.stop_points) and n.op == "call_module"]
+        shown = named[:6] + (["..."] if len(named) > 9 else []) + named[-3:] if len(named) > 9 else named
+        return ", ".join(shown) or ", ".join(self.stop_points[:8])
+
+    def trunk(self, stop_at: Any) -> set[str]:
+        """Names of the nodes zipped for a stop point (see `fxzip.merge`): an ancestor-closed set."""
+        placeholders = {n.name for n in self.nodes if n.op == "placeholder"}
+        if stop_at is None:
+            outputs = self.output_spaces()
+            forced = {name for name in self.layers
+                      if any(b.space in outputs for b in self.infos[name].blocks)}
+            forced |= {n.name for n in self.nodes if self.infos.get(n.name) is BLOCKED}
+            head = self._descendants(forced)
+            return {n.name for n in self.nodes if n.op != "output" and n.name not in head}
+        if isinstance(stop_at, bool) or not isinstance(stop_at, (int, str)):
+            raise StopPointError(f"stop_at must be None, a node or module name, or a number of "
+                                 f"layers; got {stop_at!r}")
+        if isinstance(stop_at, int):
+            if not 0 <= stop_at <= len(self.layers):
+                raise StopPointError(f"stop_at={stop_at} layers, but the model has "
+                                     f"{len(self.layers)} parametrised layers; use 0..{len(self.layers)}")
+            trunk = self._ancestors(self.layers[:stop_at]) | placeholders
+            label = f"the first {stop_at} layers"
+        else:
+            node = self.resolve_stop(stop_at)
+            trunk = self._ancestors([node]) | placeholders
+            label = f"'{node}'"
+        blocked = [b for b in self.barriers if b.node in trunk]
+        if blocked or any(self.infos.get(n) is BLOCKED for n in trunk):
+            barrier = blocked[0] if blocked else self.barriers[0]
+            raise StopPointError(
+                f"cannot zip up to {label}: it depends on the barrier {barrier}. Stop before it; "
+                f"valid stop points include: {self._some_stop_points()}")
+        return trunk
+
+    def layers_in(self, trunk: set[str]) -> int:
+        return sum(1 for name in self.layers if name in trunk)
+
+    # -- printing -----------------------------------------------------------------------------
+    def __str__(self) -> str:
+        lines = [f"fxzip analysis of {type(self.gm).__name__}: {len(self.nodes)} nodes, "
+                 f"{len(self.layers)} parametrised layers, {len(self.spaces)} spaces, "
+                 f"{len(self.barriers)} barriers"]
+        lines.append("spaces:")
+        for s in self.spaces.values():
+            kind = "pinned (identity)" if s.pinned else "merged"
+            lines.append(f"  space {s.id:3d}  width {s.size:5d}  {kind:17s}  producers: "
+                         f"{', '.join(s.producers) or '-'}  consumers: {', '.join(s.consumers) or '-'}"
+                         f"  taps: {', '.join(t.node for t in s.taps) or '-'}")
+        lines.append("barriers:" + ("" if self.barriers else " none"))
+        lines.extend(f"  {b}" for b in self.barriers)
+        valid = set(self.stop_points)
+        layers = [name for name in self.layers if name in valid]
+        lines.append(f"zippable layers: {len(layers)}/{len(self.layers)}; stop points "
+                     f"({len(self.stop_points)}): {', '.join(self.stop_points)}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _op_name(node: fx.Node, module: nn.Module | None) -> str:
+    if module is not None:
+        return type(module).__name__
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))

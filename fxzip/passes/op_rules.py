@@ -1,0 +1,473 @@
+"""The op-rule table: how each traced op relates the feature spaces of its inputs and output.
+
+A rule takes the analysis context and a node and returns the node's channel info: a `Feat`
+(channel axis + layout), `SHARED`, `UNTRACKED` or None (not a tensor). A rule raises `Barrier`
+when the op mixes channels in a way zipping cannot follow. Ops missing from the table are
+barriers as soon as a channel-carrying tensor reaches them.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layout import LAZY, SHARED, UNTRACKED, Feat
+
+if TYPE_CHECKING:
+    from .analysis import Context
+
+Rule = Callable[["Context", fx.Node], Any]
+
+
+class Barrier(Exception):
+    """Raised by a rule: the op touches the channel axis in a way zipping cannot follow."""
+
+
+MODULE_RULES: dict[type, Rule] = {}
+FUNCTION_RULES: dict[Any, Rule] = {}
+METHOD_RULES: dict[str, Rule] = {}
+
+
+def register(*keys: Any) -> Callable[[Rule], Rule]:
+    """Register one rule for module classes, functions and method names (strings)."""
+    def deco(rule: Rule) -> Rule:
+        for key in keys:
+            if isinstance(key, str):
+                METHOD_RULES[key] = rule
+            elif isinstance(key, type) and issubclass(key, nn.Module):
+                MODULE_RULES[key] = rule
+            else:
+                FUNCTION_RULES[key] = rule
+        return rule
+    return deco
+
+
+def rule_for(node: fx.Node, module: nn.Module | None) -> Rule | None:
+    """The rule of a call node, or None when the op is not in the table."""
+    if node.op == "call_module":
+        for cls in type(module).__mro__:
+            if cls in MODULE_RULES:
+                return MODULE_RULES[cls]
+        return None
+    if node.op == "call_function":
+        return FUNCTION_RULES.get(node.target)
+    if node.op == "call_method":
+        return METHOD_RULES.get(node.target)
+    return None
+
+
+def norm_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """A call argument given by position or keyword."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _nodes_in(value: Any) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg(value, lambda n: out.append(n))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# elementwise and broadcasting ops: one space in and out
+# ---------------------------------------------------------------------------------------------
+
+def pointwise(ctx: "Context", node: fx.Node, operands: list[fx.Node] | None = None) -> Any:
+    """Broadcasting elementwise op: every operand carrying the channel axis shares one space."""
+    out_shape = ctx.shape(node)
+    if out_shape is None:
+        return None
+    operands = _nodes_in((node.args, node.kwargs)) if operands is None else operands
+    out_ndim = len(out_shape)
+    feats: list[tuple[fx.Node, Feat, int]] = []
+    for op in operands:
+        info = ctx.info(op)
+        if isinstance(info, Feat):
+            shape = ctx.shape(op)
+            out_axis = info.axis + out_ndim - len(shape)
+            if out_axis < 0 or out_shape[out_axis] != shape[info.axis]:
+                raise Barrier(f"broadcasts the channel axis of '{op.name}' ({shape[info.axis]} "
+                              f"channels) to {out_shape}")
+            feats.append((op, info, out_axis))
+    if not feats:
+        infos = [ctx.info(op) for op in operands]
+        if any(i is UNTRACKED or i is LAZY for i in infos):
+            return UNTRACKED
+        return SHARED
+    out_axis = feats[0][2]
+    result = feats[0][1].moved(out_axis)
+    for op, feat, axis in feats[1:]:
+        if axis != out_axis:
+            raise Barrier(f"combines channel axes at different positions ({out_axis} and {axis})")
+        ctx.unify(result, feat)
+    channels = out_shape[out_axis]
+    for op in operands:
+        info = ctx.info(op)
+        if isinstance(info, Feat):
+            continue
+        shape = ctx.shape(op)
+        if shape is None:
+            continue
+        axis = out_axis - (out_ndim - len(shape))
+        carries = axis >= 0 and shape[axis] == channels and channels > 1
+        if not carries:
+            continue  # broadcast along the channel axis, or a scalar-like tensor
+        if info is SHARED:
+            ctx.pin(result)  # a fixed per-channel constant: the space must keep identity matching
+        elif info is LAZY:
+            ctx.tie_param(op, axis, result)
+        else:
+            raise Barrier(f"combines the channels with '{op.name}', a value fxzip cannot follow per "
+                          "channel")
+    return result
+
+
+def first_operand(ctx: "Context", node: fx.Node) -> Any:
+    """Ops whose other tensor arguments only give dtype/device (`type_as`, `to`)."""
+    return pointwise(ctx, node, [node.args[0]])
+
+
+ACTIVATION_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.Hardswish,
+    nn.Hardsigmoid, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Softsign,
+    nn.Tanhshrink, nn.LogSigmoid, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AlphaDropout,
+)
+ACTIVATION_FUNCTIONS = (
+    F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.tanh, F.sigmoid, F.leaky_relu, F.hardswish,
+    F.hardsigmoid, F.elu, F.selu, F.celu, F.mish, F.softplus, F.hardtanh, F.dropout, F.dropout1d,
+    F.dropout2d, F.dropout3d, F.alpha_dropout, torch.relu, torch.relu_, torch.tanh, torch.sigmoid,
+    torch.exp, torch.abs, torch.neg, torch.sqrt, torch.rsqrt, torch.square, torch.clamp,
+    torch.clip, torch.pow, torch.sin, torch.cos, torch.log, torch.erf, torch.nn.functional.logsigmoid,
+    torch.where, torch.maximum, torch.minimum, torch.lerp, torch.addcmul, torch.addcdiv,
+    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+    operator.truediv, operator.itruediv, operator.neg, operator.pow, torch.add, torch.sub,
+    torch.mul, torch.div, torch.true_divide,
+)
+ACTIVATION_METHODS = (
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "sqrt", "rsqrt",
+    "square", "clamp", "clamp_", "clip", "pow", "sin", "cos", "log", "erf", "add", "add_", "sub",
+    "sub_", "mul", "mul_", "div", "div_", "addcmul", "addcmul_", "contiguous", "clone", "detach",
+    "float", "double", "half", "bfloat16", "cpu", "cuda", "expand_as", "masked_fill",
+)
+register(*ACTIVATION_MODULES, *ACTIVATION_FUNCTIONS, *ACTIVATION_METHODS)(pointwise)
+register("type_as", "to")(first_operand)
+
+
+def _expand_rule(ctx: "Context", node: fx.Node) -> Any:
+    return pointwise(ctx, node, [node.args[0]])
+
+
+register("expand")(_expand_rule)
+
+
+@register(nn.PReLU)
+def prelu(ctx: "Context", node: fx.Node) -> Any:
+    """PReLU: a per-channel slope when it has one parameter per channel on axis 1."""
+    result = pointwise(ctx, node, [node.args[0]])
+    module = ctx.module(node)
+    if isinstance(result, Feat) and module.num_parameters > 1:
+        if result.axis != 1:
+            raise Barrier("PReLU slopes apply to axis 1 but the channels are elsewhere")
+        ctx.use(node, "weight", 0, result, "M")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# parametrised layers: producers, consumers and per-channel parameters
+# ---------------------------------------------------------------------------------------------
+
+def _input_feat(ctx: "Context", node: fx.Node, axis: int, what: str) -> Feat:
+    """The channel info of a layer's input on `axis`; shared inputs get an identity space."""
+    x = node.args[0]
+    info = ctx.info(x)
+    shape = ctx.shape(x)
+    axis = norm_dim(axis, len(shape))
+    if isinstance(info, Feat):
+        if info.axis != axis:
+            raise Barrier(f"{what} reads axis {axis} but the channels of '{x.name}' are on axis "
+                          f"{info.axis}")
+        return info
+    if info is SHARED:
+        return ctx.pinned_feat(axis, shape[axis])
+    raise Barrier(f"{what} reads '{x.name}', a value fxzip cannot follow per channel")
+
+
+@register(nn.Linear)
+def linear(ctx: "Context", node: fx.Node) -> Feat:
+    """Linear: reads the last axis (weight columns, U) and opens a new space (rows and bias, M)."""
+    module = ctx.module(node)
+    feat_in = _input_feat(ctx, node, -1, "Linear")
+    ctx.consume(node, node.args[0], feat_in)
+    ctx.use(node, "weight", 1, feat_in, "U")
+    feat_out = ctx.produce(node, axis=len(ctx.shape(node)) - 1, size=module.out_features)
+    ctx.use(node, "weight", 0, feat_out, "M")
+    if module.bias is not None:
+        ctx.use(node, "bias", 0, feat_out, "M")
+    return feat_out
+
+
+@register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def conv(ctx: "Context", node: fx.Node) -> Feat:
+    """Dense convolution: input channels on axis 1 are read (U), output channels opened (M)."""
+    module = ctx.module(node)
+    if module.groups != 1:
+        raise Barrier(f"grouped convolution (groups={module.groups}) mixes channels within groups "
+                      "only; zipping does not support it yet")
+    feat_in = _input_feat(ctx, node, 1, type(module).__name__)
+    ctx.consume(node, node.args[0], feat_in)
+    ctx.use(node, "weight", 1, feat_in, "U")
+    feat_out = ctx.produce(node, axis=1, size=module.out_channels)
+    ctx.use(node, "weight", 0, feat_out, "M")
+    if module.bias is not None:
+        ctx.use(node, "bias", 0, feat_out, "M")
+    return feat_out
+
+
+@register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+def batch_norm(ctx: "Context", node: fx.Node) -> Feat:
+    """BatchNorm: per-channel on axis 1; affine parameters and running statistics are merged."""
+    module = ctx.module(node)
+    feat = _input_feat(ctx, node, 1, type(module).__name__)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        if getattr(module, name, None) is not None:
+            ctx.use(node, name, 0, feat, "M")
+    return feat
+
+
+@register(nn.LayerNorm)
+def layer_norm(ctx: "Context", node: fx.Node) -> Feat:
+    """LayerNorm over the channel axis only (the last axis): per-channel affine merged."""
+    module = ctx.module(node)
+    if len(module.normalized_shape) != 1:
+        raise Barrier(f"LayerNorm over {tuple(module.normalized_shape)} normalises across more than "
+                      "the channel axis")
+    feat = _input_feat(ctx, node, -1, "LayerNorm")
+    if module.weight is not None:
+        ctx.use(node, "weight", 0, feat, "M")
+    if module.bias is not None:
+        ctx.use(node, "bias", 0, feat, "M")
+    return feat
+
+
+# ---------------------------------------------------------------------------------------------
+# spatial ops: pooling, interpolation (channel axis 1 untouched)
+# ---------------------------------------------------------------------------------------------
+
+def spatial(ctx: "Context", node: fx.Node) -> Any:
+    """Pooling and resizing act per channel on the axes after axis 1."""
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    info = ctx.info(x)
+    if not isinstance(info, Feat):
+        return info if info in (SHARED, None) else UNTRACKED
+    if info.axis != 1:
+        raise Barrier(f"pools or resizes '{x.name}' whose channels are on axis {info.axis}, not 1")
+    return info
+
+
+register(
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d,
+    nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.upsample,
+    torch.max_pool1d, torch.max_pool2d, torch.avg_pool1d, torch.adaptive_avg_pool1d,
+)(spatial)
+
+
+# ---------------------------------------------------------------------------------------------
+# reductions and softmax over non-channel axes
+# ---------------------------------------------------------------------------------------------
+
+def _reduced_dims(node: fx.Node, ndim: int) -> list[int] | None:
+    dim = arg(node, 1, "dim")
+    if dim is None:
+        return None
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    return sorted(norm_dim(d, ndim) for d in dims)
+
+
+@register(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var,
+          "mean", "sum", "amax", "amin", "std", "var")
+def reduction(ctx: "Context", node: fx.Node) -> Any:
+    """Reducing over spatial/token axes keeps the space; reducing over channels is a barrier."""
+    x = node.args[0]
+    info = ctx.info(x)
+    if not isinstance(info, Feat):
+        return info if info in (SHARED, None) else UNTRACKED
+    ndim = len(ctx.shape(x))
+    dims = _reduced_dims(node, ndim)
+    if dims is None or info.axis in dims:
+        raise Barrier(f"reduces over the channel axis of '{x.name}'")
+    keepdim = bool(arg(node, 2, "keepdim", False))
+    axis = info.axis if keepdim else info.axis - sum(d < info.axis for d in dims)
+    return info.moved(axis)
+
+
+@register(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, nn.Softmax, nn.LogSoftmax,
+          "softmax", "log_softmax")
+def softmax(ctx: "Context", node: fx.Node) -> Any:
+    """Softmax along a non-channel axis is per channel; along the channel axis it is a barrier."""
+    x = node.args[0]
+    info = ctx.info(x)
+    if not isinstance(info, Feat):
+        return info if info in (SHARED, None) else UNTRACKED
+    dim = ctx.module(node).dim if node.op == "call_module" else arg(node, 1, "dim")
+    if dim is None or norm_dim(dim, len(ctx.shape(x))) == info.axis:
+        raise Barrier(f"normalises over the channel axis of '{x.name}'")
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# shape ops: follow the channel axis
+# ---------------------------------------------------------------------------------------------
+
+def reshape_like(ctx: "Context", node: fx.Node) -> Any:
+    """Any reshape, followed by shapes: the channel axis may move, merge with size-1 axes, or be
+    flattened with the axes after it (an expanded space); splitting it is a barrier."""
+    x = node.args[0]
+    info = ctx.info(x)
+    if not isinstance(info, Feat):
+        return info if info in (SHARED, None) else UNTRACKED
+    shape_in, shape_out = ctx.shape(x), ctx.shape(node)
+    a, channels = info.axis, ctx.shape(x)[info.axis]
+    before = math.prod(shape_in[:a])
+    for j in range(len(shape_out)):
+        if math.prod(shape_out[:j]) != before or shape_out[j] % channels or shape_out[j] == 0:
+            continue
+        if channels > 1 and shape_out[j] == 1:
+            continue
+        factor = shape_out[j] // channels
+        if _is_prefix_product(shape_in[a + 1:], factor):
+            return info.moved(j) if factor == 1 else info.expanded(factor).moved(j)
+    raise Barrier(f"reshapes '{x.name}' {tuple(shape_in)} -> {tuple(shape_out)}, splitting or "
+                  "scattering its channel axis")
+
+
+def _is_prefix_product(dims: tuple[int, ...], value: int) -> bool:
+    product = 1
+    if value == 1:
+        return True
+    for d in dims:
+        product *= d
+        if product == value:
+            return True
+        if product > value:
+            return False
+    return False
+
+
+register(torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, nn.Flatten, nn.Unflatten,
+         "flatten", "view", "reshape", "squeeze", "unsqueeze", "view_as", "reshape_as")(reshape_like)
+
+
+@register(torch.permute, "permute")
+def permute(ctx: "Context", node: fx.Node) -> Any:
+    x = node.args[0]
+    info = ctx.info(x)
+    if not isinstance(info, Feat):
+        return info if info in (SHARED, None) else UNTRACKED
+    dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
+        else node.args[1:] or node.kwargs.get("dims")
+    ndim = len(ctx.shape(x))
+    dims = [norm_dim(d, ndim) for d in dims]
+    return info.moved(dims.index(info.axis))
+
+
+@register(torch.transpose, torch.swapaxes, "transpose", "swapaxes", "t")
+def transpose(ctx: "Context", node: fx.Node) -> Any:
+    x = node.args[0]
+    info = ctx.info(x)
+    if not isinstance(info, Feat):
+        return info if info in (SHARED, None) else UNTRACKED
+    ndim = len(ctx.shape(x))
+    if node.target == "t":
+        d0, d1 = 0, 1
+    else:
+        d0, d1 = norm_dim(arg(node, 1, "dim0"), ndim), norm_dim(arg(node, 2, "dim1"), ndim)
+    axis = {d0: d1, d1: d0}.get(info.axis, info.axis)
+    return info.moved(axis)
+
+
+@register(torch.cat, torch.concat, torch.concatenate)
+def cat(ctx: "Context", node: fx.Node) -> Any:
+    """Concatenation on the channel axis builds a composite layout; on another axis (tokens,
+    batch) every input shares one space."""
+    tensors = list(arg(node, 0, "tensors"))
+    ndim = len(ctx.shape(node))
+    dim = norm_dim(arg(node, 1, "dim", 0), ndim)
+    infos = [ctx.info(t) for t in tensors]
+    feats = [i for i in infos if isinstance(i, Feat)]
+    if not feats:
+        return SHARED if all(i is SHARED for i in infos) else UNTRACKED
+    if all(f.axis == dim for f in feats):
+        blocks = []
+        for t, info in zip(tensors, infos):
+            if isinstance(info, Feat):
+                blocks.extend(info.blocks)
+            elif info is SHARED:
+                blocks.extend(ctx.pinned_feat(dim, ctx.shape(t)[dim]).blocks)
+            else:
+                raise Barrier(f"concatenates '{t.name}', which fxzip cannot follow per channel, "
+                              "on the channel axis")
+        return Feat(dim, tuple(blocks))
+    return pointwise(ctx, node, tensors)
+
+
+@register(operator.getitem)
+def getitem(ctx: "Context", node: fx.Node) -> Any:
+    """Indexing a tensor: allowed when the channel axis is kept whole."""
+    x, index = node.args
+    info = ctx.info(x)
+    if not isinstance(info, Feat):
+        return info if info in (SHARED, None) else UNTRACKED
+    index = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(i, fx.Node) for i in index):
+        raise Barrier("indexes with a tensor")
+    ndim = len(ctx.shape(x))
+    explicit = sum(1 for i in index if i is not None and i is not Ellipsis)
+    in_dim, out_dim, new_axis = 0, 0, None
+    for item in index:
+        if item is Ellipsis:
+            skip = ndim - explicit
+            if in_dim <= info.axis < in_dim + skip:
+                new_axis = out_dim + info.axis - in_dim
+            in_dim, out_dim = in_dim + skip, out_dim + skip
+        elif item is None:
+            out_dim += 1
+        elif isinstance(item, int):
+            if in_dim == info.axis:
+                raise Barrier(f"picks one channel of '{x.name}'")
+            in_dim += 1
+        elif isinstance(item, slice):
+            if in_dim == info.axis:
+                if item != slice(None):
+                    raise Barrier(f"slices the channel axis of '{x.name}'")
+                new_axis = out_dim
+            in_dim, out_dim = in_dim + 1, out_dim + 1
+        else:
+            raise Barrier(f"indexes '{x.name}' with {item!r}")
+    if new_axis is None:
+        new_axis = out_dim + info.axis - in_dim
+    return info.moved(new_axis)
+
+
+def shape_query(ctx: "Context", node: fx.Node) -> None:
+    """`size()`, `.shape`, `dim()`: plain Python values, no channels."""
+    return None
+
+
+register(getattr, "size", "dim", "numel", "ndimension")(shape_query)

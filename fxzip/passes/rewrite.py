@@ -1,0 +1,218 @@
+"""Rewrite pass: emit ONE GraphModule with a merged trunk, unmerge gathers at the boundary, and
+one head per model that keeps that model's own weights.
+
+Trunk weights follow W* = Σ_k M_k W_k U_k: U_k sums the columns of features that share a cluster
+(a scatter-add), M_k averages the rows of a cluster's members. Unmerging at the boundary is
+exact: U_k is a selection, `x.index_select(axis, assign_k)`.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..matching import Match
+from ..tracing import has_inplace
+from .analysis import Analysis, ParamUse
+from .layout import SHARED, Feat
+
+
+class Layouts:
+    """Index arithmetic of merged layouts: per-model gather indices, merged widths, counts."""
+
+    def __init__(self, analysis: Analysis, matches: dict[int, Match], num_models: int):
+        self.analysis, self.matches, self.num_models = analysis, matches, num_models
+
+    def match(self, space: int) -> Match:
+        if space in self.matches:
+            return self.matches[space]
+        s = self.analysis.spaces[space]
+        if s.pinned:
+            return Match.identity(s.size, self.num_models)
+        raise KeyError(f"no matching computed for space {space}")
+
+    def is_identity(self, feat: Feat) -> bool:
+        return all(self.analysis.spaces[b.space].pinned for b in feat.blocks)
+
+    def width(self, feat: Feat) -> int:
+        return sum(self.match(b.space).size * b.expand for b in feat.blocks)
+
+    def index(self, feat: Feat, k: int, device: torch.device) -> torch.Tensor:
+        """For each element of model k's channel axis, its position on the merged axis."""
+        parts, offset = [], 0
+        for b in feat.blocks:
+            match = self.match(b.space)
+            assign = torch.tensor(match.assign[k], dtype=torch.long)
+            idx = (assign[:, None] * b.expand + torch.arange(b.expand)).reshape(-1)
+            parts.append(idx + offset)
+            offset += match.size * b.expand
+        return torch.cat(parts).to(device)
+
+    def counts(self, feat: Feat, device: torch.device) -> torch.Tensor:
+        parts = [torch.tensor(self.match(b.space).counts).repeat_interleave(b.expand)
+                 for b in feat.blocks]
+        return torch.cat(parts).to(device)
+
+
+def _scatter_sum(t: torch.Tensor, axis: int, index: torch.Tensor, width: int) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[axis] = width
+    return torch.zeros(shape, dtype=t.dtype, device=t.device).index_add_(axis, index, t)
+
+
+def merge_tensor(tensors: Sequence[torch.Tensor], uses: Sequence[ParamUse], layouts: Layouts) -> torch.Tensor:
+    """Σ_k M_k T_k U_k along the axes named by `uses`; tensors without uses are averaged."""
+    tensors = [t.detach() for t in tensors]
+    if not uses:
+        if tensors[0].is_floating_point():
+            return torch.stack(tensors).mean(0)
+        return tensors[0].clone()
+    total = None
+    for k, t in enumerate(tensors):
+        for use in uses:
+            t = _scatter_sum(t, use.axis, layouts.index(use.feat, k, t.device), layouts.width(use.feat))
+        total = t if total is None else total + t
+    merged_axes = [u for u in uses if u.role == "M"]
+    for use in merged_axes:
+        shape = [1] * total.dim()
+        shape[use.axis] = -1
+        total = total / layouts.counts(use.feat, total.device).to(total.dtype).reshape(shape)
+    if not merged_axes:
+        total = total / len(tensors)
+    return total
+
+
+_WIDTH_ATTRIBUTES = {
+    nn.Linear: lambda m: dict(out_features=m.weight.shape[0], in_features=m.weight.shape[1]),
+    nn.modules.conv._ConvNd: lambda m: dict(out_channels=m.weight.shape[0],
+                                            in_channels=m.weight.shape[1] * m.groups),
+    nn.modules.batchnorm._NormBase: lambda m: dict(num_features=(
+        m.running_mean if m.running_mean is not None else m.weight).shape[0]),
+    nn.LayerNorm: lambda m: dict(normalized_shape=tuple(m.weight.shape)) if m.weight is not None else {},
+}
+
+
+def merge_module(modules: Sequence[nn.Module], uses: Sequence[ParamUse], layouts: Layouts) -> nn.Module:
+    """A copy of the first model's module whose own tensors are the merged ones."""
+    merged = copy.deepcopy(modules[0])
+    by_param: dict[str, list[ParamUse]] = {}
+    for use in uses:
+        by_param.setdefault(use.param, []).append(use)
+    for name, param in list(merged.named_parameters(recurse=False)):
+        value = merge_tensor([m._parameters[name] for m in modules], by_param.get(name, []), layouts)
+        merged._parameters[name] = nn.Parameter(value, requires_grad=param.requires_grad)
+    for name, buf in list(merged.named_buffers(recurse=False)):
+        merged._buffers[name] = merge_tensor([m._buffers[name] for m in modules],
+                                             by_param.get(name, []), layouts)
+    for cls, attributes in _WIDTH_ATTRIBUTES.items():
+        if isinstance(merged, cls):
+            for key, value in attributes(merged).items():
+                setattr(merged, key, value)
+    return merged
+
+
+def _get_attr(gm: fx.GraphModule, target: str) -> Any:
+    *path, name = target.split(".")
+    owner = gm.get_submodule(".".join(path)) if path else gm
+    return getattr(owner, name)
+
+
+def _head_prefix(targets: set[str]) -> str:
+    prefix = "heads"
+    while any(t == prefix or t.startswith(prefix + ".") for t in targets):
+        prefix = "fxzip_" + prefix
+    return prefix
+
+
+class _Emitter:
+    """Walks model 0's graph in order and emits trunk nodes once and head nodes once per model."""
+
+    def __init__(self, graphs: Sequence[fx.GraphModule], analysis: Analysis, layouts: Layouts,
+                 trunk: set[str]):
+        self.graphs, self.analysis, self.layouts, self.trunk = graphs, analysis, layouts, trunk
+        self.graph = fx.Graph()
+        self.root: dict[str, Any] = {}
+        self.trunk_env: dict[str, fx.Node] = {}
+        self.head_env: list[dict[str, fx.Node]] = [{} for _ in graphs]
+        self.fresh_copies = has_inplace(graphs[0])
+        targets = {n.target for n in analysis.nodes if n.op in ("call_module", "get_attr")}
+        self.prefix = _head_prefix(targets)
+        self.device = next((p.device for p in graphs[0].parameters()), torch.device("cpu"))
+
+    # -- trunk --------------------------------------------------------------------------------
+    def emit_trunk(self, node: fx.Node) -> None:
+        if node.op in ("call_module", "get_attr") and node.target not in self.root:
+            self.root[node.target] = self._merged(node)
+        self.trunk_env[node.name] = self.graph.node_copy(node, lambda n: self.trunk_env[n.name])
+
+    def _merged(self, node: fx.Node) -> Any:
+        uses = self.analysis.param_uses.get(node.target, [])
+        if node.op == "call_module":
+            return merge_module([g.get_submodule(node.target) for g in self.graphs], uses, self.layouts)
+        values = [_get_attr(g, node.target) for g in self.graphs]
+        if not isinstance(values[0], torch.Tensor):
+            return copy.deepcopy(values[0])
+        merged = merge_tensor(values, [u for u in uses if u.param == ""], self.layouts)
+        if isinstance(values[0], nn.Parameter):
+            return nn.Parameter(merged, requires_grad=values[0].requires_grad)
+        return merged
+
+    # -- heads --------------------------------------------------------------------------------
+    def emit_head(self, node: fx.Node, k: int) -> fx.Node:
+        target = node.target
+        if node.op in ("call_module", "get_attr"):
+            target = f"{self.prefix}.{k}.{node.target}"
+            if target not in self.root:
+                source = self.graphs[k]
+                value = source.get_submodule(node.target) if node.op == "call_module" \
+                    else _get_attr(source, node.target)
+                self.root[target] = copy.deepcopy(value)
+        args = fx.node.map_arg(node.args, lambda n: self.value(n, k))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: self.value(n, k))
+        new = self.graph.create_node(node.op, target, args, kwargs, name=f"{node.name}_{k}")
+        self.head_env[k][node.name] = new
+        return new
+
+    def value(self, node: fx.Node, k: int) -> fx.Node:
+        """What model k's head reads for `node`: its own copy, or the trunk's value unmerged."""
+        if node.name in self.head_env[k]:
+            return self.head_env[k][node.name]
+        info = self.analysis.infos.get(node.name)
+        trunk_value = self.trunk_env[node.name]
+        if node.op == "get_attr" or (not isinstance(info, Feat) and info is not SHARED):
+            return self.emit_head(node, k)  # parameters and shape values: recomputed per model
+        if isinstance(info, Feat) and not self.layouts.is_identity(info):
+            name = f"fxzip_unmerge_{k}_{node.name}"
+            if name not in self.root:
+                self.root[name] = self.layouts.index(info, k, self.device)
+            index = self.graph.get_attr(name)
+            return self.graph.call_function(torch.index_select, (trunk_value, info.axis, index))
+        if self.fresh_copies:
+            return self.graph.call_method("clone", (trunk_value,))
+        return trunk_value
+
+    # -- whole graph --------------------------------------------------------------------------
+    def run(self) -> fx.GraphModule:
+        for node in self.analysis.nodes:
+            if node.op == "output":
+                outputs = tuple(fx.node.map_arg(node.args[0], lambda n: self.value(n, k))
+                                for k in range(len(self.graphs)))
+                self.graph.output(outputs)
+            elif node.name in self.trunk:
+                self.emit_trunk(node)
+            else:
+                for k in range(len(self.graphs)):
+                    self.emit_head(node, k)
+        self.graph.lint()
+        return fx.GraphModule(self.root, self.graph, "ZippedModel").eval()
+
+
+def rewrite(graphs: Sequence[fx.GraphModule], analysis: Analysis, matches: dict[int, Match],
+            trunk: set[str]) -> fx.GraphModule:
+    """Emit the merged model for one trunk (an ancestor-closed set of node names)."""
+    layouts = Layouts(analysis, matches, len(graphs))
+    return _Emitter(graphs, analysis, layouts, trunk).run()

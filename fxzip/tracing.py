@@ -1,0 +1,115 @@
+"""Tracing: each model becomes a torch.fx GraphModule with shapes on every node."""
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import ArchitectureMismatchError, InputError, TraceError
+
+
+class FxzipTracer(fx.Tracer):
+    """A tracer that keeps torch.nn's own modules and any user-named module types as leaves."""
+
+    def __init__(self, leaf_modules: Sequence[type] = ()):
+        super().__init__()
+        self.extra_leaves = tuple(leaf_modules)
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        if self.extra_leaves and isinstance(m, self.extra_leaves):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: torch.nn.Module, example: torch.Tensor, *, leaf_modules: Sequence[type] = (),
+          concrete_args: dict | None = None) -> fx.GraphModule:
+    """Trace a private eval-mode copy of `model` and annotate every node with its shape.
+
+    The copy keeps the user's model untouched (tracing and shape propagation run modules).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"expected a torch.nn.Module to merge, got {type(model).__name__}")
+    private = copy.deepcopy(model).eval()
+    tracer = FxzipTracer(leaf_modules)
+    try:
+        graph = tracer.trace(private, concrete_args=concrete_args)
+    except Exception as exc:  # torch.fx raises many types here
+        raise TraceError(
+            f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
+            "Models with data-dependent control flow cannot be traced; pass the offending module "
+            "types as `leaf_modules=` (they become barriers) or fixed forward arguments as "
+            "`concrete_args=`.") from exc
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example)
+    except Exception as exc:
+        raise InputError(
+            f"running {type(model).__name__} on the example batch of shape {tuple(example.shape)} "
+            f"failed: {type(exc).__name__}: {exc}. Check that the inputs have the shape the model "
+            "expects.") from exc
+    return gm
+
+
+def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The shape ShapeProp recorded for a tensor-valued node, else None."""
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def _describe(node: fx.Node) -> str:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
+    return f"{node.op} {target!s} -> {tensor_shape(node)}"
+
+
+def _module_signature(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op != "call_module":
+        return ""
+    module = gm.get_submodule(node.target)
+    return f"{type(module).__name__}({module.extra_repr()})"
+
+
+def check_isomorphic(graphs: Sequence[fx.GraphModule]) -> None:
+    """All graphs must have the same ops, targets, module configurations and shapes."""
+    reference = list(graphs[0].graph.nodes)
+    for index, other in enumerate(graphs[1:], start=1):
+        nodes = list(other.graph.nodes)
+        for a, b in zip(reference, nodes):
+            same = (a.op == b.op and a.target == b.target and tensor_shape(a) == tensor_shape(b)
+                    and _module_signature(graphs[0], a) == _module_signature(other, b))
+            if not same:
+                raise ArchitectureMismatchError(
+                    f"model 0 and model {index} differ at node '{a.name}': "
+                    f"[{_describe(a)} {_module_signature(graphs[0], a)}] vs "
+                    f"[{_describe(b)} {_module_signature(other, b)}]. fxzip merges models of one "
+                    "architecture and width; give models built from the same configuration.")
+        if len(nodes) != len(reference):
+            raise ArchitectureMismatchError(
+                f"model 0 has {len(reference)} graph nodes but model {index} has {len(nodes)}; "
+                "fxzip merges models of one architecture")
+
+
+_INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior",
+                      "ixor", "ilshift", "irshift", "imatmul"}
+
+
+def is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether a node may mutate one of its inputs (in-place method, operator or module)."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return (node.kwargs.get("inplace", False) is True or name in _INPLACE_OPERATORS
+                or (name.endswith("_") and not name.endswith("__")))
+    if node.op == "call_module":
+        return getattr(gm.get_submodule(node.target), "inplace", False) is True
+    return False
+
+
+def has_inplace(gm: fx.GraphModule) -> bool:
+    return any(is_inplace(n, gm) for n in gm.graph.nodes)
