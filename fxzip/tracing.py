@@ -44,6 +44,7 @@ def trace(model: torch.nn.Module, example: torch.Tensor, *, leaf_modules: Sequen
             "`concrete_args=`.") from exc
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.eval()
+    route_through_inplace_ops(gm)
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(example)
@@ -113,3 +114,20 @@ def is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
 
 def has_inplace(gm: fx.GraphModule) -> bool:
     return any(is_inplace(n, gm) for n in gm.graph.nodes)
+
+
+def route_through_inplace_ops(gm: fx.GraphModule) -> None:
+    """Make mutation visible in the graph: after `y = x.add_(z)`, later readers of `x` read `y`.
+
+    torch.fx records `x.add_(z)` without redirecting later uses of `x`, so ancestor sets (the
+    trunk of a stop point) and per-model copies would miss the mutation.
+    """
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        if not is_inplace(node, gm) or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        mutated = node.args[0]
+        for user in list(mutated.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(mutated, node)
+    gm.recompile()

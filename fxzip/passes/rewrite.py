@@ -187,13 +187,15 @@ class _Emitter:
             return self.emit_head(node, k)  # parameters and shape values: recomputed per model
         if isinstance(info, Feat) and not self.layouts.is_identity(info):
             name = f"fxzip_unmerge_{k}_{node.name}"
-            if name not in self.root:
-                self.root[name] = self.layouts.index(info, k, self.device)
+            self.root[name] = self.layouts.index(info, k, self.device)
             index = self.graph.get_attr(name)
-            return self.graph.call_function(torch.index_select, (trunk_value, info.axis, index))
-        if self.fresh_copies:
-            return self.graph.call_method("clone", (trunk_value,))
-        return trunk_value
+            value = self.graph.call_function(torch.index_select, (trunk_value, info.axis, index))
+        elif self.fresh_copies:  # a head's in-place op must not reach the other heads
+            value = self.graph.call_method("clone", (trunk_value,))
+        else:
+            return trunk_value
+        self.head_env[k][node.name] = value
+        return value
 
     # -- whole graph --------------------------------------------------------------------------
     def run(self) -> fx.GraphModule:
