@@ -1,0 +1,155 @@
+"""One small model per op rule: no barrier, the analysis-driven permutation keeps the function,
+and merging the model with its permuted copy is exact at every valid stop point."""
+import operator
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxzip
+from permute_util import permuted_by_analysis
+
+
+def bn(c, dims=2):
+    layer = (nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d)(c)
+    with torch.no_grad():
+        layer.running_mean.normal_()
+        layer.running_var.uniform_(0.5, 2.0)
+        layer.weight.normal_()
+        layer.bias.normal_()
+    return layer
+
+
+def conv_model(body, extra=None, head_in=6):
+    """conv(3→6) → body(x) → pooled linear head."""
+    modules = dict(c1=nn.Conv2d(3, 6, 3, padding=1), b1=bn(6), head=nn.Linear(head_in, 3))
+    modules.update(extra or {})
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, m in modules.items():
+                setattr(self, name, m)
+
+        def forward(self, x):
+            return self.head(body(self, F.relu(self.b1(self.c1(x)))))
+
+    return Model
+
+
+def pooled(x):
+    return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+CASES = {
+    # activations (modules and functions), dropout, identity
+    **{f"act_{cls.__name__}": conv_model(lambda s, x: pooled(s.act(s.c2(x))),
+                                         dict(c2=nn.Conv2d(6, 6, 1), act=cls()))
+       for cls in (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.Hardswish,
+                   nn.ELU, nn.Dropout, nn.Identity)},
+    **{f"fn_{fn.__name__}": conv_model(lambda s, x, fn=fn: pooled(fn(s.c2(x))), dict(c2=nn.Conv2d(6, 6, 1)))
+       for fn in (F.gelu, F.silu, torch.tanh, torch.sigmoid, F.leaky_relu, F.hardswish, F.elu)},
+    "conv1d_bn1d": None,  # built below
+    "maxpool_avgpool": conv_model(lambda s, x: pooled(F.avg_pool2d(s.mp(s.c2(x)), 2)),
+                                  dict(c2=nn.Conv2d(6, 6, 3, padding=1), mp=nn.MaxPool2d(2))),
+    "interpolate": conv_model(lambda s, x: pooled(s.c2(F.interpolate(x, scale_factor=2.0))),
+                              dict(c2=nn.Conv2d(6, 6, 3))),
+    "add_mul_sub_scalar_inplace": conv_model(
+        lambda s, x: pooled(operator.iadd(s.c2(x) * 0.5 - x, x.mul(2.0)).sub_(1.0)),
+        dict(c2=nn.Conv2d(6, 6, 1))),
+    "residual_projection": conv_model(
+        lambda s, x: pooled(F.relu(s.b3(s.c3(F.relu(s.b2(s.c2(x))))) + s.bp(s.proj(x)))),
+        dict(c2=nn.Conv2d(6, 5, 3, padding=1), b2=bn(5), c3=nn.Conv2d(5, 7, 3, padding=1), b3=bn(7),
+             proj=nn.Conv2d(6, 7, 1), bp=bn(7)), head_in=7),
+    "cat_unequal": conv_model(
+        lambda s, x: pooled(s.b3(torch.cat([s.c2(x), F.relu(s.c3(x))], dim=1))),
+        dict(c2=nn.Conv2d(6, 2, 3, padding=1), c3=nn.Conv2d(6, 5, 1), b3=bn(7)), head_in=7),
+    "flatten_chw": conv_model(lambda s, x: torch.flatten(s.c2(x), 1),
+                              dict(c2=nn.Conv2d(6, 4, 3, stride=2, padding=1)), head_in=4 * 4 * 4),
+    "view_size": conv_model(lambda s, x: s.c2(x).view(x.size(0), -1),
+                            dict(c2=nn.Conv2d(6, 4, 3, stride=2, padding=1)), head_in=4 * 4 * 4),
+    "mean_spatial": conv_model(lambda s, x: s.c2(x).mean((2, 3)), dict(c2=nn.Conv2d(6, 6, 1))),
+    "mean_keepdim_reshape": conv_model(lambda s, x: s.c2(x).mean(dim=(-1, -2), keepdim=True).reshape(x.shape[0], -1),
+                                       dict(c2=nn.Conv2d(6, 6, 1))),
+    "permute_layernorm": conv_model(
+        lambda s, x: pooled(s.ln(s.c2(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)),
+        dict(c2=nn.Conv2d(6, 6, 1), ln=nn.LayerNorm(6))),
+    "transpose_tokens_linear": conv_model(
+        lambda s, x: s.fc(s.ln(s.c2(x).flatten(2).transpose(1, 2))).mean(1),
+        dict(c2=nn.Conv2d(6, 6, 1), ln=nn.LayerNorm(6), fc=nn.Linear(6, 6))),
+    "gate_mul_broadcast": conv_model(
+        lambda s, x: pooled(x * torch.sigmoid(s.g(F.adaptive_avg_pool2d(x, 1)))),
+        dict(g=nn.Conv2d(6, 6, 1))),
+}
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv1d(3, 6, 3, padding=1), bn(6, dims=1)
+        self.c2, self.b2 = nn.Conv1d(6, 6, 3, padding=1), bn(6, dims=1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = F.max_pool1d(F.relu(self.b1(self.c1(x.flatten(2)))), 2)
+        x = F.relu(self.b2(self.c2(x)))
+        return self.head(F.adaptive_avg_pool1d(x, 1).squeeze(-1))
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn1 = nn.Linear(3 * 8 * 8, 10), bn(10, dims=1)
+        self.fc2, self.ln2 = nn.Linear(10, 10), nn.LayerNorm(10)
+        self.fc3 = nn.Linear(10, 3)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.fc1(x.reshape(x.shape[0], -1))))
+        h = h + F.gelu(self.ln2(self.fc2(h)))
+        return self.fc3(h)
+
+
+CASES["conv1d_bn1d"] = Conv1dNet
+CASES["mlp_bn_ln_residual"] = MLP
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_op_rule_is_exact(name):
+    torch.manual_seed(0)
+    model = CASES[name]().eval()
+    x = torch.randn(24, 3, 8, 8)
+    analysis = fxzip.analyze(model, x)
+    assert not analysis.barriers, analysis
+    permuted, count = permuted_by_analysis(model, x, seed=1)
+    assert count >= 1
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(permuted(x), ref, rtol=1e-4, atol=1e-5)
+    zipper = fxzip.Zipper([model, permuted], x, progress=False)
+    for stop in analysis.stop_points + [None]:
+        merged = zipper.merge(stop, reset_bn=False)
+        with torch.no_grad():
+            for out in merged(x):
+                err = ((out - ref).norm() / ref.norm()).item()
+                assert err < 1e-4, (name, stop, err)
+
+
+def test_space_structure_of_a_residual_cat_model():
+    torch.manual_seed(0)
+    model = CASES["cat_unequal"]().eval()
+    analysis = fxzip.analyze(model, torch.randn(4, 3, 8, 8))
+    cat = analysis.feat("cat")
+    assert [b.size for b in cat.blocks] == [2, 5]
+    assert analysis.feat("b3") == cat
+    flat = fxzip.analyze(CASES["flatten_chw"]().eval(), torch.randn(4, 3, 8, 8)).feat("flatten")
+    assert flat.axis == 1 and [(b.size, b.expand) for b in flat.blocks] == [(4, 16)]
+
+
+def test_residual_add_ties_the_stream():
+    torch.manual_seed(0)
+    model = CASES["residual_projection"]().eval()
+    analysis = fxzip.analyze(model, torch.randn(4, 3, 8, 8))
+    stream = analysis.feat("add").blocks[0].space
+    assert analysis.feat("b3").blocks[0].space == stream == analysis.feat("bp").blocks[0].space
+    assert set(analysis.spaces[stream].producers) == {"c3", "proj"}
