@@ -8,7 +8,6 @@ from fxzip.digits import DigitsCNN, evaluate, load_digits_split, train_task_pair
 
 @pytest.fixture(scope="module")
 def trained():
-    torch.set_num_threads(2)
     split = load_digits_split(seed=0)
     models = train_task_pair(split, lambda: DigitsCNN(width=8), seed=0, epochs=12)
     calibration = [split.x_train[i:i + 256] for i in range(0, len(split.x_train), 256)]

@@ -135,3 +135,14 @@ def test_inputs_are_not_mutated_and_generators_are_read_twice():
     assert not a.training and b.training
     out_a, out_b = merged(X)
     assert out_a.shape == out_b.shape == (16, 3)
+
+
+def test_container_module_stop_point_means_its_output():
+    from fxzip.digits import ResNet20
+    torch.manual_seed(0)
+    model = ResNet20(width=1).eval()
+    analysis = fxzip.analyze(model, torch.randn(2, 1, 8, 8))
+    assert analysis.resolve_stop("layer2") == "relu_12"  # the block's final ReLU, after the add
+    assert analysis.resolve_stop("layer2.0.conv1") == "layer2_0_conv1"
+    trunk = analysis.trunk("layer2")
+    assert analysis.layers_in(trunk) == 1 + 6 + 6 + 1  # stem, layer1, layer2 with its projection

@@ -253,15 +253,17 @@ class Analysis:
                 seen.add(node.name)
         return seen
 
-    def resolve_stop(self, stop_at: Any) -> str | None:
-        """The node name that `stop_at` (node name, module name or module prefix) designates."""
+    def resolve_stop(self, stop_at: Any) -> str:
+        """The node that `stop_at` designates: a node name, or a module's qualified name (a leaf
+        or a container such as "layer3"), meaning the last node computed inside that module."""
         names = {n.name for n in self.nodes}
         if stop_at in names:
             return stop_at
-        calls = [n.name for n in self.nodes if n.op == "call_module"
-                 and (n.target == stop_at or n.target.startswith(f"{stop_at}."))]
-        if calls:
-            return calls[-1]
+        inside = [n.name for n in self.nodes
+                  if stop_at in n.meta.get("nn_module_stack", {})
+                  or (n.op == "call_module" and n.target == stop_at)]
+        if inside:
+            return inside[-1]
         raise StopPointError(
             f"stop_at={stop_at!r} names no node or module of the traced graph. Valid stop points "
             f"include: {self._some_stop_points()}. `fxzip.analyze(model, x)` lists all of them.")
