@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .bn_reset import reset_bn as reset_batch_norm
-from .errors import InputError
+from .errors import InputError, StopPointError
 from .inputs import Batches
 from .matching import METHODS, Match, match_features
 from .passes.analysis import Analysis
@@ -138,18 +138,28 @@ class Zipper:
 
     def merge(self, stop_at: str | int | None = None, *, method: str = "zipit",
               alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
-              reset_bn: bool = True) -> fx.GraphModule:
+              reset_bn: bool = True, shared_output: bool = False) -> fx.GraphModule:
         """The merged model for one stop point (see `fxzip.merge`)."""
         if method not in METHODS:
             raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         before = dict(self.seconds)
-        trunk = self.analysis.trunk(stop_at)
-        spaces = self.spaces_of(trunk)
+        if shared_output:
+            if stop_at is not None:
+                raise StopPointError("shared_output=True zips the whole model into one output; "
+                                     "leave stop_at=None")
+            trunk = self.analysis.whole_trunk()
+            aligned = self.analysis.output_spaces()
+        else:
+            trunk, aligned = self.analysis.trunk(stop_at), set()
+        spaces = [s for s in self.spaces_of(trunk) if s not in aligned]
         if method != "average":
             self.statistics(spaces)
         matches = {s: self.match(s, method, alpha, beta) for s in spaces}
+        matches.update({s: Match.identity(self.analysis.spaces[s].size, self.num_models)
+                        for s in aligned})
         with self._timed("rewrite"):
-            merged = rewrite(self.graphs, self.analysis, matches, trunk)
+            merged = rewrite(self.graphs, self.analysis, matches, trunk,
+                             shared_output=shared_output)
         if reset_bn:
             with self._timed("bn_reset"):
                 reset_batch_norm(merged, self.batches, progress=self.progress)
@@ -185,8 +195,8 @@ def _same_cluster(a: np.ndarray, b: np.ndarray) -> list[tuple[int, int]]:
 
 def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str | int | None = None,
           method: str = "zipit", alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
-          reset_bn: bool = True, progress: bool = True, leaf_modules: Sequence[type] = (),
-          concrete_args: dict | None = None) -> fx.GraphModule:
+          reset_bn: bool = True, shared_output: bool = False, progress: bool = True,
+          leaf_modules: Sequence[type] = (), concrete_args: dict | None = None) -> fx.GraphModule:
     """Merge two models of one architecture into one GraphModule returning `(out_a, out_b)`.
 
     inputs: calibration data: a tensor batch, a list of batches, or an iterable/DataLoader of
@@ -198,21 +208,25 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
     method: "zipit" (greedy, within and across models; `alpha`, `beta`), "permute" (Hungarian
         across models: Git Re-Basin activation matching) or "average" (plain weight averaging).
     reset_bn: re-estimate the BatchNorm statistics of the merged model on `inputs`.
+    shared_output: for models trained into one aligned output space (e.g. fixed class
+        embeddings, CLIP-style): zip every layer, average the output layers without permuting
+        them, and return ONE output.
     The input models are never modified. The report is in `merged.fxzip_report`.
     """
     return merge_all([model_a, model_b], inputs, stop_at=stop_at, method=method, alpha=alpha,
-                     beta=beta, reset_bn=reset_bn, progress=progress, leaf_modules=leaf_modules,
-                     concrete_args=concrete_args)
+                     beta=beta, reset_bn=reset_bn, shared_output=shared_output, progress=progress,
+                     leaf_modules=leaf_modules, concrete_args=concrete_args)
 
 
 def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | None = None,
               method: str = "zipit", alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
-              reset_bn: bool = True, progress: bool = True, leaf_modules: Sequence[type] = (),
-              concrete_args: dict | None = None) -> fx.GraphModule:
+              reset_bn: bool = True, shared_output: bool = False, progress: bool = True,
+              leaf_modules: Sequence[type] = (), concrete_args: dict | None = None) -> fx.GraphModule:
     """Merge N ≥ 2 models (see `merge`); the merged model returns one output per model."""
     zipper = Zipper(models, inputs, progress=progress, leaf_modules=leaf_modules,
                     concrete_args=concrete_args)
-    merged = zipper.merge(stop_at, method=method, alpha=alpha, beta=beta, reset_bn=reset_bn)
+    merged = zipper.merge(stop_at, method=method, alpha=alpha, beta=beta, reset_bn=reset_bn,
+                          shared_output=shared_output)
     merged.fxzip_report.seconds = {**{k: zipper.seconds[k] for k in ("trace", "analysis")},
                                    **merged.fxzip_report.seconds}
     return merged

@@ -153,3 +153,18 @@ def test_residual_add_ties_the_stream():
     stream = analysis.feat("add").blocks[0].space
     assert analysis.feat("b3").blocks[0].space == stream == analysis.feat("bp").blocks[0].space
     assert set(analysis.spaces[stream].producers) == {"c3", "proj"}
+
+
+def test_shared_output_averages_the_aligned_output_layer():
+    torch.manual_seed(0)
+    model = CASES["residual_projection"]().eval()
+    x = torch.randn(24, 3, 8, 8)
+    permuted, _ = permuted_by_analysis(model, x, seed=2)
+    merged = fxzip.merge(model, permuted, x, shared_output=True, reset_bn=False, progress=False)
+    with torch.no_grad():
+        out = merged(x)
+        assert isinstance(out, torch.Tensor)
+        torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+    assert merged.fxzip_report.layers_zipped == merged.fxzip_report.layers_total
+    with pytest.raises(fxzip.StopPointError, match="stop_at=None"):
+        fxzip.merge(model, permuted, x, stop_at="c2", shared_output=True, progress=False)

@@ -304,6 +304,14 @@ class Analysis:
                 f"valid stop points include: {self._some_stop_points()}")
         return trunk
 
+    def whole_trunk(self) -> set[str]:
+        """Every node but the output: the trunk of a merge with one shared output."""
+        if self.barriers:
+            raise StopPointError(
+                f"a shared output needs every layer zipped, but the model has the barrier "
+                f"{self.barriers[0]}; merge with split heads (shared_output=False) instead")
+        return {n.name for n in self.nodes if n.op != "output"}
+
     def layers_in(self, trunk: set[str]) -> int:
         return sum(1 for name in self.layers if name in trunk)
 

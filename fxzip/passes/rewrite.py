@@ -132,8 +132,9 @@ class _Emitter:
     """Walks model 0's graph in order and emits trunk nodes once and head nodes once per model."""
 
     def __init__(self, graphs: Sequence[fx.GraphModule], analysis: Analysis, layouts: Layouts,
-                 trunk: set[str]):
+                 trunk: set[str], shared_output: bool):
         self.graphs, self.analysis, self.layouts, self.trunk = graphs, analysis, layouts, trunk
+        self.shared_output = shared_output
         self.graph = fx.Graph()
         self.root: dict[str, Any] = {}
         self.trunk_env: dict[str, fx.Node] = {}
@@ -200,7 +201,9 @@ class _Emitter:
     # -- whole graph --------------------------------------------------------------------------
     def run(self) -> fx.GraphModule:
         for node in self.analysis.nodes:
-            if node.op == "output":
+            if node.op == "output" and self.shared_output:
+                self.graph.output(fx.node.map_arg(node.args[0], lambda n: self.trunk_env[n.name]))
+            elif node.op == "output":
                 outputs = tuple(fx.node.map_arg(node.args[0], lambda n: self.value(n, k))
                                 for k in range(len(self.graphs)))
                 self.graph.output(outputs)
@@ -214,7 +217,8 @@ class _Emitter:
 
 
 def rewrite(graphs: Sequence[fx.GraphModule], analysis: Analysis, matches: dict[int, Match],
-            trunk: set[str]) -> fx.GraphModule:
-    """Emit the merged model for one trunk (an ancestor-closed set of node names)."""
+            trunk: set[str], *, shared_output: bool = False) -> fx.GraphModule:
+    """Emit the merged model for one trunk (an ancestor-closed set of node names). With
+    `shared_output` the trunk is the whole graph and its output is returned once, unchanged."""
     layouts = Layouts(analysis, matches, len(graphs))
-    return _Emitter(graphs, analysis, layouts, trunk).run()
+    return _Emitter(graphs, analysis, layouts, trunk, shared_output).run()
