@@ -1,60 +1,116 @@
-"""Command line: `fxzip demo` trains two small CNNs on disjoint halves of the digits and merges
-them with every method at every stage boundary, printing the paper-style table."""
+"""Command line: `fxzip demo` trains two ResNet-20-style models on disjoint halves of the digits
+and merges them with every method at every stage boundary, printing the paper-style table and
+plotting joint accuracy against FLOPs."""
 from __future__ import annotations
 
 import argparse
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .api import Zipper
-from .digits import DigitsCNN, count_parameters, evaluate, load_digits_split, train_task_pair
+from .bn_reset import reset_bn
+from .costs import count_flops, count_parameters
+from .digits import Accuracy, ResNet20, evaluate, load_digits_split, train_task_pair
 
-DEMO_STOPS = (("relu", "stage 1"), ("pool", "stage 2"), (None, "full"))
+DEMO_STOPS = (("layer1", "stage 1"), ("layer2", "stage 2"), (None, "full"))
+METHODS = ("average", "permute", "zipit")
 
 
-def demo(seed: int = 0, width: int = 16, epochs: int = 20, progress: bool = True) -> list[dict]:
-    """Run the demo and return its table rows (also printed)."""
+@dataclass
+class DemoRow:
+    method: str
+    stop: str
+    zipped: str
+    params: int
+    flops: int
+    accuracy: Accuracy
+
+
+def demo(seed: int = 0, width: int = 1, epochs: int = 10, out: Path | str = "fxzip-demo",
+         progress: bool = True) -> list[DemoRow]:
+    """Run the demo, print its table, write `demo.md` and `demo.png` under `out`; return rows."""
     start = time.perf_counter()
-    print(f"fxzip demo: digits 0-4 vs 5-9, two CNNs (width {width}), seed {seed}", flush=True)
+    torch.manual_seed(seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"fxzip demo: digits 0-4 vs 5-9, two ResNet-20x{width} (different inits), seed {seed}",
+          flush=True)
     split = load_digits_split(seed=seed)
-    models = train_task_pair(split, lambda: DigitsCNN(width), seed=seed, epochs=epochs)
-    calibration = [split.x_train[i:i + 256] for i in range(0, len(split.x_train), 256)]
+    models = train_task_pair(split, lambda: ResNet20(width=width), seed=seed, epochs=epochs,
+                             progress=progress)
+    calibration = [split.x_train[i:i + 256] for i in range(0, 768, 256)]
+    x_one = split.x_test[:1]
+    originals = [reset_bn(m, calibration, progress=False) for m in models]  # as the paper does
+    ensemble = evaluate(originals, split.x_test, split.y_test)
+    rows = [DemoRow("ensemble", "-", "0/22", sum(count_parameters(m) for m in models),
+                    sum(count_flops(m, x_one) for m in models), ensemble)]
     zipper = Zipper(models, calibration, progress=progress)
-    ensemble = evaluate(models, split.x_test, split.y_test)
-    rows = [dict(method="ensemble", stop="-", layers="0/4",
-                 params=sum(count_parameters(m) for m in models), acc=ensemble)]
     for stop, label in DEMO_STOPS:
-        for method in ("average", "permute", "zipit"):
+        for method in METHODS:
             merged = zipper.merge(stop, method=method)
             report = merged.fxzip_report
-            rows.append(dict(method=method, stop=label,
-                             layers=f"{report.layers_zipped}/{report.layers_total}",
-                             params=count_parameters(merged),
-                             acc=evaluate(merged, split.x_test, split.y_test)))
-    print(f"{'method':9s} {'stop':8s} {'zipped':>6s} {'params':>7s} {'joint':>6s} {'task A':>6s} "
-          f"{'task B':>6s} {'avg':>6s}")
-    for r in rows:
-        a = r["acc"]
-        print(f"{r['method']:9s} {r['stop']:8s} {r['layers']:>6s} {r['params']:7d} {a.joint:6.3f} "
-              f"{a.task_a:6.3f} {a.task_b:6.3f} {a.avg:6.3f}")
-    print(f"done in {time.perf_counter() - start:.1f}s")
+            rows.append(DemoRow(method, label, f"{report.layers_zipped}/{report.layers_total}",
+                                count_parameters(merged), count_flops(merged, x_one),
+                                evaluate(merged, split.x_test, split.y_test)))
+    table = format_table(rows)
+    print(table)
+    (out / "demo.md").write_text(table + "\n")
+    plot(rows, out / "demo.png")
+    print(f"wrote {out / 'demo.md'} and {out / 'demo.png'}; done in {time.perf_counter() - start:.0f}s")
     return rows
+
+
+def format_table(rows: Sequence[DemoRow]) -> str:
+    lines = ["| method | stop | zipped | params | MFLOPs | joint | task A | task B | avg |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        a = r.accuracy
+        lines.append(f"| {r.method} | {r.stop} | {r.zipped} | {r.params:,} | {r.flops / 1e6:.2f} | "
+                     f"{a.joint:.3f} | {a.task_a:.3f} | {a.task_b:.3f} | {a.avg:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[DemoRow], path: Path) -> None:
+    """Joint accuracy against FLOPs, one line per method (like the paper's figures)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in METHODS:
+        points = [(r.flops / 1e6, r.accuracy.joint) for r in rows if r.method == method]
+        ax.plot(*zip(*points), marker="o", label=method)
+    ensemble = next(r for r in rows if r.method == "ensemble")
+    ax.scatter([ensemble.flops / 1e6], [ensemble.accuracy.joint], marker="*", s=150, c="k",
+               label="ensemble", zorder=3)
+    ax.set_xlabel("MFLOPs per sample (merged model, both heads)")
+    ax.set_ylabel("joint accuracy (digits 0-9)")
+    ax.set_title("two ResNet-20s on disjoint digit halves, merged")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fxzip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("demo", help="merge two CNNs trained on disjoint halves of the digits")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--width", type=int, default=16)
-    run.add_argument("--epochs", type=int, default=20)
+    run = sub.add_parser("demo", help="merge two ResNet-20s trained on disjoint halves of the digits")
+    run.add_argument("--seed", type=int, default=0, help="data split, initialisations and training")
+    run.add_argument("--width", type=int, default=1, help="ResNet-20 width multiplier (paper: 4)")
+    run.add_argument("--epochs", type=int, default=10)
+    run.add_argument("--out", default="fxzip-demo", help="folder for demo.md and demo.png")
     run.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    torch.manual_seed(args.seed)
-    demo(seed=args.seed, width=args.width, epochs=args.epochs, progress=not args.no_progress)
+    demo(seed=args.seed, width=args.width, epochs=args.epochs, out=args.out,
+         progress=not args.no_progress)
     return 0
 
 

@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .costs import count_parameters  # noqa: F401  (re-exported for the benchmarks)
+
 TASK_CLASSES = (tuple(range(5)), tuple(range(5, 10)))
 
 
@@ -68,12 +70,16 @@ class DigitsCNN(nn.Module):
 
 
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 30,
-                     batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> nn.Module:
-    """Plain Adam + cross-entropy training on the CPU; returns the model in eval mode."""
+                     batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
+                     progress: str | None = None) -> nn.Module:
+    """Plain Adam + cross-entropy training on the CPU; returns the model in eval mode.
+    `progress`: a label for a tqdm bar over the epochs (None: silent)."""
+    from tqdm.auto import trange
+
     generator = torch.Generator().manual_seed(seed)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
     model.train()
-    for _ in range(epochs):
+    for _ in trange(epochs, desc=progress, unit="epoch", disable=progress is None, leave=False):
         order = torch.randperm(len(y), generator=generator)
         for start in range(0, len(y), batch_size):
             batch = order[start:start + batch_size]
@@ -83,13 +89,16 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
     return model.eval()
 
 
-def train_task_pair(split: DigitsSplit, make_model, *, seed: int = 0, epochs: int = 30) -> list[nn.Module]:
+def train_task_pair(split: DigitsSplit, make_model, *, seed: int = 0, epochs: int = 30,
+                    progress: bool = False) -> list[nn.Module]:
     """Two models of one architecture, different initialisations, trained on the two tasks."""
     models = []
     for k, classes in enumerate(TASK_CLASSES):
         torch.manual_seed(seed * 100 + k)
         x, y = split.task(classes)
-        models.append(train_classifier(make_model(), x, y, epochs=epochs, seed=seed * 100 + k))
+        label = f"training model {'AB'[k]} (classes {classes[0]}-{classes[-1]})" if progress else None
+        models.append(train_classifier(make_model(), x, y, epochs=epochs, seed=seed * 100 + k,
+                                       progress=label))
     return models
 
 
@@ -127,10 +136,6 @@ def evaluate(model_or_pair, x: torch.Tensor, y: torch.Tensor) -> Accuracy:
         else:
             outputs = tuple(model_or_pair(x))
     return evaluate_heads(outputs, y)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def seeded(seed: int) -> None:
