@@ -168,3 +168,84 @@ def test_shared_output_averages_the_aligned_output_layer():
     assert merged.fxzip_report.layers_zipped == merged.fxzip_report.layers_total
     with pytest.raises(fxzip.StopPointError, match="stop_at=None"):
         fxzip.merge(model, permuted, x, stop_at="c2", shared_output=True, progress=False)
+
+
+# ---- rules for timm-style models: depthwise, functional layers, parameters via get_attr ----
+
+class Functional(nn.Module):
+    """Layers called as functions on get_attr parameters (as timm and hand-written code do)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w1, self.b1 = nn.Parameter(torch.randn(6, 3, 3, 3, generator=g)), nn.Parameter(torch.randn(6, generator=g))
+        self.register_buffer("mean", torch.randn(6, generator=g))
+        self.register_buffer("var", torch.rand(6, generator=g) + 0.5)
+        self.gamma, self.beta = nn.Parameter(torch.randn(6, generator=g)), nn.Parameter(torch.randn(6, generator=g))
+        self.wd = nn.Parameter(torch.randn(12, 1, 3, 3, generator=g))
+        self.ln_w, self.ln_b = nn.Parameter(torch.randn(12, generator=g)), nn.Parameter(torch.randn(12, generator=g))
+        self.w2 = nn.Parameter(torch.randn(5, 12, generator=g))
+        self.scale = nn.Parameter(torch.rand(12, generator=g) + 0.5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = F.conv2d(x, self.w1, self.b1, padding=1)
+        x = F.relu(F.batch_norm(x, self.mean, self.var, self.gamma, self.beta, False, 0.1, 1e-5))
+        x = F.conv2d(x, self.wd, None, 1, 1, 1, 6)  # depthwise with multiplier 2
+        x = x * self.scale.view(1, -1, 1, 1)       # layer scale through a reshape
+        x = F.layer_norm(x.permute(0, 2, 3, 1), (12,), self.ln_w, self.ln_b).permute(0, 3, 1, 2)
+        x = F.gelu(F.linear(x.mean((2, 3)), self.w2))
+        return self.head(x)
+
+
+class Depthwise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 6, 1), bn(6)
+        self.dw, self.gn = nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.GroupNorm(1, 6)
+        self.se1, self.se2 = nn.Conv2d(6, 3, 1), nn.Conv2d(3, 6, 1)
+        self.pw, self.gn2 = nn.Conv2d(6, 8, 1), nn.GroupNorm(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.silu(self.b1(self.c1(x)))
+        x = F.silu(self.gn(self.dw(x)))
+        x = x * torch.sigmoid(self.se2(F.relu(self.se1(x.mean((2, 3), keepdim=True)))))  # SE gate
+        return self.head(self.gn2(self.pw(x)).mean((2, 3)))
+
+
+class Tokens(nn.Module):
+    """Patch embedding, cls token (expand + token cat), position embedding, split, unbind."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 8, generator=g))
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, 8, generator=g))
+        self.norm = nn.LayerNorm(8)
+        self.a, self.b = nn.Linear(8, 4), nn.Linear(8, 6)
+        self.mlp = nn.Linear(10, 8)
+        self.ls = nn.Parameter(torch.rand(8, generator=g) + 0.5)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        h = torch.cat([self.a(self.norm(x)), self.b(self.norm(x))], dim=-1)
+        left, right = torch.split(h, [4, 6], dim=-1)
+        h = torch.cat([F.gelu(left), right.tanh()], dim=-1)
+        x = x + self.ls * self.mlp(h)
+        first, *_ = x.unbind(1)
+        return self.head(first)
+
+
+CASES.update(functional_layers=Functional, depthwise_se_groupnorm=Depthwise, tokens=Tokens)
+
+
+def test_grouped_convolution_is_a_named_barrier():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=2), nn.Flatten(), nn.LazyLinear(3))
+    model(torch.randn(1, 3, 8, 8))
+    analysis = fxzip.analyze(model.eval(), torch.randn(2, 3, 8, 8))
+    assert [b.node for b in analysis.barriers] == ["_1"]
+    assert "groups" in analysis.barriers[0].reason

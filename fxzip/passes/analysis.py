@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ..errors import StopPointError
 from ..tracing import tensor_shape
-from .layout import BLOCKED, LAZY, SHARED, UNTRACKED, Block, Feat, UnionFind
+from .layout import BLOCKED, SHARED, UNTRACKED, Block, Feat, Lazy, UnionFind
 from .op_rules import Barrier, rule_for
 
 
@@ -100,9 +100,10 @@ class Context:
         if not self.uf.unify(a, b):
             raise Barrier(f"ties channel layouts of different structure ({a.blocks} vs {b.blocks})")
 
-    def produce(self, node: fx.Node, axis: int, size: int) -> Feat:
-        """A new space opened by a producer (one per module, reused if the module is called again)."""
-        key = node.target if node.op == "call_module" else node.name
+    def produce(self, node: fx.Node, axis: int, size: int, key: str | None = None) -> Feat:
+        """A new space opened by a producer; `key` (default: the module) names the weights, so
+        that a module or weight used twice opens one space."""
+        key = key or (node.target if node.op == "call_module" else node.name)
         feat = self.module_spaces.get(key)
         if feat is None:
             feat = Feat(axis, (Block(self.uf.new(size), size),))
@@ -115,18 +116,37 @@ class Context:
         self.consumed.append((node.name, source.name, feat))
 
     def use(self, node: fx.Node, param: str, axis: int, feat: Feat, role: str) -> None:
-        target = node.target
-        key = (target, param, axis)
-        if key in self.uses:
-            self.unify(self.uses[key].feat, feat)
-        else:
-            self.uses[key] = ParamUse(target, param, axis, feat, role)
+        """Axis `axis` of parameter `param` of the module called by `node` follows `feat`."""
+        self._record(node.target, param, axis, feat, role)
 
-    def tie_param(self, getattr_node: fx.Node, axis: int, feat: Feat) -> None:
-        """A parameter read by get_attr turns out to be per-channel along `axis`."""
+    def _record(self, target: str, param: str, axis: int, feat: Feat, role: str) -> None:
+        key = (target, param, axis)
         placed = feat.moved(axis)
-        self.infos[getattr_node.name] = placed
-        self.uses[(getattr_node.target, "", axis)] = ParamUse(getattr_node.target, "", axis, placed, "M")
+        if key in self.uses:
+            self.unify(self.uses[key].feat, placed)
+        else:
+            self.uses[key] = ParamUse(target, param, axis, placed, role)
+
+    def tie_param(self, value: fx.Node, axis: int, feat: Feat, role: str = "M") -> None:
+        """`value` (a parameter read by get_attr, or computed from one) turns out to run along
+        `feat` on its axis `axis`: record the parameter's axis as merged (M) or unmerged (U)."""
+        lazy = self.info(value)
+        if isinstance(lazy, Feat):
+            if lazy.axis != axis:
+                raise Barrier(f"uses parameter '{value.name}' along two different axes")
+            self.unify(lazy, feat.moved(axis))
+            return
+        if not isinstance(lazy, Lazy):
+            raise Barrier(f"combines the channels with '{value.name}', a value fxzip cannot follow "
+                          "per channel")
+        source_axis = lazy.axes[axis] if axis < len(lazy.axes) else None
+        source = next(n for n in self.gm.graph.nodes if n.name == lazy.source)
+        if source_axis is None or tensor_shape(source)[source_axis] != feat.width:
+            raise Barrier(f"uses parameter '{source.target}' per channel through a reshape fxzip "
+                          "cannot follow")
+        self._record(source.target, "", source_axis, feat, role)
+        if lazy.axes == tuple(range(len(lazy.axes))) and value is source:
+            self.infos[source.name] = feat.moved(axis)
 
 
 class Analysis:
@@ -158,7 +178,8 @@ class Analysis:
         if node.op == "placeholder":
             return SHARED
         if node.op == "get_attr":
-            return LAZY
+            shape = tensor_shape(node)
+            return None if shape is None else Lazy(node.name, tuple(range(len(shape))))
         if node.op == "output":
             return None
         inputs = [ctx.info(n) for n in node.all_input_nodes]

@@ -45,6 +45,19 @@ class Feat:
         return out
 
 
+@dataclass(frozen=True)
+class Lazy:
+    """A parameter read by get_attr (node `source`), or a value computed from it alone, whose
+    channel axis is not known yet. `axes[i]` is the parameter axis that axis i comes from (None:
+    a new or broadcast axis). The first op that combines it with features fixes its space."""
+
+    source: str
+    axes: tuple[int | None, ...]
+
+    def remapped(self, axes: "list[int | None] | tuple[int | None, ...]") -> "Lazy":
+        return Lazy(self.source, tuple(axes))
+
+
 class _Marker:
     """A named singleton state for nodes that carry no trackable channel axis."""
 
@@ -56,7 +69,6 @@ class _Marker:
 
 
 SHARED = _Marker("SHARED", "The same value in every model (inputs, constants): needs no merging.")
-LAZY = _Marker("LAZY", "A parameter read by get_attr whose channel axis is not known yet.")
 UNTRACKED = _Marker("UNTRACKED", "A value computed from parameters that fxzip cannot follow per channel.")
 BLOCKED = _Marker("BLOCKED", "A value downstream of a barrier: never part of the zipped trunk.")
 

@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layout import LAZY, SHARED, UNTRACKED, Feat
+from .layout import SHARED, UNTRACKED, Feat, Lazy
 
 if TYPE_CHECKING:
     from .analysis import Context
@@ -101,10 +101,7 @@ def pointwise(ctx: "Context", node: fx.Node, operands: list[fx.Node] | None = No
                               f"channels) to {out_shape}")
             feats.append((op, info, out_axis))
     if not feats:
-        infos = [ctx.info(op) for op in operands]
-        if any(i is UNTRACKED or i is LAZY for i in infos):
-            return UNTRACKED
-        return SHARED
+        return _pointwise_without_features(ctx, operands, out_ndim)
     out_axis = feats[0][2]
     result = feats[0][1].moved(out_axis)
     for op, feat, axis in feats[1:]:
@@ -125,12 +122,33 @@ def pointwise(ctx: "Context", node: fx.Node, operands: list[fx.Node] | None = No
             continue  # broadcast along the channel axis, or a scalar-like tensor
         if info is SHARED:
             ctx.pin(result)  # a fixed per-channel constant: the space must keep identity matching
-        elif info is LAZY:
-            ctx.tie_param(op, axis, result)
         else:
-            raise Barrier(f"combines the channels with '{op.name}', a value fxzip cannot follow per "
-                          "channel")
+            ctx.tie_param(op, axis, result)
     return result
+
+
+def _pointwise_without_features(ctx: "Context", operands: list[fx.Node], out_ndim: int) -> Any:
+    """Shared values stay shared; one parameter combined with shared values or scalars stays a
+    (derived) parameter, its axes aligned from the right; anything else is untracked."""
+    infos = [ctx.info(op) for op in operands]
+    lazies = [(op, i) for op, i in zip(operands, infos) if isinstance(i, Lazy)]
+    if all(i is SHARED or i is None for i in infos):
+        return SHARED
+    if len(lazies) == 1 and all(i is SHARED or i is None or isinstance(i, Lazy) for i in infos):
+        op, lazy = lazies[0]
+        return lazy.remapped([None] * (out_ndim - len(lazy.axes)) + list(lazy.axes))
+    return UNTRACKED
+
+
+def passthrough(info: Any, remap=None) -> Any:
+    """What a shape op makes of a value without features: shared stays shared, a parameter keeps
+    following its axes when `remap` (old axes -> new axes) can say how, else it is untracked."""
+    if info is SHARED or info is None:
+        return info
+    if isinstance(info, Lazy) and remap is not None:
+        axes = remap(info.axes)
+        return None if axes is None else info.remapped(axes)
+    return UNTRACKED
 
 
 def first_operand(ctx: "Context", node: fx.Node) -> Any:
@@ -220,11 +238,12 @@ def linear(ctx: "Context", node: fx.Node) -> Feat:
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def conv(ctx: "Context", node: fx.Node) -> Feat:
-    """Dense convolution: input channels on axis 1 are read (U), output channels opened (M)."""
+    """Dense convolution: input channels on axis 1 are read (U), output channels opened (M).
+    Depthwise convolution is per channel (see `depthwise`)."""
     module = ctx.module(node)
     if module.groups != 1:
-        raise Barrier(f"grouped convolution (groups={module.groups}) mixes channels within groups "
-                      "only; zipping does not support it yet")
+        return depthwise(ctx, node, module.groups, module.in_channels, module.out_channels,
+                         module_params=("weight", "bias" if module.bias is not None else None))
     feat_in = _input_feat(ctx, node, 1, type(module).__name__)
     ctx.consume(node, node.args[0], feat_in)
     ctx.use(node, "weight", 1, feat_in, "U")
@@ -232,6 +251,30 @@ def conv(ctx: "Context", node: fx.Node) -> Feat:
     ctx.use(node, "weight", 0, feat_out, "M")
     if module.bias is not None:
         ctx.use(node, "bias", 0, feat_out, "M")
+    return feat_out
+
+
+def depthwise(ctx: "Context", node: fx.Node, groups: int, in_channels: int, out_channels: int,
+              module_params: tuple | None = None, weight: fx.Node | None = None,
+              bias: fx.Node | None = None) -> Feat:
+    """Depthwise convolution (groups == input channels): one space in and out, the per-channel
+    kernels merged (M). With a depth multiplier k each input channel becomes k output channels
+    in a row, i.e. the space expanded k times. Other grouped convolutions are barriers."""
+    if groups != in_channels or out_channels % in_channels:
+        raise Barrier(f"grouped convolution (groups={groups}, {in_channels}->{out_channels} "
+                      "channels) mixes channels within groups; only depthwise convolution is "
+                      "supported")
+    feat_in = _input_feat(ctx, node, 1, "depthwise convolution")
+    multiplier = out_channels // in_channels
+    feat_out = feat_in if multiplier == 1 else feat_in.expanded(multiplier)
+    if module_params is not None:
+        for name in module_params:
+            if name:
+                ctx.use(node, name, 0, feat_out, "M")
+    else:
+        for value in (weight, bias):
+            if value is not None:
+                ctx.tie_param(value, 0, feat_out)
     return feat_out
 
 
@@ -270,7 +313,7 @@ def spatial(ctx: "Context", node: fx.Node) -> Any:
     x = node.args[0] if node.args else node.kwargs.get("input")
     info = ctx.info(x)
     if not isinstance(info, Feat):
-        return info if info in (SHARED, None) else UNTRACKED
+        return passthrough(info)
     if info.axis != 1:
         raise Barrier(f"pools or resizes '{x.name}' whose channels are on axis {info.axis}, not 1")
     return info
@@ -307,7 +350,7 @@ def reduction(ctx: "Context", node: fx.Node) -> Any:
     x = node.args[0]
     info = ctx.info(x)
     if not isinstance(info, Feat):
-        return info if info in (SHARED, None) else UNTRACKED
+        return passthrough(info)
     ndim = len(ctx.shape(x))
     dims = _reduced_dims(node, ndim)
     if dims is None or info.axis in dims:
@@ -324,7 +367,7 @@ def softmax(ctx: "Context", node: fx.Node) -> Any:
     x = node.args[0]
     info = ctx.info(x)
     if not isinstance(info, Feat):
-        return info if info in (SHARED, None) else UNTRACKED
+        return passthrough(info, lambda axes: axes)
     dim = ctx.module(node).dim if node.op == "call_module" else arg(node, 1, "dim")
     if dim is None or norm_dim(dim, len(ctx.shape(x))) == info.axis:
         raise Barrier(f"normalises over the channel axis of '{x.name}'")
@@ -340,9 +383,9 @@ def reshape_like(ctx: "Context", node: fx.Node) -> Any:
     flattened with the axes after it (an expanded space); splitting it is a barrier."""
     x = node.args[0]
     info = ctx.info(x)
-    if not isinstance(info, Feat):
-        return info if info in (SHARED, None) else UNTRACKED
     shape_in, shape_out = ctx.shape(x), ctx.shape(node)
+    if not isinstance(info, Feat):
+        return passthrough(info, lambda axes: _regroup_unit_axes(axes, shape_in, shape_out))
     a, channels = info.axis, ctx.shape(x)[info.axis]
     before = math.prod(shape_in[:a])
     for j in range(len(shape_out)):
@@ -355,6 +398,16 @@ def reshape_like(ctx: "Context", node: fx.Node) -> Any:
             return info.moved(j) if factor == 1 else info.expanded(factor).moved(j)
     raise Barrier(f"reshapes '{x.name}' {tuple(shape_in)} -> {tuple(shape_out)}, splitting or "
                   "scattering its channel axis")
+
+
+def _regroup_unit_axes(axes, shape_in, shape_out):
+    """Axis map through a reshape that only inserts or removes size-1 axes, else None."""
+    big_in = [(a, n) for a, n in zip(axes, shape_in) if n != 1]
+    big_out = [n for n in shape_out if n != 1]
+    if [n for _, n in big_in] != big_out:
+        return None
+    sources = iter(a for a, _ in big_in)
+    return [next(sources) if n != 1 else None for n in shape_out]
 
 
 def _is_prefix_product(dims: tuple[int, ...], value: int) -> bool:
@@ -378,12 +431,12 @@ register(torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, nn.Flatte
 def permute(ctx: "Context", node: fx.Node) -> Any:
     x = node.args[0]
     info = ctx.info(x)
-    if not isinstance(info, Feat):
-        return info if info in (SHARED, None) else UNTRACKED
     dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
         else node.args[1:] or node.kwargs.get("dims")
     ndim = len(ctx.shape(x))
     dims = [norm_dim(d, ndim) for d in dims]
+    if not isinstance(info, Feat):
+        return passthrough(info, lambda axes: [axes[d] for d in dims])
     return info.moved(dims.index(info.axis))
 
 
@@ -391,15 +444,15 @@ def permute(ctx: "Context", node: fx.Node) -> Any:
 def transpose(ctx: "Context", node: fx.Node) -> Any:
     x = node.args[0]
     info = ctx.info(x)
-    if not isinstance(info, Feat):
-        return info if info in (SHARED, None) else UNTRACKED
     ndim = len(ctx.shape(x))
     if node.target == "t":
         d0, d1 = 0, 1
     else:
         d0, d1 = norm_dim(arg(node, 1, "dim0"), ndim), norm_dim(arg(node, 2, "dim1"), ndim)
-    axis = {d0: d1, d1: d0}.get(info.axis, info.axis)
-    return info.moved(axis)
+    swap = {d0: d1, d1: d0}
+    if not isinstance(info, Feat):
+        return passthrough(info, lambda axes: [axes[swap.get(i, i)] for i in range(len(axes))])
+    return info.moved(swap.get(info.axis, info.axis))
 
 
 @register(torch.cat, torch.concat, torch.concatenate)
@@ -412,7 +465,8 @@ def cat(ctx: "Context", node: fx.Node) -> Any:
     infos = [ctx.info(t) for t in tensors]
     feats = [i for i in infos if isinstance(i, Feat)]
     if not feats:
-        return SHARED if all(i is SHARED for i in infos) else UNTRACKED
+        return _pointwise_without_features(ctx, tensors, ndim) if len(tensors) == 1 else \
+            (SHARED if all(i is SHARED for i in infos) else UNTRACKED)
     if all(f.axis == dim for f in feats):
         blocks = []
         for t, info in zip(tensors, infos):
@@ -432,8 +486,10 @@ def getitem(ctx: "Context", node: fx.Node) -> Any:
     """Indexing a tensor: allowed when the channel axis is kept whole."""
     x, index = node.args
     info = ctx.info(x)
+    if isinstance(info, tuple):  # an element of split / chunk / unbind
+        return info[index] if isinstance(index, int) else UNTRACKED
     if not isinstance(info, Feat):
-        return info if info in (SHARED, None) else UNTRACKED
+        return passthrough(info)
     index = index if isinstance(index, tuple) else (index,)
     if any(isinstance(i, fx.Node) for i in index):
         raise Barrier("indexes with a tensor")
@@ -471,3 +527,154 @@ def shape_query(ctx: "Context", node: fx.Node) -> None:
 
 
 register(getattr, "size", "dim", "numel", "ndimension")(shape_query)
+
+
+# ---------------------------------------------------------------------------------------------
+# functional layers whose parameters come from get_attr
+# ---------------------------------------------------------------------------------------------
+
+@register(F.linear)
+def functional_linear(ctx: "Context", node: fx.Node) -> Feat:
+    """F.linear(x, weight, bias) with parameters read by get_attr."""
+    weight, bias = arg(node, 1, "weight"), arg(node, 2, "bias")
+    feat_in = _input_feat(ctx, node, -1, "F.linear")
+    ctx.consume(node, node.args[0], feat_in)
+    ctx.tie_param(weight, 1, feat_in, "U")
+    key = ctx.info(weight).source if isinstance(ctx.info(weight), Lazy) else weight.name
+    feat_out = ctx.produce(node, axis=len(ctx.shape(node)) - 1, size=ctx.shape(weight)[0], key=key)
+    ctx.tie_param(weight, 0, feat_out)
+    if isinstance(bias, fx.Node):
+        ctx.tie_param(bias, 0, feat_out)
+    return feat_out
+
+
+@register(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
+def functional_conv(ctx: "Context", node: fx.Node) -> Feat:
+    """F.convNd(x, weight, bias, stride, padding, dilation, groups) with get_attr parameters."""
+    weight, bias = arg(node, 1, "weight"), arg(node, 2, "bias")
+    groups = arg(node, 6, "groups", 1)
+    shape = ctx.shape(weight)
+    in_channels = ctx.shape(node.args[0])[1]
+    if groups != 1:
+        return depthwise(ctx, node, groups, in_channels, shape[0], weight=weight,
+                         bias=bias if isinstance(bias, fx.Node) else None)
+    feat_in = _input_feat(ctx, node, 1, "convolution")
+    ctx.consume(node, node.args[0], feat_in)
+    ctx.tie_param(weight, 1, feat_in, "U")
+    key = ctx.info(weight).source if isinstance(ctx.info(weight), Lazy) else weight.name
+    feat_out = ctx.produce(node, axis=1, size=shape[0], key=key)
+    ctx.tie_param(weight, 0, feat_out)
+    if isinstance(bias, fx.Node):
+        ctx.tie_param(bias, 0, feat_out)
+    return feat_out
+
+
+@register(F.layer_norm)
+def functional_layer_norm(ctx: "Context", node: fx.Node) -> Feat:
+    """F.layer_norm over the channel axis (the last one) with get_attr weight and bias."""
+    normalized = arg(node, 1, "normalized_shape")
+    if len(normalized) != 1:
+        raise Barrier(f"layer_norm over {tuple(normalized)} normalises across more than the "
+                      "channel axis")
+    feat = _input_feat(ctx, node, -1, "layer_norm")
+    for value in (arg(node, 2, "weight"), arg(node, 3, "bias")):
+        if isinstance(value, fx.Node):
+            ctx.tie_param(value, 0, feat)
+    return feat
+
+
+@register(F.batch_norm)
+def functional_batch_norm(ctx: "Context", node: fx.Node) -> Feat:
+    """F.batch_norm on axis 1 with get_attr statistics and affine parameters."""
+    feat = _input_feat(ctx, node, 1, "batch_norm")
+    for index, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
+        value = arg(node, index, name)
+        if isinstance(value, fx.Node):
+            ctx.tie_param(value, 0, feat)
+    return feat
+
+
+def _group_norm(ctx: "Context", node: fx.Node, groups: int, weight: Any, bias: Any, module: bool) -> Feat:
+    x = node.args[0]
+    channels = ctx.shape(x)[1]
+    if groups not in (1, channels):
+        raise Barrier(f"GroupNorm with {groups} groups of {channels} channels normalises within "
+                      "groups; zipping supports 1 group or one group per channel")
+    feat = _input_feat(ctx, node, 1, "group_norm")
+    for name, value in (("weight", weight), ("bias", bias)):
+        if module and value is not None:
+            ctx.use(node, name, 0, feat, "M")
+        elif isinstance(value, fx.Node):
+            ctx.tie_param(value, 0, feat)
+    return feat
+
+
+@register(nn.GroupNorm)
+def group_norm_module(ctx: "Context", node: fx.Node) -> Feat:
+    module = ctx.module(node)
+    return _group_norm(ctx, node, module.num_groups, module.weight, module.bias, module=True)
+
+
+@register(F.group_norm)
+def functional_group_norm(ctx: "Context", node: fx.Node) -> Feat:
+    return _group_norm(ctx, node, arg(node, 1, "num_groups"), arg(node, 2, "weight"),
+                       arg(node, 3, "bias"), module=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# split / chunk / unbind: tuples of channel infos
+# ---------------------------------------------------------------------------------------------
+
+def _split_sizes(node: fx.Node, size: int) -> list[int]:
+    """Piece sizes of torch.split(x, size_or_sections) or torch.chunk(x, chunks)."""
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    if name == "chunk":
+        step = -(-size // arg(node, 1, "chunks"))
+        return [min(step, size - i) for i in range(0, size, step)]
+    how = arg(node, 1, "split_size_or_sections", arg(node, 1, "split_size"))
+    if isinstance(how, int):
+        return [min(how, size - i) for i in range(0, size, how)]
+    return list(how)
+
+
+def _split_layout(feat: Feat, sizes: list[int]) -> list[Feat]:
+    """Cut a layout at element boundaries that fall between its blocks, else a barrier."""
+    pieces, blocks = [], list(feat.blocks)
+    for size in sizes:
+        taken, width = [], 0
+        while blocks and width + blocks[0].width <= size:
+            width += blocks[0].width
+            taken.append(blocks.pop(0))
+        if width != size or not taken:
+            raise Barrier("splits the channel axis inside a feature space")
+        pieces.append(Feat(feat.axis, tuple(taken)))
+    return pieces
+
+
+@register(torch.split, torch.chunk, "split", "chunk")
+def split(ctx: "Context", node: fx.Node) -> Any:
+    x = node.args[0]
+    info = ctx.info(x)
+    shape = ctx.shape(x)
+    dim = norm_dim(arg(node, 2, "dim", 0), len(shape))
+    sizes = _split_sizes(node, shape[dim])
+    if not isinstance(info, Feat):
+        return tuple(passthrough(info, lambda axes: axes) for _ in sizes)
+    if dim != info.axis:
+        return tuple(info for _ in sizes)
+    return tuple(_split_layout(info, sizes))
+
+
+@register(torch.unbind, "unbind")
+def unbind(ctx: "Context", node: fx.Node) -> Any:
+    x = node.args[0]
+    info = ctx.info(x)
+    shape = ctx.shape(x)
+    dim = norm_dim(arg(node, 1, "dim", 0), len(shape))
+    if not isinstance(info, Feat):
+        return tuple(passthrough(info, lambda axes: axes[:dim] + axes[dim + 1:])
+                     for _ in range(shape[dim]))
+    if dim == info.axis:
+        raise Barrier("unbinds the channel axis")
+    axis = info.axis - (dim < info.axis)
+    return tuple(info.moved(axis) for _ in range(shape[dim]))
