@@ -1,0 +1,679 @@
+"""fxzip speed and memory benchmarks.
+
+    python benchmarks/speed.py [--quick] [--out DIR]
+
+Five measurements, each printed as a table and written as markdown and CSV under `--out`
+(default `benchmarks/results/`), plus `speed.md` with every table:
+
+1. merge breakdown: seconds per phase (trace, analysis, statistics, matching, rewrite, bn_reset)
+   of one full zip (`stop_at=None`) of (a) two ResNet-20×4 on the digits and (b) two timm
+   resnet50, each merge run in a fresh subprocess;
+2. statistics pass vs plain forward: the statistics of every mergeable space on a fresh Zipper
+   divided by plain `no_grad` forwards of both models over the same batches, and how the
+   statistics time splits into the tapped forwards and the moment accumulation;
+3. matching alone: the fast ZipIt! greedy against the plain reference of `tests/`, same
+   assignment required, and the Hungarian `permute`;
+4. peak memory (max RSS of a fresh subprocess): the models and data alone, plain forwards, merge;
+5. inference of the merged ResNet-20×4 against running both originals, per stop point, with
+   parameter counts and FLOPs.
+
+The machine may be shared and noisy: times are the minimum over repeats and ratios are taken
+within one run, with repetitions of the two sides interleaved. Nothing here asserts on time.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+import fxzip  # noqa: E402
+from fxzip.digits import ResNet20, load_digits_split  # noqa: E402
+
+DEFAULT_THREADS = 2
+DIGITS_BATCH = 128
+INFERENCE_BATCH = 128
+DIGITS_STOPS: tuple[Any, ...] = (0, "layer1", "layer2", "layer3", None)
+MATCHING_SIZES = (64, 128, 256, 512, 1024, 2048)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Table:
+    """A titled table with free-text notes, printable and writable as markdown and CSV."""
+
+    name: str
+    title: str
+    columns: list[str]
+    rows: list[list[Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, *row: Any) -> None:
+        self.rows.append(list(row))
+
+    def _cells(self) -> list[list[str]]:
+        return [[_fmt(v) for v in row] for row in self.rows]
+
+    def text(self) -> str:
+        """Aligned plain text for the terminal."""
+        cells = self._cells()
+        widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(self.columns)]
+        line = lambda values: "  ".join(v.rjust(w) if i else v.ljust(w)  # noqa: E731
+                                        for i, (v, w) in enumerate(zip(values, widths)))
+        out = [f"== {self.title}", line(self.columns), line(["-" * w for w in widths])]
+        out += [line(r) for r in cells] + [f"  note: {n}" for n in self.notes]
+        return "\n".join(out)
+
+    def markdown(self) -> str:
+        out = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |",
+               "|" + "|".join(" --- " for _ in self.columns) + "|"]
+        out += ["| " + " | ".join(r) + " |" for r in self._cells()]
+        if self.notes:
+            out += [""] + [f"- {n}" for n in self.notes]
+        return "\n".join(out) + "\n"
+
+    def write(self, directory: Path) -> None:
+        (directory / f"{self.name}.md").write_text(self.markdown())
+        with open(directory / f"{self.name}.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(self.columns)
+            writer.writerows(self.rows)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        if value == 0 or abs(value) >= 100:
+            return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.1f}"
+        return f"{value:.3g}" if abs(value) < 0.01 else f"{value:.3f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds one call of `fn` takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Minimum seconds of each function over `repeats` rounds that alternate between them, so that
+    slow phases of a shared machine hit every side alike."""
+    best = {name: math.inf for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            best[name] = min(best[name], timed(fn))
+    return best
+
+
+class Stopwatch:
+    """Accumulates seconds per label: `with watch("label"): ...`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, label: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[label] += time.perf_counter() - start
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases: two models of one architecture and their calibration batches
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """What to build; plain data so that a subprocess can build the same case."""
+
+    kind: str  # "digits" or "resnet50"
+    images: int = 0
+    size: int = 0
+    batch: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.kind == "digits":
+            return "ResNet20x4 digits"
+        return f"resnet50 {self.images}x{self.size}² (bs {self.batch})"
+
+
+@dataclass
+class Case:
+    spec: CaseSpec
+    models: list[nn.Module]
+    batches: list[torch.Tensor]
+
+
+def digits_case() -> Case:
+    """Two randomly initialised ResNet-20×4 (seeds 0, 1) whose BatchNorm statistics are estimated
+    on the digits' training images, which are also the calibration batches."""
+    x = load_digits_split().x_train
+    batches = list(x.split(DIGITS_BATCH))
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(fxzip.reset_bn(ResNet20(width=4), batches, progress=False))
+    return Case(CaseSpec("digits"), models, batches)
+
+
+def resnet50_case(images: int, size: int, batch: int) -> Case:
+    """Two timm resnet50 (10 classes) from seeds 0 and 1, and random images."""
+    import timm
+
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        # zero_init_last=False: with timm's default the last BN of every residual branch is 0
+        # at initialisation, so those features would all be constant.
+        models.append(timm.create_model("resnet50", pretrained=False, num_classes=10,
+                                        zero_init_last=False).eval())
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(images, 3, size, size, generator=generator)
+    return Case(CaseSpec("resnet50", images, size, batch), models, list(x.split(batch)))
+
+
+def build_case(spec: CaseSpec) -> Case:
+    if spec.kind == "digits":
+        return digits_case()
+    return resnet50_case(spec.images, spec.size, spec.batch)
+
+
+def plain_forward(models: Sequence[nn.Module], batches: Sequence[torch.Tensor]) -> None:
+    """Both models over every batch, as plain inference."""
+    with torch.no_grad():
+        for x in batches:
+            for m in models:
+                m(x)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one forward (torch.utils.flop_counter: matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return int(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------------------------------------
+# Subprocess measurements (merge phases and peak memory)
+# ---------------------------------------------------------------------------------------------
+
+
+def child_main(task: str, spec: CaseSpec) -> dict[str, Any]:
+    """Run in a fresh process: build the case and then do `task` ("data": nothing more,
+    "forward": plain forwards of both models, "merge": a full zip). Returns max RSS and timings."""
+    case = build_case(spec)
+    result: dict[str, Any] = {"task": task}
+    if task == "forward":
+        plain_forward(case.models, case.batches[:1])  # warm-up
+        result["seconds"] = {"forward": timed(lambda: plain_forward(case.models, case.batches))}
+    elif task == "merge":
+        result.update(staged_merge(case))
+    result["params"] = sum(count_parameters(m) for m in case.models)
+    result["max_rss_mib"] = max([peak_rss_mib(), *result.get("peaks_mib", {}).values()])
+    return result
+
+
+def staged_merge(case: Case) -> dict[str, Any]:
+    """A full zip in three stages (Zipper; statistics of the spaces the merge needs; the merge,
+    which then matches, rewrites and resets BN), with the peak RSS of each stage."""
+    peaks: dict[str, float] = {}
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+        can_reset = reset_peak_rss()
+        value = fn()
+        peaks[name] = peak_rss_mib() if can_reset else float("nan")
+        return value
+
+    start = time.perf_counter()
+    zipper = stage("trace+analysis", lambda: fxzip.Zipper(case.models, case.batches,
+                                                           progress=False))
+    spaces = zipper.spaces_of(zipper.analysis.trunk(None))
+    stage("statistics", lambda: zipper.statistics(spaces))
+    merged = stage("matching+rewrite+bn_reset",
+                   lambda: zipper.merge(None, method="zipit", reset_bn=True))
+    report = merged.fxzip_report
+    return {"seconds": dict(zipper.seconds), "wall": time.perf_counter() - start,
+            "peaks_mib": peaks, "merged_params": count_parameters(merged),
+            "layers": f"{report.layers_zipped}/{report.layers_total}"}
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux: clear_refs 5); False if impossible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size: VmHWM, which (unlike ru_maxrss, whose high-water
+    mark survives fork+exec from a large parent on Linux) belongs to this process image alone."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_child(task: str, spec: CaseSpec) -> dict[str, Any]:
+    """`child_main` in a fresh Python process (so that its max RSS is its own)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", task,
+               "--child-case", json.dumps(asdict(spec)), "--threads", str(torch.get_num_threads())]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark subprocess {task} {spec.label} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+MERGE_STAGES = ("trace+analysis", "statistics", "matching+rewrite+bn_reset")
+PHASES = ("trace", "analysis", "statistics", "matching", "rewrite", "bn_reset")
+
+
+def merge_breakdown(merges: dict[CaseSpec, dict[str, Any]]) -> Table:
+    """Section 1: seconds per phase of one full zip per case."""
+    table = Table("1_merge_breakdown", "1. One full zip (stop_at=None, zipit, reset_bn): seconds "
+                  "per phase", ["case", "layers zipped", *PHASES, "total", "wall"])
+    for spec, r in merges.items():
+        seconds = [r["seconds"].get(p, 0.0) for p in PHASES]
+        table.add(spec.label, r["layers"], *seconds, sum(seconds), r["wall"])
+    table.notes.append("each merge runs in a fresh subprocess (build models, Zipper, statistics "
+                       "of the spaces the merge needs, merge); phases from `Zipper.seconds`; "
+                       "'wall' is measured around those calls")
+    return table
+
+
+def peak_memory(specs: Sequence[CaseSpec], merges: dict[CaseSpec, dict[str, Any]]) -> Table:
+    """Section 4: max RSS of fresh subprocesses that build a case and then do nothing more, run
+    plain forwards, or merge."""
+    table = Table("4_peak_memory", "4. Peak memory (max RSS of a fresh process, MiB)",
+                  ["case", "params (both)", "param MiB (both)", "models+data", "plain forwards",
+                   "merge", "forwards - models+data", "merge - models+data",
+                   "(merge - models+data)/param MiB", *(f"peak in {s}" for s in MERGE_STAGES)])
+    for spec in specs:
+        data = run_child("data", spec)["max_rss_mib"]
+        forward = run_child("forward", spec)["max_rss_mib"]
+        merge = merges[spec]["max_rss_mib"]
+        params = merges[spec]["params"]
+        param_mib = params * 4 / 2**20
+        stages = [merges[spec]["peaks_mib"].get(s, float("nan")) for s in MERGE_STAGES]
+        table.add(spec.label, params, param_mib, data, forward, merge, forward - data,
+                  merge - data, (merge - data) / param_mib, *stages)
+    table.notes += ["peak RSS = VmHWM of a fresh process that imports fxzip/torch/timm, builds "
+                    "both models and the batches (for the digits this includes the originals' BN "
+                    "estimate, one forward each), then does nothing more / plain no_grad "
+                    "forwards of both models over all batches / Zipper + merge(None)",
+                    "param MiB: float32 parameters of both models (params·4 bytes)",
+                    "peak in <stage>: VmHWM reset (/proc/self/clear_refs) before each stage of "
+                    "the merge process; it includes what earlier stages still hold, and memory "
+                    "the allocator keeps after frees"]
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Section 2: statistics pass vs plain forward
+# ---------------------------------------------------------------------------------------------
+
+
+def statistics_vs_forward(cases: Sequence[Case], repeats: dict[str, int]) -> tuple[Table, Table]:
+    """The statistics of every mergeable space on a fresh Zipper, against plain forwards of both
+    models over the same batches; and a breakdown of the statistics pass."""
+    ratio = Table("2_statistics_vs_forward", "2. Statistics pass (all mergeable spaces) vs plain "
+                  "forwards of both models over the same batches",
+                  ["case", "batches", "spaces", "statistics s", "plain fwd s", "ratio",
+                   "target", "tap fwd s", "accumulation s", "tap fwd/plain", "accum/plain"])
+    parts = Table("2b_statistics_breakdown", "2b. Where the statistics time goes (an instrumented "
+                  "replica of fxzip.passes.statistics.collect)",
+                  ["case", "part", "seconds", "share"])
+    for case in cases:
+        zipper = fresh_zipper(case)
+        spaces = zipper.analysis.mergeable_spaces()
+        plain_forward(case.models, case.batches[:1])  # warm-up
+        best = {"statistics": math.inf, "plain": math.inf}
+        for _ in range(repeats[case.spec.kind]):  # interleaved; each Zipper is built untimed
+            unused = fresh_zipper(case)
+            best["statistics"] = min(best["statistics"], timed(lambda: unused.statistics(spaces)))
+            best["plain"] = min(best["plain"], timed(lambda: plain_forward(case.models,
+                                                                           case.batches)))
+        split = statistics_parts(zipper, spaces)
+        taps = split.get(TAPPED, float("nan"))
+        accumulation = best["statistics"] - taps
+        ratio.add(case.spec.label, len(case.batches), len(spaces), best["statistics"],
+                  best["plain"], best["statistics"] / best["plain"], "≤ 1.5", taps, accumulation,
+                  taps / best["plain"], accumulation / best["plain"])
+        for label, seconds in split.items():
+            parts.add(case.spec.label, label, seconds, float("nan"))
+        _fill_shares(parts, case.spec.label)
+    ratio.notes += [
+        "statistics: `Zipper.statistics(analysis.mergeable_spaces())` on a fresh Zipper (trace "
+        "not counted); plain fwd: `torch.no_grad()` forwards of both eager models",
+        "tap fwd: the forwards of the `fxzip.passes.statistics.tap_module` copies alone (what "
+        "the statistics pass runs: the graphs returning every tapped tensor), timed inside the "
+        "instrumented pass of table 2b; accumulation = statistics - tap fwd",
+        "minimum over interleaved repeats: "
+        + ", ".join(f"{case.spec.label} {repeats[case.spec.kind]}" for case in cases)]
+    parts.notes.append("one instrumented pass; its total exceeds the plain statistics time a "
+                       "little (timer overhead)")
+    return ratio, parts
+
+
+def fresh_zipper(case: Case) -> fxzip.Zipper:
+    return fxzip.Zipper(case.models, case.batches, progress=False)
+
+
+def _tap_names(zipper: fxzip.Zipper, spaces: Sequence[int]) -> list[str]:
+    """The nodes the statistics pass taps for `spaces` (consumer taps and producer fallbacks)."""
+    from fxzip.passes.statistics import producer_taps
+
+    analysis = zipper.analysis
+    order = {n.name: i for i, n in enumerate(analysis.nodes)}
+    names = {t.node for s in spaces
+             for t in analysis.spaces[s].taps + producer_taps(analysis, s)}
+    return sorted(names, key=order.__getitem__)
+
+
+def tap_runner(zipper: fxzip.Zipper, names: list[str]) -> Callable[[torch.Tensor], list[tuple]]:
+    """Runs every model's `tap_module` (the graph returning the tapped tensors) on one batch."""
+    from fxzip.passes.statistics import tap_module
+
+    modules = [tap_module(gm, names) for gm in zipper.graphs]
+
+    def run(x: torch.Tensor) -> list[tuple]:
+        with torch.no_grad():
+            return [m(x) for m in modules]
+    return run
+
+
+TAPPED = "tapped forwards (tap_module)"
+
+
+def statistics_parts(zipper: fxzip.Zipper, spaces: Sequence[int]) -> dict[str, float]:
+    """Seconds per part of one statistics pass, from a replica of `collect` with timers: tapped
+    forwards, row extraction (movedim/reshape), finiteness check, concatenation of the models'
+    rows, and the moment updates of the consumer taps and of the producer fallbacks. Returns
+    {"n/a ...": nan} when the statistics internals no longer fit this replica."""
+    try:
+        from fxzip.passes.statistics import SpaceStats, producer_taps, tap_rows
+        analysis = zipper.analysis
+        names = _tap_names(zipper, spaces)
+        slot = {name: i for i, name in enumerate(names)}
+        run = tap_runner(zipper, names)
+        fallback = {s: producer_taps(analysis, s) for s in spaces}
+        k = zipper.num_models
+        stats = {s: SpaceStats(k * analysis.spaces[s].size, torch.device("cpu"), bool(fallback[s]))
+                 for s in spaces}
+    except (ImportError, AttributeError, TypeError) as exc:
+        return {f"n/a ({type(exc).__name__}: {exc})": float("nan")}
+    watch = Stopwatch()
+    with torch.no_grad():
+        for x in zipper.batches:
+            with watch(TAPPED):
+                outputs = run(x)
+            for s in spaces:
+                for kind, taps, moments in (("consumer taps", analysis.spaces[s].taps,
+                                             stats[s].features),
+                                            ("producer fallback", fallback[s], stats[s].fallback)):
+                    for tap in taps:
+                        with watch("rows: movedim+reshape"):
+                            rows = [tap_rows(out[slot[tap.node]], tap) for out in outputs]
+                        with watch("isfinite check"):
+                            all(bool(torch.isfinite(r).all()) for r in rows)
+                        with watch("cat models' rows"):
+                            joint = torch.cat(rows, dim=1)
+                        with watch(f"Moments.update, {kind}"):
+                            moments.update(joint)
+    return dict(watch.seconds)
+
+
+def _fill_shares(table: Table, label: str) -> None:
+    rows = [r for r in table.rows if r[0] == label]
+    total = sum(r[2] for r in rows if not math.isnan(r[2]))
+    for r in rows:
+        r[3] = r[2] / total if total else float("nan")
+    table.add(label, "total", total, 1.0 if total else float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Section 3: matching alone
+# ---------------------------------------------------------------------------------------------
+
+
+def realistic_correlation(n: int, seed: int = 0) -> np.ndarray:
+    """Correlation of 2n features (two models of n) from low-rank data plus noise: model B's
+    features load partly (a uniform share) on a permutation of model A's feature loadings, so
+    that the greedy makes both across- and within-model merges."""
+    rng = np.random.default_rng(seed)
+    rank, samples = max(8, n // 4), 2048
+    latent = rng.standard_normal((samples, rank))
+    load_a = rng.standard_normal((rank, n))
+    share = rng.uniform(0.0, 1.0, n)  # how much of each B feature is some A feature
+    load_b = (share * load_a[:, rng.permutation(n)]
+              + np.sqrt(1 - share**2) * rng.standard_normal((rank, n)))
+    data = latent @ np.concatenate([load_a, load_b], axis=1)
+    data += 0.5 * np.sqrt(rank) * rng.standard_normal(data.shape)
+    corr = np.corrcoef(data, rowvar=False)
+    return (corr + corr.T) / 2
+
+
+def matching_scaling(sizes: Sequence[int], reference_max: int, alpha: float = 0.5,
+                     beta: float = 1.0) -> Table:
+    """Section 3: fast ZipIt! greedy vs the reference greedy of tests/, and Hungarian permute."""
+    from reference_matching import reference_zipit
+
+    table = Table("3_matching", "3. Matching alone: 2 models × n features, zipit "
+                  f"(alpha={alpha}, beta={beta}) vs the reference greedy; permute (Hungarian)",
+                  ["n per model", "fast zipit s", "reference s", "speed-up", "same assign",
+                   "within merges", "permute s"])
+    measured: dict[int, float] = {}  # reference seconds per n
+    for n in sizes:
+        corr = realistic_correlation(n)
+        repeats = 3 if n <= 1024 else 2
+        match = fxzip.match_features(corr, [n, n], "zipit", alpha=alpha, beta=beta)
+        fast = min(timed(lambda: fxzip.match_features(corr, [n, n], "zipit", alpha=alpha,
+                                                      beta=beta)) for _ in range(repeats))
+        permute = min(timed(lambda: fxzip.match_features(corr, [n, n], "permute"))
+                      for _ in range(repeats))
+        if n <= reference_max:
+            start = time.perf_counter()
+            ref = reference_zipit(corr, [n, n], alpha, beta, n)
+            measured[n] = time.perf_counter() - start
+            same = "yes" if all(np.array_equal(a, b) for a, b in zip(match.assign, ref.assign)) \
+                else "NO"
+            reference, label = measured[n], _times(measured[n] / fast)
+        else:
+            reference = _extrapolate(measured, n)
+            label, same = f"~{_times(reference / fast)} (extrapolated)", "not run"
+        table.add(n, fast, reference, label, same, match.within_merges, permute)
+    if any(n > reference_max for n in sizes):
+        table.notes.append(f"reference run up to n={reference_max}; beyond, its time is "
+                           "extrapolated as t(n_max)·(n/n_max)³ (its greedy is O(D³)) (--quick)")
+    table.notes.append("correlations: np.corrcoef of 2048 samples of rank-n/4 data plus noise; "
+                       "each feature of B shares U(0,1) of a permuted A feature's loading; "
+                       "symmetrised")
+    return table
+
+
+def _times(ratio: float) -> str:
+    return f"{ratio:.2f}×" if ratio < 10 else f"{ratio:,.0f}×"
+
+
+def _extrapolate(measured: dict[int, float], n: int) -> float:
+    """The reference's time at n from the largest measured size, by its O(D³) cost."""
+    largest = max(measured)
+    return measured[largest] * (n / largest) ** 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Section 5: inference per stop point
+# ---------------------------------------------------------------------------------------------
+
+
+def inference_per_stop(case: Case, x: torch.Tensor, stops: Sequence[Any], repeats: int) -> Table:
+    """Section 5: the merged model vs both originals, per stop point."""
+    table = Table("5_inference", f"5. Inference of the merged {case.spec.label} vs both originals "
+                  f"(batch of {x.shape[0]}), per stop point",
+                  ["stop_at", "zipped", "params", "params/both", "GFLOPs", "FLOPs/both",
+                   "merged ms", "both ms", "merged/both"])
+    zipper = fxzip.Zipper(case.models, case.batches, progress=False)
+    both_params = sum(count_parameters(m) for m in case.models)
+    both_flops = sum(count_flops(m, x) for m in case.models)
+    for stop in stops:
+        merged = zipper.merge(stop, method="zipit", reset_bn=True)
+        plain_forward([merged], [x])  # warm-up
+        best = interleaved({"merged": lambda: plain_forward([merged], [x]),
+                            "both": lambda: plain_forward(case.models, [x])}, repeats)
+        params, flops = count_parameters(merged), count_flops(merged, x)
+        report = merged.fxzip_report
+        table.add(repr(stop), f"{report.layers_zipped}/{report.layers_total}", params,
+                  params / both_params, flops / 1e9, flops / both_flops, best["merged"] * 1e3,
+                  best["both"] * 1e3, best["merged"] / best["both"])
+    table.notes += [f"'both' runs the two original eager models; minimum of {repeats} interleaved "
+                    "repeats; FLOPs from torch.utils.flop_counter.FlopCounterMode",
+                    f"both originals: {both_params:,} parameters, {both_flops / 1e9:.3f} GFLOPs"]
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    quick: bool
+    resnet50: CaseSpec
+    reference_max: int
+    statistics_repeats: dict[str, int]
+    inference_repeats: int
+
+
+def settings(quick: bool) -> Settings:
+    if quick:
+        return Settings(True, CaseSpec("resnet50", 32, 128, 16), 1024,
+                        {"digits": 2, "resnet50": 1}, 10)
+    return Settings(False, CaseSpec("resnet50", 64, 224, 16), max(MATCHING_SIZES),
+                    {"digits": 3, "resnet50": 1}, 30)
+
+
+def environment(argv: Sequence[str]) -> str:
+    """The command and the software/hardware it ran on."""
+    command = " ".join(["python benchmarks/speed.py", *argv])
+    return (f"command: `{command}`  \ntorch {torch.__version__}, {torch.get_num_threads()} "
+            f"threads, numpy {np.__version__}, python {platform.python_version()}, "
+            f"{os.cpu_count()} CPUs, {platform.machine()}")
+
+
+def run_benchmarks(config: Settings, out: Path, argv: Sequence[str]) -> None:
+    started = time.perf_counter()
+    header = [environment(argv), f"load average at start: {load_average()}"]
+    print("\n".join(header), flush=True)
+    tables: list[Table] = []
+
+    def emit(table: Table) -> None:
+        print("\n" + table.text() + "\n", flush=True)
+        table.write(out)
+        tables.append(table)
+
+    digits_spec = CaseSpec("digits")
+    specs = [digits_spec, config.resnet50]
+    merges = {spec: run_child("merge", spec) for spec in specs}
+    emit(merge_breakdown(merges))
+
+    digits = digits_case()
+    resnet = build_case(config.resnet50)
+    for table in statistics_vs_forward([digits, resnet], config.statistics_repeats):
+        emit(table)
+    del resnet
+
+    emit(matching_scaling(MATCHING_SIZES, config.reference_max))
+    emit(peak_memory(specs, merges))
+    x_test = load_digits_split().x_test[:INFERENCE_BATCH]
+    emit(inference_per_stop(digits, x_test, DIGITS_STOPS, config.inference_repeats))
+
+    footer = (f"load average at end: {load_average()}; total {time.perf_counter() - started:.0f} s"
+              f"{' (--quick)' if config.quick else ''}")
+    print(footer)
+    body = "\n".join(t.markdown() for t in tables)
+    (out / "speed.md").write_text("# fxzip speed benchmarks\n\n" + "  \n".join(header)
+                                  + "\n\n" + body + "\n" + footer + "\n")
+    print(f"tables written to {out}/ (speed.md, *.md, *.csv)")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="resnet50 on 32 images of 128×128; reference matching up to n=1024 "
+                             "(extrapolated beyond); fewer repeats")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
+                        help="directory for the markdown and CSV tables")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                        help="torch.set_num_threads for every measurement (default %(default)s)")
+    parser.add_argument("--child", choices=("data", "forward", "merge"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-case", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(child_main(args.child, CaseSpec(**json.loads(args.child_case)))))
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    run_benchmarks(settings(args.quick), args.out, argv)
+
+
+if __name__ == "__main__":
+    main()
