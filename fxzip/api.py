@@ -130,8 +130,9 @@ class Zipper:
             if method == "average":
                 self._matches[key] = Match.identity(size, self.num_models)
             else:
-                corr = self.statistics([space])[space].correlation()
+                stats = self.statistics([space])[space]
                 with self._timed("matching"):
+                    corr = stats.correlation()
                     self._matches[key] = match_features(corr, [size] * self.num_models, method,
                                                         alpha=alpha, beta=beta)
         return self._matches[key]

@@ -1,0 +1,91 @@
+"""The statistics pass: streamed moments equal the moments of all data at once; the lockstep graph
+observes what the models compute; dead units fall back to their producers' outputs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import fxzip
+from fxzip.errors import NonFiniteError
+from fxzip.passes.statistics import Moments, SpaceStats
+
+
+def _columns(rng: np.random.Generator, widths: list[int], n: int, offset: float) -> list[torch.Tensor]:
+    latent = rng.standard_normal((3, n))
+    return [torch.tensor(rng.standard_normal((w, 3)) @ latent + rng.standard_normal((w, n))
+                         + offset, dtype=torch.float32) for w in widths]
+
+
+@pytest.mark.parametrize("offset", [0.0, 50.0])
+@pytest.mark.parametrize("widths", [[4, 4], [3, 5, 2]])
+def test_streamed_moments_equal_numpy(widths, offset):
+    rng = np.random.default_rng(0)
+    batches = [_columns(rng, widths, n, offset) for n in (37, 1, 64, 20)]
+    moments = Moments(sum(widths), torch.device("cpu"))
+    for cols in batches:
+        moments.update(cols)
+    data = np.concatenate([torch.cat(cols).double().numpy() for cols in batches], axis=1)
+    corr, constant = moments.correlation()
+    assert not constant.any()
+    np.testing.assert_allclose(moments.mean.numpy(), data.mean(1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(corr, np.corrcoef(data), atol=2e-5)
+
+
+def test_row_subset_moments_equal_full_rows():
+    rng = np.random.default_rng(1)
+    batches = [_columns(rng, [5, 5], n, 1.0) for n in (30, 50, 7)]
+    rows = [1, 6, 9]
+    full, part = Moments(10, torch.device("cpu")), Moments(10, torch.device("cpu"), rows=rows)
+    for cols in batches:
+        full.update(cols)
+        part.update(cols)
+    np.testing.assert_allclose(part.correlation()[0], full.correlation()[0][rows], atol=1e-6)
+
+
+def test_non_finite_batch_is_refused_with_the_node():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    broken = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    with torch.no_grad():
+        broken[0].bias[2] = float("inf")
+    with pytest.raises(NonFiniteError, match="model 1 .*NaN/Inf"):
+        fxzip.merge(model, broken, torch.randn(16, 4), progress=False)
+
+
+def test_dead_units_take_their_correlation_from_the_producer():
+    """A unit that ReLU kills on all data is constant where the next layer reads it; its
+    correlations come from the Linear output before the ReLU (a second, partial pass)."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    with torch.no_grad():
+        a[0].bias[0] = -100.0  # unit 0 is dead after the ReLU
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])  # b's unit j is a's unit perm[j]
+    b = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    with torch.no_grad():
+        b[0].weight.copy_(a[0].weight[perm])
+        b[0].bias.copy_(a[0].bias[perm])
+        b[2].weight.copy_(a[2].weight[:, perm])
+        b[2].bias.copy_(a[2].bias)
+    zipper = fxzip.Zipper([a, b], torch.randn(64, 4), progress=False)
+    space = next(s for s in zipper.analysis.mergeable_spaces() if zipper.analysis.spaces[s].size == 6)
+    stats: SpaceStats = zipper.statistics([space])[space]
+    assert stats.fallback is not None and stats.fallback.rows.tolist() == [0, 6 + 1]
+    corr = stats.correlation()
+    assert corr[0, 6 + 1] == pytest.approx(1.0, abs=1e-6)  # the dead unit finds its twin
+    merged = zipper.merge(None, method="permute", reset_bn=False)
+    x = torch.randn(32, 4)
+    out_a, out_b = merged(x)
+    torch.testing.assert_close(out_a, a(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_b, b(x), rtol=1e-5, atol=1e-5)
+
+
+def test_correlation_is_read_only_and_cached():
+    torch.manual_seed(0)
+    a, b = (nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)) for _ in range(2))
+    zipper = fxzip.Zipper([a, b], torch.randn(32, 4), progress=False)
+    space = zipper.analysis.mergeable_spaces()[0]
+    stats = zipper.statistics([space])[space]
+    assert stats.correlation() is stats.correlation()
+    with pytest.raises(ValueError):
+        stats.correlation()[0, 0] = 0.0
