@@ -199,7 +199,8 @@ def digits_case() -> Case:
 
 
 def resnet50_case(images: int, size: int, batch: int) -> Case:
-    """Two timm resnet50 (10 classes) from seeds 0 and 1, and random images."""
+    """Two timm resnet50 (10 classes) from seeds 0 and 1 with BatchNorm statistics estimated on
+    the batches, and random images."""
     import timm
 
     models = []
@@ -208,10 +209,13 @@ def resnet50_case(images: int, size: int, batch: int) -> Case:
         # zero_init_last=False: with timm's default the last BN of every residual branch is 0
         # at initialisation, so those features would all be constant.
         models.append(timm.create_model("resnet50", pretrained=False, num_classes=10,
-                                        zero_init_last=False).eval())
+                                        zero_init_last=False))
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(images, 3, size, size, generator=generator)
-    return Case(CaseSpec("resnet50", images, size, batch), models, list(x.split(batch)))
+    batches = list(torch.randn(images, 3, size, size, generator=generator).split(batch))
+    # BatchNorm statistics estimated on the images, as after training: with the initial running
+    # statistics (mean 0, variance 1) activations grow through the 50 layers and most units die.
+    models = [fxzip.reset_bn(m, batches, progress=False) for m in models]
+    return Case(CaseSpec("resnet50", images, size, batch), models, batches)
 
 
 def build_case(spec: CaseSpec) -> Case:
@@ -365,6 +369,9 @@ def peak_memory(specs: Sequence[CaseSpec], merges: dict[CaseSpec, dict[str, Any]
 # ---------------------------------------------------------------------------------------------
 
 
+TAPPED = "lockstep forward of all models (no-op observer)"
+
+
 def statistics_vs_forward(cases: Sequence[Case], repeats: dict[str, int]) -> tuple[Table, Table]:
     """The statistics of every mergeable space on a fresh Zipper, against plain forwards of both
     models over the same batches; and a breakdown of the statistics pass."""
@@ -372,8 +379,8 @@ def statistics_vs_forward(cases: Sequence[Case], repeats: dict[str, int]) -> tup
                   "forwards of both models over the same batches",
                   ["case", "batches", "spaces", "statistics s", "plain fwd s", "ratio",
                    "target", "tap fwd s", "accumulation s", "tap fwd/plain", "accum/plain"])
-    parts = Table("2b_statistics_breakdown", "2b. Where the statistics time goes (an instrumented "
-                  "replica of fxzip.passes.statistics.collect)",
+    parts = Table("2b_statistics_breakdown", "2b. Where the statistics time goes (the passes of "
+                  "fxzip.passes.statistics.collect, timed one by one)",
                   ["case", "part", "seconds", "share"])
     for case in cases:
         zipper = fresh_zipper(case)
@@ -397,13 +404,13 @@ def statistics_vs_forward(cases: Sequence[Case], repeats: dict[str, int]) -> tup
     ratio.notes += [
         "statistics: `Zipper.statistics(analysis.mergeable_spaces())` on a fresh Zipper (trace "
         "not counted); plain fwd: `torch.no_grad()` forwards of both eager models",
-        "tap fwd: the forwards of the `fxzip.passes.statistics.tap_module` copies alone (what "
-        "the statistics pass runs: the graphs returning every tapped tensor), timed inside the "
-        "instrumented pass of table 2b; accumulation = statistics - tap fwd",
+        "tap fwd: the lockstep graph the statistics pass runs (all models node by node) with an "
+        "observer that does nothing at the tapped nodes, timed once in table 2b; accumulation "
+        "= statistics - tap fwd",
         "minimum over interleaved repeats: "
         + ", ".join(f"{case.spec.label} {repeats[case.spec.kind]}" for case in cases)]
-    parts.notes.append("one instrumented pass; its total exceeds the plain statistics time a "
-                       "little (timer overhead)")
+    parts.notes.append("single runs, not minima: the parts need not add up to the statistics "
+                       "time of table 2 exactly")
     return ratio, parts
 
 
@@ -411,68 +418,41 @@ def fresh_zipper(case: Case) -> fxzip.Zipper:
     return fxzip.Zipper(case.models, case.batches, progress=False)
 
 
-def _tap_names(zipper: fxzip.Zipper, spaces: Sequence[int]) -> list[str]:
-    """The nodes the statistics pass taps for `spaces` (consumer taps and producer fallbacks)."""
-    from fxzip.passes.statistics import producer_taps
-
-    analysis = zipper.analysis
-    order = {n.name: i for i, n in enumerate(analysis.nodes)}
-    names = {t.node for s in spaces
-             for t in analysis.spaces[s].taps + producer_taps(analysis, s)}
-    return sorted(names, key=order.__getitem__)
-
-
-def tap_runner(zipper: fxzip.Zipper, names: list[str]) -> Callable[[torch.Tensor], list[tuple]]:
-    """Runs every model's `tap_module` (the graph returning the tapped tensors) on one batch."""
-    from fxzip.passes.statistics import tap_module
-
-    modules = [tap_module(gm, names) for gm in zipper.graphs]
-
-    def run(x: torch.Tensor) -> list[tuple]:
-        with torch.no_grad():
-            return [m(x) for m in modules]
-    return run
-
-
-TAPPED = "tapped forwards (tap_module)"
-
-
 def statistics_parts(zipper: fxzip.Zipper, spaces: Sequence[int]) -> dict[str, float]:
-    """Seconds per part of one statistics pass, from a replica of `collect` with timers: tapped
-    forwards, row extraction (movedim/reshape), finiteness check, concatenation of the models'
-    rows, and the moment updates of the consumer taps and of the producer fallbacks. Returns
-    {"n/a ...": nan} when the statistics internals no longer fit this replica."""
+    """Seconds per part of one statistics pass: the lockstep forward of all models alone (an
+    observer that does nothing at the same tapped nodes), the moment updates of the consumer taps
+    (the first pass minus that forward), and the dead-unit pass (producer rows of constant
+    features; zero when there are none). Returns {"n/a ...": nan} when the statistics internals
+    no longer fit this replica."""
     try:
-        from fxzip.passes.statistics import SpaceStats, producer_taps, tap_rows
+        from fxzip.passes import statistics as st
         analysis = zipper.analysis
-        names = _tap_names(zipper, spaces)
-        slot = {name: i for i, name in enumerate(names)}
-        run = tap_runner(zipper, names)
-        fallback = {s: producer_taps(analysis, s) for s in spaces}
-        k = zipper.num_models
-        stats = {s: SpaceStats(k * analysis.spaces[s].size, torch.device("cpu"), bool(fallback[s]))
+        taps = {t.node: [] for s in spaces for t in analysis.spaces[s].taps}
+
+        class NullObserver(st.Observer):
+            def forward(self, name, *tensors):
+                return None
+
+        forward_only = st.lockstep_module(zipper.graphs, NullObserver(taps))
+        device = zipper.batches.example.device
+        stats = {s: st.SpaceStats(zipper.num_models * analysis.spaces[s].size, device)
                  for s in spaces}
+        first = {s: (analysis.spaces[s].taps, stats[s].features) for s in spaces}
     except (ImportError, AttributeError, TypeError) as exc:
         return {f"n/a ({type(exc).__name__}: {exc})": float("nan")}
-    watch = Stopwatch()
     with torch.no_grad():
-        for x in zipper.batches:
-            with watch(TAPPED):
-                outputs = run(x)
-            for s in spaces:
-                for kind, taps, moments in (("consumer taps", analysis.spaces[s].taps,
-                                             stats[s].features),
-                                            ("producer fallback", fallback[s], stats[s].fallback)):
-                    for tap in taps:
-                        with watch("rows: movedim+reshape"):
-                            rows = [tap_rows(out[slot[tap.node]], tap) for out in outputs]
-                        with watch("isfinite check"):
-                            all(bool(torch.isfinite(r).all()) for r in rows)
-                        with watch("cat models' rows"):
-                            joint = torch.cat(rows, dim=1)
-                        with watch(f"Moments.update, {kind}"):
-                            moments.update(joint)
-    return dict(watch.seconds)
+        forward_only(zipper.batches.example)  # warm-up
+        lockstep = min(timed(lambda: [forward_only(x) for x in zipper.batches]) for _ in range(2))
+    first_pass = timed(lambda: st._run_pass(zipper.graphs, first, zipper.batches, False, ""))
+    dead = {s: stats[s].constant_features() for s in spaces}
+    retry = {s: st.producer_taps(analysis, s) for s in spaces}
+    retry = {s: t for s, t in retry.items() if t and dead[s].size}
+    second = {s: (t, st.Moments(stats[s].features.mean.numel(), device, rows=dead[s]))
+              for s, t in retry.items()}
+    dead_pass = timed(lambda: st._run_pass(zipper.graphs, second, zipper.batches, False, "")
+                      if second else None)
+    return {TAPPED: lockstep, "moment updates (consumer taps)": first_pass - lockstep,
+            f"dead-unit pass ({len(second)} spaces)": dead_pass}
 
 
 def _fill_shares(table: Table, label: str) -> None:
