@@ -572,14 +572,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="training epochs of every setting (default: per setting, 20-30; "
                              "--quick: 10)")
     parser.add_argument("--width", type=int, default=None,
-                        help="ResNet-20 width multiplier of (a) and (d) (default 2; --quick: 1)")
+                        help="ResNet-20 width multiplier of (a) and (d) (default 4, as in the paper; --quick: 1)")
     parser.add_argument("--quick", action="store_true",
                         help="2 evaluation pairs + 1 held-out, 10 epochs, a 3x2 grid, width 1")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     args.pairs = args.pairs or (3 if args.quick else 5)
-    args.width = args.width or (1 if args.quick else 2)
+    args.width = args.width or (1 if args.quick else 4)
     if args.pairs < 2:
         parser.error("--pairs must be at least 2 (one held-out pair and one evaluation pair)")
     return args
