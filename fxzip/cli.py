@@ -31,7 +31,7 @@ class DemoRow:
     accuracy: Accuracy
 
 
-def demo(seed: int = 0, width: int = 1, epochs: int = 10, out: Path | str = "fxzip-demo",
+def demo(seed: int = 0, width: int = 4, epochs: int = 10, out: Path | str = "fxzip-demo",
          progress: bool = True) -> list[DemoRow]:
     """Run the demo, print its table, write `demo.md` and `demo.png` under `out`; return rows."""
     start = time.perf_counter()
@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("demo", help="merge two ResNet-20s trained on disjoint halves of the digits")
     run.add_argument("--seed", type=int, default=0, help="data split, initialisations and training")
-    run.add_argument("--width", type=int, default=1, help="ResNet-20 width multiplier (paper: 4)")
+    run.add_argument("--width", type=int, default=4, help="ResNet-20 width multiplier (the paper: 4)")
     run.add_argument("--epochs", type=int, default=10)
     run.add_argument("--out", default="fxzip-demo", help="folder for demo.md and demo.png")
     run.add_argument("--no-progress", action="store_true")

@@ -3,7 +3,7 @@ from fxzip.cli import main
 
 
 def test_demo_writes_table_and_plot(tmp_path, capsys):
-    assert main(["demo", "--epochs", "2", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--width", "1", "--epochs", "2", "--no-progress", "--out", str(tmp_path)]) == 0
     table = (tmp_path / "demo.md").read_text().splitlines()
     assert len(table) == 2 + 1 + 3 * 3  # header, ensemble, 3 stops x 3 methods
     assert (tmp_path / "demo.png").stat().st_size > 10_000
