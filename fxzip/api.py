@@ -15,8 +15,10 @@ import torch.nn as nn
 from .bn_reset import reset_bn as reset_batch_norm
 from .errors import InputError, StopPointError
 from .inputs import Batches
+from .head_matching import match_heads
 from .matching import METHODS, Match, match_features
 from .passes.analysis import Analysis
+from .passes.attention import fuse_attention
 from .passes.layout import Feat
 from .passes.rewrite import rewrite
 from .passes.statistics import SpaceStats, collect
@@ -82,8 +84,9 @@ class Zipper:
         self.seconds: dict[str, float] = {}
         self.batches = Batches(inputs, devices.pop())
         with self._timed("trace"):
-            self.graphs = [trace(m, self.batches.example, leaf_modules=leaf_modules,
-                                 concrete_args=concrete_args) for m in models]
+            self.graphs = [fuse_attention(trace(m, self.batches.example, leaf_modules=leaf_modules,
+                                                concrete_args=concrete_args),
+                                          self.batches.example)[0] for m in models]
             check_isomorphic(self.graphs)
         with self._timed("analysis"):
             self.analysis = Analysis(self.graphs[0])
@@ -125,6 +128,17 @@ class Zipper:
 
     def match(self, space: int, method: str, alpha: float, beta: float) -> Match:
         key = (space, method, alpha, beta)
+        group = next((g for g in self.analysis.head_groups
+                      if space in (g.query_key, g.value)), None)
+        if key not in self._matches and group is not None:
+            spaces = [group.query_key, group.value]
+            stats = self.statistics(spaces) if method != "average" else {}
+            with self._timed("matching"):
+                corrs = [stats[s].correlation() for s in spaces] if stats else [None, None]
+                found = match_heads(corrs, self.analysis.spaces[space].size, group.heads,
+                                    self.num_models, method, alpha=alpha, beta=beta)
+            for s, m in zip(spaces, found):
+                self._matches[(s, method, alpha, beta)] = m
         if key not in self._matches:
             size = self.analysis.spaces[space].size
             if method == "average":
@@ -237,5 +251,5 @@ def analyze(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[typ
             concrete_args: dict | None = None) -> Analysis:
     """The feature spaces, barriers and valid stop points of a model (printable)."""
     batches = Batches(example_inputs, _device_of(model) if isinstance(model, nn.Module) else None)
-    return Analysis(trace(model, batches.example, leaf_modules=leaf_modules,
-                          concrete_args=concrete_args))
+    gm = trace(model, batches.example, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    return Analysis(fuse_attention(gm, batches.example)[0])

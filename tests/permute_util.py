@@ -8,13 +8,14 @@ import torch
 
 from fxzip.matching import Match
 from fxzip.passes.analysis import Analysis
+from fxzip.passes.attention import fuse_attention
 from fxzip.passes.rewrite import rewrite
 from fxzip.tracing import trace
 
 
 def permuted_by_analysis(model: torch.nn.Module, x: torch.Tensor, seed: int = 0):
     """(copy of `model` with every non-output space permuted, number of spaces permuted)."""
-    gm = trace(model, x)
+    gm, _ = fuse_attention(trace(model, x), x)
     analysis = Analysis(gm)
     rng = np.random.default_rng(seed)
     outputs = analysis.output_spaces()
@@ -24,6 +25,12 @@ def permuted_by_analysis(model: torch.nn.Module, x: torch.Tensor, seed: int = 0)
             continue
         perm = rng.permutation(s.size)
         matches[s.id] = Match((perm,), s.size, np.ones(s.size, dtype=np.int64))
+    for group in analysis.head_groups:  # heads stay whole; queries, keys, values pair heads alike
+        heads = rng.permutation(group.heads)
+        for space in (group.query_key, group.value):
+            d = analysis.spaces[space].size // group.heads
+            perm = np.concatenate([heads[h] * d + rng.permutation(d) for h in range(group.heads)])
+            matches[space] = Match((perm,), d * group.heads, np.ones(d * group.heads, dtype=np.int64))
     pinned_or_output = {s.id: Match.identity(s.size, 1) for s in analysis.spaces.values()
                         if s.id in outputs and not s.pinned}
     everything = {n.name for n in analysis.nodes if n.op != "output"}

@@ -16,6 +16,7 @@ import torch.nn as nn
 from ..errors import StopPointError
 from ..tracing import tensor_shape
 from .layout import BLOCKED, SHARED, UNTRACKED, Block, Feat, Lazy, UnionFind
+from .attention import BLOCKS_META
 from .op_rules import Barrier, rule_for
 
 
@@ -56,6 +57,16 @@ class Space:
 
 
 @dataclass(frozen=True)
+class HeadGroup:
+    """The spaces of one multi-head attention: queries/keys and values, each `heads` heads of
+    equal width; features never move between heads and both spaces pair heads the same way."""
+
+    query_key: int
+    value: int
+    heads: int
+
+
+@dataclass(frozen=True)
 class BarrierInfo:
     node: str
     op: str
@@ -76,6 +87,7 @@ class Context:
         self.consumed: list[tuple[str, str, Feat]] = []  # (consumer node, input node, layout)
         self.produced: dict[str, Feat] = {}               # producer node -> output layout
         self.module_spaces: dict[str, Feat] = {}           # module target -> output layout (reuse)
+        self.head_groups: list[tuple[int, int, int]] = []  # (query/key space, value space, heads)
         self.node: fx.Node | None = None
 
     # -- reading ------------------------------------------------------------------------------
@@ -106,11 +118,27 @@ class Context:
         key = key or (node.target if node.op == "call_module" else node.name)
         feat = self.module_spaces.get(key)
         if feat is None:
-            feat = Feat(axis, (Block(self.uf.new(size), size),))
+            feat = Feat(axis, self._new_blocks(node, size))
             self.module_spaces[key] = feat
         feat = feat.moved(axis)
         self.produced[node.name] = feat
         return feat
+
+    def _new_blocks(self, node: fx.Node, size: int) -> tuple[Block, ...]:
+        """One new space, or, where a pass tagged the output as equal blocks (e.g. [q | k | v]
+        of a fused attention projection), one space per distinct tag."""
+        tags = node.meta.get(BLOCKS_META)
+        if not tags or size % len(tags):
+            return (Block(self.uf.new(size), size),)
+        width = size // len(tags)
+        spaces: dict[str, int] = {}
+        for tag in tags:
+            spaces.setdefault(tag, self.uf.new(width))
+        return tuple(Block(spaces[tag], width) for tag in tags)
+
+    def head_group(self, query_key: int, value: int, heads: int) -> None:
+        """Record attention spaces split into `heads` heads that must be matched head to head."""
+        self.head_groups.append((query_key, value, heads))
 
     def consume(self, node: fx.Node, source: fx.Node, feat: Feat) -> None:
         self.consumed.append((node.name, source.name, feat))
@@ -169,6 +197,8 @@ class Analysis:
                 ParamUse(use.target, use.param, use.axis, ctx.uf.resolve(use.feat), use.role))
         self.layers: list[str] = [n.name for n in self.nodes if n.name in ctx.produced]
         self.spaces: dict[int, Space] = self._collect_spaces(ctx)
+        self.head_groups: list[HeadGroup] = [
+            HeadGroup(ctx.uf.find(qk), ctx.uf.find(v), heads) for qk, v, heads in ctx.head_groups]
         self.stop_points: list[str] = [
             n.name for n in self.nodes
             if n.op != "output" and self.infos.get(n.name) is not BLOCKED]
@@ -347,6 +377,9 @@ class Analysis:
             lines.append(f"  space {s.id:3d}  width {s.size:5d}  {kind:17s}  producers: "
                          f"{', '.join(s.producers) or '-'}  consumers: {', '.join(s.consumers) or '-'}"
                          f"  taps: {', '.join(t.node for t in s.taps) or '-'}")
+        for g in self.head_groups:
+            lines.append(f"  attention: {g.heads} heads, queries/keys in space {g.query_key}, "
+                         f"values in space {g.value} (matched head to head)")
         lines.append("barriers:" + ("" if self.barriers else " none"))
         lines.extend(f"  {b}" for b in self.barriers)
         valid = set(self.stop_points)

@@ -9,6 +9,7 @@ update), which keeps the moments accurate over long streams.
 """
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
@@ -185,7 +186,8 @@ def lockstep_module(graphs: Sequence[fx.GraphModule], observer: Observer) -> fx.
     root.add_module("observer", observer)
     graph = fx.Graph()
     placeholders = [n for n in graphs[0].graph.nodes if n.op == "placeholder"]
-    inputs = {n.name: graph.placeholder(n.name) for n in placeholders}
+    inputs = {n.name: graph.placeholder(n.name, default_value=n.args[0] if n.args
+                                        else inspect.Signature.empty) for n in placeholders}
     envs: list[dict[fx.Node, fx.Node]] = [{} for _ in graphs]
     node_lists = [list(gm.graph.nodes) for gm in graphs]
     for column in zip(*node_lists):

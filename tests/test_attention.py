@@ -1,0 +1,89 @@
+"""Head-aware attention: fused into one op only when exact, heads matched to heads, and a ViT
+whose heads and features are permuted merges back exactly."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+
+import fxzip
+from fxzip.head_matching import match_heads, pair_heads
+from fxzip.passes.attention import fuse_attention
+from fxzip.tracing import trace
+from permute_util import permuted_by_analysis
+
+
+def tiny_vit(**kwargs) -> nn.Module:
+    config = dict(img_size=8, patch_size=2, in_chans=1, num_classes=5, embed_dim=24, depth=2,
+                  num_heads=3, mlp_ratio=2.0)
+    config.update(kwargs)
+    return VisionTransformer(**config).eval()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_is_fused_into_one_op(fused):
+    torch.manual_seed(0)
+    model = tiny_vit()
+    for block in model.blocks:
+        block.attn.fused_attn = fused  # scaled_dot_product_attention, or matmul + softmax
+    x = torch.randn(4, 1, 8, 8)
+    gm, fused_at = fuse_attention(trace(model, x), x)
+    assert fused_at == ["blocks_0_attn_qkv", "blocks_1_attn_qkv"]
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
+    analysis = fxzip.analyze(model, x)
+    assert not analysis.barriers
+    assert [(g.heads, analysis.spaces[g.query_key].size, analysis.spaces[g.value].size)
+            for g in analysis.head_groups] == [(3, 24, 24)] * 2
+    qkv = analysis.feat("blocks_0_attn_qkv")
+    assert qkv.blocks[0].space == qkv.blocks[1].space != qkv.blocks[2].space
+
+
+def test_attention_with_parameters_inside_stays_a_barrier():
+    torch.manual_seed(0)
+    model = tiny_vit(qk_norm=True)  # LayerNorm over the head dimension, shared by all heads
+    x = torch.randn(4, 1, 8, 8)
+    assert fuse_attention(trace(model, x), x)[1] == []
+    analysis = fxzip.analyze(model, x)
+    assert analysis.barriers and not analysis.head_groups
+    with pytest.raises(fxzip.StopPointError, match="barrier"):
+        fxzip.merge(model, model, x, stop_at="head", progress=False)
+
+
+@pytest.mark.parametrize("method", ["zipit", "permute"])
+def test_vit_with_permuted_heads_merges_exactly(method):
+    torch.manual_seed(0)
+    model = tiny_vit()
+    x = torch.randn(32, 1, 8, 8)
+    permuted, count = permuted_by_analysis(model, x, seed=3)
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(permuted(x), ref, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(permuted.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+    zipper = fxzip.Zipper([model, permuted], x, progress=False)
+    stops = ["blocks_0_attn_qkv", "fused_qkv_attention", "blocks_0_attn_proj", "add_2", None]
+    for stop in stops:
+        merged = zipper.merge(stop, method=method, reset_bn=False)
+        with torch.no_grad():
+            for out in merged(x):
+                err = ((out - ref).norm() / ref.norm()).item()
+                assert err < 1e-4, (stop, err)
+
+
+def test_head_pairing_recovers_planted_heads():
+    rng = np.random.default_rng(0)
+    heads, d, n = 4, 5, 4000
+    size = heads * d
+    data_a = rng.standard_normal((n, size))
+    head_perm = np.array([2, 0, 3, 1])  # model B's head j is model A's head head_perm[j]
+    within = [rng.permutation(d) for _ in range(heads)]
+    cols = np.concatenate([head_perm[j] * d + within[j] for j in range(heads)])
+    data_b = data_a[:, cols] + 0.3 * rng.standard_normal((n, size))
+    corr = np.corrcoef(np.concatenate([data_a, data_b], axis=1), rowvar=False)
+    pairs = pair_heads([corr], size, heads, 2)
+    assert pairs[1][head_perm].tolist() == list(range(heads))  # A head i pairs with B's copy
+    (match,) = match_heads([corr], size, heads, 2, "zipit", alpha=0.5, beta=0.0)
+    # every B feature lands in the cluster of the A feature it copies, heads kept whole
+    np.testing.assert_array_equal(match.assign[1], match.assign[0][cols])
+    assert (match.assign[0] // d == np.arange(size) // d).all()
