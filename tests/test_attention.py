@@ -87,3 +87,58 @@ def test_head_pairing_recovers_planted_heads():
     # every B feature lands in the cluster of the A feature it copies, heads kept whole
     np.testing.assert_array_equal(match.assign[1], match.assign[0][cols])
     assert (match.assign[0] // d == np.arange(size) // d).all()
+
+
+class MHABlock(nn.Module):
+    """Tokens → nn.MultiheadAttention (self-attention) with a residual, LayerNorm, MLP, head."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Linear(8, 12)
+        self.attn = nn.MultiheadAttention(12, 3, batch_first=batch_first)
+        self.norm = nn.LayerNorm(12)
+        self.mlp = nn.Sequential(nn.Linear(12, 20), nn.GELU(), nn.Linear(20, 12))
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x):  # x: (batch, 8, 8) = 8 tokens of 8 features
+        h = self.embed(x)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        h = h + self.attn(h, h, h)[0]
+        h = h + self.mlp(self.norm(h))
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_module_merges_exactly(batch_first):
+    torch.manual_seed(0)
+    model = MHABlock(batch_first).eval()
+    x = torch.randn(32, 8, 8)
+    analysis = fxzip.analyze(model, x)
+    assert not analysis.barriers, analysis
+    assert [g.heads for g in analysis.head_groups] == [3]
+    permuted, _ = permuted_by_analysis(model, x, seed=5)
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(permuted(x), ref, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(permuted.attn.in_proj_weight, model.attn.in_proj_weight)
+    merged = fxzip.merge(model, permuted, x, reset_bn=False, progress=False)
+    with torch.no_grad():
+        for out in merged(x):
+            assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+
+
+def test_multihead_attention_with_a_mask_stays_a_barrier():
+    class Masked(MHABlock):
+        def forward(self, x):
+            h = self.embed(x)
+            mask = torch.ones(8, 8, dtype=torch.bool).triu(1)
+            return self.head((h + self.attn(h, h, h, attn_mask=mask)[0]).mean(1))
+
+    torch.manual_seed(0)
+    analysis = fxzip.analyze(Masked(True).eval(), torch.randn(4, 8, 8))
+    assert not analysis.head_groups
+    assert any(b.op == "MultiheadAttention" for b in analysis.barriers)

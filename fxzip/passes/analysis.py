@@ -160,9 +160,12 @@ class Context:
         `feat` on its axis `axis`: record the parameter's axis as merged (M) or unmerged (U)."""
         lazy = self.info(value)
         if isinstance(lazy, Feat):
-            if lazy.axis != axis:
+            if lazy.axis == axis:
+                self.unify(lazy, feat.moved(axis))
+            elif value.op == "get_attr":  # a weight matrix: rows and columns follow two spaces
+                self._record(value.target, "", axis, feat, role)
+            else:
                 raise Barrier(f"uses parameter '{value.name}' along two different axes")
-            self.unify(lazy, feat.moved(axis))
             return
         if not isinstance(lazy, Lazy):
             raise Barrier(f"combines the channels with '{value.name}', a value fxzip cannot follow "
@@ -223,6 +226,8 @@ class Analysis:
             return rule(ctx, node)
         except Barrier as barrier:
             self.barriers.append(BarrierInfo(node.name, _op_name(node, module), str(barrier)))
+            ctx.produced.pop(node.name, None)  # what the rule recorded before it gave up
+            ctx.consumed = [c for c in ctx.consumed if c[0] != node.name]
             return BLOCKED
 
     @staticmethod

@@ -1,5 +1,6 @@
 """Head-aware attention: find multi-head self-attention in a traced graph and make it one op.
 
+`nn.MultiheadAttention` (self-attention without masks) is first spelled out into its projections.
 A fused `qkv` projection followed by `reshape(..., 3, H, d)`, permutes, `unbind`, softmax
 attention (`scaled_dot_product_attention`, or `matmul` + `softmax`) and the reshape back to
 `(..., N, H·d)` is replaced by ONE call of `fused_qkv_attention(qkv, H)` — but only when the
@@ -17,9 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import operator
+
 import torch
 import torch.fx as fx
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
 
 from ..tracing import tensor_shape
 from .layout import Feat
@@ -145,16 +150,20 @@ def _harmless_input(node: fx.Node) -> bool:
 
 
 def fuse_attention(gm: fx.GraphModule, example: torch.Tensor) -> tuple[fx.GraphModule, list[str]]:
-    """Replace every attention region by `fused_qkv_attention`, if the model's outputs on
-    `example` stay the same; returns the (new or unchanged) module and the projections fused."""
-    regions = find_regions(gm)
-    if not regions:
+    """Make every multi-head self-attention one `fused_qkv_attention` op: `nn.MultiheadAttention`
+    modules are spelled out (projection, attention, output projection), attention subgraphs are
+    replaced. Kept only if the model's outputs on `example` stay the same; returns the (new or
+    unchanged) module and the nodes whose output is a fused [q | k | v] projection."""
+    candidate = _copy(gm)
+    expanded = _expand_multihead_attention(candidate)
+    if expanded:
+        candidate.recompile()
+        ShapeProp(candidate).propagate(example)
+    regions = find_regions(candidate)
+    if not regions and not expanded:
         return gm, []
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    out = graph.graph_copy(gm.graph, env)
-    graph.output(out)
-    by_name = {n.name: env[n] for n in gm.graph.nodes if n in env}
+    graph = candidate.graph
+    by_name = {n.name: n for n in graph.nodes}
     for region in regions:
         source = by_name[region.projection]
         end = by_name[region.nodes[-1]]
@@ -165,12 +174,76 @@ def fuse_attention(gm: fx.GraphModule, example: torch.Tensor) -> tuple[fx.GraphM
         for name in reversed(region.nodes):
             graph.erase_node(by_name[name])
         source.meta[BLOCKS_META] = ("qk", "qk", "v")
-    candidate = fx.GraphModule(gm, graph, gm.__class__.__name__)
-    candidate.eval()
+    candidate.recompile()
     with torch.no_grad():
         if not _same_outputs(gm(example), candidate(example)):
             return gm, []
-    return candidate, [r.projection for r in regions]
+    projections = [n.name for n in graph.nodes if n.meta.get(BLOCKS_META)]
+    return candidate, projections
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with a copy of `gm`'s graph (node metadata included) and the same modules."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    copied = fx.GraphModule(gm, graph, gm.__class__.__name__)
+    return copied.eval()
+
+
+def _expand_multihead_attention(gm: fx.GraphModule) -> int:
+    """Spell out self-attention calls of `nn.MultiheadAttention` (query, key and value the same
+    tensor, no masks, only the attention output used) as F.linear → fused_qkv_attention →
+    F.linear on the module's own parameters. Returns how many were expanded."""
+    graph, count = gm.graph, 0
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if not isinstance(module, nn.MultiheadAttention) or not _plain_self_attention(node, module):
+            continue
+        users = list(node.users)
+        if any(u.op != "call_function" or u.target is not operator.getitem for u in users):
+            continue
+        if any(u.args[1] != 0 and u.users for u in users):
+            continue  # the attention weights are used
+        x = node.args[0] if node.args else node.kwargs["query"]
+        prefix = node.target
+        with graph.inserting_before(node):
+            if not module.batch_first:
+                x = graph.call_method("transpose", (x, 0, 1))
+            bias = graph.get_attr(f"{prefix}.in_proj_bias") if module.in_proj_bias is not None else None
+            qkv = graph.call_function(F.linear, (x, graph.get_attr(f"{prefix}.in_proj_weight"), bias))
+            qkv.meta[BLOCKS_META] = ("qk", "qk", "v")
+            heads = graph.call_function(fused_qkv_attention, (qkv, module.num_heads))
+            out_bias = (graph.get_attr(f"{prefix}.out_proj.bias")
+                        if module.out_proj.bias is not None else None)
+            out = graph.call_function(F.linear, (heads, graph.get_attr(f"{prefix}.out_proj.weight"),
+                                                 out_bias))
+            if not module.batch_first:
+                out = graph.call_method("transpose", (out, 0, 1))
+        for user in users:
+            user.replace_all_uses_with(out)
+            graph.erase_node(user)
+        graph.erase_node(node)
+        count += 1
+    return count
+
+
+def _plain_self_attention(node: fx.Node, module: nn.MultiheadAttention) -> bool:
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+             "average_attn_weights", "is_causal")
+    given = dict(zip(names, node.args))
+    given.update(node.kwargs)
+    q, k, v = given.get("query"), given.get("key"), given.get("value")
+    if not (isinstance(q, fx.Node) and q is k is v):
+        return False
+    if any(given.get(name) is not None for name in ("key_padding_mask", "attn_mask")):
+        return False
+    if given.get("is_causal", False):
+        return False
+    return (module._qkv_same_embed_dim and module.bias_k is None and module.bias_v is None
+            and not module.add_zero_attn)
 
 
 def _same_outputs(a: Any, b: Any) -> bool:
