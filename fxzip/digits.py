@@ -90,7 +90,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
 
 
 def train_task_pair(split: DigitsSplit, make_model, *, seed: int = 0, epochs: int = 30,
-                    progress: bool = False) -> list[nn.Module]:
+                    progress: bool = False, lr: float = 3e-3) -> list[nn.Module]:
     """Two models of one architecture, different initialisations, trained on the two tasks."""
     models = []
     for k, classes in enumerate(TASK_CLASSES):
@@ -98,7 +98,7 @@ def train_task_pair(split: DigitsSplit, make_model, *, seed: int = 0, epochs: in
         x, y = split.task(classes)
         label = f"training model {'AB'[k]} (classes {classes[0]}-{classes[-1]})" if progress else None
         models.append(train_classifier(make_model(), x, y, epochs=epochs, seed=seed * 100 + k,
-                                       progress=label))
+                                       progress=label, lr=lr))
     return models
 
 
