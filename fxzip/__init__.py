@@ -2,8 +2,8 @@
 training, by the ZipIt! method, with the merge structure worked out from the torch.fx graph."""
 from .api import MergeReport, Zipper, analyze, merge, merge_all
 from .bn_reset import reset_bn
-from .errors import (ArchitectureMismatchError, FxzipError, InputError, MatchingError,
-                     NonFiniteError, StopPointError, TraceError)
+from .errors import (ArchitectureMismatchError, CalibrationWarning, FxzipError, InputError,
+                     MatchingError, NonFiniteError, StopPointError, TraceError)
 from .matching import Match, match_features
 from .passes.analysis import Analysis
 
@@ -12,5 +12,5 @@ __version__ = "0.1.0"
 __all__ = [
     "merge", "merge_all", "analyze", "reset_bn", "Zipper", "MergeReport", "Analysis", "Match",
     "match_features", "FxzipError", "TraceError", "ArchitectureMismatchError", "StopPointError",
-    "InputError", "NonFiniteError", "MatchingError",
+    "InputError", "NonFiniteError", "MatchingError", "CalibrationWarning",
 ]

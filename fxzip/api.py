@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .bn_reset import reset_bn as reset_batch_norm
-from .errors import InputError, StopPointError
+from .errors import CalibrationWarning, InputError, StopPointError
 from .inputs import Batches
 from .head_matching import match_heads
 from .matching import METHODS, Match, match_features
@@ -124,7 +125,24 @@ class Zipper:
             with self._timed("statistics"):
                 self._moments.update(collect(self.graphs, self.analysis, missing, self.batches,
                                              progress=self.progress))
+            self._warn_if_too_few_samples(missing)
         return {s: self._moments[s] for s in spaces}
+
+    def _warn_if_too_few_samples(self, spaces: Sequence[int]) -> None:
+        """Correlations of D features from fewer than D samples are rank-deficient: features that
+        differ may look perfectly alike, and the matching cannot tell them apart."""
+        short = [(s, self._moments[s].features.count, self.num_models * self.analysis.spaces[s].size)
+                 for s in spaces if self._moments[s].features.count < self.num_models
+                 * self.analysis.spaces[s].size]
+        if short:
+            s, count, dim = min(short, key=lambda t: t[1] / t[2])
+            where = ", ".join(self.analysis.spaces[s].producers[:2]) or f"space {s}"
+            warnings.warn(
+                f"{len(short)} feature spaces saw fewer calibration samples than they have "
+                f"features, e.g. space {s} ({where}): {count} samples (positions × images) for "
+                f"{dim} features of all models. Their correlations are rank-deficient, so "
+                "features that merely look alike on these inputs may be merged; pass more "
+                "calibration data (more images, or larger ones)", CalibrationWarning, stacklevel=3)
 
     def match(self, space: int, method: str, alpha: float, beta: float) -> Match:
         key = (space, method, alpha, beta)

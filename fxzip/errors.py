@@ -27,3 +27,8 @@ class NonFiniteError(FxzipError):
 
 class MatchingError(FxzipError):
     """Feature matching was given inconsistent sizes or options."""
+
+
+class CalibrationWarning(UserWarning):
+    """The calibration data are too few for the statistics of some space: the merge runs, but
+    matches between features that look alike on so few samples are arbitrary."""

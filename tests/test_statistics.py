@@ -89,3 +89,14 @@ def test_correlation_is_read_only_and_cached():
     assert stats.correlation() is stats.correlation()
     with pytest.raises(ValueError):
         stats.correlation()[0, 0] = 0.0
+
+
+def test_too_few_calibration_samples_warn():
+    torch.manual_seed(0)
+    a, b = (nn.Sequential(nn.Linear(4, 40), nn.ReLU(), nn.Linear(40, 3)) for _ in range(2))
+    with pytest.warns(fxzip.CalibrationWarning, match="fewer calibration samples"):
+        fxzip.merge(a, b, torch.randn(16, 4), progress=False)  # 16 samples, 80 features
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxzip.CalibrationWarning)
+        fxzip.merge(a, b, torch.randn(100, 4), progress=False)
