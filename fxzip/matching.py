@@ -11,6 +11,8 @@ features goes to. Three methods are offered:
 
 from __future__ import annotations
 
+import gc
+import heapq
 import math
 import operator
 from dataclasses import dataclass
@@ -214,11 +216,19 @@ def _check_corr(corr: np.ndarray, total: int) -> np.ndarray:
         raise MatchingError(
             f"corr has shape {S.shape} but sizes sum to {total}; expected ({total}, {total})"
         )
-    S[np.isnan(S)] = 0.0
-    if not np.all(np.isfinite(S)):
-        raise MatchingError("corr contains +inf or -inf; only finite values (or NaN) are allowed")
-    asymmetry = _mirror_upper(S)
-    if asymmetry > 1e-4 * float(np.abs(S).max()):  # loose: float32/TF32 statistics are fine
+    asymmetry = _mirror_upper(S)  # NaN or inf anywhere make it non-finite
+    if not math.isfinite(asymmetry):  # the rare case: start again from corr
+        S = np.array(corr, dtype=np.float64, copy=True)
+        S[np.isnan(S)] = 0.0
+        if not np.all(np.isfinite(S)):
+            raise MatchingError(
+                "corr contains +inf or -inf; only finite values (or NaN) are allowed"
+            )
+        asymmetry = _mirror_upper(S)  # non-finite now only if corr - corr.T overflows
+        if not math.isfinite(asymmetry):
+            asymmetry = math.inf
+    # loose: float32/TF32 statistics are fine
+    if asymmetry and asymmetry > 1e-4 * max(float(S.max()), -float(S.min())):
         raise MatchingError(
             f"corr must be symmetric (a correlation matrix), but corr and corr.T differ by up "
             f"to {asymmetry:.3g}, more than rounding error"
@@ -226,22 +236,46 @@ def _check_corr(corr: np.ndarray, total: int) -> np.ndarray:
     return S
 
 
-def _mirror_upper(S: np.ndarray, block: int = 128) -> float:
+def _mirror_upper(S: np.ndarray, block: int = 32) -> float:
     """Copy the upper triangle onto the lower one in place; return the largest |S - S.T|.
 
-    Mirroring makes the result independent of last-bit asymmetries that float
-    arithmetic leaves in computed correlations. Done in row blocks to stay cache friendly.
+    Mirroring makes the result independent of last-bit asymmetries that float arithmetic
+    leaves in computed correlations. The result is NaN or inf if S holds NaN or inf.
+    For speed (this pass costs about as much as the whole greedy), it goes by panels of
+    `block` columns: the panel above the diagonal is transposed once into a scratch
+    buffer that stays in cache, compared with the panel below, and copied there only
+    if they differ (an exactly symmetric matrix is only read).
     """
-    worst = 0.0
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf are reported, not warned
+        return _mirror_panels(S, block)
+
+
+def _mirror_panels(S: np.ndarray, block: int) -> float:
+    """The loop of `_mirror_upper`."""
+    D = S.shape[0]
+    worst, finite = 0.0, True
+    flipped = np.empty((D, block))
+    diff = np.empty((D, block))
     below = np.tri(block, block, -1, dtype=bool)  # strictly below the diagonal
-    for i0 in range(0, S.shape[0], block):
-        i1 = min(i0 + block, S.shape[0])
-        upper = S[:i1, i0:i1].T  # mirror image of rows i0:i1, up to their diagonal tile
-        worst = max(worst, float(np.abs(S[i0:i1, :i1] - upper).max()))
-        S[i0:i1, :i0] = upper[:, :i0]
-        tile = S[i0:i1, i0:i1]
-        np.copyto(tile, tile.T.copy(), where=below[: i1 - i0, : i1 - i0])
-    return worst
+    for i0 in range(0, D, block):
+        i1 = min(i0 + block, D)
+        tile = S[i0:i1, i0:i1]  # on the diagonal: mirror its own upper triangle
+        tile_t = tile.T.copy()
+        gap = float(np.abs(tile - tile_t).max())
+        np.copyto(tile, tile_t, where=below[: i1 - i0, : i1 - i0])
+        if i1 < D:  # below the diagonal: the transposed panel above it
+            lower = S[i1:, i0:i1]
+            upper_t = flipped[: D - i1, : i1 - i0]
+            np.copyto(upper_t, S[i0:i1, i1:].T)
+            d = np.subtract(lower, upper_t, out=diff[: D - i1, : i1 - i0])
+            if d.any():  # NaN counts as nonzero
+                high, low = float(d.max()), float(d.min())
+                finite = finite and math.isfinite(high) and math.isfinite(low)
+                gap = max(gap, high, -low)
+                lower[...] = upper_t
+        finite = finite and math.isfinite(gap)
+        worst = max(worst, gap)
+    return worst if finite else math.nan
 
 
 def _check_out_size(out_size: int | None, sizes: list[int]) -> int:
@@ -335,15 +369,18 @@ def _zipit_merges(
     `S` must be a symmetric (D, D) matrix without NaN. It is copied unless
     `overwrite` (then a float64 S is used as scratch space, saving a D*D copy).
     Each step merges the row-major first maximum (r, c) of the similarity matrix,
-    kept fast by tracking each row's maximum and first argmax.
+    found from cached row maxima; see `_ZipState` for how they are kept exact cheaply.
     """
-    state = _ZipState(S, sizes, alpha=alpha, beta=beta, out_size=out_size, overwrite=overwrite)
-    merges = []
-    for _ in range(state.to_remove):
-        r, c = state.pick()
-        state.merge(r, c)
-        merges.append((r, c))
-    return state.labels, merges
+    collecting = gc.isenabled()
+    gc.disable()  # thousands of small heap tuples would trigger full collections of the
+    try:  # whole process (slow when torch is loaded); they hold no reference cycles
+        state = _ZipState(S, sizes, alpha=alpha, beta=beta, out_size=out_size, overwrite=overwrite)
+        for _ in range(state.to_remove):
+            state.merge(*state.pick())
+    finally:
+        if collecting:
+            gc.enable()
+    return state.labels(), state.merges
 
 
 def _within_budgets(sizes: Sequence[int], beta: float, to_remove: int) -> np.ndarray:
@@ -353,12 +390,45 @@ def _within_budgets(sizes: Sequence[int], beta: float, to_remove: int) -> np.nda
 
 
 class _ZipState:
-    """Similarity matrix plus per-row max/first-argmax caches for the ZipIt! greedy.
+    """Cluster similarities and a lazy priority queue of row maxima for the ZipIt! greedy.
 
-    Forbidden pairs and dead rows are -inf. Dead *columns* are left stale (a strided
-    write per merge is the main cost) and masked with `alive` wherever rows are read.
-    A row whose max is -inf has rowarg -1. `owner[i]` is the model of pure cluster i, else -1.
+    The greedy is the plain one: merge the row-major first most similar pair (r, c),
+    r < c; the merged cluster, still called r, gets similarity ``alpha * min(S[r], S[c])``
+    to every other cluster; c dies. The values are computed with the same float
+    operations as that definition, so the merges are bit-for-bit the reference's.
+    What makes it fast at D = 4096 is what it avoids:
+
+    * **No column writes.** A pair's value is kept in the row of the *younger* cluster
+      (the one written by a later merge; for two input features, the row of the lower
+      one, i.e. the upper triangle), so a merge writes row r and never column r, which
+      would touch D cache lines of the D x D matrix: that memory traffic used to dominate.
+      `fresh[i]` is the step at which row i was written (0: an input row); the value of
+      (i, j) is ``S[i, j] if fresh[i] >= fresh[j] else S[j, i]``.
+    * **No rescans.** A row's entries never change after it is written (the pairs of a
+      new cluster go to its own new row); they only die. So the best entry a row had
+      when it was pushed on a max-heap stays an upper bound on its best entry. The heap
+      holds an item per live row, ordered like the greedy's choice (largest value, then
+      the row-major first pair); `pick` checks the top item and, when its pair has died
+      (or was forbidden since), recomputes that row's best and pushes it again. The first
+      valid top item is the global choice. Invalid tops are rare (about one per merge).
+    * **Few far reads.** Merging two input features r and c needs, for every merged
+      cluster X, ``min(value(r, X), value(c, X))``; those values sit in column r and c
+      of the rows of the X's, one cache miss each. Instead they are computed from rows
+      r and c themselves, which hold the input similarities to every feature: a merged
+      cluster's similarity to an input feature y is the minimum, over its members x, of
+      ``S[y, x]`` scaled by alpha once per merge x took part in (`depth[x]`), because
+      ``alpha * min(a, b) == min(alpha * a, alpha * b)`` holds exactly in floating point
+      (rounding is monotone). Merges of a cluster that is already merged, or while a
+      cluster is deeper than MAX_LEAF_DEPTH, (both rare) fall back to the gathers.
+
+    Forbidden pairs and the diagonal are -inf; a forbid writes both orientations, and for
+    merged clusters the -inf of the representative's entry carries through the minimum.
+    Dead clusters keep stale rows and columns, masked wherever they are read.
+    `owner[i]` is the model of pure cluster i, else -1.
     """
+
+    #: Largest cluster depth for which a merged row is computed from the input rows.
+    MAX_LEAF_DEPTH = 8
 
     def __init__(
         self,
@@ -375,79 +445,198 @@ class _ZipState:
         np.fill_diagonal(self.S, _NEG_INF)
         self.alpha = alpha
         self.to_remove = D - out_size
-        self.labels = np.arange(D, dtype=np.int64)
-        self.alive = np.ones(D, dtype=bool)
+        self.merges: list[tuple[int, int]] = []
+        self.dead = np.zeros(D, dtype=bool)
+        self.single = np.ones(D, dtype=bool)  # live input features (never merged)
         self.owner = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
         self.budget = _within_budgets(sizes, beta, self.to_remove)
+        self.steps = 0
+        self.fresh = np.zeros(D, dtype=np.int64)
+        # Cluster membership: representative and merge depth of every input feature, the
+        # members of every merged cluster, and the features that belong to one.
+        self.rep = np.arange(D, dtype=np.int64)
+        self.depth = np.zeros(D, dtype=np.int64)
+        self.members: dict[int, np.ndarray] = {}
+        self.max_depth = 0
+        self.merged_leaves = np.empty(D, dtype=np.int64)
+        self.num_merged_leaves = 0
+        self.heap: list[tuple[float, int, int, int, int]] = []
+        if self.to_remove <= 0:
+            return
         for k in np.flatnonzero(self.budget == 0):
             self._forbid_pure(int(k))
-        self.rowmax = np.full(D, _NEG_INF)
-        self.rowarg = np.full(D, -1, dtype=np.int64)
-        self._recompute(None)
+        self._push_input_rows()
+
+    def labels(self) -> np.ndarray:
+        """The representative (lowest feature) of every feature's cluster."""
+        return self.rep.copy()
+
+    # -- choosing the pair ---------------------------------------------------------------
 
     def pick(self) -> tuple[int, int]:
         """The row-major first maximum (r, c); raise when no pair may be merged."""
-        r = int(np.argmax(self.rowmax))
-        best = self.rowmax[r]
-        if not best > _NEG_INF:  # -inf or NaN
-            raise MatchingError(
-                f"no mergeable pair left after {int((~self.alive).sum())} of {self.to_remove} "
-                "merges: every remaining pair would merge two features of one model beyond its "
-                "beta budget; raise beta (allow more within-model merges) or out_size"
-            )
-        return r, int(self.rowarg[r])
+        heap, S, fresh, dead = self.heap, self.S, self.fresh, self.dead
+        while heap:
+            neg, a, b, row, at = heap[0]
+            other = b if row == a else a
+            if (
+                fresh[row] == at
+                and not dead[row]
+                and not dead[other]
+                and (fresh[other] < at or (at == 0 and fresh[other] == 0))
+                and S[row, other] == -neg
+            ):
+                return a, b
+            heapq.heappop(heap)
+            if fresh[row] == at and not dead[row]:
+                self._push_row(row)
+        raise MatchingError(
+            f"no mergeable pair left after {self.steps} of {self.to_remove} "
+            "merges: every remaining pair would merge two features of one model beyond its "
+            "beta budget; raise beta (allow more within-model merges) or out_size"
+        )
+
+    def _push_input_rows(self, block: int = 64) -> None:
+        """Heap the best entry of every input row among its pairs above the diagonal.
+
+        Row block by row block: the diagonal tile (masked to its upper triangle) comes
+        before the panel to its right, so ties go to the lower column as in a row scan."""
+        S, D = self.S, self.S.shape[0]
+        above = np.triu(np.ones((block, block), dtype=bool), 1)
+        items = []
+        for i0 in range(0, D, block):
+            i1 = min(i0 + block, D)
+            rows = np.arange(i1 - i0)
+            tile = np.where(above[: i1 - i0, : i1 - i0], S[i0:i1, i0:i1], _NEG_INF)
+            arg = tile.argmax(axis=1)
+            best = tile[rows, arg]
+            arg += i0
+            if i1 < D:
+                panel = S[i0:i1, i1:]
+                parg = panel.argmax(axis=1)
+                pbest = panel[rows, parg]
+                right = pbest > best  # a tie stays in the diagonal tile (lower column)
+                best[right] = pbest[right]
+                arg[right] = parg[right] + i1
+            items += [
+                (-v, i, j, i, 0)
+                for i, j, v in zip(range(i0, i1), arg.tolist(), best.tolist())
+                if v > _NEG_INF
+            ]
+        heapq.heapify(items)
+        self.heap = items
+
+    def _push_row(self, i: int) -> None:
+        """Push the best live entry of row i (if it has one) among the pairs it holds."""
+        at = int(self.fresh[i])
+        if at == 0:  # an input row holds its pairs with the input features above it
+            part = np.where(self.single[i + 1 :], self.S[i, i + 1 :], _NEG_INF)
+            j = int(part.argmax())
+            v, j = part[j], j + i + 1
+        else:  # a merged row holds its pairs with every live cluster older than it
+            part = np.where((self.fresh < at) & ~self.dead, self.S[i], _NEG_INF)
+            j = int(part.argmax())
+            v = part[j]
+        if v > _NEG_INF:
+            heapq.heappush(self.heap, (-float(v), min(i, j), max(i, j), i, at))
+
+    # -- merging -------------------------------------------------------------------------
 
     def merge(self, r: int, c: int) -> None:
-        """Merge cluster c into cluster r (r < c), then keep the row caches exact."""
+        """Merge cluster c into cluster r (r < c): write row r, retire c."""
         S = self.S
-        stale = np.flatnonzero((self.rowarg == r) | (self.rowarg == c))
-        self.alive[c] = False
-        new = np.minimum(S[r], S[c]) * self.alpha  # new[r] = new[c] = -inf: S[i, i] is -inf
-        new[~self.alive] = _NEG_INF  # dead columns are stale in S
-        S[r, :] = new
-        S[:, r] = new
-        S[c, :] = _NEG_INF
-        self.labels[self.labels == c] = r
-
-        # Rows whose argmax was neither r nor c: only S[j, r] may now beat their max
-        # (S[j, c] is dead and only matters to the rows recomputed below).
-        better = (new > self.rowmax) | ((new == self.rowmax) & (self.rowarg > r))
-        self.rowmax[better] = new[better]
-        self.rowarg[better] = r
-        self.rowmax[c] = _NEG_INF
-        self.rowarg[c] = -1
-        self._recompute(np.append(stale[stale != c], r))  # duplicates are harmless
-
+        new = self._merged_row(r, c)
+        self.steps += 1
+        S[r] = new
+        self.fresh[r] = self.steps
+        self.dead[c] = True
+        self._update_members(r, c)
+        self.merges.append((r, c))
         self._update_purity(r, c)
+        # Every live cluster is older than the new row r: its best entry is its argmax.
+        j = int(S[r].argmax())
+        if S[r, j] > _NEG_INF:
+            heapq.heappush(self.heap, (-float(S[r, j]), min(r, j), max(r, j), r, self.steps))
+
+    def _merged_row(self, r: int, c: int) -> np.ndarray:
+        """``alpha * min(row r, row c)`` over the current clusters, -inf at dead ones."""
+        if self.single[r] and self.single[c] and self.max_depth <= self.MAX_LEAF_DEPTH:
+            return self._merged_input_rows(r, c)
+        S, fresh = self.S, self.fresh
+        new = np.minimum(S[r], S[c])  # exact for the clusters older than both r and c
+        fr, fc = fresh[r], fresh[c]
+        later = np.flatnonzero((fresh > min(fr, fc)) & ~self.dead)
+        if later.size:  # a cluster written after r (or c) holds its pair with it in its row
+            at = fresh[later]
+            from_r = np.where(at > fr, S[later, r], S[r, later])
+            from_c = np.where(at > fc, S[later, c], S[c, later])
+            new[later] = np.minimum(from_r, from_c)
+        new[self.dead] = _NEG_INF
+        new *= self.alpha  # new[r] = new[c] = -inf: the diagonal is -inf
+        return new
+
+    def _merged_input_rows(self, r: int, c: int) -> np.ndarray:
+        """`_merged_row` for two input features, from their own rows only (see the class doc).
+
+        ``m = min(S[r], S[c])`` holds the input similarities of the pair to every feature;
+        a merged cluster X gets ``min over members x of alpha^depth[x] * m[x]`` (alpha
+        applied depth[x] times, one rounding each, like the merges did), written at its
+        representative, before the final ``* alpha``."""
+        new = np.minimum(self.S[r], self.S[c])
+        if self.num_merged_leaves:
+            leaves = self.merged_leaves[: self.num_merged_leaves]
+            vals = new[leaves]
+            if self.alpha != 1.0:  # alpha == 1 scales exactly by nothing
+                vals *= self.alpha  # every merged feature has depth >= 1
+                if self.max_depth > 1:
+                    depth = self.depth[leaves]
+                    for level in range(2, self.max_depth + 1):
+                        deeper = depth >= level
+                        vals[deeper] *= self.alpha
+            new[leaves] = np.inf
+            np.minimum.at(new, self.rep[leaves], vals)
+            new[self.dead] = _NEG_INF  # members that are not their cluster's representative
+        new *= self.alpha  # new[r] = new[c] = -inf: the diagonal is -inf
+        return new
+
+    def _update_members(self, r: int, c: int) -> None:
+        """Cluster c's members join r's; every member of the merged cluster is one level deeper."""
+        if self.single[r] and self.single[c]:  # the common case, in scalar steps
+            members = np.array([r, c])
+            self.rep[c] = r
+            self.depth[r] = self.depth[c] = 1
+            self.max_depth = max(self.max_depth, 1)
+        else:
+            from_r = self.members.get(r, np.array([r]))
+            from_c = self.members.pop(c, np.array([c]))
+            members = np.concatenate([from_r, from_c])
+            self.rep[from_c] = r
+            self.depth[members] += 1
+            self.max_depth = max(self.max_depth, int(self.depth[members].max()))
+        self.members[r] = members
+        for i in (r, c):
+            if self.single[i]:
+                self.single[i] = False
+                self.merged_leaves[self.num_merged_leaves] = i
+                self.num_merged_leaves += 1
+
+    # -- within-model budget -------------------------------------------------------------
 
     def _update_purity(self, r: int, c: int) -> None:
-        """Charge a within-model merge to its model's budget; forbid more once it runs out."""
+        """Charge a within-model merge to its model's budget; forbid more once it runs out.
+
+        A forbid lowers entries to -inf in place; heap items holding them fail the value
+        check in `pick` and their rows are recomputed."""
         k = self.owner[r]
         if k >= 0 and k == self.owner[c]:
             self.budget[k] -= 1
             if self.budget[k] == 0:
-                self._recompute(self._forbid_pure(int(k)))
+                self._forbid_pure(int(k))
         else:
             self.owner[r] = -1
         self.owner[c] = -1
 
-    def _forbid_pure(self, k: int) -> np.ndarray:
-        """Set every pair of alive pure-k clusters to -inf; return those clusters."""
-        idx = np.flatnonzero(self.alive & (self.owner == k))
+    def _forbid_pure(self, k: int) -> None:
+        """Set every pair of live pure-k clusters to -inf (both orientations)."""
+        idx = np.flatnonzero(~self.dead & (self.owner == k))
         self.S[np.ix_(idx, idx)] = _NEG_INF
-        return idx
-
-    def _recompute(self, rows: np.ndarray | None) -> None:
-        """Recompute the max and first argmax of the given rows (None: all, without a copy)."""
-        if rows is None:  # only at the start, when every cluster is alive
-            rows = np.arange(self.S.shape[0])
-            block = self.S
-        elif rows.size == 0:
-            return
-        else:
-            block = self.S[rows]
-            block[:, ~self.alive] = _NEG_INF
-        arg = block.argmax(axis=1)
-        best = block[np.arange(rows.size), arg]
-        self.rowmax[rows] = best
-        self.rowarg[rows] = np.where(best > _NEG_INF, arg, -1)

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fxzip.errors import MatchingError
-from fxzip.matching import Match, _zipit_merges, match_features
+from fxzip.matching import Match, _mirror_upper, _zipit_merges, _ZipState, match_features
 
 try:  # pytest puts tests/ on sys.path (rootdir-relative import as a fallback)
     from reference_matching import reference_zipit
@@ -196,6 +196,92 @@ def test_float32_and_rounding_asymmetry_are_accepted():
     assert match_features(noisy, [10, 10]) == expected
     as32 = corr.astype(np.float32)
     assert match_features(as32, [10, 10]) == reference_zipit(as32, [10, 10], 0.5, 1.0, 10)
+
+
+def structured_corr(rng: np.random.Generator, D: int, kind: str) -> np.ndarray:
+    """Harder similarity matrices: coarse ties, constant blocks, or low-rank correlations."""
+    if kind == "quarters":  # few distinct values: ties everywhere
+        A = np.triu(np.round(rng.uniform(-1, 1, (D, D)) * 4) / 4, 1)
+        return A + A.T
+    if kind == "blocks":  # a constant value per pair of feature groups
+        group = rng.integers(0, 4, D)
+        values = np.round(rng.uniform(-1, 1, (4, 4)), 1)
+        return ((values + values.T) / 2)[group][:, group]
+    X = rng.normal(size=(60, 3)) @ rng.normal(size=(3, D)) + 0.3 * rng.normal(size=(60, D))
+    C = np.corrcoef(X, rowvar=False)
+    return (C + C.T) / 2
+
+
+@pytest.mark.parametrize("seed", range(32))
+def test_fast_zipit_equals_reference_on_larger_structured_matrices(seed):
+    # Bigger than the hypothesis cases: merged clusters merge again and get deep, budgets
+    # run out mid-way, alpha near or above 1 keeps deep clusters competitive.
+    rng = np.random.default_rng(100 + seed)
+    N = int(rng.choice([2, 3, 4]))
+    if seed % 2:
+        sizes = [int(s) for s in rng.integers(10, 40, N)]
+    else:
+        sizes = [int(rng.integers(10, 40))] * N
+    D = sum(sizes)
+    kind = ["uniform", "quarters", "blocks", "lowrank"][seed % 4]
+    corr = random_corr(rng, D, kind) if kind == "uniform" else structured_corr(rng, D, kind)
+    alpha = float(rng.choice([0.5, 1.0, 0.3, 0.999, 2.0]))
+    beta = float(rng.choice([0.0, 0.25, 0.5, 1.0, 2.0]))
+    for out_size in (sizes[0], D // 3, D // (2 * N), 1):
+        assert_same(
+            fast_or_error(corr, sizes, alpha, beta, out_size),
+            reference_or_error(corr, sizes, alpha, beta, out_size),
+        )
+
+
+@pytest.mark.parametrize("leaf_depth", [0, 1, 2])
+def test_far_reads_and_input_row_formula_agree(monkeypatch, leaf_depth):
+    # _ZipState computes a merged row from the two input rows while clusters are at most
+    # MAX_LEAF_DEPTH deep, and by gathering the younger rows otherwise; both must agree.
+    monkeypatch.setattr(_ZipState, "MAX_LEAF_DEPTH", leaf_depth)
+    rng = np.random.default_rng(leaf_depth)
+    for kind, alpha, beta, out_size in [
+        ("lowrank", 0.5, 1.0, 30), ("quarters", 0.5, 0.5, 10), ("lowrank", 0.3, 2.0, 1),
+    ]:
+        corr = structured_corr(rng, 60, kind)
+        assert_same(
+            fast_or_error(corr, [30, 30], alpha, beta, out_size),
+            reference_or_error(corr, [30, 30], alpha, beta, out_size),
+        )
+
+
+@pytest.mark.parametrize("alpha, beta", [(0.5, 1.0), (0.5, 0.0), (1.0, 0.5)])
+def test_fast_zipit_equals_reference_on_realistic_correlations(alpha, beta):
+    # Like the speed benchmark: two models of n features, partly permuted copies of each other.
+    rng = np.random.default_rng(14)
+    n, rank = 192, 48
+    latent = rng.standard_normal((1024, rank))
+    load_a = rng.standard_normal((rank, n))
+    share = rng.uniform(0.0, 1.0, n)
+    load_b = share * load_a[:, rng.permutation(n)]
+    load_b += np.sqrt(1 - share**2) * rng.standard_normal((rank, n))
+    data = latent @ np.concatenate([load_a, load_b], axis=1)
+    data += 3 * rng.standard_normal(data.shape)
+    C = np.corrcoef(data, rowvar=False)
+    C = (C + C.T) / 2
+    assert_same(
+        fast_or_error(C, [n, n], alpha, beta, None), reference_or_error(C, [n, n], alpha, beta, n)
+    )
+
+
+@pytest.mark.parametrize("D", [1, 2, 5, 31, 32, 33, 70])
+def test_mirror_upper_copies_the_upper_triangle_and_measures_asymmetry(D):
+    rng = np.random.default_rng(D)
+    A = rng.uniform(-1, 1, (D, D))
+    S = A.copy()
+    assert _mirror_upper(S) == np.abs(A - A.T).max()
+    np.testing.assert_array_equal(S, np.triu(A) + np.triu(A, 1).T)
+    symmetric = S.copy()
+    assert _mirror_upper(S) == 0.0
+    np.testing.assert_array_equal(S, symmetric)
+    if D > 1:
+        S[D - 1, 0] = np.nan
+        assert math.isnan(_mirror_upper(S))
 
 
 # ---------------------------------------------------------------------------
