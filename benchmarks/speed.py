@@ -378,7 +378,8 @@ def statistics_vs_forward(cases: Sequence[Case], repeats: dict[str, int]) -> tup
     ratio = Table("2_statistics_vs_forward", "2. Statistics pass (all mergeable spaces) vs plain "
                   "forwards of both models over the same batches",
                   ["case", "batches", "spaces", "statistics s", "plain fwd s", "ratio",
-                   "target", "tap fwd s", "accumulation s", "tap fwd/plain", "accum/plain"])
+                   "target", "tap fwd s", "accumulation s", "tap fwd/plain", "accum/plain",
+                   "Gram GFLOP", "fwd GFLOP", "Gram/fwd FLOPs"])
     parts = Table("2b_statistics_breakdown", "2b. Where the statistics time goes (the passes of "
                   "fxzip.passes.statistics.collect, timed one by one)",
                   ["case", "part", "seconds", "share"])
@@ -395,9 +396,12 @@ def statistics_vs_forward(cases: Sequence[Case], repeats: dict[str, int]) -> tup
         split = statistics_parts(zipper, spaces)
         taps = split.get(TAPPED, float("nan"))
         accumulation = best["statistics"] - taps
+        gram = gram_flops(zipper, spaces, case.batches)
+        forward = sum(count_flops(m, x) for m in case.models for x in case.batches)
         ratio.add(case.spec.label, len(case.batches), len(spaces), best["statistics"],
                   best["plain"], best["statistics"] / best["plain"], "≤ 1.5", taps, accumulation,
-                  taps / best["plain"], accumulation / best["plain"])
+                  taps / best["plain"], accumulation / best["plain"], gram / 1e9, forward / 1e9,
+                  gram / forward)
         for label, seconds in split.items():
             parts.add(case.spec.label, label, seconds, float("nan"))
         _fill_shares(parts, case.spec.label)
@@ -407,11 +411,31 @@ def statistics_vs_forward(cases: Sequence[Case], repeats: dict[str, int]) -> tup
         "tap fwd: the lockstep graph the statistics pass runs (all models node by node) with an "
         "observer that does nothing at the tapped nodes, timed once in table 2b; accumulation "
         "= statistics - tap fwd",
+        "Gram GFLOP: what the Gram products of all taps cost (2·samples·size² per model "
+        "block on or above the diagonal); fwd GFLOP: FlopCounterMode over both models and all "
+        "batches. The accumulation is bound by these products",
         "minimum over interleaved repeats: "
         + ", ".join(f"{case.spec.label} {repeats[case.spec.kind]}" for case in cases)]
     parts.notes.append("single runs, not minima: the parts need not add up to the statistics "
                        "time of table 2 exactly")
     return ratio, parts
+
+
+def gram_flops(zipper: fxzip.Zipper, spaces: Sequence[int], batches: Sequence[torch.Tensor]) -> float:
+    """Multiply-adds ×2 of the Gram products the statistics pass computes: per tap and batch,
+    samples × size² for each of the N(N+1)/2 model blocks on or above the diagonal."""
+    from fxzip.tracing import tensor_shape
+
+    analysis, n = zipper.analysis, zipper.num_models
+    example = zipper.batches.example.shape[0]
+    samples = sum(x.shape[0] for x in batches)
+    total = 0.0
+    for s in spaces:
+        for tap in analysis.spaces[s].taps:
+            shape = tensor_shape(next(node for node in analysis.nodes if node.name == tap.node))
+            rows = math.prod(shape) // shape[tap.axis] * tap.expand * samples / example
+            total += 2 * rows * tap.size ** 2 * n * (n + 1) / 2
+    return total
 
 
 def fresh_zipper(case: Case) -> fxzip.Zipper:

@@ -45,18 +45,17 @@ class Moments:
         self.sq = None if rows is None else torch.zeros(dim, dtype=torch.float64, device=device)
 
     def update(self, columns: Sequence[torch.Tensor]) -> None:
-        """Fold in one batch; the models' channel counts must sum to `dim`.
-        Raises _NonFiniteRows if the batch holds NaN/Inf."""
-        n = columns[0].shape[1]
+        """Fold in one batch given as each model's raw (channels × samples) matrix; the channel
+        counts must sum to `dim`. Raises _NonFiniteRows if the batch holds NaN/Inf."""
+        columns = [c.float() for c in columns]
+        means = [_finite_mean(c.mean(1), c) for c in columns]
+        self.update_centred([c - m[:, None] for c, m in zip(columns, means)], means)
+
+    def update_centred(self, centred: Sequence[torch.Tensor], means: Sequence[torch.Tensor]) -> None:
+        """Fold in one batch given centred on its own means (float32), with those means."""
+        n = centred[0].shape[1]
         if n == 0:
             return
-        columns = [c.float() for c in columns]
-        means = [c.mean(1) for c in columns]
-        if not all(torch.isfinite(m).all() for m in means):  # NaN/Inf anywhere reaches the mean
-            if not all(torch.isfinite(c).all() for c in columns):
-                raise _NonFiniteRows
-            means = [c.double().mean(1).float() for c in columns]  # the float32 sum overflowed
-        centred = [c - m[:, None] for c, m in zip(columns, means)]
         if self.rows is None:
             self._add_gram(centred)
         else:
@@ -146,10 +145,27 @@ class SpaceStats:
         return corr
 
 
-def tap_columns(tensor: torch.Tensor, tap: Tap) -> torch.Tensor:
-    """The (channels × samples) matrix of one tap: positions and expanded copies become samples."""
+def _finite_mean(mean: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`mean` if finite; NaN/Inf anywhere in `values` reaches it, so only then are the values
+    checked (raising _NonFiniteRows), else the float32 sum overflowed: recompute in float64."""
+    if bool(torch.isfinite(mean).all()):
+        return mean
+    if not bool(torch.isfinite(values).all()):
+        raise _NonFiniteRows
+    return values.double().mean(tuple(range(1, values.dim()))).float()
+
+
+def tap_columns(tensor: torch.Tensor, tap: Tap) -> tuple[torch.Tensor, torch.Tensor]:
+    """One tap as a (channels × samples) float32 matrix centred on its batch mean, and that mean:
+    positions and expanded copies become samples. Centring writes the channel-first copy in one
+    pass."""
     x = tensor.movedim(tap.axis, 0)[tap.offset: tap.offset + tap.size * tap.expand]
-    return x.reshape(tap.size, -1)
+    rest = tuple(range(1, x.dim()))
+    mean = x.float().mean(rest) if rest else x.float()
+    mean = _finite_mean(mean.reshape(tap.size, tap.expand).mean(1), x.float())
+    centred = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    torch.sub(x, mean.repeat_interleave(tap.expand).view(-1, *([1] * len(rest))), out=centred)
+    return centred.view(tap.size, -1), mean
 
 
 class Observer(nn.Module):
@@ -164,7 +180,8 @@ class Observer(nn.Module):
     def forward(self, name: str, *tensors: torch.Tensor) -> None:
         for tap, moments in self.taps[name]:
             try:
-                moments.update([tap_columns(t, tap) for t in tensors])
+                centred, means = zip(*(tap_columns(t, tap) for t in tensors))
+                moments.update_centred(centred, means)
             except _NonFiniteRows:
                 k = next(k for k, t in enumerate(tensors) if not torch.isfinite(t).all())
                 raise NonFiniteError(
