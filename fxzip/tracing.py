@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 
 import torch
@@ -12,37 +13,75 @@ from .errors import ArchitectureMismatchError, InputError, TraceError
 
 
 class FxzipTracer(fx.Tracer):
-    """A tracer that keeps torch.nn's own modules and any user-named module types as leaves."""
+    """A tracer that keeps torch.nn's own modules, TorchScript modules and any user-named module
+    types as leaves, and wraps the functions timm marks as not traceable (plus `math` and
+    `torchvision.ops`) as single calls."""
 
     def __init__(self, leaf_modules: Sequence[type] = ()):
-        super().__init__()
+        functions, modules = _autowrap()
+        super().__init__(autowrap_modules=modules, autowrap_functions=functions)
         self.extra_leaves = tuple(leaf_modules)
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if self.extra_leaves and isinstance(m, self.extra_leaves):
             return True
+        if isinstance(m, torch.jit.ScriptModule):
+            return True
         return super().is_leaf_module(m, module_qualified_name)
+
+
+def _autowrap() -> tuple[tuple, tuple]:
+    """timm's not-traceable functions, and the modules whose functions are wrapped as leaves."""
+    modules: list = [math]
+    try:
+        import torchvision.ops
+        modules.append(torchvision.ops)
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        pass
+    try:
+        from timm.layers import get_notrace_functions
+        functions = tuple(get_notrace_functions())
+    except ImportError:  # pragma: no cover - timm is a dependency
+        functions = ()
+    return functions, tuple(modules)
+
+
+def _timm_leaf_modules() -> tuple[type, ...]:
+    """Module types timm marks as not traceable (they become leaves, hence barriers)."""
+    try:
+        from timm.layers import get_notrace_modules
+        return tuple(get_notrace_modules())
+    except ImportError:  # pragma: no cover
+        return ()
 
 
 def trace(model: torch.nn.Module, example: torch.Tensor, *, leaf_modules: Sequence[type] = (),
           concrete_args: dict | None = None) -> fx.GraphModule:
     """Trace a private eval-mode copy of `model` and annotate every node with its shape.
 
-    The copy keeps the user's model untouched (tracing and shape propagation run modules).
+    The copy keeps the user's model untouched (tracing and shape propagation run modules; some
+    timm models cache proxies or attach constants when traced). Modules timm marks as not
+    traceable are traced into first and made leaves only if that fails.
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"expected a torch.nn.Module to merge, got {type(model).__name__}")
-    private = copy.deepcopy(model).eval()
-    tracer = FxzipTracer(leaf_modules)
-    try:
-        graph = tracer.trace(private, concrete_args=concrete_args)
-    except Exception as exc:  # torch.fx raises many types here
+    gm = None
+    for leaves in (tuple(leaf_modules), tuple(leaf_modules) + _timm_leaf_modules()):
+        private = copy.deepcopy(model).eval()
+        tracer = FxzipTracer(leaves)
+        try:
+            graph = tracer.trace(private, concrete_args=concrete_args)
+        except Exception as exc:  # torch.fx raises many types here
+            failure = exc
+            continue
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        break
+    if gm is None:
         raise TraceError(
-            f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
+            f"torch.fx cannot trace {type(model).__name__}: {type(failure).__name__}: {failure}. "
             "Models with data-dependent control flow cannot be traced; pass the offending module "
             "types as `leaf_modules=` (they become barriers) or fixed forward arguments as "
-            "`concrete_args=`.") from exc
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+            "`concrete_args=`.") from failure
     gm.eval()
     route_through_inplace_ops(gm)
     try:
