@@ -240,7 +240,45 @@ class Tokens(nn.Module):
         return self.head(first)
 
 
-CASES.update(functional_layers=Functional, depthwise_se_groupnorm=Depthwise, tokens=Tokens)
+class TokenMixer(nn.Module):
+    """MLP-Mixer: token mixing (a Linear over the token axis) and channel mixing, windowed pad,
+    a global-response-norm gate (norm over positions, mean over channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)            # 4 tokens of 8 channels
+        self.norm1, self.norm2 = nn.LayerNorm(8), nn.LayerNorm(8)
+        self.tok1, self.tok2 = nn.Linear(4, 6), nn.Linear(6, 4)
+        self.ch1, self.ch2 = nn.Linear(8, 12), nn.Linear(12, 8)
+        g = torch.Generator().manual_seed(0)
+        self.gamma = nn.Parameter(torch.randn(8, generator=g))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.patch(x)
+        gx = x.norm(p=2, dim=(2, 3), keepdim=True)           # global response norm (ConvNeXt-V2)
+        x = x + self.gamma.view(1, -1, 1, 1) * x * (gx / (gx.mean(dim=1, keepdim=True) + 1e-6))
+        x = F.pad(x, (0, 1, 0, 1))[:, :, :2, :2]              # pad and crop positions only
+        x = x.flatten(2).transpose(1, 2)                      # (B, tokens, channels)
+        t = self.norm1(x).transpose(1, 2)                     # (B, channels, tokens)
+        x = x + self.tok2(F.gelu(self.tok1(t))).transpose(1, 2)
+        x = x + self.ch2(F.gelu(self.ch1(self.norm2(x))))
+        return self.head(x.mean(1))
+
+
+CASES.update(functional_layers=Functional, depthwise_se_groupnorm=Depthwise, tokens=Tokens,
+             token_mixer_pad_grn=TokenMixer)
+
+
+def test_token_mixing_weights_are_averaged_not_matched():
+    torch.manual_seed(0)
+    a, b = TokenMixer().eval(), TokenMixer().eval()
+    x = torch.randn(64, 3, 8, 8)
+    analysis = fxzip.analyze(a, x)
+    tok = analysis.param_uses["tok1"]
+    assert all(analysis.spaces[u.feat.blocks[0].space].pinned for u in tok)
+    merged = fxzip.merge(a, b, x, method="zipit", reset_bn=False, progress=False)
+    torch.testing.assert_close(merged.tok1.weight, (a.tok1.weight + b.tok1.weight) / 2)
 
 
 def test_grouped_convolution_is_a_named_barrier():

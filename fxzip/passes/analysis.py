@@ -254,6 +254,8 @@ class Analysis:
         producer_targets = {n.target for n in self.nodes if n.name in ctx.produced}
         for uses in self.param_uses.values():
             for use in uses:
+                for b in use.feat.blocks:
+                    space(b.space)  # every space a parameter runs along is known
                 if use.role == "M" and use.target not in producer_targets:
                     for b in use.feat.blocks:
                         s = space(b.space)

@@ -224,8 +224,12 @@ def _input_feat(ctx: "Context", node: fx.Node, axis: int, what: str) -> Feat:
 
 @register(nn.Linear)
 def linear(ctx: "Context", node: fx.Node) -> Feat:
-    """Linear: reads the last axis (weight columns, U) and opens a new space (rows and bias, M)."""
+    """Linear: reads the last axis (weight columns, U) and opens a new space (rows and bias, M).
+    A Linear over another axis than the channels' (MLP-Mixer's token mixing) acts per channel."""
     module = ctx.module(node)
+    info, shape = ctx.info(node.args[0]), ctx.shape(node.args[0])
+    if isinstance(info, Feat) and info.axis != len(shape) - 1:
+        return _mix_aligned_axis(ctx, node, info, module)
     feat_in = _input_feat(ctx, node, -1, "Linear")
     ctx.consume(node, node.args[0], feat_in)
     ctx.use(node, "weight", 1, feat_in, "U")
@@ -234,6 +238,19 @@ def linear(ctx: "Context", node: fx.Node) -> Feat:
     if module.bias is not None:
         ctx.use(node, "bias", 0, feat_out, "M")
     return feat_out
+
+
+def _mix_aligned_axis(ctx: "Context", node: fx.Node, info: Feat, module: nn.Linear) -> Feat:
+    """A Linear that mixes positions (tokens) rather than channels applies the same weights to
+    every channel: the channels keep their space. Positions mean the same in every model, so the
+    weights are merged without matching (identity spaces: plain averaging)."""
+    ndim = len(ctx.shape(node))
+    ctx.use(node, "weight", 1, ctx.pinned_feat(ndim - 1, module.in_features), "U")
+    rows = ctx.pinned_feat(ndim - 1, module.out_features)
+    ctx.use(node, "weight", 0, rows, "M")
+    if module.bias is not None:
+        ctx.use(node, "bias", 0, rows, "M")
+    return info
 
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -353,11 +370,53 @@ def reduction(ctx: "Context", node: fx.Node) -> Any:
         return passthrough(info)
     ndim = len(ctx.shape(x))
     dims = _reduced_dims(node, ndim)
+    keepdim = bool(arg(node, 2, "keepdim", False))
+    if dims == [info.axis] and keepdim and _is_mean(node):
+        # A per-sample statistic of the channels (global response norm, hand-written layer
+        # norms): merged models take it over their merged channels, as LayerNorm does.
+        return UNTRACKED
     if dims is None or info.axis in dims:
         raise Barrier(f"reduces over the channel axis of '{x.name}'")
-    keepdim = bool(arg(node, 2, "keepdim", False))
     axis = info.axis if keepdim else info.axis - sum(d < info.axis for d in dims)
     return info.moved(axis)
+
+
+def _is_mean(node: fx.Node) -> bool:
+    return node.target in (torch.mean, "mean")
+
+
+@register(torch.norm, torch.linalg.vector_norm, "norm")
+def vector_norm(ctx: "Context", node: fx.Node) -> Any:
+    """A norm over spatial/token axes is per channel (e.g. ConvNeXt-V2's global response norm);
+    over the channel axis it is a barrier."""
+    x = node.args[0]
+    info = ctx.info(x)
+    if not isinstance(info, Feat):
+        return passthrough(info)
+    ndim = len(ctx.shape(x))
+    dim = arg(node, 2, "dim")
+    if dim is None:
+        raise Barrier(f"takes the norm over every axis of '{x.name}', the channels included")
+    dims = sorted(norm_dim(d, ndim) for d in ([dim] if isinstance(dim, int) else dim))
+    if info.axis in dims:
+        raise Barrier(f"takes the norm over the channel axis of '{x.name}'")
+    keepdim = bool(arg(node, 3, "keepdim", False))
+    return info.moved(info.axis if keepdim else info.axis - sum(d < info.axis for d in dims))
+
+
+@register(F.pad)
+def pad(ctx: "Context", node: fx.Node) -> Any:
+    """Padding of trailing axes that leaves the channel axis alone (e.g. Swin's windows)."""
+    x = node.args[0]
+    info = ctx.info(x)
+    if not isinstance(info, Feat):
+        return passthrough(info)
+    ndim = len(ctx.shape(x))
+    widths = arg(node, 1, "pad")
+    padded = range(ndim - len(widths) // 2, ndim)
+    if info.axis in padded and any(widths[2 * (ndim - 1 - info.axis): 2 * (ndim - info.axis)]):
+        raise Barrier(f"pads the channel axis of '{x.name}'")
+    return info
 
 
 @register(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, nn.Softmax, nn.LogSoftmax,
