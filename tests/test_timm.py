@@ -1,0 +1,80 @@
+"""A fast subset of timm families at tiny sizes: traced, zipped as far as the analysis says, and a
+copy whose every space is permuted (heads of attention included) merges back exactly; a family
+with a barrier merges with a copy of itself exactly."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxzip
+from permute_util import permuted_by_analysis
+
+
+def _timm(name: str, **kwargs) -> nn.Module:
+    import timm
+
+    return timm.create_model(name, pretrained=False, num_classes=3, **kwargs)
+
+
+def _vit():
+    from timm.models.vision_transformer import VisionTransformer
+    return VisionTransformer(img_size=16, patch_size=4, num_classes=3, embed_dim=24, depth=2,
+                             num_heads=3, mlp_ratio=2.0)
+
+
+def _swin():
+    from timm.models.swin_transformer import SwinTransformer
+    return SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=12, depths=(1, 1),
+                           num_heads=(3, 3), num_classes=3)
+
+
+def _mixer():
+    from timm.models.mlp_mixer import MlpMixer
+    return MlpMixer(num_classes=3, img_size=32, patch_size=8, num_blocks=2, embed_dim=16)
+
+
+# name: (builder, input size, layers that must be zippable, attentions merged head-aware)
+FAMILIES = {
+    "resnet18": (lambda: _timm("resnet18"), 32, 21, 0),
+    "mobilenetv3 (depthwise + SE)": (lambda: _timm("mobilenetv3_small_050"), 32, 43, 0),
+    "convnext": (lambda: _timm("convnext_atto"), 32, 29, 0),
+    "vit": (_vit, 16, 10, 2),
+    "swin": (_swin, 32, 2, 0),  # window attention with relative position biases: a barrier
+    "mixer": (_mixer, 32, 6, 0),  # channel MLPs zipped; token-mixing Linears averaged
+}
+
+
+@pytest.mark.filterwarnings("ignore::fxzip.errors.CalibrationWarning")  # tiny inputs, on purpose
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_timm_family_merges_its_permuted_copy_exactly(family):
+    build, size, zippable, heads = FAMILIES[family]
+    torch.manual_seed(0)
+    x = torch.randn(48, 3, size, size)
+    model = fxzip.reset_bn(build(), x, progress=False)  # BN statistics as after training
+    with torch.no_grad():
+        for p in model.get_classifier().parameters():
+            if p.dim() > 1 and not p.any():  # timm zero-initialises some heads
+                p.normal_(0.0, 0.1)
+    analysis = fxzip.analyze(model, x)
+    stops = set(analysis.stop_points)
+    assert sum(1 for n in analysis.layers if n in stops) >= zippable, analysis
+    assert len(analysis.head_groups) == heads
+    if analysis.barriers:  # the oracle permutes whole models: past a barrier, merge a copy
+        merged = fxzip.merge(model, copy.deepcopy(model), x, reset_bn=False, progress=False)
+        with torch.no_grad():
+            ref = model(x)
+            assert all(((out - ref).norm() / ref.norm()).item() < 1e-4 for out in merged(x))
+        return
+    permuted, count = permuted_by_analysis(model, x, seed=1)
+    assert count >= 1
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(permuted(x), ref, rtol=1e-4, atol=1e-5)
+    merged = fxzip.merge(model, permuted, x, reset_bn=False, progress=False)
+    with torch.no_grad():
+        for out in merged(x):
+            err = ((out - ref).norm() / ref.norm()).item()
+            assert err < 1e-4, (family, err)
