@@ -146,15 +146,14 @@ class Zipper:
 
     def match(self, space: int, method: str, alpha: float, beta: float) -> Match:
         key = (space, method, alpha, beta)
-        group = next((g for g in self.analysis.head_groups
-                      if space in (g.query_key, g.value)), None)
+        group = next((g for g in self.analysis.head_groups if space in g.spaces), None)
         if key not in self._matches and group is not None:
-            spaces = [group.query_key, group.value]
+            spaces = list(group.spaces)
             stats = self.statistics(spaces) if method != "average" else {}
             with self._timed("matching"):
-                corrs = [stats[s].correlation() for s in spaces] if stats else [None, None]
-                found = match_heads(corrs, self.analysis.spaces[space].size, group.heads,
-                                    self.num_models, method, alpha=alpha, beta=beta)
+                corrs = [stats[s].correlation() for s in spaces] if stats else [None] * len(spaces)
+                found = match_heads(corrs, [self.analysis.spaces[s].size for s in spaces],
+                                    group.heads, self.num_models, method, alpha=alpha, beta=beta)
             for s, m in zip(spaces, found):
                 self._matches[(s, method, alpha, beta)] = m
         if key not in self._matches:

@@ -1,10 +1,12 @@
-"""Two-level matching of multi-head attention: heads to heads, then features within heads.
+"""Two-level matching of grouped features: heads to heads, then features within heads.
 
-Queries/keys and values of one attention form two spaces of H heads × d features. A merged head
+Queries/keys and values of one attention form two spaces of H heads of features. A merged head
 must take its queries, keys AND values from one head of every model (attention weights of a head
-apply to that head's values), and features never move between heads. So heads are paired first,
-once for both spaces (Hungarian on how well the heads' features can be matched), then each group
-of paired heads is matched within by the chosen method (`fxzip.matching.match_features`).
+apply to that head's values), and features never move between heads. Grouped convolutions are
+the same with groups for heads: the input and output groups of a convolution pair alike. So heads
+are paired first, once for all the spaces (Hungarian on how well the heads' features can be
+matched), then each group of paired heads is matched within by the chosen method
+(`fxzip.matching.match_features`).
 """
 from __future__ import annotations
 
@@ -17,12 +19,13 @@ from .errors import MatchingError
 from .matching import Match, match_features
 
 
-def head_similarity(corrs: Sequence[np.ndarray], size: int, heads: int, k: int) -> np.ndarray:
+def head_similarity(corrs: Sequence[np.ndarray], sizes: Sequence[int], heads: int,
+                    k: int) -> np.ndarray:
     """(heads × heads) similarity of model 0's heads to model k's: the best one-to-one feature
     correlation between the two heads, summed over the spaces."""
-    d = size // heads
     score = np.zeros((heads, heads))
-    for corr in corrs:
+    for corr, size in zip(corrs, sizes):
+        d = size // heads
         cross = corr[:size, k * size:(k + 1) * size]
         for i in range(heads):
             for j in range(heads):
@@ -32,28 +35,32 @@ def head_similarity(corrs: Sequence[np.ndarray], size: int, heads: int, k: int) 
     return score
 
 
-def pair_heads(corrs: Sequence[np.ndarray], size: int, heads: int, num_models: int) -> np.ndarray:
+def pair_heads(corrs: Sequence[np.ndarray], sizes: Sequence[int], heads: int,
+               num_models: int) -> np.ndarray:
     """(num_models × heads): the head of every model that merged head i is made of (model 0's
     head i, and each other model's head aligned to it)."""
     pairs = np.tile(np.arange(heads), (num_models, 1))
     for k in range(1, num_models):
-        rows, cols = linear_sum_assignment(head_similarity(corrs, size, heads, k), maximize=True)
+        rows, cols = linear_sum_assignment(head_similarity(corrs, sizes, heads, k), maximize=True)
         pairs[k, rows] = cols
     return pairs
 
 
-def match_heads(corrs: Sequence[np.ndarray], size: int, heads: int, num_models: int,
-                method: str, *, alpha: float = 0.5, beta: float = 1.0) -> list[Match]:
-    """One Match per space (same order as `corrs`), each keeping heads whole and pairing heads the
-    same way; merged feature i·d + j is feature j of merged head i."""
-    if size % heads:
-        raise MatchingError(f"{heads} heads do not divide the attention width {size}")
-    d = size // heads
+def match_heads(corrs: Sequence[np.ndarray | None], sizes: Sequence[int], heads: int,
+                num_models: int, method: str, *, alpha: float = 0.5,
+                beta: float = 1.0) -> list[Match]:
+    """One Match per space (`corrs[i]` over `num_models` × `sizes[i]` features), each keeping
+    heads whole and all pairing heads the same way; merged feature i·d + j is feature j of merged
+    head i. "average" needs no correlations."""
+    for size in sizes:
+        if size % heads:
+            raise MatchingError(f"{heads} groups do not divide a width of {size}")
     if method == "average":
-        return [Match.identity(size, num_models) for _ in corrs]
-    pairs = pair_heads(corrs, size, heads, num_models)
+        return [Match.identity(size, num_models) for size in sizes]
+    pairs = pair_heads(corrs, sizes, heads, num_models)
     matches = []
-    for corr in corrs:
+    for corr, size in zip(corrs, sizes):
+        d = size // heads
         assign = [np.empty(size, dtype=np.int64) for _ in range(num_models)]
         for i in range(heads):
             index = np.concatenate([k * size + pairs[k, i] * d + np.arange(d)

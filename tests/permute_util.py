@@ -27,7 +27,7 @@ def permuted_by_analysis(model: torch.nn.Module, x: torch.Tensor, seed: int = 0)
         matches[s.id] = Match((perm,), s.size, np.ones(s.size, dtype=np.int64))
     for group in analysis.head_groups:  # heads stay whole; queries, keys, values pair heads alike
         heads = rng.permutation(group.heads)
-        for space in (group.query_key, group.value):
+        for space in group.spaces:
             d = analysis.spaces[space].size // group.heads
             perm = np.concatenate([heads[h] * d + rng.permutation(d) for h in range(group.heads)])
             matches[space] = Match((perm,), d * group.heads, np.ones(d * group.heads, dtype=np.int64))

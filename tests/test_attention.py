@@ -34,8 +34,8 @@ def test_attention_is_fused_into_one_op(fused):
     torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
     analysis = fxzip.analyze(model, x)
     assert not analysis.barriers
-    assert [(g.heads, analysis.spaces[g.query_key].size, analysis.spaces[g.value].size)
-            for g in analysis.head_groups] == [(3, 24, 24)] * 2
+    assert [(g.heads, [analysis.spaces[s].size for s in g.spaces])
+            for g in analysis.head_groups] == [(3, [24, 24])] * 2
     qkv = analysis.feat("blocks_0_attn_qkv")
     assert qkv.blocks[0].space == qkv.blocks[1].space != qkv.blocks[2].space
 
@@ -81,9 +81,9 @@ def test_head_pairing_recovers_planted_heads():
     cols = np.concatenate([head_perm[j] * d + within[j] for j in range(heads)])
     data_b = data_a[:, cols] + 0.3 * rng.standard_normal((n, size))
     corr = np.corrcoef(np.concatenate([data_a, data_b], axis=1), rowvar=False)
-    pairs = pair_heads([corr], size, heads, 2)
+    pairs = pair_heads([corr], [size], heads, 2)
     assert pairs[1][head_perm].tolist() == list(range(heads))  # A head i pairs with B's copy
-    (match,) = match_heads([corr], size, heads, 2, "zipit", alpha=0.5, beta=0.0)
+    (match,) = match_heads([corr], [size], heads, 2, "zipit", alpha=0.5, beta=0.0)
     # every B feature lands in the cluster of the A feature it copies, heads kept whole
     np.testing.assert_array_equal(match.assign[1], match.assign[0][cols])
     assert (match.assign[0] // d == np.arange(size) // d).all()

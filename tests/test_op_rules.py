@@ -114,27 +114,6 @@ CASES["conv1d_bn1d"] = Conv1dNet
 CASES["mlp_bn_ln_residual"] = MLP
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_op_rule_is_exact(name):
-    torch.manual_seed(0)
-    model = CASES[name]().eval()
-    x = torch.randn(24, 3, 8, 8)
-    analysis = fxzip.analyze(model, x)
-    assert not analysis.barriers, analysis
-    permuted, count = permuted_by_analysis(model, x, seed=1)
-    assert count >= 1
-    with torch.no_grad():
-        ref = model(x)
-        torch.testing.assert_close(permuted(x), ref, rtol=1e-4, atol=1e-5)
-    zipper = fxzip.Zipper([model, permuted], x, progress=False)
-    for stop in analysis.stop_points + [None]:
-        merged = zipper.merge(stop, reset_bn=False)
-        with torch.no_grad():
-            for out in merged(x):
-                err = ((out - ref).norm() / ref.norm()).item()
-                assert err < 1e-4, (name, stop, err)
-
-
 def test_space_structure_of_a_residual_cat_model():
     torch.manual_seed(0)
     model = CASES["cat_unequal"]().eval()
@@ -236,7 +215,7 @@ class Tokens(nn.Module):
         left, right = torch.split(h, [4, 6], dim=-1)
         h = torch.cat([F.gelu(left), right.tanh()], dim=-1)
         x = x + self.ls * self.mlp(h)
-        first, *_ = x.unbind(1)
+        first = x.unbind(1)[0]
         return self.head(first)
 
 
@@ -281,9 +260,60 @@ def test_token_mixing_weights_are_averaged_not_matched():
     torch.testing.assert_close(merged.tok1.weight, (a.tok1.weight + b.tok1.weight) / 2)
 
 
-def test_grouped_convolution_is_a_named_barrier():
-    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=2), nn.Flatten(), nn.LazyLinear(3))
+class Grouped(nn.Module):
+    """ResNeXt-style bottleneck: 1×1, grouped 3×3 and grouped 1×1 (4 groups), with a residual:
+    the residual stream is split into the same 4 groups."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 1), bn(8)
+        self.c2, self.b2 = nn.Conv2d(8, 12, 3, padding=1, groups=4), bn(12)
+        self.c3, self.b3 = nn.Conv2d(12, 8, 1, groups=4), bn(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = F.relu(self.b1(self.c1(x)))
+        h = h + self.b3(self.c3(F.relu(self.b2(self.c2(h)))))
+        return self.head(F.relu(h).mean((2, 3)))
+
+
+CASES["grouped_conv"] = Grouped
+
+
+def test_grouped_convolutions_pair_groups_alike():
+    torch.manual_seed(0)
+    analysis = fxzip.analyze(Grouped().eval(), torch.randn(2, 3, 8, 8))
+    (group,) = analysis.head_groups
+    assert group.heads == 4 and len(group.spaces) == 2 and not analysis.barriers
+    assert group.kind == "grouped convolution"
+
+
+def test_grouped_convolutions_disagreeing_on_groups_are_a_barrier():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 8, 1, groups=4),
+                          nn.Flatten(), nn.LazyLinear(3))
     model(torch.randn(1, 3, 8, 8))
     analysis = fxzip.analyze(model.eval(), torch.randn(2, 3, 8, 8))
-    assert [b.node for b in analysis.barriers] == ["_1"]
+    assert [b.node for b in analysis.barriers] == ["_2"]
     assert "groups" in analysis.barriers[0].reason
+
+
+# Defined last, so that every case added above is collected.
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_op_rule_is_exact(name):
+    torch.manual_seed(0)
+    model = CASES[name]().eval()
+    x = torch.randn(24, 3, 8, 8)
+    analysis = fxzip.analyze(model, x)
+    assert not analysis.barriers, analysis
+    permuted, count = permuted_by_analysis(model, x, seed=1)
+    assert count >= 1
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(permuted(x), ref, rtol=1e-4, atol=1e-5)
+    zipper = fxzip.Zipper([model, permuted], x, progress=False)
+    for stop in analysis.stop_points + [None]:
+        merged = zipper.merge(stop, reset_bn=False)
+        with torch.no_grad():
+            for out in merged(x):
+                err = ((out - ref).norm() / ref.norm()).item()
+                assert err < 1e-4, (name, stop, err)

@@ -30,6 +30,7 @@ class ParamUse:
     axis: int
     feat: Feat
     role: str
+    groups: int = 1  # > 1: a grouped convolution's weight, whose axis 1 holds one group's inputs
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,13 @@ class Space:
 
 @dataclass(frozen=True)
 class HeadGroup:
-    """The spaces of one multi-head attention: queries/keys and values, each `heads` heads of
-    equal width; features never move between heads and both spaces pair heads the same way."""
+    """Spaces split into `heads` equal groups of features that must be matched group to group:
+    features never move between groups and all the spaces pair the groups the same way (the
+    query/key and value spaces of one attention; the input and output of grouped convolutions)."""
 
-    query_key: int
-    value: int
+    spaces: tuple[int, ...]
     heads: int
+    kind: str
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ class Context:
         self.consumed: list[tuple[str, str, Feat]] = []  # (consumer node, input node, layout)
         self.produced: dict[str, Feat] = {}               # producer node -> output layout
         self.module_spaces: dict[str, Feat] = {}           # module target -> output layout (reuse)
-        self.head_groups: list[tuple[int, int, int]] = []  # (query/key space, value space, heads)
+        self.head_groups: list[tuple[tuple[int, ...], int, str]] = []  # (spaces, heads, kind)
         self.node: fx.Node | None = None
 
     # -- reading ------------------------------------------------------------------------------
@@ -136,24 +138,32 @@ class Context:
             spaces.setdefault(tag, self.uf.new(width))
         return tuple(Block(spaces[tag], width) for tag in tags)
 
-    def head_group(self, query_key: int, value: int, heads: int) -> None:
-        """Record attention spaces split into `heads` heads that must be matched head to head."""
-        self.head_groups.append((query_key, value, heads))
+    def head_group(self, spaces: tuple[int, ...], heads: int, kind: str) -> None:
+        """Record spaces split into `heads` groups that must be matched group to group. Groups
+        that share a space become one; they must agree on the number of groups."""
+        for other, other_heads, _ in self.head_groups:
+            shared = {self.uf.find(s) for s in other} & {self.uf.find(s) for s in spaces}
+            if shared and other_heads != heads:
+                raise Barrier(f"{kind} splits features into {heads} groups where another op "
+                              f"splits them into {other_heads}")
+        self.head_groups.append((tuple(spaces), heads, kind))
 
     def consume(self, node: fx.Node, source: fx.Node, feat: Feat) -> None:
         self.consumed.append((node.name, source.name, feat))
 
-    def use(self, node: fx.Node, param: str, axis: int, feat: Feat, role: str) -> None:
+    def use(self, node: fx.Node, param: str, axis: int, feat: Feat, role: str,
+            groups: int = 1) -> None:
         """Axis `axis` of parameter `param` of the module called by `node` follows `feat`."""
-        self._record(node.target, param, axis, feat, role)
+        self._record(node.target, param, axis, feat, role, groups)
 
-    def _record(self, target: str, param: str, axis: int, feat: Feat, role: str) -> None:
+    def _record(self, target: str, param: str, axis: int, feat: Feat, role: str,
+                groups: int = 1) -> None:
         key = (target, param, axis)
         placed = feat.moved(axis)
         if key in self.uses:
             self.unify(self.uses[key].feat, placed)
         else:
-            self.uses[key] = ParamUse(target, param, axis, placed, role)
+            self.uses[key] = ParamUse(target, param, axis, placed, role, groups)
 
     def tie_param(self, value: fx.Node, axis: int, feat: Feat, role: str = "M") -> None:
         """`value` (a parameter read by get_attr, or computed from one) turns out to run along
@@ -197,11 +207,11 @@ class Analysis:
         self.param_uses: dict[str, list[ParamUse]] = defaultdict(list)
         for use in ctx.uses.values():
             self.param_uses[use.target].append(
-                ParamUse(use.target, use.param, use.axis, ctx.uf.resolve(use.feat), use.role))
+                ParamUse(use.target, use.param, use.axis, ctx.uf.resolve(use.feat), use.role,
+                         use.groups))
         self.layers: list[str] = [n.name for n in self.nodes if n.name in ctx.produced]
         self.spaces: dict[int, Space] = self._collect_spaces(ctx)
-        self.head_groups: list[HeadGroup] = [
-            HeadGroup(ctx.uf.find(qk), ctx.uf.find(v), heads) for qk, v, heads in ctx.head_groups]
+        self.head_groups: list[HeadGroup] = _joined_groups(ctx)
         self.stop_points: list[str] = [
             n.name for n in self.nodes
             if n.op != "output" and self.infos.get(n.name) is not BLOCKED]
@@ -385,8 +395,8 @@ class Analysis:
                          f"{', '.join(s.producers) or '-'}  consumers: {', '.join(s.consumers) or '-'}"
                          f"  taps: {', '.join(t.node for t in s.taps) or '-'}")
         for g in self.head_groups:
-            lines.append(f"  attention: {g.heads} heads, queries/keys in space {g.query_key}, "
-                         f"values in space {g.value} (matched head to head)")
+            lines.append(f"  {g.kind}: spaces {', '.join(map(str, g.spaces))} split into {g.heads} "
+                         "groups (matched group to group)")
         lines.append("barriers:" + ("" if self.barriers else " none"))
         lines.extend(f"  {b}" for b in self.barriers)
         valid = set(self.stop_points)
@@ -396,6 +406,19 @@ class Analysis:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _joined_groups(ctx: Context) -> list[HeadGroup]:
+    """The recorded groups with resolved spaces, groups that share a space joined into one."""
+    groups: list[tuple[set[int], int, str]] = []
+    for spaces, heads, kind in ctx.head_groups:
+        spaces = {ctx.uf.find(s) for s in spaces}
+        for other in [g for g in groups if g[0] & spaces]:
+            groups.remove(other)
+            spaces |= other[0]
+            kind = kind if kind == other[2] else f"{other[2]} + {kind}"
+        groups.append((spaces, heads, kind))
+    return [HeadGroup(tuple(sorted(s)), heads, kind) for s, heads, kind in groups]
 
 
 def _op_name(node: fx.Node, module: nn.Module | None) -> str:

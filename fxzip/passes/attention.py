@@ -285,5 +285,5 @@ def attention_rule(ctx: "Context", node: fx.Node) -> Feat:
     if blocks[0].size % heads or blocks[2].size % heads:
         raise Barrier(f"{heads} heads do not divide the attention width {blocks[0].size}")
     ctx.consume(node, qkv, info)
-    ctx.head_group(blocks[0].space, blocks[2].space, heads)
+    ctx.head_group((blocks[0].space, blocks[2].space), heads, "attention")
     return Feat(axis, (blocks[2],))

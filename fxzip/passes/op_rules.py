@@ -253,14 +253,36 @@ def _mix_aligned_axis(ctx: "Context", node: fx.Node, info: Feat, module: nn.Line
     return info
 
 
+def grouped_conv(ctx: "Context", node: fx.Node, module: nn.Module) -> Feat:
+    """Grouped convolution: input and output channels split into `groups` groups, group i of the
+    input feeding group i of the output only. Its input and output spaces are matched group to
+    group (features stay in their group, both spaces pair groups alike), so the merged weight is
+    block-diagonal again."""
+    feat_in = _input_feat(ctx, node, 1, f"grouped {type(module).__name__}")
+    if len(feat_in.blocks) != 1 or feat_in.blocks[0].expand != 1:
+        raise Barrier(f"grouped convolution (groups={module.groups}) reads channels of several "
+                      "spaces; only a single space can be split into groups")
+    ctx.consume(node, node.args[0], feat_in)
+    feat_out = ctx.produce(node, axis=1, size=module.out_channels)
+    ctx.head_group((feat_in.blocks[0].space, feat_out.blocks[0].space), module.groups,
+                   "grouped convolution")
+    ctx.use(node, "weight", 1, feat_in, "U", groups=module.groups)
+    ctx.use(node, "weight", 0, feat_out, "M")
+    if module.bias is not None:
+        ctx.use(node, "bias", 0, feat_out, "M")
+    return feat_out
+
+
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def conv(ctx: "Context", node: fx.Node) -> Feat:
     """Dense convolution: input channels on axis 1 are read (U), output channels opened (M).
     Depthwise convolution is per channel (see `depthwise`)."""
     module = ctx.module(node)
-    if module.groups != 1:
+    if module.groups == module.in_channels:
         return depthwise(ctx, node, module.groups, module.in_channels, module.out_channels,
                          module_params=("weight", "bias" if module.bias is not None else None))
+    if module.groups != 1:
+        return grouped_conv(ctx, node, module)
     feat_in = _input_feat(ctx, node, 1, type(module).__name__)
     ctx.consume(node, node.args[0], feat_in)
     ctx.use(node, "weight", 1, feat_in, "U")

@@ -71,6 +71,9 @@ def merge_tensor(tensors: Sequence[torch.Tensor], uses: Sequence[ParamUse], layo
         if tensors[0].is_floating_point():
             return torch.stack(tensors).mean(0)
         return tensors[0].clone()
+    groups = max(u.groups for u in uses)
+    if groups > 1:  # merge the block-diagonal dense weight, then take its diagonal blocks again
+        tensors = [_block_diagonal(t, groups) for t in tensors]
     total = None
     for k, t in enumerate(tensors):
         for use in uses:
@@ -83,7 +86,25 @@ def merge_tensor(tensors: Sequence[torch.Tensor], uses: Sequence[ParamUse], layo
         total = total / layouts.counts(use.feat, total.device).to(total.dtype).reshape(shape)
     if not merged_axes:
         total = total / len(tensors)
-    return total
+    return _diagonal_blocks(total, groups) if groups > 1 else total
+
+
+def _block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped convolution's weight (out, in/groups, ...) as the dense (out, in, ...) weight."""
+    out, per_group = weight.shape[0], weight.shape[1]
+    dense = weight.new_zeros((out, per_group * groups, *weight.shape[2:]))
+    rows = out // groups
+    for g in range(groups):
+        dense[g * rows:(g + 1) * rows, g * per_group:(g + 1) * per_group] = weight[g * rows:(g + 1) * rows]
+    return dense
+
+
+def _diagonal_blocks(dense: torch.Tensor, groups: int) -> torch.Tensor:
+    """The inverse of `_block_diagonal` (the merge keeps groups whole, so nothing else is set)."""
+    out, width = dense.shape[0], dense.shape[1]
+    rows, per_group = out // groups, width // groups
+    return torch.cat([dense[g * rows:(g + 1) * rows, g * per_group:(g + 1) * per_group]
+                      for g in range(groups)])
 
 
 _WIDTH_ATTRIBUTES = {
