@@ -278,7 +278,7 @@ def conv(ctx: "Context", node: fx.Node) -> Feat:
     """Dense convolution: input channels on axis 1 are read (U), output channels opened (M).
     Depthwise convolution is per channel (see `depthwise`)."""
     module = ctx.module(node)
-    if module.groups == module.in_channels:
+    if module.groups != 1 and module.groups == module.in_channels:
         return depthwise(ctx, node, module.groups, module.in_channels, module.out_channels,
                          module_params=("weight", "bias" if module.bias is not None else None))
     if module.groups != 1:
