@@ -280,6 +280,37 @@ class Grouped(nn.Module):
 CASES["grouped_conv"] = Grouped
 
 
+class CrossStage(nn.Module):
+    """CSPNet/Res2Net/DPN-style splits of ONE layer's output: split, slice and a residual add
+    that ties unequal layouts; the layers' spaces are opened as pieces where they are cut."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 10, 1), bn(10)
+        self.c2, self.b2 = nn.Conv2d(4, 4, 3, padding=1), bn(4)
+        self.c3, self.b3 = nn.Conv2d(10, 10, 1), bn(10)
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x):
+        h = F.relu(self.b1(self.c1(x)))
+        left, right = h.split([4, 6], dim=1)                 # a cut inside c1's space
+        h2 = torch.cat([F.relu(self.b2(self.c2(left))), right], dim=1)
+        h = h2 + self.b3(self.c3(h2))                        # c3's layout must follow [4 | 6]
+        return self.head(h[:, 3:].mean((2, 3)))              # a slice cutting the first piece
+
+
+CASES["split_slice_cross_stage"] = CrossStage
+
+
+def test_split_spaces_are_opened_as_pieces():
+    torch.manual_seed(0)
+    analysis = fxzip.analyze(CrossStage().eval(), torch.randn(2, 3, 8, 8))
+    assert not analysis.barriers
+    assert [b.size for b in analysis.feat("c1").blocks] == [4, 6]  # split
+    assert [b.size for b in analysis.feat("c2").blocks] == [3, 1]  # slice, through the add
+    assert [b.size for b in analysis.feat("c3").blocks] == [3, 1, 6]  # add, then slice
+
+
 def test_grouped_convolutions_pair_groups_alike():
     torch.manual_seed(0)
     analysis = fxzip.analyze(Grouped().eval(), torch.randn(2, 3, 8, 8))

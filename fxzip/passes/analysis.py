@@ -17,7 +17,10 @@ from ..errors import StopPointError
 from ..tracing import tensor_shape
 from .layout import BLOCKED, SHARED, UNTRACKED, Block, Feat, Lazy, UnionFind
 from .attention import BLOCKS_META
-from .op_rules import Barrier, rule_for
+from .op_rules import Barrier, SplitRequest, rule_for
+
+SPLIT_META = "fxzip_split"  # on a producer node: the sizes of the spaces its output opens
+MAX_SPLIT_ROUNDS = 16
 
 
 @dataclass(frozen=True)
@@ -111,8 +114,21 @@ class Context:
             self.uf.pin(b.space)
 
     def unify(self, a: Feat, b: Feat) -> None:
-        if not self.uf.unify(a, b):
-            raise Barrier(f"ties channel layouts of different structure ({a.blocks} vs {b.blocks})")
+        if self.uf.unify(a, b):
+            return
+        message = f"ties channel layouts of different structure ({a.blocks} vs {b.blocks})"
+        if a.width == b.width and all(x.expand == 1 for x in a.blocks + b.blocks):
+            # Both sides cut at every block boundary of either: the common refinement.
+            bounds = set(a.offsets()) | set(b.offsets())
+            cuts: dict[int, set[int]] = {}
+            for feat in (a, b):
+                for block, start in zip(feat.blocks, feat.offsets()):
+                    inner = {c - start for c in bounds if start < c < start + block.size}
+                    if inner:
+                        cuts.setdefault(block.space, set()).update(inner)
+            if cuts:
+                raise SplitRequest(message, cuts)
+        raise Barrier(message)
 
     def produce(self, node: fx.Node, axis: int, size: int, key: str | None = None) -> Feat:
         """A new space opened by a producer; `key` (default: the module) names the weights, so
@@ -129,6 +145,9 @@ class Context:
     def _new_blocks(self, node: fx.Node, size: int) -> tuple[Block, ...]:
         """One new space, or, where a pass tagged the output as equal blocks (e.g. [q | k | v]
         of a fused attention projection), one space per distinct tag."""
+        pieces = node.meta.get(SPLIT_META)
+        if pieces and sum(pieces) == size:
+            return tuple(Block(self.uf.new(p), p) for p in pieces)
         tags = node.meta.get(BLOCKS_META)
         if not tags or size % len(tags):
             return (Block(self.uf.new(size), size),)
@@ -196,11 +215,10 @@ class Analysis:
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         self.nodes: list[fx.Node] = list(gm.graph.nodes)
-        ctx = Context(gm)
-        self.barriers: list[BarrierInfo] = []
-        for node in self.nodes:
-            ctx.node = node
-            ctx.infos[node.name] = self._visit(ctx, node)
+        for _ in range(MAX_SPLIT_ROUNDS):
+            ctx = self._walk()
+            if not self._open_split_spaces(ctx):
+                break
         self.uf = ctx.uf
         self.infos: dict[str, Any] = {
             name: ctx.uf.resolve(i) if isinstance(i, Feat) else i for name, i in ctx.infos.items()}
@@ -217,6 +235,38 @@ class Analysis:
             if n.op != "output" and self.infos.get(n.name) is not BLOCKED]
 
     # -- the walk -----------------------------------------------------------------------------
+    def _walk(self) -> Context:
+        ctx = Context(self.gm)
+        self.barriers: list[BarrierInfo] = []
+        self.split_requests: list[dict[int, set[int]]] = []
+        for node in self.nodes:
+            ctx.node = node
+            ctx.infos[node.name] = self._visit(ctx, node)
+        return ctx
+
+    def _open_split_spaces(self, ctx: Context) -> bool:
+        """Where ops split a space that a single layer's output opens, have that layer open one
+        space per piece (SPLIT_META) for the next walk. True if anything changed."""
+        cuts: dict[int, set[int]] = defaultdict(set)
+        for request in self.split_requests:
+            for space, offsets in request.items():
+                cuts[ctx.uf.find(space)] |= offsets
+        changed = False
+        for name, feat in ctx.produced.items():
+            node = next(n for n in self.nodes if n.name == name)
+            if node.meta.get(BLOCKS_META) or any(b.expand != 1 for b in feat.blocks):
+                continue
+            bounds = {0, feat.width}
+            for block, start in zip(feat.blocks, feat.offsets()):
+                bounds.add(start)
+                bounds |= {start + c for c in cuts.get(ctx.uf.find(block.space), ())}
+            bounds = sorted(bounds)
+            pieces = [b - a for a, b in zip(bounds, bounds[1:])]
+            if len(pieces) > len(feat.blocks) and node.meta.get(SPLIT_META) != pieces:
+                node.meta[SPLIT_META] = pieces
+                changed = True
+        return changed
+
     def _visit(self, ctx: Context, node: fx.Node) -> Any:
         if node.op == "placeholder":
             return SHARED
@@ -235,6 +285,8 @@ class Analysis:
                 return self._unknown(node, module, inputs)
             return rule(ctx, node)
         except Barrier as barrier:
+            if isinstance(barrier, SplitRequest):
+                self.split_requests.append(barrier.cuts)
             self.barriers.append(BarrierInfo(node.name, _op_name(node, module), str(barrier)))
             ctx.produced.pop(node.name, None)  # what the rule recorded before it gave up
             ctx.consumed = [c for c in ctx.consumed if c[0] != node.name]

@@ -29,6 +29,16 @@ class Barrier(Exception):
     """Raised by a rule: the op touches the channel axis in a way zipping cannot follow."""
 
 
+class SplitRequest(Barrier):
+    """A barrier that goes away if some spaces are opened as several: `cuts[space]` are feature
+    offsets inside `space` where an op splits or slices the channel axis. The analysis asks the
+    space's producers to open one space per piece and walks the graph again."""
+
+    def __init__(self, message: str, cuts: dict[int, set[int]]):
+        super().__init__(message)
+        self.cuts = cuts
+
+
 MODULE_RULES: dict[type, Rule] = {}
 FUNCTION_RULES: dict[Any, Rule] = {}
 METHOD_RULES: dict[str, Rule] = {}
@@ -592,7 +602,7 @@ def getitem(ctx: "Context", node: fx.Node) -> Any:
         elif isinstance(item, slice):
             if in_dim == info.axis:
                 if item != slice(None):
-                    raise Barrier(f"slices the channel axis of '{x.name}'")
+                    info = _channel_slice(info, item, ctx.shape(x)[info.axis], x)
                 new_axis = out_dim
             in_dim, out_dim = in_dim + 1, out_dim + 1
         else:
@@ -600,6 +610,17 @@ def getitem(ctx: "Context", node: fx.Node) -> Any:
     if new_axis is None:
         new_axis = out_dim + info.axis - in_dim
     return info.moved(new_axis)
+
+
+def _channel_slice(info: Feat, item: slice, width: int, x: fx.Node) -> Feat:
+    """The blocks a contiguous slice of the channel axis takes (cut between blocks, or asking for
+    the cut spaces to be opened as pieces)."""
+    start, stop, step = item.indices(width)
+    if step != 1 or stop <= start:
+        raise Barrier(f"slices the channel axis of '{x.name}' with a step or to nothing")
+    sizes = [s for s in (start, stop - start, width - stop) if s > 0]
+    pieces = _split_layout(info, sizes)
+    return pieces[1] if start > 0 else pieces[0]
 
 
 def shape_query(ctx: "Context", node: fx.Node) -> None:
@@ -719,16 +740,32 @@ def _split_sizes(node: fx.Node, size: int) -> list[int]:
 
 
 def _split_layout(feat: Feat, sizes: list[int]) -> list[Feat]:
-    """Cut a layout at element boundaries that fall between its blocks, else a barrier."""
+    """Cut a layout at element boundaries between its blocks; a cut inside a block asks for the
+    block's space to be opened as pieces (SplitRequest)."""
+    cuts: dict[int, set[int]] = {}
+    at, ends = 0, []
+    for size in sizes:
+        at += size
+        ends.append(at)
+    start = 0
+    for block in feat.blocks:
+        for end in ends[:-1]:
+            if start < end < start + block.width:
+                if (end - start) % block.expand:
+                    raise Barrier("splits the channel axis inside the positions of one channel")
+                cuts.setdefault(block.space, set()).add((end - start) // block.expand)
+        start += block.width
+    if cuts:
+        raise SplitRequest("splits the channel axis inside a feature space", cuts)
     pieces, blocks = [], list(feat.blocks)
     for size in sizes:
         taken, width = [], 0
         while blocks and width + blocks[0].width <= size:
             width += blocks[0].width
             taken.append(blocks.pop(0))
-        if width != size or not taken:
-            raise Barrier("splits the channel axis inside a feature space")
         pieces.append(Feat(feat.axis, tuple(taken)))
+    if any(not p.blocks for p in pieces):
+        raise Barrier("splits off an empty part of the channel axis")
     return pieces
 
 
