@@ -20,7 +20,7 @@ from .attention import BLOCKS_META
 from .op_rules import Barrier, SplitRequest, rule_for
 
 SPLIT_META = "fxzip_split"  # on a producer node: the sizes of the spaces its output opens
-MAX_SPLIT_ROUNDS = 16
+MAX_SPLIT_ROUNDS = 64
 
 
 @dataclass(frozen=True)
