@@ -67,10 +67,13 @@ def build(name: str, size: int, seed: int):
         model = timm.create_model(name, pretrained=False, num_classes=5, img_size=size)
     except TypeError:  # no img_size argument
         model = timm.create_model(name, pretrained=False, num_classes=5)
+    heads = model.get_classifier() if hasattr(model, "get_classifier") else ()
+    heads = heads if isinstance(heads, (tuple, list)) else (heads,)  # LeViT: (head, head_dist)
     with torch.no_grad():
-        for p in model.get_classifier().parameters() if hasattr(model, "get_classifier") else ():
-            if p.dim() > 1 and not p.any():
-                p.normal_(0.0, 0.02)
+        for head in heads:
+            for p in head.parameters():
+                if p.dim() > 1 and not p.any():
+                    p.normal_(0.0, 0.02)
     return model
 
 
