@@ -411,7 +411,7 @@ def run_setting(setting: Setting, *, pairs: int, epochs: int, grid: Grid,
             seconds["grid"] += time.perf_counter() - tick
             log(f"  [{setting.key}] held-out choices: {format_choices(result.choices)}")
             continue
-        layers_total = len(zipper.analysis.layers)
+        layers_total = len(zipper.analysis.all_layers)
         result.rows += reference_rows(setting, pair, models, data, layers_total)
         result.rows += merged_rows(setting, pair, zipper, data, result.choices)
         seconds["evaluate"] += time.perf_counter() - tick

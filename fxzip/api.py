@@ -198,7 +198,7 @@ class Zipper:
         seconds = {k: v - before.get(k, 0.0) for k, v in self.seconds.items()}
         seconds = {k: v for k, v in seconds.items() if v > 0}
         merged.fxzip_report = MergeReport(
-            method, stop_at, self.analysis.layers_in(trunk), len(self.analysis.layers),
+            method, stop_at, self.analysis.layers_in(trunk), len(self.analysis.all_layers),
             [self._space_report(s, matches[s]) for s in spaces], seconds)
         return merged
 

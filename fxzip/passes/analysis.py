@@ -12,6 +12,7 @@ from typing import Any
 
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import StopPointError
 from ..tracing import tensor_shape
@@ -228,6 +229,9 @@ class Analysis:
                 ParamUse(use.target, use.param, use.axis, ctx.uf.resolve(use.feat), use.role,
                          use.groups))
         self.layers: list[str] = [n.name for n in self.nodes if n.name in ctx.produced]
+        # every weight layer of the model, those past a barrier included (n/m's m)
+        self.all_layers: list[str] = [n.name for n in self.nodes
+                                      if n.name in ctx.produced or _is_weight_layer(gm, n)]
         self.spaces: dict[int, Space] = self._collect_spaces(ctx)
         self.head_groups: list[HeadGroup] = _joined_groups(ctx)
         self.stop_points: list[str] = [
@@ -453,11 +457,22 @@ class Analysis:
         lines.extend(f"  {b}" for b in self.barriers)
         valid = set(self.stop_points)
         layers = [name for name in self.layers if name in valid]
-        lines.append(f"zippable layers: {len(layers)}/{len(self.layers)}; stop points "
+        lines.append(f"zippable layers: {len(layers)}/{len(self.all_layers)}; stop points "
                      f"({len(self.stop_points)}): {', '.join(self.stop_points)}")
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+_WEIGHT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention)
+_WEIGHT_FUNCTIONS = {F.linear, F.conv1d, F.conv2d, F.conv3d}
+
+
+def _is_weight_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A Linear or convolution (module or function): what n/m counts as a layer."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _WEIGHT_LAYERS)
+    return node.op == "call_function" and node.target in _WEIGHT_FUNCTIONS
 
 
 def _joined_groups(ctx: Context) -> list[HeadGroup]:
