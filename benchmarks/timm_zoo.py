@@ -95,7 +95,7 @@ def run_one(name: str, size: int) -> dict:
         analysis = fxzip.analyze(a, x)
         result["traced"] = True
         stops = set(analysis.stop_points)
-        result["zipped"] = (f"{sum(1 for n in analysis.layers if n in stops)}/"
+        result["zipped"] = (f"{sum(1 for n in analysis.all_layers if n in stops)}/"
                             f"{len(analysis.all_layers)}")
         result["heads"] = len(analysis.head_groups)
         if analysis.barriers:

@@ -234,7 +234,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
     inputs: calibration data: a tensor batch, a list of batches, or an iterable/DataLoader of
         `x` or `(x, y, ...)`.
     stop_at: a node or module name (or a module prefix such as "layer3"): everything it depends
-        on is zipped, the rest becomes one head per model. An int n zips the first n parametrised
+        on is zipped, the rest becomes one head per model. An int n zips the first n weight
         layers (ZipIt! n/m). None zips every layer but the ones producing the outputs, so each
         model keeps its own output layer.
     method: "zipit" (greedy, within and across models; `alpha`, `beta`), "permute" (Hungarian

@@ -411,10 +411,11 @@ class Analysis:
             raise StopPointError(f"stop_at must be None, a node or module name, or a number of "
                                  f"layers; got {stop_at!r}")
         if isinstance(stop_at, int):
-            if not 0 <= stop_at <= len(self.layers):
+            if not 0 <= stop_at <= len(self.all_layers):
                 raise StopPointError(f"stop_at={stop_at} layers, but the model has "
-                                     f"{len(self.layers)} parametrised layers; use 0..{len(self.layers)}")
-            trunk = self._ancestors(self.layers[:stop_at]) | placeholders
+                                     f"{len(self.all_layers)} weight layers; use "
+                                     f"0..{len(self.all_layers)}")
+            trunk = self._ancestors(self.all_layers[:stop_at]) | placeholders
             label = f"the first {stop_at} layers"
         else:
             node = self.resolve_stop(stop_at)
@@ -437,12 +438,13 @@ class Analysis:
         return {n.name for n in self.nodes if n.op != "output"}
 
     def layers_in(self, trunk: set[str]) -> int:
-        return sum(1 for name in self.layers if name in trunk)
+        """Weight layers (Linear, convolutions; depthwise ones included) inside a trunk."""
+        return sum(1 for name in self.all_layers if name in trunk)
 
     # -- printing -----------------------------------------------------------------------------
     def __str__(self) -> str:
         lines = [f"fxzip analysis of {type(self.gm).__name__}: {len(self.nodes)} nodes, "
-                 f"{len(self.layers)} parametrised layers, {len(self.spaces)} spaces, "
+                 f"{len(self.all_layers)} weight layers, {len(self.spaces)} spaces, "
                  f"{len(self.barriers)} barriers"]
         lines.append("spaces:")
         for s in self.spaces.values():
@@ -456,7 +458,7 @@ class Analysis:
         lines.append("barriers:" + ("" if self.barriers else " none"))
         lines.extend(f"  {b}" for b in self.barriers)
         valid = set(self.stop_points)
-        layers = [name for name in self.layers if name in valid]
+        layers = [name for name in self.all_layers if name in valid]
         lines.append(f"zippable layers: {len(layers)}/{len(self.all_layers)}; stop points "
                      f"({len(self.stop_points)}): {', '.join(self.stop_points)}")
         return "\n".join(lines)
