@@ -384,56 +384,44 @@ register(
 # reductions and softmax over non-channel axes
 # ---------------------------------------------------------------------------------------------
 
-def _reduced_dims(node: fx.Node, ndim: int) -> list[int] | None:
-    dim = arg(node, 1, "dim")
+def _reduced_dims(node: fx.Node, ndim: int, position: int) -> list[int] | None:
+    dim = arg(node, position, "dim")
     if dim is None:
         return None
     dims = [dim] if isinstance(dim, int) else list(dim)
     return sorted(norm_dim(d, ndim) for d in dims)
 
 
-@register(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var,
-          "mean", "sum", "amax", "amin", "std", "var")
-def reduction(ctx: "Context", node: fx.Node) -> Any:
-    """Reducing over spatial/token axes keeps the space; reducing over channels is a barrier."""
+def _reduce(ctx: "Context", node: fx.Node, dim_position: int, what: str) -> Any:
+    """A reduction whose `dim` is argument `dim_position` and `keepdim` the next one: over
+    spatial/token axes it keeps the space; over the channels it is a barrier, except a mean over
+    the channels alone with keepdim, a per-sample statistic (global response norm, hand-written
+    layer norms) that merged models take over their merged channels, as LayerNorm does."""
     x = node.args[0]
     info = ctx.info(x)
     if not isinstance(info, Feat):
         return passthrough(info)
     ndim = len(ctx.shape(x))
-    dims = _reduced_dims(node, ndim)
-    keepdim = bool(arg(node, 2, "keepdim", False))
-    if dims == [info.axis] and keepdim and _is_mean(node):
-        # A per-sample statistic of the channels (global response norm, hand-written layer
-        # norms): merged models take it over their merged channels, as LayerNorm does.
+    dims = _reduced_dims(node, ndim, dim_position)
+    keepdim = bool(arg(node, dim_position + 1, "keepdim", False))
+    if dims == [info.axis] and keepdim and node.target in (torch.mean, "mean"):
         return UNTRACKED
     if dims is None or info.axis in dims:
-        raise Barrier(f"reduces over the channel axis of '{x.name}'")
-    axis = info.axis if keepdim else info.axis - sum(d < info.axis for d in dims)
-    return info.moved(axis)
+        raise Barrier(f"{what} over the channel axis of '{x.name}'")
+    return info.moved(info.axis if keepdim else info.axis - sum(d < info.axis for d in dims))
 
 
-def _is_mean(node: fx.Node) -> bool:
-    return node.target in (torch.mean, "mean")
+@register(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var,
+          "mean", "sum", "amax", "amin", "std", "var")
+def reduction(ctx: "Context", node: fx.Node) -> Any:
+    """mean/sum/amax/… (dim is the second argument)."""
+    return _reduce(ctx, node, 1, "reduces")
 
 
 @register(torch.norm, torch.linalg.vector_norm, "norm")
 def vector_norm(ctx: "Context", node: fx.Node) -> Any:
-    """A norm over spatial/token axes is per channel (e.g. ConvNeXt-V2's global response norm);
-    over the channel axis it is a barrier."""
-    x = node.args[0]
-    info = ctx.info(x)
-    if not isinstance(info, Feat):
-        return passthrough(info)
-    ndim = len(ctx.shape(x))
-    dim = arg(node, 2, "dim")
-    if dim is None:
-        raise Barrier(f"takes the norm over every axis of '{x.name}', the channels included")
-    dims = sorted(norm_dim(d, ndim) for d in ([dim] if isinstance(dim, int) else dim))
-    if info.axis in dims:
-        raise Barrier(f"takes the norm over the channel axis of '{x.name}'")
-    keepdim = bool(arg(node, 3, "keepdim", False))
-    return info.moved(info.axis if keepdim else info.axis - sum(d < info.axis for d in dims))
+    """Norms (dim is the third argument, after p/ord), e.g. ConvNeXt-V2's global response norm."""
+    return _reduce(ctx, node, 2, "takes the norm")
 
 
 @register(F.pad)
