@@ -20,7 +20,6 @@ from .head_matching import match_heads
 from .matching import METHODS, Match, match_features
 from .passes.analysis import Analysis
 from .passes.attention import fuse_attention
-from .passes.layout import Feat
 from .passes.rewrite import rewrite
 from .passes.statistics import SpaceStats, collect
 from .tracing import check_isomorphic, trace

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import StopPointError
 from ..tracing import tensor_shape
-from .layout import BLOCKED, SHARED, UNTRACKED, Block, Feat, Lazy, UnionFind
+from .layout import BLOCKED, SHARED, Block, Feat, Lazy, UnionFind
 from .attention import BLOCKS_META
 from .op_rules import Barrier, SplitRequest, rule_for
 
