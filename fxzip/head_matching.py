@@ -26,6 +26,8 @@ def head_similarity(corrs: Sequence[np.ndarray], sizes: Sequence[int], heads: in
     score = np.zeros((heads, heads))
     for corr, size in zip(corrs, sizes):
         d = size // heads
+        if d == 1 and len(sizes) > 1:
+            continue  # one value per head (a per-head parameter's axis): it follows the pairing
         cross = corr[:size, k * size:(k + 1) * size]
         for i in range(heads):
             for j in range(heads):

@@ -249,6 +249,90 @@ CASES.update(functional_layers=Functional, depthwise_se_groupnorm=Depthwise, tok
              token_mixer_pad_grn=TokenMixer)
 
 
+class Windows(nn.Module):
+    """Swin-style shapes: channels-last map, cyclic shift (roll), windows partitioned with
+    view/permute and put back with timm's `window_reverse`, patch merging ((…, 2, 2, C) flattened
+    into 4·C channels: the space four times in a row) and its LayerNorm + reduction Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 6, 2, stride=2)              # (B, 6, 4, 4)
+        self.norm1 = nn.LayerNorm(6)
+        self.fc = nn.Linear(6, 6)
+        self.merge_norm, self.reduce = nn.LayerNorm(24), nn.Linear(24, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        from timm.models.swin_transformer import window_reverse
+
+        x = self.patch(x).permute(0, 2, 3, 1)                 # (B, 4, 4, 6)
+        B = x.shape[0]
+        s = torch.roll(self.norm1(x), shifts=(-1, -1), dims=(1, 2))
+        w = s.view(B, 2, 2, 2, 2, 6).permute(0, 1, 3, 2, 4, 5).reshape(-1, 2, 2, 6)
+        w = F.gelu(self.fc(w))
+        s = torch.roll(window_reverse(w, (2, 2), 4, 4), shifts=(1, 1), dims=(1, 2))
+        x = x + s
+        x = x.reshape(B, 2, 2, 2, 2, 6).permute(0, 1, 3, 4, 2, 5).flatten(3)  # (B, 2, 2, 24)
+        x = self.reduce(self.merge_norm(x))
+        return self.head(x.mean((1, 2)))
+
+
+class RelPosAttention(nn.Module):
+    """Window attention with a relative position bias gathered from a (positions × heads) table
+    by an index buffer, added to the scores (matmul + softmax): the table's head axis must
+    follow the pairing of heads (`AttentionCore`)."""
+
+    def __init__(self, heads=2, dim=8, tokens=16):
+        super().__init__()
+        self.heads = heads
+        self.patch = nn.Conv2d(3, dim, 2, stride=2)            # 16 tokens
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        g = torch.Generator().manual_seed(0)
+        self.table = nn.Parameter(torch.randn(2 * tokens - 1, heads, generator=g))
+        pos = torch.arange(tokens)
+        self.register_buffer("index", (pos[:, None] - pos[None, :] + tokens - 1).reshape(-1))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)           # (B, N, C)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.table[self.index].view(N, N, -1).permute(2, 0, 1).unsqueeze(0)
+        attn = ((q * 0.5) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+        return self.head(x.mean(1))
+
+
+CASES.update(windows_roll_patch_merging=Windows, attention_relative_position_bias=RelPosAttention)
+
+
+def test_relative_position_bias_follows_the_heads():
+    """The bias table's head axis is a one-feature-per-head space of the attention's head group."""
+    model = RelPosAttention().eval()
+    analysis = fxzip.analyze(model, torch.randn(2, 3, 8, 8))
+    assert not analysis.barriers
+    (group,) = analysis.head_groups
+    assert sorted(analysis.spaces[s].size for s in group.spaces) == [2, 8, 8]
+    (use,) = analysis.param_uses["table"]
+    assert use.axis == 1 and use.feat.blocks[0].space in group.spaces
+
+
+def test_per_head_values_from_outside_the_parameters_are_a_barrier():
+    """A per-head bias computed from the input cannot follow a pairing of heads."""
+    class InputBias(RelPosAttention):
+        def forward(self, x):
+            t = self.patch(x).flatten(2).transpose(1, 2)
+            B, N, C = t.shape
+            q, k, v = self.qkv(t).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            bias = t[..., :self.heads].permute(0, 2, 1).unsqueeze(-1)   # (B, H, N, 1)
+            attn = (q @ k.transpose(-2, -1) + bias).softmax(dim=-1)
+            return self.head(self.proj((attn @ v).transpose(1, 2).reshape(B, N, C)).mean(1))
+
+    analysis = fxzip.analyze(InputBias().eval(), torch.randn(2, 3, 8, 8))
+    assert [b.op for b in analysis.barriers] == ["AttentionCore"]
+    assert "per head" in analysis.barriers[0].reason and not analysis.head_groups
+
+
 def test_token_mixing_weights_are_averaged_not_matched():
     torch.manual_seed(0)
     a, b = TokenMixer().eval(), TokenMixer().eval()

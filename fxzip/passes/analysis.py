@@ -202,7 +202,7 @@ class Context:
                           "per channel")
         source_axis = lazy.axes[axis] if axis < len(lazy.axes) else None
         source = next(n for n in self.gm.graph.nodes if n.name == lazy.source)
-        if source_axis is None or tensor_shape(source)[source_axis] != feat.width:
+        if not isinstance(source_axis, int) or tensor_shape(source)[source_axis] != feat.width:
             raise Barrier(f"uses parameter '{source.target}' per channel through a reshape fxzip "
                           "cannot follow")
         self._record(source.target, "", source_axis, feat, role)

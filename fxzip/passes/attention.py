@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import math
 import operator
 
 import torch
@@ -28,7 +29,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..tracing import tensor_shape
 from .layout import Feat
-from .op_rules import Barrier, register
+from .layout import Block, Lazy
+from .op_rules import Barrier, norm_dim, register
 
 if TYPE_CHECKING:
     from .analysis import Context
@@ -56,6 +58,26 @@ class AttentionRegion:
     projection: str  # the node whose output is (..., N, 3·H·d)
     heads: int
     nodes: tuple[str, ...]  # replaced nodes, the last one is the reshape back to (..., N, H·d)
+    extras: tuple[str, ...] = ()  # tensors from outside it reads: position biases, masks
+
+
+class AttentionCore(nn.Module):
+    """Attention that reads more than its fused projection — relative position biases, masks —
+    kept as the traced subgraph itself (`body`, exact by construction). `head_axes[i]` is the
+    axis of extra input i that runs along the heads (None: not a tensor, or broadcast over the
+    heads); the analysis ties those axes to the pairing of heads."""
+
+    def __init__(self, body: fx.GraphModule, heads: int, head_axes: tuple[int | None, ...]):
+        super().__init__()
+        self.body = body
+        self.heads = heads
+        self.head_axes = tuple(head_axes)
+
+    def forward(self, qkv: torch.Tensor, *extras: Any) -> torch.Tensor:
+        return self.body(qkv, *extras)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, head_axes={self.head_axes}"
 
 
 def find_regions(gm: fx.GraphModule) -> list[AttentionRegion]:
@@ -108,6 +130,7 @@ def _region_from(gm: fx.GraphModule, split: fx.Node) -> AttentionRegion | None:
     if end is None:
         return None
     members = set(inside) | {end}
+    extras: list[fx.Node] = []
     for node in inside:
         if any(user not in members for user in node.users):
             return None  # an intermediate escapes the region
@@ -118,12 +141,14 @@ def _region_from(gm: fx.GraphModule, split: fx.Node) -> AttentionRegion | None:
         for value in node.all_input_nodes:
             if value in members or value is source:
                 continue
-            if not _harmless_input(value):
-                return None  # masks, position biases, rotary embeddings, …
+            if not _harmless_input(value) and value not in extras:
+                extras.append(value)  # masks, position biases, rotary embeddings, …
     if any(value not in members for value in end.all_input_nodes if _is_tensor(value)):
         return None
     inside.sort(key=order.__getitem__)
-    return AttentionRegion(source.name, heads, tuple(n.name for n in inside) + (end.name,))
+    extras.sort(key=order.__getitem__)
+    return AttentionRegion(source.name, heads, tuple(n.name for n in inside) + (end.name,),
+                           tuple(n.name for n in extras))
 
 
 def _state(gm: fx.GraphModule, target: str):
@@ -164,11 +189,16 @@ def fuse_attention(gm: fx.GraphModule, example: torch.Tensor) -> tuple[fx.GraphM
         return gm, []
     graph = candidate.graph
     by_name = {n.name: n for n in graph.nodes}
-    for region in regions:
+    for index, region in enumerate(regions):
         source = by_name[region.projection]
         end = by_name[region.nodes[-1]]
-        with graph.inserting_before(end):
-            fused = graph.call_function(fused_qkv_attention, (source, region.heads))
+        if region.extras:
+            fused = _insert_core(candidate, region, by_name, index)
+            if fused is None:
+                continue
+        else:
+            with graph.inserting_before(end):
+                fused = graph.call_function(fused_qkv_attention, (source, region.heads))
         fused.meta = dict(end.meta)
         end.replace_all_uses_with(fused)
         for name in reversed(region.nodes):
@@ -180,6 +210,195 @@ def fuse_attention(gm: fx.GraphModule, example: torch.Tensor) -> tuple[fx.GraphM
             return gm, []
     projections = [n.name for n in graph.nodes if n.meta.get(BLOCKS_META)]
     return candidate, projections
+
+
+def _insert_core(gm: fx.GraphModule, region: AttentionRegion, by_name: dict[str, fx.Node],
+                 index: int) -> fx.Node | None:
+    """Move a region that reads extra tensors into an `AttentionCore` submodule and call it in its
+    place; None (region left alone) when the heads cannot be followed through it."""
+    nodes = [by_name[name] for name in region.nodes]
+    source = by_name[region.projection]
+    head_axes = follow_heads(gm, nodes, source, [by_name[n] for n in region.extras])
+    if head_axes is None:
+        return None
+    members = set(nodes)
+    inputs: list[fx.Node] = []
+    for node in nodes:
+        for value in node.all_input_nodes:
+            if value not in members and value is not source and value not in inputs:
+                inputs.append(value)
+    body_graph = fx.Graph()
+    env = {source: body_graph.placeholder("qkv")}
+    for i, value in enumerate(inputs):
+        env[value] = body_graph.placeholder(f"extra_{i}")
+    for node in nodes:
+        env[node] = body_graph.node_copy(node, env.__getitem__)
+    body_graph.output(env[nodes[-1]])
+    body = fx.GraphModule(gm, body_graph, "AttentionBody")
+    axes = tuple(head_axes.get(v) for v in inputs)
+    name = f"fxzip_attention_{index}"
+    while hasattr(gm, name):
+        name = "fxzip_" + name
+    gm.add_submodule(name, AttentionCore(body, region.heads, axes))
+    with gm.graph.inserting_before(nodes[-1]):
+        return gm.graph.call_module(name, (source, *inputs))
+
+
+_SAME_STATE_METHODS = {"contiguous", "clone", "float", "half", "to", "type_as", "detach"}
+_SCALE_OPS = {operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div"}
+_BIAS_OPS = {operator.add, operator.sub, torch.add, torch.sub, "add", "sub"} | _SCALE_OPS
+_MATMUL = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
+_SOFTMAX = {F.softmax, torch.softmax, "softmax"}
+
+
+def follow_heads(gm: fx.GraphModule, nodes: list[fx.Node], source: fx.Node,
+                 extras: list[fx.Node]) -> dict[fx.Node, int | None] | None:
+    """Follow the head axis from the split of [q | k | v] to the merge of the heads, op by op:
+    q and k meet only in the score product (over their head features), values only through the
+    attention weights, heads stay on one axis throughout. Extra tensors may only scale or shift
+    the scores. Returns, per extra tensor, its axis along the heads (None: broadcast over the
+    heads), or None where the region does anything else."""
+    extra_set = set(extras)
+    states: dict[fx.Node, Any] = {}
+    head_axes: dict[fx.Node, int | None] = {}
+
+    def extra_axis(value: fx.Node, state: dict) -> bool:
+        shape = tensor_shape(value)
+        axis = len(shape) - (state["ndim"] - state["head"])
+        axis = None if axis < 0 or shape[axis] == 1 else axis
+        if head_axes.setdefault(value, axis) != axis:
+            return False
+        return True
+
+    for position, node in enumerate(nodes):
+        shape = tensor_shape(node)
+        key = node.target if node.op in ("call_function", "call_method") else None
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            key = "softmax" if isinstance(module, nn.Softmax) else                 "same" if isinstance(module, (nn.Dropout, nn.Identity)) else None
+            args = [node.args[0]]
+            if isinstance(module, nn.Softmax):
+                args = [node.args[0], module.dim]
+        else:
+            args = list(node.args)
+        inputs = [states.get(a) if isinstance(a, fx.Node) else None for a in args]
+        first = inputs[0] if inputs else None
+        state = None
+        if position == 0:  # the split (..., N, 3, H, d)
+            n = len(shape)
+            state = {"role": "qkv", "three": n - 3, "head": n - 2, "d": n - 1, "ndim": n}
+        elif position == len(nodes) - 1:  # the merge of the heads (..., N, H·d)
+            if not (first and first["role"] == "out" and first["head"] == first["ndim"] - 2
+                    and first["d"] == first["ndim"] - 1):
+                return None
+            break
+        elif key in (getattr, "size", "dim"):
+            state = "plain"
+        elif first is None or first == "plain":
+            return None
+        elif key in ("permute", torch.permute, "transpose", torch.transpose):
+            state = _moved(first, node, key)
+        elif key in _SAME_STATE_METHODS or key in (F.dropout, "same"):
+            state = first
+        elif key in (torch.unbind, "unbind") and first["role"] == "qkv":
+            dim = norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), first["ndim"])
+            if dim != first["three"]:
+                return None
+            state = tuple(_dropped(first, dim, role) for role in ("q", "k", "v"))
+        elif key is operator.getitem and isinstance(first, tuple) and isinstance(node.args[1], int):
+            state = first[node.args[1]]
+        elif key is operator.getitem and first["role"] == "qkv" and first["three"] == 0 \
+                and isinstance(node.args[1], int):
+            state = _dropped(first, 0, ("q", "k", "v")[node.args[1]])
+        elif key in _SOFTMAX and first["role"] == "scores":
+            dim = args[1] if len(args) > 1 else node.kwargs.get("dim")
+            state = first if dim is not None and norm_dim(dim, first["ndim"]) == first["ndim"] - 1 \
+                else None
+        elif key in _MATMUL and len(inputs) == 2 and isinstance(inputs[1], dict):
+            state = _product(first, inputs[1])
+        elif key is F.scaled_dot_product_attention:
+            state = _sdpa(node, states, extra_set, extra_axis)
+        elif key in ("view", "reshape", torch.reshape) and first["role"] == "scores":
+            state = _reshaped(first, tensor_shape(node.args[0]), shape)
+        elif key in _BIAS_OPS and first["role"] in ("scores", "q", "k") and len(args) == 2:
+            other = args[1]
+            if isinstance(other, fx.Node) and tensor_shape(other) is not None:
+                if other not in extra_set or first["role"] != "scores" \
+                        or not extra_axis(other, first):
+                    return None
+            elif key not in _SCALE_OPS:
+                return None
+            state = first
+        if not state:
+            return None
+        states[node] = state
+    return head_axes
+
+
+def _moved(state: dict, node: fx.Node, key: Any) -> dict | None:
+    """A tensor state through permute / transpose."""
+    n = state["ndim"]
+    if key in ("permute", torch.permute):
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
+            else node.args[1:]
+        dims = [norm_dim(d, n) for d in dims]
+        where = {old: new for new, old in enumerate(dims)}
+    else:
+        a, b = norm_dim(node.args[1], n), norm_dim(node.args[2], n)
+        where = {a: b, b: a}
+    return {k: (where.get(v, v) if k in ("three", "head", "d", "tokens") and v is not None else v)
+            for k, v in state.items()}
+
+
+def _dropped(state: dict, dim: int, role: str) -> dict:
+    """One of q, k, v: the [q | k | v] axis `dim` removed."""
+    shift = lambda a: a - (a > dim)
+    return {"role": role, "head": shift(state["head"]), "d": shift(state["d"]),
+            "ndim": state["ndim"] - 1}
+
+
+def _product(a: Any, b: Any) -> dict | None:
+    """q·kᵀ (features contracted, k transposed) gives scores; scores·v gives the heads' outputs."""
+    if not isinstance(a, dict) or a["head"] != b["head"] or a["ndim"] != b["ndim"] \
+            or a["head"] >= a["ndim"] - 2:
+        return None
+    n = a["ndim"]
+    if a["role"] == "q" and b["role"] == "k" and a["d"] == n - 1 and b["d"] == n - 2:
+        return {"role": "scores", "head": a["head"], "ndim": n}
+    if a["role"] == "scores" and b["role"] == "v" and b["d"] == n - 1:
+        return {"role": "out", "head": a["head"], "d": n - 1, "ndim": n}
+    return None
+
+
+def _sdpa(node: fx.Node, states: dict, extras: set, extra_axis) -> dict | None:
+    names = ("query", "key", "value", "attn_mask")
+    given = dict(zip(names, node.args))
+    given.update({k: v for k, v in node.kwargs.items() if k in names})
+    q, k, v = (states.get(given.get(name)) for name in names[:3])
+    if not all(isinstance(s, dict) for s in (q, k, v)):
+        return None
+    if (q["role"], k["role"], v["role"]) != ("q", "k", "v") or not q["head"] == k["head"] == v["head"]:
+        return None
+    n = q["ndim"]
+    if q["d"] != n - 1 or k["d"] != n - 1 or v["d"] != n - 1 or q["head"] >= n - 2:
+        return None
+    mask = given.get("attn_mask")
+    if isinstance(mask, fx.Node):
+        if mask not in extras or not extra_axis(mask, {"ndim": n, "head": q["head"]}):
+            return None
+    return {"role": "out", "head": q["head"], "d": n - 1, "ndim": n}
+
+
+def _reshaped(state: dict, shape_in: tuple, shape_out: tuple) -> dict | None:
+    """Scores through a view that keeps the head axis whole (e.g. (B·W, H, N, N) <-> (B, W, H, N, N))."""
+    head = state["head"]
+    before = math.prod(shape_in[:head])
+    for j, n in enumerate(shape_out):
+        if n == shape_in[head] and math.prod(shape_out[:j]) == before:
+            if shape_out[-1] != shape_in[-1]:
+                return None  # softmax runs over the last axis: keep it
+            return {"role": "scores", "head": j, "ndim": len(shape_out)}
+    return None
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -269,13 +488,10 @@ def _flatten(value: Any) -> list[torch.Tensor]:
     return []
 
 
-@register(fused_qkv_attention)
-def attention_rule(ctx: "Context", node: fx.Node) -> Feat:
-    """Queries and keys share one space, values another; both are split into heads."""
-    qkv, heads = node.args[0], node.args[1]
+def _qkv_layout(ctx: "Context", qkv: fx.Node, heads: int) -> Feat:
+    """The [q | k | v] layout of a fused projection's output (queries and keys in one space)."""
     info = ctx.info(qkv)
-    shape = ctx.shape(qkv)
-    axis = len(shape) - 1
+    axis = len(ctx.shape(qkv)) - 1
     if not isinstance(info, Feat) or info.axis != axis:
         raise Barrier(f"attention reads '{qkv.name}', whose channels fxzip cannot follow")
     blocks = info.blocks
@@ -284,6 +500,45 @@ def attention_rule(ctx: "Context", node: fx.Node) -> Feat:
         raise Barrier(f"attention reads '{qkv.name}' whose layout is not [q | k | v]")
     if blocks[0].size % heads or blocks[2].size % heads:
         raise Barrier(f"{heads} heads do not divide the attention width {blocks[0].size}")
+    return info
+
+
+@register(fused_qkv_attention)
+def attention_rule(ctx: "Context", node: fx.Node) -> Feat:
+    """Queries and keys share one space, values another; both are split into heads."""
+    qkv, heads = node.args[0], node.args[1]
+    info = _qkv_layout(ctx, qkv, heads)
     ctx.consume(node, qkv, info)
-    ctx.head_group((blocks[0].space, blocks[2].space), heads, "attention")
-    return Feat(axis, (blocks[2],))
+    ctx.head_group((info.blocks[0].space, info.blocks[2].space), heads, "attention")
+    return Feat(info.axis, (info.blocks[2],))
+
+
+@register(AttentionCore)
+def attention_core_rule(ctx: "Context", node: fx.Node) -> Feat:
+    """Attention with extra inputs: as `attention_rule`, and every parameter-derived extra that
+    varies over the heads (a relative position bias table) follows a space of one feature per
+    head, which is part of the attention's head group — so its heads are paired as the
+    attention's heads are. Its statistics are each head's outputs taken together."""
+    module = ctx.module(node)
+    qkv, heads = node.args[0], module.heads
+    info = _qkv_layout(ctx, qkv, heads)
+    out = Feat(info.axis, (info.blocks[2],))
+    head_space = None
+    for value, axis in zip(node.args[1:], module.head_axes):
+        if axis is None:
+            continue
+        if not isinstance(ctx.info(value), Lazy):
+            raise Barrier(f"attention reads '{value.name}' per head, a value that is not computed "
+                          "from parameters alone (fixed per-head values cannot follow a pairing "
+                          "of heads)")
+        if head_space is None:
+            head_space = ctx.uf.new(heads)
+        ctx.tie_param(value, axis, Feat(axis, (Block(head_space, heads),)))
+    ctx.consume(node, qkv, info)
+    spaces = (info.blocks[0].space, info.blocks[2].space)
+    if head_space is not None:
+        per_head = info.blocks[2].size // heads
+        ctx.consume(node, node, Feat(out.axis, (Block(head_space, heads, per_head),)))
+        spaces += (head_space,)
+    ctx.head_group(spaces, heads, "attention")
+    return out

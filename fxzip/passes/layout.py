@@ -49,7 +49,9 @@ class Feat:
 class Lazy:
     """A parameter read by get_attr (node `source`), or a value computed from it alone, whose
     channel axis is not known yet. `axes[i]` is the parameter axis that axis i comes from (None:
-    a new or broadcast axis). The first op that combines it with features fixes its space."""
+    a new or broadcast axis; `MIXED`: an axis made by indexing, merging or splitting the
+    parameter's axes, which no single parameter axis runs along). The first op that combines it
+    with features fixes its space."""
 
     source: str
     axes: tuple[int | None, ...]
@@ -70,6 +72,7 @@ class _Marker:
 
 SHARED = _Marker("SHARED", "The same value in every model (inputs, constants): needs no merging.")
 UNTRACKED = _Marker("UNTRACKED", "A value computed from parameters that fxzip cannot follow per channel.")
+MIXED = _Marker("MIXED", "A Lazy axis made from parameter axes by indexing, merging or splitting.")
 BLOCKED = _Marker("BLOCKED", "A value downstream of a barrier: never part of the zipped trunk.")
 
 

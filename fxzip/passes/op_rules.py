@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layout import SHARED, UNTRACKED, Feat, Lazy
+from .layout import MIXED, SHARED, UNTRACKED, Feat, Lazy
 
 if TYPE_CHECKING:
     from .analysis import Context
@@ -157,7 +157,7 @@ def passthrough(info: Any, remap=None) -> Any:
         return info
     if isinstance(info, Lazy) and remap is not None:
         axes = remap(info.axes)
-        return None if axes is None else info.remapped(axes)
+        return UNTRACKED if axes is None else info.remapped(axes)
     return UNTRACKED
 
 
@@ -439,6 +439,21 @@ def pad(ctx: "Context", node: fx.Node) -> Any:
     return info
 
 
+@register(torch.roll, "roll")
+def roll(ctx: "Context", node: fx.Node) -> Any:
+    """Cyclic shift of positions (Swin's shifted windows); rolling the channel axis is a barrier."""
+    x = node.args[0]
+    info = ctx.info(x)
+    if not isinstance(info, Feat):
+        return passthrough(info, lambda axes: axes)
+    dims = arg(node, 2, "dims")
+    ndim = len(ctx.shape(x))
+    dims = [dims] if isinstance(dims, int) else list(dims) if dims is not None else None
+    if dims is None or info.axis in [norm_dim(d, ndim) for d in dims]:
+        raise Barrier(f"rolls the channel axis of '{x.name}'")
+    return info
+
+
 @register(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, nn.Softmax, nn.LogSoftmax,
           "softmax", "log_softmax")
 def softmax(ctx: "Context", node: fx.Node) -> Any:
@@ -464,7 +479,7 @@ def reshape_like(ctx: "Context", node: fx.Node) -> Any:
     info = ctx.info(x)
     shape_in, shape_out = ctx.shape(x), ctx.shape(node)
     if not isinstance(info, Feat):
-        return passthrough(info, lambda axes: _regroup_unit_axes(axes, shape_in, shape_out))
+        return passthrough(info, lambda axes: reshape_axes(axes, shape_in, shape_out))
     a, channels = info.axis, ctx.shape(x)[info.axis]
     before = math.prod(shape_in[:a])
     for j in range(len(shape_out)):
@@ -475,18 +490,53 @@ def reshape_like(ctx: "Context", node: fx.Node) -> Any:
         factor = shape_out[j] // channels
         if _is_prefix_product(shape_in[a + 1:], factor):
             return info.moved(j) if factor == 1 else info.expanded(factor).moved(j)
+    repeated = _merged_from_before(info, shape_in, shape_out)
+    if repeated is not None:
+        return repeated
     raise Barrier(f"reshapes '{x.name}' {tuple(shape_in)} -> {tuple(shape_out)}, splitting or "
                   "scattering its channel axis")
 
 
-def _regroup_unit_axes(axes, shape_in, shape_out):
-    """Axis map through a reshape that only inserts or removes size-1 axes, else None."""
-    big_in = [(a, n) for a, n in zip(axes, shape_in) if n != 1]
-    big_out = [n for n in shape_out if n != 1]
-    if [n for _, n in big_in] != big_out:
-        return None
-    sources = iter(a for a, _ in big_in)
-    return [next(sources) if n != 1 else None for n in shape_out]
+def _merged_from_before(info: Feat, shape_in: tuple, shape_out: tuple) -> Feat | None:
+    """The channel axis flattened with axes BEFORE it (Swin's patch merging: (…, 2, 2, C) ->
+    (…, 4·C)): the channel layout repeated once per position, as consecutive blocks."""
+    a = info.axis
+    end = math.prod(shape_in[:a + 1])
+    for j in range(len(shape_out)):
+        if math.prod(shape_out[:j + 1]) != end:
+            continue
+        factor = shape_out[j] // shape_in[a]
+        if shape_out[j] % shape_in[a] or factor < 2 or math.prod(shape_out[:j]) * factor \
+                != math.prod(shape_in[:a]):
+            return None
+        return Feat(j, info.blocks * factor)
+    return None
+
+
+def reshape_axes(axes, shape_in, shape_out) -> list:
+    """Axis labels through a (contiguous) reshape: an output axis that is an input axis whole
+    keeps its label, a size-1 axis is None, and an axis made by merging or splitting input axes is
+    MIXED if any of them carries a label (else None: merged new axes stay new)."""
+    def spans(shape):
+        out, at = [], 1
+        for n in shape:
+            out.append((at, at * n))
+            at *= n
+        return out
+
+    spans_in, labels = spans(shape_in), []
+    for (lo, hi), n in zip(spans(shape_out), shape_out):
+        if n == 1:
+            labels.append(None)
+            continue
+        whole = [a for a, span in zip(axes, spans_in) if span == (lo, hi)]
+        if whole:
+            labels.append(whole[0])
+            continue
+        parts = [a for a, (l, h), m in zip(axes, spans_in, shape_in)
+                 if m != 1 and l < hi and lo < h]
+        labels.append(MIXED if any(a is not None for a in parts) else None)
+    return labels
 
 
 def _is_prefix_product(dims: tuple[int, ...], value: int) -> bool:
@@ -568,7 +618,7 @@ def getitem(ctx: "Context", node: fx.Node) -> Any:
     if isinstance(info, tuple):  # an element of split / chunk / unbind
         return info[index] if isinstance(index, int) else UNTRACKED
     if not isinstance(info, Feat):
-        return passthrough(info)
+        return passthrough(info, lambda axes: _indexed_axes(ctx, axes, index))
     index = index if isinstance(index, tuple) else (index,)
     if any(isinstance(i, fx.Node) for i in index):
         raise Barrier("indexes with a tensor")
@@ -598,6 +648,14 @@ def getitem(ctx: "Context", node: fx.Node) -> Any:
     if new_axis is None:
         new_axis = out_dim + info.axis - in_dim
     return info.moved(new_axis)
+
+
+def _indexed_axes(ctx: "Context", axes, index) -> list | None:
+    """Axis labels of a parameter indexed by one integer tensor on its first axis (a relative
+    position bias table gathered by a position index): the index's axes are MIXED."""
+    if not isinstance(index, fx.Node) or ctx.shape(index) is None:
+        return None
+    return [MIXED] * len(ctx.shape(index)) + list(axes[1:])
 
 
 def _channel_slice(info: Feat, item: slice, width: int, x: fx.Node) -> Feat:
@@ -784,3 +842,52 @@ def unbind(ctx: "Context", node: fx.Node) -> Any:
         raise Barrier("unbinds the channel axis")
     axis = info.axis - (dim < info.axis)
     return tuple(info.moved(axis) for _ in range(shape[dim]))
+
+
+# ---------------------------------------------------------------------------------------------
+# timm's window/grid reverse functions (traced as single calls): positions move, channels stay
+# ---------------------------------------------------------------------------------------------
+
+_WINDOW_FUNCTIONS = {  # timm module: (function names, channel axis of input and output)
+    "timm.models.swin_transformer": (("window_reverse",), -1),
+    "timm.models.swin_transformer_v2": (("window_reverse",), -1),
+    "timm.models.swin_transformer_v2_cr": (("window_reverse",), -1),
+    "timm.models.gcvit": (("window_reverse",), -1),
+    "timm.models.davit": (("window_reverse",), -1),
+    "timm.models.maxxvit": (("window_reverse", "grid_reverse"), -1),
+}
+_WINDOW_FUNCTIONS_NCHW = {"timm.models.maxxvit": ("window_reverse_nchw", "grid_reverse_nchw")}
+
+
+def _window_rule(channel_axis: int) -> Rule:
+    def rule(ctx: "Context", node: fx.Node) -> Any:
+        """Reassembles windows (or grid cells) of positions into a feature map: every position
+        keeps its channel vector, the channel axis stays where it is."""
+        x = node.args[0]
+        info, shape_in, shape_out = ctx.info(x), ctx.shape(x), ctx.shape(node)
+        if not isinstance(info, Feat):
+            return passthrough(info)
+        axis_in, axis_out = norm_dim(channel_axis, len(shape_in)), norm_dim(channel_axis, len(shape_out))
+        if info.axis != axis_in or shape_out[axis_out] != shape_in[axis_in]:
+            raise Barrier(f"rearranges windows of '{x.name}' whose channels are on axis {info.axis}")
+        return info.moved(axis_out)
+    return rule
+
+
+def _register_window_functions() -> None:
+    import importlib
+
+    for table, axis in ((_WINDOW_FUNCTIONS, None), (_WINDOW_FUNCTIONS_NCHW, 1)):
+        for module_name, entry in table.items():
+            names, channel_axis = (entry, axis) if axis is not None else entry
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:  # pragma: no cover - timm is optional here
+                continue
+            for name in names:
+                function = getattr(module, name, None)
+                if function is not None:
+                    register(function)(_window_rule(channel_axis))
+
+
+_register_window_functions()
