@@ -8,6 +8,18 @@ replaced subgraph reads nothing else per model (no parameters, no position biase
 embeddings) and the whole model computes the same outputs afterwards on the example batch. That
 check makes the rewrite correct by construction: anything else stays a barrier.
 
+Attention that also reads tensors from outside the region — relative position biases gathered
+from a (positions × heads) table, shifted-window masks (Swin) — is kept as the traced subgraph
+itself, moved into an `AttentionCore` submodule, once `follow_heads` has followed the head axis
+through it op by op (q and k meet only in the score product, v only through the attention
+weights, the extra tensors only shift or scale the scores). An extra tensor computed from
+parameters alone that varies over the heads has its head axis tied to a space of one feature
+per head, which joins the attention's head group: the table's heads are paired (and averaged)
+as the attention's heads are. Per-head values that are not parameters (computed from the
+input, or fixed constants) are a barrier. Still barriers: parametrised ops inside the attention
+(q/k norms, CaiT's talking heads), other [q | k | v] layouts (MaxViT's per-head interleaving,
+LeViT's per-head split), attention over channels (EdgeNeXt's XCA), factorised attention (CoaT).
+
 The op rule then knows the structure: the projection's output holds the blocks [q | k | v];
 queries and keys share one feature space, values (and the output projection's input) another,
 and both are split into H heads of d features that must be matched head to head
