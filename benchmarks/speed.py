@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import fxzip  # noqa: E402
 from fxzip.digits import ResNet20, load_digits_split  # noqa: E402
+from fxzip.passes.statistics import resolve_precision  # noqa: E402
 
 DEFAULT_THREADS = 2
 DIGITS_BATCH = 128
@@ -373,24 +374,32 @@ TAPPED = "lockstep forward of all models (no-op observer)"
 
 
 def statistics_vs_forward(cases: Sequence[Case], repeats: dict[str, int]) -> tuple[Table, Table]:
-    """The statistics of every mergeable space on a fresh Zipper, against plain forwards of both
-    models over the same batches; and a breakdown of the statistics pass."""
+    """The statistics of every mergeable space on a fresh Zipper (default precision, and float32
+    products), against plain forwards of both models over the same batches; and a breakdown of
+    the statistics pass at the default precision."""
+    default = resolve_precision("auto", torch.device("cpu"))
     ratio = Table("2_statistics_vs_forward", "2. Statistics pass (all mergeable spaces) vs plain "
                   "forwards of both models over the same batches",
-                  ["case", "batches", "spaces", "statistics s", "plain fwd s", "ratio",
-                   "target", "tap fwd s", "accumulation s", "tap fwd/plain", "accum/plain",
-                   "Gram GFLOP", "fwd GFLOP", "Gram/fwd FLOPs"])
+                  ["case", "batches", "spaces", f"statistics s ({default})", "plain fwd s", "ratio",
+                   "target", "statistics s (float32)", "ratio (float32)", "tap fwd s",
+                   "accumulation s", "tap fwd/plain", "accum/plain", "Gram GFLOP", "fwd GFLOP",
+                   "Gram/fwd FLOPs"])
     parts = Table("2b_statistics_breakdown", "2b. Where the statistics time goes (the passes of "
-                  "fxzip.passes.statistics.collect, timed one by one)",
-                  ["case", "part", "seconds", "share"])
+                  f"fxzip.passes.statistics.collect at the default precision, {default}, timed "
+                  "one by one)", ["case", "part", "seconds", "share"])
     for case in cases:
         zipper = fresh_zipper(case)
         spaces = zipper.analysis.mergeable_spaces()
         plain_forward(case.models, case.batches[:1])  # warm-up
-        best = {"statistics": math.inf, "plain": math.inf}
+        fresh_zipper(case, "float32").statistics(spaces)  # warm-up (oneDNN kernels per shape)
+        fresh_zipper(case).statistics(spaces)
+        best = {"statistics": math.inf, "float32": math.inf, "plain": math.inf}
         for _ in range(repeats[case.spec.kind]):  # interleaved; each Zipper is built untimed
-            unused = fresh_zipper(case)
-            best["statistics"] = min(best["statistics"], timed(lambda: unused.statistics(spaces)))
+            unused = {p: fresh_zipper(case, p) for p in ("auto", "float32")}
+            best["statistics"] = min(best["statistics"],
+                                     timed(lambda: unused["auto"].statistics(spaces)))
+            best["float32"] = min(best["float32"],
+                                  timed(lambda: unused["float32"].statistics(spaces)))
             best["plain"] = min(best["plain"], timed(lambda: plain_forward(case.models,
                                                                            case.batches)))
         split = statistics_parts(zipper, spaces)
@@ -399,22 +408,24 @@ def statistics_vs_forward(cases: Sequence[Case], repeats: dict[str, int]) -> tup
         gram = gram_flops(zipper, spaces, case.batches)
         forward = sum(count_flops(m, x) for m in case.models for x in case.batches)
         ratio.add(case.spec.label, len(case.batches), len(spaces), best["statistics"],
-                  best["plain"], best["statistics"] / best["plain"], "≤ 1.5", taps, accumulation,
-                  taps / best["plain"], accumulation / best["plain"], gram / 1e9, forward / 1e9,
-                  gram / forward)
+                  best["plain"], best["statistics"] / best["plain"], "≤ 1.5", best["float32"],
+                  best["float32"] / best["plain"], taps, accumulation, taps / best["plain"],
+                  accumulation / best["plain"], gram / 1e9, forward / 1e9, gram / forward)
         for label, seconds in split.items():
             parts.add(case.spec.label, label, seconds, float("nan"))
         _fill_shares(parts, case.spec.label)
     ratio.notes += [
-        "statistics: `Zipper.statistics(analysis.mergeable_spaces())` on a fresh Zipper (trace "
-        "not counted); plain fwd: `torch.no_grad()` forwards of both eager models",
+        f"statistics: `Zipper.statistics(analysis.mergeable_spaces())` on a fresh Zipper (trace "
+        f"not counted), with the default `statistics_precision='auto'` (here: {default} Gram "
+        "products) and with 'float32'; plain fwd: `torch.no_grad()` forwards of both eager models",
         "tap fwd: the lockstep graph the statistics pass runs (all models node by node) with an "
         "observer that does nothing at the tapped nodes, timed once in table 2b; accumulation "
-        "= statistics - tap fwd",
-        "Gram GFLOP: what the Gram products of all taps cost (2·samples·size² per model "
-        "block on or above the diagonal); fwd GFLOP: FlopCounterMode over both models and all "
-        "batches. The accumulation is bound by these products",
-        "minimum over interleaved repeats: "
+        "= statistics (default precision) - tap fwd",
+        "Gram GFLOP: what the Gram products of all taps would cost as full products (2·samples·"
+        "features² per tap, all models' features stacked); fxzip computes only the upper "
+        "triangle, in row blocks (about 0.55 of this). fwd GFLOP: FlopCounterMode over both "
+        "models and all batches",
+        "minimum over interleaved repeats, after one warm-up of each: "
         + ", ".join(f"{case.spec.label} {repeats[case.spec.kind]}" for case in cases)]
     parts.notes.append("single runs, not minima: the parts need not add up to the statistics "
                        "time of table 2 exactly")
@@ -422,8 +433,8 @@ def statistics_vs_forward(cases: Sequence[Case], repeats: dict[str, int]) -> tup
 
 
 def gram_flops(zipper: fxzip.Zipper, spaces: Sequence[int], batches: Sequence[torch.Tensor]) -> float:
-    """Multiply-adds ×2 of the Gram products the statistics pass computes: per tap and batch,
-    samples × size² for each of the N(N+1)/2 model blocks on or above the diagonal."""
+    """Multiply-adds ×2 of the Gram products of all taps as full products: per tap and batch,
+    samples × (N·size)², the features of the N models stacked."""
     from fxzip.tracing import tensor_shape
 
     analysis, n = zipper.analysis, zipper.num_models
@@ -434,12 +445,12 @@ def gram_flops(zipper: fxzip.Zipper, spaces: Sequence[int], batches: Sequence[to
         for tap in analysis.spaces[s].taps:
             shape = tensor_shape(next(node for node in analysis.nodes if node.name == tap.node))
             rows = math.prod(shape) // shape[tap.axis] * tap.expand * samples / example
-            total += 2 * rows * tap.size ** 2 * n * (n + 1) / 2
+            total += 2 * rows * (n * tap.size) ** 2
     return total
 
 
-def fresh_zipper(case: Case) -> fxzip.Zipper:
-    return fxzip.Zipper(case.models, case.batches, progress=False)
+def fresh_zipper(case: Case, precision: str = "auto") -> fxzip.Zipper:
+    return fxzip.Zipper(case.models, case.batches, progress=False, statistics_precision=precision)
 
 
 def statistics_parts(zipper: fxzip.Zipper, spaces: Sequence[int]) -> dict[str, float]:
@@ -457,6 +468,8 @@ def statistics_parts(zipper: fxzip.Zipper, spaces: Sequence[int]) -> dict[str, f
             def forward(self, name, *tensors):
                 return None
 
+        precision = zipper.statistics_precision
+
         forward_only = st.lockstep_module(zipper.graphs, NullObserver(taps))
         device = zipper.batches.example.device
         stats = {s: st.SpaceStats(zipper.num_models * analysis.spaces[s].size, device)
@@ -467,14 +480,15 @@ def statistics_parts(zipper: fxzip.Zipper, spaces: Sequence[int]) -> dict[str, f
     with torch.no_grad():
         forward_only(zipper.batches.example)  # warm-up
         lockstep = min(timed(lambda: [forward_only(x) for x in zipper.batches]) for _ in range(2))
-    first_pass = timed(lambda: st._run_pass(zipper.graphs, first, zipper.batches, False, ""))
+    first_pass = timed(lambda: st._run_pass(zipper.graphs, first, zipper.batches, False, "",
+                                            precision))
     dead = {s: stats[s].constant_features() for s in spaces}
     retry = {s: st.producer_taps(analysis, s) for s in spaces}
     retry = {s: t for s, t in retry.items() if t and dead[s].size}
     second = {s: (t, st.Moments(stats[s].features.mean.numel(), device, rows=dead[s]))
               for s, t in retry.items()}
-    dead_pass = timed(lambda: st._run_pass(zipper.graphs, second, zipper.batches, False, "")
-                      if second else None)
+    dead_pass = timed(lambda: st._run_pass(zipper.graphs, second, zipper.batches, False, "",
+                                           precision) if second else None)
     return {TAPPED: lockstep, "moment updates (consumer taps)": first_pass - lockstep,
             f"dead-unit pass ({len(second)} spaces)": dead_pass}
 

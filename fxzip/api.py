@@ -21,7 +21,7 @@ from .matching import METHODS, Match, match_features
 from .passes.analysis import Analysis
 from .passes.attention import fuse_attention
 from .passes.rewrite import rewrite
-from .passes.statistics import SpaceStats, collect
+from .passes.statistics import SpaceStats, collect, resolve_precision
 from .tracing import check_isomorphic, trace
 
 DEFAULT_ALPHA = 0.5
@@ -69,7 +69,8 @@ class Zipper:
     tracing or collecting statistics again."""
 
     def __init__(self, models: Sequence[nn.Module], inputs: Any, *, progress: bool = True,
-                 leaf_modules: Sequence[type] = (), concrete_args: dict | None = None):
+                 leaf_modules: Sequence[type] = (), concrete_args: dict | None = None,
+                 statistics_precision: str = "auto"):
         models = list(models)
         if len(models) < 2:
             raise InputError(f"merging needs at least two models, got {len(models)}")
@@ -83,6 +84,8 @@ class Zipper:
         self.progress = progress
         self.seconds: dict[str, float] = {}
         self.batches = Batches(inputs, devices.pop())
+        self.statistics_precision = resolve_precision(statistics_precision,
+                                                      self.batches.example.device)
         with self._timed("trace"):
             self.graphs = [fuse_attention(trace(m, self.batches.example, leaf_modules=leaf_modules,
                                                 concrete_args=concrete_args),
@@ -123,7 +126,8 @@ class Zipper:
         if missing:
             with self._timed("statistics"):
                 self._moments.update(collect(self.graphs, self.analysis, missing, self.batches,
-                                             progress=self.progress))
+                                             progress=self.progress,
+                                             precision=self.statistics_precision))
             self._warn_if_too_few_samples(missing)
         return {s: self._moments[s] for s in spaces}
 
@@ -227,7 +231,8 @@ def _same_cluster(a: np.ndarray, b: np.ndarray) -> list[tuple[int, int]]:
 def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str | int | None = None,
           method: str = "zipit", alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
           reset_bn: bool = True, shared_output: bool = False, progress: bool = True,
-          leaf_modules: Sequence[type] = (), concrete_args: dict | None = None) -> fx.GraphModule:
+          leaf_modules: Sequence[type] = (), concrete_args: dict | None = None,
+          statistics_precision: str = "auto") -> fx.GraphModule:
     """Merge two models of one architecture into one GraphModule returning `(out_a, out_b)`.
 
     inputs: calibration data: a tensor batch, a list of batches, or an iterable/DataLoader of
@@ -242,20 +247,25 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
     shared_output: for models trained into one aligned output space (e.g. fixed class
         embeddings, CLIP-style): zip every layer, average the output layers without permuting
         them, and return ONE output.
+    statistics_precision: the feature correlations' matrix products: "float32", "bfloat16"
+        (CPU: inputs rounded to bfloat16, float32 accumulation; correlations within ~1e-5) or
+        "auto" (bfloat16 where the CPU runs it natively, about twice as fast; else float32).
     The input models are never modified. The report is in `merged.fxzip_report`.
     """
     return merge_all([model_a, model_b], inputs, stop_at=stop_at, method=method, alpha=alpha,
                      beta=beta, reset_bn=reset_bn, shared_output=shared_output, progress=progress,
-                     leaf_modules=leaf_modules, concrete_args=concrete_args)
+                     leaf_modules=leaf_modules, concrete_args=concrete_args,
+                     statistics_precision=statistics_precision)
 
 
 def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | None = None,
               method: str = "zipit", alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
               reset_bn: bool = True, shared_output: bool = False, progress: bool = True,
-              leaf_modules: Sequence[type] = (), concrete_args: dict | None = None) -> fx.GraphModule:
+              leaf_modules: Sequence[type] = (), concrete_args: dict | None = None,
+              statistics_precision: str = "auto") -> fx.GraphModule:
     """Merge N ≥ 2 models (see `merge`); the merged model returns one output per model."""
     zipper = Zipper(models, inputs, progress=progress, leaf_modules=leaf_modules,
-                    concrete_args=concrete_args)
+                    concrete_args=concrete_args, statistics_precision=statistics_precision)
     merged = zipper.merge(stop_at, method=method, alpha=alpha, beta=beta, reset_bn=reset_bn,
                           shared_output=shared_output)
     merged.fxzip_report.seconds = {**{k: zipper.seconds[k] for k in ("trace", "analysis")},

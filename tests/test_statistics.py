@@ -8,8 +8,9 @@ import torch
 import torch.nn as nn
 
 import fxzip
-from fxzip.errors import NonFiniteError
-from fxzip.passes.statistics import Moments, SpaceStats
+from fxzip.errors import InputError, NonFiniteError
+from fxzip.passes import statistics
+from fxzip.passes.statistics import Moments, SpaceStats, resolve_precision
 
 
 def _columns(rng: np.random.Generator, widths: list[int], n: int, offset: float) -> list[torch.Tensor]:
@@ -31,6 +32,19 @@ def test_streamed_moments_equal_numpy(widths, offset):
     assert not constant.any()
     np.testing.assert_allclose(moments.mean.numpy(), data.mean(1), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(corr, np.corrcoef(data), atol=2e-5)
+
+
+def test_gram_in_many_row_blocks_equals_numpy(monkeypatch):
+    """The upper triangle is accumulated block row by block row; blocks of 3 rows over 11
+    features leave a ragged last block."""
+    monkeypatch.setattr(statistics, "GRAM_BLOCK_ROWS", 3)
+    rng = np.random.default_rng(2)
+    batches = [_columns(rng, [5, 6], n, 2.0) for n in (40, 9, 33)]
+    moments = Moments(11, torch.device("cpu"))
+    for cols in batches:
+        moments.update(cols)
+    data = np.concatenate([torch.cat(cols).double().numpy() for cols in batches], axis=1)
+    np.testing.assert_allclose(moments.correlation()[0], np.corrcoef(data), atol=2e-5)
 
 
 def test_row_subset_moments_equal_full_rows():
@@ -100,3 +114,38 @@ def test_too_few_calibration_samples_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error", fxzip.CalibrationWarning)
         fxzip.merge(a, b, torch.randn(100, 4), progress=False)
+
+
+def test_precision_option_is_checked():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("float32", cpu) == "float32"
+    assert resolve_precision("auto", gpu) == "float32"
+    assert resolve_precision("auto", cpu) in ("float32", "bfloat16")
+    with pytest.raises(InputError, match="one of"):
+        resolve_precision("half", cpu)
+    with pytest.raises(InputError, match="for the CPU"):
+        resolve_precision("bfloat16", gpu)
+
+
+def test_bfloat16_products_match_float32_statistics():
+    """bfloat16-rounded inputs with float32 accumulation: correlations within 1e-4 of float32's,
+    the same matching, and the global matmul setting restored (the models never run in it)."""
+    torch.manual_seed(0)
+    a, b = (nn.Sequential(nn.Linear(8, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(),
+                          nn.Linear(48, 3)) for _ in range(2))
+    x = [torch.randn(256, 8) * 3 + 1 for _ in range(3)]
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    zippers = {p: fxzip.Zipper([a, b], x, progress=False, statistics_precision=p)
+               for p in ("float32", "bfloat16")}
+    spaces = zippers["float32"].analysis.mergeable_spaces()
+    differences = []
+    for s in spaces:
+        exact, rounded = (z.statistics([s])[s].correlation() for z in zippers.values())
+        differences.append(np.abs(exact - rounded).max())
+        assert differences[-1] < 1e-4
+        assert np.abs(exact).max() > 0.1  # the comparison is not of zeros
+        for left, right in zip(*(z.match(s, "zipit", 0.5, 1.0).assign for z in zippers.values())):
+            np.testing.assert_array_equal(left, right)
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    if statistics.cpu_has_fast_bfloat16():  # the rounding did happen
+        assert max(differences) > 1e-8
