@@ -91,19 +91,25 @@ class Moments:
 
     def correlation(self) -> tuple[np.ndarray, np.ndarray]:
         """Pearson correlation (the kept rows of it), and the mask of constant features (whose
-        correlations are set to 0)."""
-        cov = (self.m2 / max(self.count - 1, 1)).cpu().numpy()
+        correlations are set to 0). Computed in place in torch (float64)."""
         if self.rows is None:
-            cov = np.triu(cov) + np.triu(cov, 1).T
-            rows = np.arange(cov.shape[0])
+            cov = torch.triu(self.m2)
+            cov += cov.T.clone()  # mirror the upper triangle; the diagonal is now doubled
+            cov.diagonal().mul_(0.5)
+            rows = torch.arange(cov.shape[0], device=cov.device)
         else:
-            rows = self.rows.cpu().numpy()
+            cov = self.m2.clone()
+            rows = self.rows
         constant = self.constant()
-        safe = np.where(constant, 1.0, np.sqrt(np.clip(self.variance(), 0.0, None)))
-        corr = np.clip(cov / np.outer(safe[rows], safe), -1.0, 1.0)
-        corr[constant[rows], :] = 0.0
-        corr[:, constant] = 0.0
-        return corr, constant
+        variance = torch.as_tensor(self.variance(), device=cov.device)
+        mask = torch.as_tensor(constant, device=cov.device)
+        # 1/sqrt of the diagonal sums; 0 for constant features (their variance is > 0 otherwise)
+        sums = variance * max(self.count - 1, 1)
+        inv = torch.where(mask, 0.0, sums.clamp_min(1e-300).rsqrt())
+        cov *= inv[rows][:, None]
+        cov *= inv[None, :]
+        cov.clamp_(-1.0, 1.0)
+        return cov.cpu().numpy(), constant
 
 
 class SpaceStats:
