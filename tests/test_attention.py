@@ -142,3 +142,27 @@ def test_multihead_attention_with_a_mask_stays_a_barrier():
     analysis = fxzip.analyze(Masked(True).eval(), torch.randn(4, 8, 8))
     assert not analysis.head_groups
     assert any(b.op == "MultiheadAttention" for b in analysis.barriers)
+
+
+class _FixedBatch(nn.Module):
+    """A graph that only runs on batches of 4 (the size is written into a reshape)."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        return x.reshape(4, -1).sum(1) * self.scale
+
+
+def test_fused_graph_is_checked_on_the_whole_example_when_the_batch_size_is_fixed():
+    import torch.fx as fx
+    from fxzip.passes.attention import _same_on
+
+    x = torch.randn(4, 3)
+    fixed, scaled = fx.symbolic_trace(_FixedBatch()), fx.symbolic_trace(_FixedBatch(1.5))
+    assert _same_on(fixed, fx.symbolic_trace(_FixedBatch()), x)  # [:2] fails, whole example used
+    assert not _same_on(fixed, scaled, x)
+    free, changed = nn.Linear(3, 2), nn.Linear(3, 2)
+    assert _same_on(fx.symbolic_trace(free), fx.symbolic_trace(free), x)
+    assert not _same_on(fx.symbolic_trace(free), fx.symbolic_trace(changed), x)
