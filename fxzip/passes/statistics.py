@@ -207,9 +207,9 @@ def product_precision(precision: str) -> Iterator[None]:
 def add_upper_gram(m2: torch.Tensor, joint: torch.Tensor) -> None:
     """m2 += joint @ joint.T on and above the diagonal only: the rows are taken in blocks, each
     multiplied with itself and the rows after it (float32 products, or bfloat16-rounded inputs
-    inside `product_precision`), so about half of the full product's
-    multiply-adds and of the float64 additions are done (the more blocks, the closer to half; the
-    blocks stay large enough for an efficient matrix product)."""
+    inside `product_precision`), so about half of the full product's multiply-adds and float64
+    additions are done (the more blocks, the closer to half; the blocks stay large enough for an
+    efficient matrix product)."""
     dim = joint.shape[0]
     step = GRAM_BLOCK_ROWS if dim > 2 * GRAM_BLOCK_ROWS else max(1, (dim + 1) // 2)
     for start in range(0, dim, step):
