@@ -620,7 +620,7 @@ def settings(quick: bool) -> Settings:
         return Settings(True, CaseSpec("resnet50", 32, 128, 16), 1024,
                         {"digits": 2, "resnet50": 1}, 10)
     return Settings(False, CaseSpec("resnet50", 64, 224, 16), max(MATCHING_SIZES),
-                    {"digits": 3, "resnet50": 1}, 30)
+                    {"digits": 3, "resnet50": 3}, 30)
 
 
 def environment(argv: Sequence[str]) -> str:
