@@ -79,10 +79,13 @@ class Moments:
         self.mean.add_(delta, alpha=n / total)
         self.count = total
 
+    def _sums_of_squares(self) -> torch.Tensor:
+        """Every feature's centred sum of squares."""
+        return self.m2.diagonal() if self.rows is None else self.sq
+
     def variance(self) -> np.ndarray:
         """Every feature's (sample) variance."""
-        second = self.m2.diagonal() if self.rows is None else self.sq
-        return (second / max(self.count - 1, 1)).cpu().numpy()
+        return (self._sums_of_squares() / max(self.count - 1, 1)).cpu().numpy()
 
     def constant(self) -> np.ndarray:
         """Mask of the features that are constant over all samples (to float32 precision)."""
@@ -101,11 +104,9 @@ class Moments:
             cov = self.m2.clone()
             rows = self.rows
         constant = self.constant()
-        variance = torch.as_tensor(self.variance(), device=cov.device)
         mask = torch.as_tensor(constant, device=cov.device)
-        # 1/sqrt of the diagonal sums; 0 for constant features (their variance is > 0 otherwise)
-        sums = variance * max(self.count - 1, 1)
-        inv = torch.where(mask, 0.0, sums.clamp_min(1e-300).rsqrt())
+        # 1/sqrt of the sums of squares; 0 for constant features (the sums are > 0 otherwise)
+        inv = torch.where(mask, 0.0, self._sums_of_squares().clamp_min(1e-300).rsqrt())
         cov *= inv[rows][:, None]
         cov *= inv[None, :]
         cov.clamp_(-1.0, 1.0)
