@@ -437,6 +437,20 @@ class Analysis:
                 f"{self.barriers[0]}; merge with split heads (shared_output=False) instead")
         return {n.name for n in self.nodes if n.op != "output"}
 
+    def spaces_of(self, trunk: set[str]) -> list[int]:
+        """The non-pinned spaces a trunk touches (its tensors and its parameters)."""
+        spaces: set[int] = set()
+        for name in trunk:
+            feat = self.feat(name)
+            if feat:
+                spaces.update(b.space for b in feat.blocks)
+        targets = {n.target for n in self.nodes
+                   if n.name in trunk and n.op in ("call_module", "get_attr")}
+        for target in targets:
+            for use in self.param_uses.get(target, []):
+                spaces.update(b.space for b in use.feat.blocks)
+        return sorted(s for s in spaces if not self.spaces[s].pinned)
+
     def layers_in(self, trunk: set[str]) -> int:
         """Weight layers (Linear, convolutions; depthwise ones included) inside a trunk."""
         return sum(1 for name in self.all_layers if name in trunk)
