@@ -29,6 +29,18 @@ class MatchingError(FxzipError):
     """Feature matching was given inconsistent sizes or options."""
 
 
+class RecipeError(InputError):
+    """A merge recipe (YAML) is unreadable, or has an unknown key or a bad value."""
+
+
+class CheckpointError(InputError):
+    """A model could not be built, or its checkpoint is missing, unreadable or does not fit it."""
+
+
+class ExportError(FxzipError):
+    """A merged model could not be exported (`torch.export`) for saving."""
+
+
 class CalibrationWarning(UserWarning):
     """The calibration data are too few for the statistics of some space: the merge runs, but
     matches between features that look alike on so few samples are arbitrary."""
