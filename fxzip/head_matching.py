@@ -16,7 +16,8 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from .errors import MatchingError
-from .matching import Match, match_features
+from .matching import Match
+from .methods import Method, get_method
 
 
 def head_similarity(corrs: Sequence[np.ndarray], sizes: Sequence[int], heads: int,
@@ -49,17 +50,19 @@ def pair_heads(corrs: Sequence[np.ndarray], sizes: Sequence[int], heads: int,
 
 
 def match_heads(corrs: Sequence[np.ndarray | None], sizes: Sequence[int], heads: int,
-                num_models: int, method: str, *, alpha: float = 0.5,
+                num_models: int, method: str | Method, *, alpha: float = 0.5,
                 beta: float = 1.0) -> list[Match]:
-    """One Match per space (`corrs[i]` over `num_models` × `sizes[i]` features), each keeping
-    heads whole and all pairing heads the same way; merged feature i·d + j is feature j of merged
-    head i. "average" needs no correlations."""
+    """One Match per space (`corrs[i]` over `num_models` × `sizes[i]` features, None where the
+    method needs no statistics), each keeping heads whole and all pairing heads the same way;
+    merged feature i·d + j is feature j of merged head i."""
+    method = get_method(method)
     for size in sizes:
         if size % heads:
             raise MatchingError(f"{heads} groups do not divide a width of {size}")
-    if method == "average":
-        return [Match.identity(size, num_models) for size in sizes]
-    pairs = pair_heads(corrs, sizes, heads, num_models)
+    if method.needs_statistics:
+        pairs = pair_heads(corrs, sizes, heads, num_models)
+    else:
+        pairs = np.tile(np.arange(heads), (num_models, 1))
     matches = []
     for corr, size in zip(corrs, sizes):
         d = size // heads
@@ -67,8 +70,8 @@ def match_heads(corrs: Sequence[np.ndarray | None], sizes: Sequence[int], heads:
         for i in range(heads):
             index = np.concatenate([k * size + pairs[k, i] * d + np.arange(d)
                                     for k in range(num_models)])
-            within = match_features(corr[np.ix_(index, index)], [d] * num_models, method,
-                                    alpha=alpha, beta=beta)
+            within = method.match(None if corr is None else corr[np.ix_(index, index)],
+                                  [d] * num_models, alpha=alpha, beta=beta)
             for k in range(num_models):
                 assign[k][pairs[k, i] * d + np.arange(d)] = i * d + within.assign[k]
         matches.append(Match.from_assign(assign, size))

@@ -1,12 +1,11 @@
-"""Feature matching: decide which features of N models become one merged feature.
+"""Feature matching: `Match` and the algorithms that decide which features of N models become
+one merged feature.
 
-Given the correlation matrix of the concatenated features of N models, a method
-returns a `Match`: for every model, the merged feature (cluster) each of its
-features goes to. Three methods are offered:
-
-* ``"average"``: feature i of every model goes to cluster i (plain weight averaging).
-* ``"permute"``: Git Re-Basin activation matching, every model aligned to model 0.
-* ``"zipit"``:   the ZipIt! greedy, which may also merge features of the same model.
+A `Match` says, for every model, the merged feature (cluster) each of its features goes to.
+The algorithms work on the correlation matrix of the concatenated features of N models, checked
+by `check_inputs`: `permutation_match` (Git Re-Basin activation matching, every model aligned to
+model 0) and `zipit_match` (the ZipIt! greedy, which may also merge features of the same model).
+The named merge methods built on them are in `fxzip.methods`.
 """
 
 from __future__ import annotations
@@ -23,9 +22,7 @@ from scipy.optimize import linear_sum_assignment
 
 from .errors import MatchingError
 
-__all__ = ["Match", "match_features", "METHODS"]
-
-METHODS = ("average", "permute", "zipit")
+__all__ = ["Match", "check_inputs", "equal_widths", "permutation_match", "zipit_match"]
 
 _NEG_INF = -np.inf
 
@@ -108,6 +105,28 @@ class Match:
         """Features that share a cluster with an earlier feature of the same model."""
         return int(sum(a.size - np.unique(a).size for a in self.assign))
 
+    def across_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Features of two models merged into one cluster, as (rows, cols) indices into the
+        concatenated features (model k's feature i is ``sum(widths[:k]) + i``): for every model
+        pair k < j, each feature of model k with the first feature of model j in its cluster.
+        Indexing a correlation matrix with them gives the correlations of the merged features."""
+        offsets = np.cumsum([0, *self.widths])
+        first = []  # per model: its first feature in each cluster, -1 where it has none
+        for a in self.assign:
+            first.append(np.full(self.size, -1, dtype=np.int64))
+            clusters, index = np.unique(a, return_index=True)
+            first[-1][clusters] = index
+        rows, cols = [], []
+        for k in range(self.num_models):
+            for j in range(k + 1, self.num_models):
+                hits = first[j][self.assign[k]]
+                found = np.flatnonzero(hits >= 0)
+                rows.append(offsets[k] + found)
+                cols.append(offsets[j] + hits[found])
+        if not rows:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return np.concatenate(rows), np.concatenate(cols)
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Match):
             return NotImplemented
@@ -152,45 +171,29 @@ def _count_members(assign: Sequence[np.ndarray], size: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------
-# Public entry point
-# ---------------------------------------------------------------------------
-
-
-def match_features(
-    corr: np.ndarray,
-    sizes: Sequence[int],
-    method: str = "zipit",
-    *,
-    alpha: float = 0.5,
-    beta: float = 1.0,
-    out_size: int | None = None,
-) -> Match:
-    """Match the features of N models from the correlation matrix of their concatenation.
-
-    `corr` is (D, D) with D = sum(sizes); model k owns the contiguous block of
-    sizes[k] rows/columns. `out_size` (default sizes[0]) is the merged width.
-    `alpha` and `beta` only affect ``"zipit"``: alpha scales the similarity of a
-    freshly merged cluster, beta is the share of merges allowed within one model.
-    """
-    if method not in METHODS:
-        raise MatchingError(f"unknown matching method {method!r}; allowed: {', '.join(METHODS)}")
-    sizes = _check_sizes(sizes)
-    S = _check_corr(corr, sum(sizes))
-    out_size = _check_out_size(out_size, sizes)
-    alpha, beta = _check_alpha_beta(alpha, beta)
-
-    if method == "average":
-        n = _require_equal_sizes(sizes, out_size, method)
-        return Match.identity(n, len(sizes))
-    if method == "permute":
-        _require_equal_sizes(sizes, out_size, method)
-        return _permute(S, sizes)
-    return _zipit(S, sizes, alpha=alpha, beta=beta, out_size=out_size)
-
-
-# ---------------------------------------------------------------------------
 # Input checks
 # ---------------------------------------------------------------------------
+
+
+def check_inputs(
+    corr: np.ndarray | None,
+    sizes: Sequence[int],
+    *,
+    out_size: int | None = None,
+    alpha: float = 0.5,
+    beta: float = 1.0,
+) -> tuple[np.ndarray | None, list[int], int, float, float]:
+    """Validate the inputs of a matching; return (corr, sizes, out_size, alpha, beta) normalised.
+
+    `corr` is (D, D) with D = sum(sizes) (model k owns the contiguous block of sizes[k]
+    rows/columns); it comes back as a symmetric float64 copy with NaN set to 0, or None when
+    None was given (a method that needs no correlations). `out_size` defaults to sizes[0].
+    """
+    sizes = _check_sizes(sizes)
+    S = None if corr is None else _check_corr(corr, sum(sizes))
+    out_size = _check_out_size(out_size, sizes)
+    alpha, beta = _check_alpha_beta(alpha, beta)
+    return S, sizes, out_size, alpha, beta
 
 
 def _check_sizes(sizes: Sequence[int]) -> list[int]:
@@ -302,7 +305,7 @@ def _check_alpha_beta(alpha: float, beta: float) -> tuple[float, float]:
     return alpha, beta
 
 
-def _require_equal_sizes(sizes: list[int], out_size: int, method: str) -> int:
+def equal_widths(sizes: list[int], out_size: int, method: str) -> int:
     """One-to-one methods need equal model widths and out_size equal to that width."""
     n = sizes[0]
     if any(s != n for s in sizes):
@@ -323,8 +326,9 @@ def _require_equal_sizes(sizes: list[int], out_size: int, method: str) -> int:
 # ---------------------------------------------------------------------------
 
 
-def _permute(S: np.ndarray, sizes: list[int]) -> Match:
-    """Align every model to model 0 with a maximum-correlation one-to-one assignment."""
+def permutation_match(S: np.ndarray, sizes: list[int]) -> Match:
+    """Align every model to model 0 with a maximum-correlation one-to-one assignment (checked
+    inputs of equal widths, see `check_inputs` and `equal_widths`)."""
     n = sizes[0]
     assign = [np.arange(n, dtype=np.int64)]
     for k in range(1, len(sizes)):
@@ -341,8 +345,10 @@ def _permute(S: np.ndarray, sizes: list[int]) -> Match:
 # ---------------------------------------------------------------------------
 
 
-def _zipit(S: np.ndarray, sizes: list[int], *, alpha: float, beta: float, out_size: int) -> Match:
-    """Run the ZipIt! greedy on a validated symmetric matrix and build the Match."""
+def zipit_match(S: np.ndarray, sizes: list[int], *, alpha: float, beta: float,
+                out_size: int) -> Match:
+    """Run the ZipIt! greedy on a validated symmetric matrix (`check_inputs`) and build the Match.
+    The matrix is used as scratch space."""
     labels, _ = _zipit_merges(S, sizes, alpha=alpha, beta=beta, out_size=out_size, overwrite=True)
     return _match_from_labels(labels, sizes)
 

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fxzip.errors import MatchingError
-from fxzip.matching import Match, _mirror_upper, _zipit_merges, _ZipState, match_features
+from fxzip.matching import Match, _mirror_upper, _zipit_merges, _ZipState
+from fxzip.methods import METHOD_NAMES, METHODS, match_features
 
 try:  # pytest puts tests/ on sys.path (rootdir-relative import as a fallback)
     from reference_matching import reference_zipit
@@ -465,6 +466,21 @@ def test_identity_and_from_assign():
     assert m2 != Match.from_assign([[0, 1, 1], [0, 2]], 3)
     assert hash(m2) == hash(Match.from_assign([[0, 1, 1], [2, 0]], 3))
 
+
+def test_across_pairs_name_each_feature_with_the_first_of_a_later_model():
+    # clusters: 0 = {a0, a1, b1}, 1 = {a2}, 2 = {b0, c0, c1}; offsets 0, 3, 5
+    m = Match.from_assign([[0, 0, 1], [2, 0], [2, 2]], 3)
+    rows, cols = m.across_pairs()
+    assert list(zip(rows.tolist(), cols.tolist())) == [(0, 4), (1, 4), (3, 5)]
+    assert Match.identity(3, 1).across_pairs()[0].size == 0
+
+
+def test_methods_registry():
+    assert METHOD_NAMES == ("average", "permute", "zipit") == tuple(METHODS)
+    assert [METHODS[name].needs_statistics for name in METHOD_NAMES] == [False, True, True]
+    assert METHODS["average"].match(None, [3, 3]) == Match.identity(3, 2)
+    with pytest.raises(MatchingError, match="needs the correlation matrix"):
+        METHODS["zipit"].match(None, [3, 3])
 
 def test_match_arrays_are_read_only():
     source = np.array([0, 1])
