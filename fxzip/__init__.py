@@ -1,11 +1,13 @@
 """fxzip: merge trained networks of one architecture into one multi-head network, without
 training, by the ZipIt! method, with the merge structure worked out from the torch.fx graph."""
-from .api import MergeReport, Zipper, analyze, merge, merge_all
+from .api import Zipper, analyze, merge, merge_all
 from .bn_reset import reset_bn
 from .errors import (ArchitectureMismatchError, CalibrationWarning, FxzipError, InputError,
                      MatchingError, NonFiniteError, StopPointError, TraceError)
-from .matching import Match, match_features
+from .matching import Match
+from .methods import match_features
 from .passes.analysis import Analysis
+from .report import MergeReport
 
 __version__ = "0.1.0"
 

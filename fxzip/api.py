@@ -5,62 +5,27 @@ import time
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import numpy as np
-import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from .bn_reset import reset_bn as reset_batch_norm
 from .errors import CalibrationWarning, InputError, StopPointError
-from .inputs import Batches
 from .head_matching import match_heads
-from .matching import METHODS, Match, match_features
+from .inputs import Batches
+from .matching import Match
+from .methods import METHODS, Method, get_method
 from .passes.analysis import Analysis
-from .passes.attention import fuse_attention
 from .passes.rewrite import rewrite
 from .passes.statistics import SpaceStats, collect, resolve_precision
-from .tracing import check_isomorphic, trace
+from .pipeline import check_models, device_of, prepare_graphs
+from .report import MergeReport, SpaceReport
+
+__all__ = ["Zipper", "merge", "merge_all", "analyze", "MergeReport", "SpaceReport"]
 
 DEFAULT_ALPHA = 0.5
 DEFAULT_BETA = 1.0
-
-
-@dataclass
-class SpaceReport:
-    space: int
-    width: int
-    merged_width: int
-    within_model_merges: int
-    mean_correlation: float | None
-
-
-@dataclass
-class MergeReport:
-    """What a merge did: the stop point, how many layers were zipped, each merged space, timings."""
-
-    method: str
-    stop_at: Any
-    layers_zipped: int
-    layers_total: int
-    spaces: list[SpaceReport] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        lines = [f"fxzip merge ({self.method}), stop_at={self.stop_at!r}: zipped "
-                 f"{self.layers_zipped}/{self.layers_total} layers, {len(self.spaces)} spaces merged"]
-        for s in self.spaces:
-            corr = "-" if s.mean_correlation is None else f"{s.mean_correlation:.3f}"
-            lines.append(f"  space {s.space:3d}: width {s.width} -> {s.merged_width}, within-model "
-                         f"merges {s.within_model_merges}, mean corr of merged features {corr}")
-        lines.append("  time: " + ", ".join(f"{k} {v:.3f}s" for k, v in self.seconds.items()))
-        return "\n".join(lines)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 class Zipper:
@@ -72,25 +37,15 @@ class Zipper:
                  leaf_modules: Sequence[type] = (), concrete_args: dict | None = None,
                  statistics_precision: str = "auto"):
         models = list(models)
-        if len(models) < 2:
-            raise InputError(f"merging needs at least two models, got {len(models)}")
-        for k, m in enumerate(models):
-            if not isinstance(m, nn.Module):
-                raise InputError(f"model {k} is a {type(m).__name__}, not a torch.nn.Module")
-        devices = {_device_of(m) for m in models}
-        if len(devices) > 1:
-            raise InputError(f"the models live on different devices {sorted(map(str, devices))}; "
-                             "move them to one device first")
+        device = check_models(models)
         self.progress = progress
         self.seconds: dict[str, float] = {}
-        self.batches = Batches(inputs, devices.pop())
+        self.batches = Batches(inputs, device)
         self.statistics_precision = resolve_precision(statistics_precision,
                                                       self.batches.example.device)
         with self._timed("trace"):
-            self.graphs = [fuse_attention(trace(m, self.batches.example, leaf_modules=leaf_modules,
-                                                concrete_args=concrete_args),
-                                          self.batches.example)[0] for m in models]
-            check_isomorphic(self.graphs)
+            self.graphs = prepare_graphs(models, self.batches.example, leaf_modules=leaf_modules,
+                                         concrete_args=concrete_args)
         with self._timed("analysis"):
             self.analysis = Analysis(self.graphs[0])
         self._moments: dict[int, SpaceStats] = {}
@@ -105,20 +60,6 @@ class Zipper:
     @property
     def num_models(self) -> int:
         return len(self.graphs)
-
-    def spaces_of(self, trunk: set[str]) -> list[int]:
-        """The non-pinned spaces a trunk touches (its tensors and its parameters)."""
-        spaces: set[int] = set()
-        for name in trunk:
-            feat = self.analysis.feat(name)
-            if feat:
-                spaces.update(b.space for b in feat.blocks)
-        targets = {n.target for n in self.analysis.nodes
-                   if n.name in trunk and n.op in ("call_module", "get_attr")}
-        for target in targets:
-            for use in self.analysis.param_uses.get(target, []):
-                spaces.update(b.space for b in use.feat.blocks)
-        return sorted(s for s in spaces if not self.analysis.spaces[s].pinned)
 
     def statistics(self, spaces: Sequence[int]) -> dict[int, SpaceStats]:
         """Feature statistics of the given spaces, collected once and cached."""
@@ -147,28 +88,26 @@ class Zipper:
                 "features that merely look alike on these inputs may be merged; pass more "
                 "calibration data (more images, or larger ones)", CalibrationWarning, stacklevel=3)
 
-    def match(self, space: int, method: str, alpha: float, beta: float) -> Match:
-        key = (space, method, alpha, beta)
+    def match(self, space: int, method: str | Method, alpha: float, beta: float) -> Match:
+        """The Match of a space, cached; the spaces of one head group are matched together."""
+        method = get_method(method)
+        key = (space, method.name, alpha, beta)
+        if key in self._matches:
+            return self._matches[key]
         group = next((g for g in self.analysis.head_groups if space in g.spaces), None)
-        if key not in self._matches and group is not None:
-            spaces = list(group.spaces)
-            stats = self.statistics(spaces) if method != "average" else {}
-            with self._timed("matching"):
-                corrs = [stats[s].correlation() for s in spaces] if stats else [None] * len(spaces)
-                found = match_heads(corrs, [self.analysis.spaces[s].size for s in spaces],
-                                    group.heads, self.num_models, method, alpha=alpha, beta=beta)
-            for s, m in zip(spaces, found):
-                self._matches[(s, method, alpha, beta)] = m
-        if key not in self._matches:
-            size = self.analysis.spaces[space].size
-            if method == "average":
-                self._matches[key] = Match.identity(size, self.num_models)
+        spaces = list(group.spaces) if group is not None else [space]
+        stats = self.statistics(spaces) if method.needs_statistics else {}
+        with self._timed("matching"):
+            corrs = [stats[s].correlation() if stats else None for s in spaces]
+            sizes = [self.analysis.spaces[s].size for s in spaces]
+            if group is not None:
+                found = match_heads(corrs, sizes, group.heads, self.num_models, method,
+                                    alpha=alpha, beta=beta)
             else:
-                stats = self.statistics([space])[space]
-                with self._timed("matching"):
-                    corr = stats.correlation()
-                    self._matches[key] = match_features(corr, [size] * self.num_models, method,
-                                                        alpha=alpha, beta=beta)
+                found = [method.match(corrs[0], [sizes[0]] * self.num_models, alpha=alpha,
+                                      beta=beta)]
+        for s, m in zip(spaces, found):
+            self._matches[(s, method.name, alpha, beta)] = m
         return self._matches[key]
 
     def merge(self, stop_at: str | int | None = None, *, method: str = "zipit",
@@ -177,6 +116,7 @@ class Zipper:
         """The merged model for one stop point (see `fxzip.merge`)."""
         if method not in METHODS:
             raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        chosen = METHODS[method]
         before = dict(self.seconds)
         if shared_output:
             if stop_at is not None:
@@ -186,10 +126,10 @@ class Zipper:
             aligned = self.analysis.output_spaces()
         else:
             trunk, aligned = self.analysis.trunk(stop_at), set()
-        spaces = [s for s in self.spaces_of(trunk) if s not in aligned]
-        if method != "average":
+        spaces = [s for s in self.analysis.spaces_of(trunk) if s not in aligned]
+        if chosen.needs_statistics:
             self.statistics(spaces)
-        matches = {s: self.match(s, method, alpha, beta) for s in spaces}
+        matches = {s: self.match(s, chosen, alpha, beta) for s in spaces}
         matches.update({s: Match.identity(self.analysis.spaces[s].size, self.num_models)
                         for s in aligned})
         with self._timed("rewrite"):
@@ -206,26 +146,9 @@ class Zipper:
         return merged
 
     def _space_report(self, space: int, match: Match) -> SpaceReport:
-        size = self.analysis.spaces[space].size
-        within = sum(int((np.bincount(a, minlength=match.size) - 1).clip(min=0).sum())
-                     for a in match.assign)
-        corr = None
-        if space in self._moments:
-            c = self._moments[space].correlation()
-            pairs = [(k * size + i, j * size + jj) for k in range(self.num_models)
-                     for j in range(k + 1, self.num_models)
-                     for i, jj in _same_cluster(match.assign[k], match.assign[j])]
-            if pairs:
-                rows, cols = zip(*pairs)
-                corr = float(np.mean(c[list(rows), list(cols)]))
-        return SpaceReport(space, size, match.size, within, corr)
-
-
-def _same_cluster(a: np.ndarray, b: np.ndarray) -> list[tuple[int, int]]:
-    first_b: dict[int, int] = {}
-    for j, c in enumerate(b):
-        first_b.setdefault(int(c), j)
-    return [(i, first_b[int(c)]) for i, c in enumerate(a) if int(c) in first_b]
+        """A merged space's report; the mean correlation where its statistics were collected."""
+        corr = self._moments[space].correlation() if space in self._moments else None
+        return SpaceReport.of(space, self.analysis.spaces[space].size, match, corr)
 
 
 def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str | int | None = None,
@@ -276,6 +199,7 @@ def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | 
 def analyze(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[type] = (),
             concrete_args: dict | None = None) -> Analysis:
     """The feature spaces, barriers and valid stop points of a model (printable)."""
-    batches = Batches(example_inputs, _device_of(model) if isinstance(model, nn.Module) else None)
-    gm = trace(model, batches.example, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    return Analysis(fuse_attention(gm, batches.example)[0])
+    batches = Batches(example_inputs, device_of(model) if isinstance(model, nn.Module) else None)
+    (gm,) = prepare_graphs([model], batches.example, leaf_modules=leaf_modules,
+                           concrete_args=concrete_args)
+    return Analysis(gm)

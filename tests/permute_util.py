@@ -8,14 +8,13 @@ import torch
 
 from fxzip.matching import Match
 from fxzip.passes.analysis import Analysis
-from fxzip.passes.attention import fuse_attention
 from fxzip.passes.rewrite import rewrite
-from fxzip.tracing import trace
+from fxzip.pipeline import prepare_graphs
 
 
 def permuted_by_analysis(model: torch.nn.Module, x: torch.Tensor, seed: int = 0):
     """(copy of `model` with every non-output space permuted, number of spaces permuted)."""
-    gm, _ = fuse_attention(trace(model, x), x)
+    (gm,) = prepare_graphs([model], x)
     analysis = Analysis(gm)
     rng = np.random.default_rng(seed)
     outputs = analysis.output_spaces()
