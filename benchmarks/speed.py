@@ -280,7 +280,7 @@ def staged_merge(case: Case) -> dict[str, Any]:
     start = time.perf_counter()
     zipper = stage("trace+analysis", lambda: fxzip.Zipper(case.models, case.batches,
                                                            progress=False))
-    spaces = zipper.spaces_of(zipper.analysis.trunk(None))
+    spaces = zipper.analysis.spaces_of(zipper.analysis.trunk(None))
     stage("statistics", lambda: zipper.statistics(spaces))
     merged = stage("matching+rewrite+bn_reset",
                    lambda: zipper.merge(None, method="zipit", reset_bn=True))
