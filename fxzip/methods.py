@@ -33,7 +33,8 @@ class Method:
         corr, sizes, out_size, alpha, beta = check_inputs(corr, sizes, out_size=out_size,
                                                           alpha=alpha, beta=beta)
         if corr is None and self.needs_statistics:
-            raise MatchingError(f"method {self.name!r} needs the correlation matrix of the features")
+            raise MatchingError(f"method {self.name!r} needs the correlation matrix of the "
+                                "features")
         return self._solve(corr, sizes, out_size, alpha, beta)
 
     def _solve(self, corr: np.ndarray | None, sizes: list[int], out_size: int, alpha: float,
