@@ -14,10 +14,7 @@ from fxzip.errors import MatchingError
 from fxzip.matching import Match, _mirror_upper, _zipit_merges, _ZipState
 from fxzip.methods import METHOD_NAMES, METHODS, match_features
 
-try:  # pytest puts tests/ on sys.path (rootdir-relative import as a fallback)
-    from reference_matching import reference_zipit
-except ImportError:
-    from tests.reference_matching import reference_zipit
+from fxzip.reference_matching import reference_zipit
 
 ALPHAS = (1.0, 0.5, 0.1)
 BETAS = (0.0, 0.25, 0.5, 1.0)

@@ -1,18 +1,23 @@
-"""A slow, plain ZipIt! greedy used only as a test oracle for fxzip.matching.
+"""The ZipIt! greedy exactly as the paper defines it: a slow, plain reference implementation.
 
-It follows the definition literally: a full argmax over the whole matrix at every
-step, so it is O(D^3) but easy to check by eye.
+At every step it takes a full argmax over the whole similarity matrix (the row-major first most
+similar pair), merges that pair, and sets the merged cluster's similarity to every other cluster
+to the minimum over the two, times `alpha`; `beta` caps each model's merges of its own features.
+That is O(D³) for D features in all, but easy to check by eye. `fxzip.matching.zipit_match` is
+the fast implementation the library uses; it must give the same assignment (tests/test_matching.py
+checks it on many matrices, benchmarks/speed.py measures the speed-up). Use this one as an oracle,
+not for merging.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from fxzip.errors import MatchingError
-from fxzip.matching import Match
+from .errors import MatchingError
+from .matching import Match
 
 
 def reference_zipit(
