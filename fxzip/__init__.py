@@ -2,17 +2,20 @@
 training, by the ZipIt! method, with the merge structure worked out from the torch.fx graph."""
 from .api import Zipper, analyze, merge, merge_all
 from .bn_reset import reset_bn
-from .errors import (ArchitectureMismatchError, CalibrationWarning, FxzipError, InputError,
-                     MatchingError, NonFiniteError, StopPointError, TraceError)
+from .errors import (ArchitectureMismatchError, CalibrationWarning, CheckpointError, ExportError,
+                     FxzipError, InputError, MatchingError, NonFiniteError, RecipeError,
+                     StopPointError, TraceError)
 from .matching import Match
 from .methods import match_features
 from .passes.analysis import Analysis
 from .report import MergeReport
+from .saving import load, save
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "merge", "merge_all", "analyze", "reset_bn", "Zipper", "MergeReport", "Analysis", "Match",
+    "merge", "merge_all", "analyze", "save", "load", "reset_bn", "Zipper", "MergeReport", "Analysis", "Match",
     "match_features", "FxzipError", "TraceError", "ArchitectureMismatchError", "StopPointError",
-    "InputError", "NonFiniteError", "MatchingError", "CalibrationWarning",
+    "InputError", "NonFiniteError", "MatchingError", "RecipeError", "CheckpointError", "ExportError",
+    "CalibrationWarning",
 ]
