@@ -14,7 +14,8 @@ from .saving import load, save
 __version__ = "0.1.0"
 
 __all__ = [
-    "merge", "merge_all", "analyze", "save", "load", "reset_bn", "Zipper", "MergeReport", "Analysis", "Match",
+    "merge", "merge_all", "analyze", "save", "load", "reset_bn", "Zipper", "MergeReport", "Analysis",
+    "Match",
     "match_features", "FxzipError", "TraceError", "ArchitectureMismatchError", "StopPointError",
     "InputError", "NonFiniteError", "MatchingError", "RecipeError", "CheckpointError", "ExportError",
     "CalibrationWarning",
