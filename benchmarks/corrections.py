@@ -1,0 +1,181 @@
+"""Label-free corrections of a zipit merge (`fxzip.corrections`), measured on setting (a) of
+`benchmarks/accuracy.py`: ResNet-20×W on the digits halves (0–4 / 5–9), several model pairs.
+
+    python benchmarks/corrections.py [--pairs 4] [--width 4] [--epochs 20] [--quick]
+                                     [--variants a,b,...] [--ridge 1e-2] [--out benchmarks/results]
+
+Every variant merges with zipit at alpha=0.5, beta=1 (the defaults) and then applies one set of
+corrections; joint accuracy (%, on the test data) at the stop points layer1 / layer2 / full
+(stop_at=None) is reported as the mean over the evaluation pairs (seeds 1..P), next to the
+ensemble of the two (BN-reset) models. Pair seeds, training and calibration data are those of
+`benchmarks/accuracy.py` (its functions are imported). Phase times of each merge are measured:
+`merge` = `Zipper.merge` (statistics are collected once per pair before the timing and added
+back as `statistics`, so every variant is charged the same), `correct` = `fxzip.corrections`.
+
+`--quick`: width 1, 8 epochs, 2 pairs, 3 variants — a smoke test in well under a minute.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import fxzip  # noqa: E402
+from fxzip.corrections import Corrections, correct  # noqa: E402
+from fxzip.fidelity import fidelity  # noqa: E402
+
+from benchmarks.accuracy import accuracy_of, make_settings, train_pair  # noqa: E402
+
+STOPS = {"layer1": "layer1", "layer2": "layer2", "full": None}
+
+# name -> Corrections (None: plain zipit with Zipper's BN reset)
+VARIANTS: dict[str, Corrections | None] = {
+    "zipit": None,
+    "bn": Corrections(refit_trunk=False, refit_heads="none"),
+    "repair": Corrections(refit_trunk=False, refit_heads="none", repair=True),
+    "last": Corrections(refit_trunk=False, refit_heads="last"),
+    "heads": Corrections(refit_trunk=False, refit_heads="all"),
+    "trunk": Corrections(refit_trunk=True, refit_heads="none"),
+    "trunk+last": Corrections(refit_trunk=True, refit_heads="last"),
+    "refit": Corrections(refit_trunk=True, refit_heads="all"),
+    "refit+repair": Corrections(refit_trunk=True, refit_heads="all", repair=True),
+}
+QUICK_VARIANTS = ("zipit", "last", "refit")
+
+
+def corrected_merge(zipper: fxzip.Zipper, stop_at: str | None, options: Corrections | None, *,
+                    method: str = "zipit", alpha: float = 0.5, beta: float = 1.0
+                    ) -> tuple[torch.nn.Module, dict[str, float]]:
+    """`Zipper.merge` followed by `fxzip.corrections.correct` (which replaces the BN reset);
+    options None: the plain merge with the BN reset. Returns the model and phase seconds."""
+    tick = time.perf_counter()
+    merged = zipper.merge(stop_at, method=method, alpha=alpha, beta=beta, reset_bn=options is None)
+    seconds = {"merge": time.perf_counter() - tick}
+    if options is not None:
+        tick = time.perf_counter()
+        trunk = zipper.analysis.trunk(stop_at)
+        matches = {s: zipper.match(s, method, alpha, beta)
+                   for s in zipper.analysis.spaces_of(trunk)}
+        correct(merged, zipper.graphs, zipper.analysis, matches, zipper.batches, options)
+        seconds["correct"] = time.perf_counter() - tick
+    return merged, seconds
+
+
+@dataclass
+class Result:
+    pair: int
+    variant: str
+    stop: str
+    joint: float
+    fidelity: float
+    seconds: dict[str, float]
+
+
+def run_pair(setting, data, pair: int, epochs: int, variants: Sequence[str],
+             log=print) -> tuple[list[Result], float]:
+    """Train one pair, merge at every stop with every variant; (results, ensemble joint acc)."""
+    tick = time.perf_counter()
+    models = train_pair(setting, data, seed=pair, epochs=epochs)
+    log(f"pair {pair}: trained in {time.perf_counter() - tick:.1f}s")
+    x, y = data.split.x_test, data.split.y_test
+    reset = [fxzip.reset_bn(copy.deepcopy(m), data.calibration, progress=False) for m in models]
+    ensemble = accuracy_of(setting, reset, x, y).joint
+    zipper = fxzip.Zipper(models, data.calibration, progress=False)
+    held_out = [data.x_val]  # fidelity on data that no correction saw
+    results = []
+    for label, stop_at in STOPS.items():
+        tick = time.perf_counter()
+        zipper.statistics(zipper.analysis.spaces_of(zipper.analysis.trunk(stop_at)))
+        statistics = time.perf_counter() - tick
+        for name in variants:
+            merged, seconds = corrected_merge(zipper, stop_at, VARIANTS[name])
+            seconds["statistics"] = statistics
+            acc = accuracy_of(setting, merged, x, y).joint
+            fid = float(np.mean(fidelity(merged, models, held_out).relative_error))
+            results.append(Result(pair, name, label, acc, fid, seconds))
+            log(f"  {label:6s} {name:13s} joint {100 * acc:5.1f}  rel.err {fid:.3f}  "
+                + " ".join(f"{k} {v:.2f}s" for k, v in seconds.items()))
+    return results, ensemble
+
+
+def table(results: list[Result], ensembles: list[float], variants: Sequence[str]) -> str:
+    """Mean joint accuracy per variant and stop, the gap closed, fidelity and time."""
+    stops = list(STOPS)
+    pairs = sorted({r.pair for r in results})
+    ens = 100 * float(np.mean(ensembles))
+    mean = {(v, s): 100 * float(np.mean([r.joint for r in results if r.variant == v and r.stop == s]))
+            for v in variants for s in stops}
+    lines = [f"{len(pairs)} evaluation pairs (seeds {pairs[0]}..{pairs[-1]}), joint accuracy % "
+             f"(mean); ensemble {ens:.1f}; 'closed' = share of zipit's gap to the ensemble closed.",
+             "",
+             "| variant | " + " | ".join(stops) + " | closed (" + "/".join(stops) + ") | rel. err "
+             "(" + "/".join(stops) + ") | seconds (merge+correct, full) |",
+             "| --- | " + " | ".join("---:" for _ in stops) + " | ---: | ---: | ---: |"]
+    for v in variants:
+        closed = []
+        for s in stops:
+            gap = ens - mean[("zipit", s)] if "zipit" in variants else float("nan")
+            closed.append(f"{(mean[(v, s)] - mean[('zipit', s)]) / gap:.2f}" if gap > 0 else "-")
+        fid = [float(np.mean([r.fidelity for r in results if r.variant == v and r.stop == s]))
+               for s in stops]
+        secs = [r.seconds for r in results if r.variant == v and r.stop == "full"]
+        total = float(np.mean([sum(x.get(k, 0.0) for k in ("merge", "correct")) for x in secs]))
+        lines.append(f"| {v} | " + " | ".join(f"{mean[(v, s)]:.1f}" for s in stops)
+                     + f" | {'/'.join(closed)} | {'/'.join(f'{f:.3f}' for f in fid)} | {total:.2f} |")
+    lines.append(f"| ensemble | " + " | ".join(f"{ens:.1f}" for _ in stops) + " | | | |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=None, help="evaluation pairs (default 4)")
+    parser.add_argument("--width", type=int, default=None, help="ResNet-20 width (default 4)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 20)")
+    parser.add_argument("--variants", default=None, help=f"comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--ridge", type=float, default=None, help="override every variant's ridge")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None, help="write the table here (markdown)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pairs = args.pairs or (2 if args.quick else 4)
+    width = args.width or (1 if args.quick else 4)
+    epochs = args.epochs or (8 if args.quick else 20)
+    variants = args.variants.split(",") if args.variants else \
+        list(QUICK_VARIANTS if args.quick else VARIANTS)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}")
+    if args.ridge is not None:
+        for name, options in VARIANTS.items():
+            if options is not None:
+                VARIANTS[name] = Corrections(**{**options.__dict__, "ridge": args.ridge})
+    setting = make_settings(width)["a"]
+    data = setting.load()
+    results, ensembles = [], []
+    start = time.perf_counter()
+    for pair in range(1, pairs + 1):
+        rows, ensemble = run_pair(setting, data, pair, epochs, variants)
+        results += rows
+        ensembles.append(ensemble)
+    text = (f"## Corrections on setting (a): digits 5+5, ResNet-20x{width}, {epochs} epochs\n\n"
+            + table(results, ensembles, variants) + f"\n\nRun time {time.perf_counter() - start:.0f}s.\n")
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
