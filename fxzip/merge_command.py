@@ -53,6 +53,7 @@ def load_models(recipe: Recipe, device: torch.device, progress: bool = True) -> 
     for k, spec in enumerate(tqdm(recipe.models, desc="fxzip: loading models", unit="model",
                                   disable=not progress)):
         model = build_model(spec.model, spec.kwargs, search_paths=search)
+        spec.check_checksum()
         if spec.checkpoint is not None:
             load_checkpoint(model, spec.checkpoint, name=f"models[{k}] ({spec.model})")
         models.append(model.to(device).eval())

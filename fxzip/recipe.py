@@ -19,8 +19,8 @@ import yaml
 
 from .errors import RecipeError
 
-TOP_KEYS = ("models", "calibration", "merge", "device", "seed")
-MODEL_KEYS = ("model", "kwargs", "checkpoint")
+TOP_KEYS = ("models", "calibration", "merge", "device", "seed", "versions")  # versions: a record
+MODEL_KEYS = ("model", "kwargs", "checkpoint", "sha256")
 CALIBRATION_KEYS = ("data", "limit", "batch_size", "size", "mean", "std", "interpolation",
                     "crop_pct")
 DEVICES = ("auto", "cpu", "cuda")
@@ -36,6 +36,15 @@ class ModelSpec:
     model: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: Path | None = None
+    sha256: str | None = None  # when given, the checkpoint must still have this checksum
+
+    def check_checksum(self) -> None:
+        """A resolved recipe names its checkpoints' SHA-256: a changed file is an error."""
+        if self.sha256 and self.checkpoint is not None and self.checkpoint.is_file():
+            found = sha256(self.checkpoint)
+            if found != self.sha256:
+                raise RecipeError(f"checkpoint {self.checkpoint} has SHA-256 {found}, the recipe "
+                                  f"says {self.sha256}: the file changed (drop `sha256` to accept it)")
 
 
 @dataclass(frozen=True)
@@ -119,7 +128,10 @@ def _model_spec(entry: Any, k: int, base: Path) -> ModelSpec:
     checkpoint = entry.get("checkpoint")
     if checkpoint is not None and not isinstance(checkpoint, str):
         raise RecipeError(f"recipe: {where}.checkpoint must be a file path, got {checkpoint!r}")
-    return ModelSpec(name.strip(), dict(kwargs), base / checkpoint if checkpoint else None)
+    digest = entry.get("sha256")
+    if digest is not None and not isinstance(digest, str):
+        raise RecipeError(f"recipe: {where}.sha256 must be a hex string, got {digest!r}")
+    return ModelSpec(name.strip(), dict(kwargs), base / checkpoint if checkpoint else None, digest)
 
 
 def _calibration_spec(entry: Any, base: Path) -> CalibrationSpec:
@@ -213,7 +225,7 @@ def resolved(recipe: Recipe, device: str | None = None) -> dict[str, Any]:
         entry: dict[str, Any] = {"model": spec.model, "kwargs": dict(spec.kwargs)}
         if spec.checkpoint is not None:
             entry["checkpoint"] = str(spec.checkpoint.resolve())
-            entry["sha256"] = _sha256(spec.checkpoint)
+            entry["sha256"] = sha256(spec.checkpoint)
         models.append(entry)
     cal = recipe.calibration
     calibration = {"data": str(cal.data.resolve()), "limit": cal.limit,
@@ -249,7 +261,8 @@ def _check_keys(where: str, mapping: Any, allowed: tuple[str, ...], required: tu
             raise RecipeError(f"recipe: {where} needs the key {key!r}")
 
 
-def _sha256(path: Path) -> str | None:
+def sha256(path: Path) -> str | None:
+    """The SHA-256 of a file (None when it cannot be read)."""
     try:
         digest = hashlib.sha256()
         with open(path, "rb") as f:

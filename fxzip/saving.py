@@ -30,7 +30,7 @@ def example_input(model: fx.GraphModule) -> tuple[torch.Tensor, ...]:
     placeholders), with at least 2 samples so that export keeps the batch size symbolic."""
     examples = []
     for node in model.graph.nodes:
-        if node.op != "placeholder":
+        if node.op != "placeholder" or node.args:  # inputs with a default (masks) stay unset
             continue
         meta = node.meta.get("tensor_meta")
         if meta is None or not hasattr(meta, "shape"):
