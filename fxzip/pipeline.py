@@ -10,7 +10,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import InputError
-from .passes.attention import fuse_attention
+from .passes.attention_fusion import fuse_attention
 from .tracing import check_isomorphic, trace
 
 

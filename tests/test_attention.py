@@ -10,7 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import fxzip
 from fxzip.head_matching import match_heads, pair_heads
-from fxzip.passes.attention import fuse_attention
+from fxzip.passes.attention_fusion import fuse_attention
 from fxzip.tracing import trace
 from permute_util import permuted_by_analysis
 
@@ -157,7 +157,7 @@ class _FixedBatch(nn.Module):
 
 def test_fused_graph_is_checked_on_the_whole_example_when_the_batch_size_is_fixed():
     import torch.fx as fx
-    from fxzip.passes.attention import _same_on
+    from fxzip.passes.attention_fusion import _same_on
 
     x = torch.randn(4, 3)
     fixed, scaled = fx.symbolic_trace(_FixedBatch()), fx.symbolic_trace(_FixedBatch(1.5))

@@ -16,25 +16,11 @@ import torch.nn.functional as F
 
 from ..errors import StopPointError
 from ..tracing import tensor_shape
-from .layout import BLOCKED, SHARED, Block, Feat, Lazy, UnionFind
-from .attention import BLOCKS_META
-from .op_rules import Barrier, SplitRequest, rule_for
+from . import attention_rules, core_rules, timm_rules  # noqa: F401  the op-rule table
+from .layout import BLOCKED, SHARED, Feat, Lazy
+from .rule_api import BLOCKS_META, SPLIT_META, Barrier, Context, ParamUse, SplitRequest, rule_for
 
-SPLIT_META = "fxzip_split"  # on a producer node: the sizes of the spaces its output opens
 MAX_SPLIT_ROUNDS = 64
-
-
-@dataclass(frozen=True)
-class ParamUse:
-    """Axis `axis` of parameter `param` of `target` runs along `feat`'s layout; role M merges
-    (rows, biases, per-channel tensors), role U unmerges (weight columns)."""
-
-    target: str
-    param: str
-    axis: int
-    feat: Feat
-    role: str
-    groups: int = 1  # > 1: a grouped convolution's weight, whose axis 1 holds one group's inputs
 
 
 @dataclass(frozen=True)
@@ -82,138 +68,11 @@ class BarrierInfo:
         return f"{self.node} ({self.op}): {self.reason}"
 
 
-class Context:
-    """What the op rules see and record while the analysis walks the graph."""
-
-    def __init__(self, gm: fx.GraphModule):
-        self.gm = gm
-        self.uf = UnionFind()
-        self.infos: dict[str, Any] = {}
-        self.uses: dict[tuple[str, str, int], ParamUse] = {}
-        self.consumed: list[tuple[str, str, Feat]] = []  # (consumer node, input node, layout)
-        self.produced: dict[str, Feat] = {}               # producer node -> output layout
-        self.module_spaces: dict[str, Feat] = {}           # module target -> output layout (reuse)
-        self.head_groups: list[tuple[tuple[int, ...], int, str]] = []  # (spaces, heads, kind)
-        self.node: fx.Node | None = None
-
-    # -- reading ------------------------------------------------------------------------------
-    def info(self, value: Any) -> Any:
-        return self.infos.get(value.name) if isinstance(value, fx.Node) else None
-
-    def shape(self, node: Any) -> tuple[int, ...] | None:
-        return tensor_shape(node) if isinstance(node, fx.Node) else None
-
-    def module(self, node: fx.Node) -> nn.Module:
-        return self.gm.get_submodule(node.target)
-
-    # -- recording ----------------------------------------------------------------------------
-    def pinned_feat(self, axis: int, size: int) -> Feat:
-        return Feat(axis, (Block(self.uf.new(size, pinned=True), size),))
-
-    def pin(self, feat: Feat) -> None:
-        for b in feat.blocks:
-            self.uf.pin(b.space)
-
-    def unify(self, a: Feat, b: Feat) -> None:
-        if self.uf.unify(a, b):
-            return
-        message = f"ties channel layouts of different structure ({a.blocks} vs {b.blocks})"
-        if a.width == b.width and all(x.expand == 1 for x in a.blocks + b.blocks):
-            # Both sides cut at every block boundary of either: the common refinement.
-            bounds = set(a.offsets()) | set(b.offsets())
-            cuts: dict[int, set[int]] = {}
-            for feat in (a, b):
-                for block, start in zip(feat.blocks, feat.offsets()):
-                    inner = {c - start for c in bounds if start < c < start + block.size}
-                    if inner:
-                        cuts.setdefault(block.space, set()).update(inner)
-            if cuts:
-                raise SplitRequest(message, cuts)
-        raise Barrier(message)
-
-    def produce(self, node: fx.Node, axis: int, size: int, key: str | None = None) -> Feat:
-        """A new space opened by a producer; `key` (default: the module) names the weights, so
-        that a module or weight used twice opens one space."""
-        key = key or (node.target if node.op == "call_module" else node.name)
-        feat = self.module_spaces.get(key)
-        if feat is None:
-            feat = Feat(axis, self._new_blocks(node, size))
-            self.module_spaces[key] = feat
-        feat = feat.moved(axis)
-        self.produced[node.name] = feat
-        return feat
-
-    def _new_blocks(self, node: fx.Node, size: int) -> tuple[Block, ...]:
-        """One new space, or, where a pass tagged the output as equal blocks (e.g. [q | k | v]
-        of a fused attention projection), one space per distinct tag."""
-        pieces = node.meta.get(SPLIT_META)
-        if pieces and sum(pieces) == size:
-            return tuple(Block(self.uf.new(p), p) for p in pieces)
-        tags = node.meta.get(BLOCKS_META)
-        if not tags or size % len(tags):
-            return (Block(self.uf.new(size), size),)
-        width = size // len(tags)
-        spaces: dict[str, int] = {}
-        for tag in tags:
-            spaces.setdefault(tag, self.uf.new(width))
-        return tuple(Block(spaces[tag], width) for tag in tags)
-
-    def head_group(self, spaces: tuple[int, ...], heads: int, kind: str) -> None:
-        """Record spaces split into `heads` groups that must be matched group to group. Groups
-        that share a space become one; they must agree on the number of groups."""
-        for other, other_heads, _ in self.head_groups:
-            shared = {self.uf.find(s) for s in other} & {self.uf.find(s) for s in spaces}
-            if shared and other_heads != heads:
-                raise Barrier(f"{kind} splits features into {heads} groups where another op "
-                              f"splits them into {other_heads}")
-        self.head_groups.append((tuple(spaces), heads, kind))
-
-    def consume(self, node: fx.Node, source: fx.Node, feat: Feat) -> None:
-        self.consumed.append((node.name, source.name, feat))
-
-    def use(self, node: fx.Node, param: str, axis: int, feat: Feat, role: str,
-            groups: int = 1) -> None:
-        """Axis `axis` of parameter `param` of the module called by `node` follows `feat`."""
-        self._record(node.target, param, axis, feat, role, groups)
-
-    def _record(self, target: str, param: str, axis: int, feat: Feat, role: str,
-                groups: int = 1) -> None:
-        key = (target, param, axis)
-        placed = feat.moved(axis)
-        if key in self.uses:
-            self.unify(self.uses[key].feat, placed)
-        else:
-            self.uses[key] = ParamUse(target, param, axis, placed, role, groups)
-
-    def tie_param(self, value: fx.Node, axis: int, feat: Feat, role: str = "M") -> None:
-        """`value` (a parameter read by get_attr, or computed from one) turns out to run along
-        `feat` on its axis `axis`: record the parameter's axis as merged (M) or unmerged (U)."""
-        lazy = self.info(value)
-        if isinstance(lazy, Feat):
-            if lazy.axis == axis:
-                self.unify(lazy, feat.moved(axis))
-            elif value.op == "get_attr":  # a weight matrix: rows and columns follow two spaces
-                self._record(value.target, "", axis, feat, role)
-            else:
-                raise Barrier(f"uses parameter '{value.name}' along two different axes")
-            return
-        if not isinstance(lazy, Lazy):
-            raise Barrier(f"combines the channels with '{value.name}', a value fxzip cannot follow "
-                          "per channel")
-        source_axis = lazy.axes[axis] if axis < len(lazy.axes) else None
-        source = next(n for n in self.gm.graph.nodes if n.name == lazy.source)
-        if not isinstance(source_axis, int) or tensor_shape(source)[source_axis] != feat.width:
-            raise Barrier(f"uses parameter '{source.target}' per channel through a reshape fxzip "
-                          "cannot follow")
-        self._record(source.target, "", source_axis, feat, role)
-        if lazy.axes == tuple(range(len(lazy.axes))) and value is source:
-            self.infos[source.name] = feat.moved(axis)
-
-
 class Analysis:
     """The feature spaces of one traced model, printable and queryable."""
 
     def __init__(self, gm: fx.GraphModule):
+        timm_rules.register()  # timm's layers, where timm is installed
         self.gm = gm
         self.nodes: list[fx.Node] = list(gm.graph.nodes)
         for _ in range(MAX_SPLIT_ROUNDS):
@@ -244,7 +103,6 @@ class Analysis:
         self.barriers: list[BarrierInfo] = []
         self.split_requests: list[dict[int, set[int]]] = []
         for node in self.nodes:
-            ctx.node = node
             ctx.infos[node.name] = self._visit(ctx, node)
         return ctx
 
@@ -284,17 +142,17 @@ class Analysis:
             return BLOCKED
         module = ctx.module(node) if node.op == "call_module" else None
         rule = rule_for(node, module)
+        tx = ctx.begin()  # what the rule records counts only if it returns
         try:
-            if rule is None:
-                return self._unknown(node, module, inputs)
-            return rule(ctx, node)
+            info = self._unknown(node, module, inputs) if rule is None else rule(tx, node)
         except Barrier as barrier:
-            if isinstance(barrier, SplitRequest):
-                self.split_requests.append(barrier.cuts)
+            if isinstance(barrier, SplitRequest):  # cuts in spaces the rule itself opened go too
+                self.split_requests.append({space: cuts for space, cuts in barrier.cuts.items()
+                                            if space in ctx.uf.parent})
             self.barriers.append(BarrierInfo(node.name, _op_name(node, module), str(barrier)))
-            ctx.produced.pop(node.name, None)  # what the rule recorded before it gave up
-            ctx.consumed = [c for c in ctx.consumed if c[0] != node.name]
             return BLOCKED
+        tx.commit()
+        return info
 
     @staticmethod
     def _unknown(node: fx.Node, module: nn.Module | None, inputs: list[Any]) -> Any:

@@ -1,6 +1,8 @@
 """Feature layouts: which merge spaces a tensor's channel axis holds, block by block."""
 from __future__ import annotations
 
+from collections import ChainMap
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field, replace
 
 
@@ -78,17 +80,34 @@ BLOCKED = _Marker("BLOCKED", "A value downstream of a barrier: never part of the
 
 @dataclass
 class UnionFind:
-    """Union-find over space ids; a space is `pinned` when it must keep identity matching."""
+    """Union-find over space ids; a space is `pinned` when it must keep identity matching.
 
-    parent: list[int] = field(default_factory=list)
-    sizes: list[int] = field(default_factory=list)
-    pinned: list[bool] = field(default_factory=list)
+    `layer()` gives a view that reads through to this union-find and keeps its own writes apart
+    until `commit()`: what a rule records is applied only when the rule returns."""
+
+    parent: MutableMapping[int, int] = field(default_factory=dict)
+    sizes: MutableMapping[int, int] = field(default_factory=dict)
+    pinned: MutableMapping[int, bool] = field(default_factory=dict)
+    count: int = 0
+    base: "UnionFind | None" = field(default=None, repr=False)
 
     def new(self, size: int, pinned: bool = False) -> int:
-        self.parent.append(len(self.parent))
-        self.sizes.append(size)
-        self.pinned.append(pinned)
-        return len(self.parent) - 1
+        i = self.count
+        self.count += 1
+        self.parent[i], self.sizes[i], self.pinned[i] = i, size, pinned
+        return i
+
+    def layer(self) -> "UnionFind":
+        """A view whose writes (new spaces, unions, pins) stay apart until `commit`."""
+        return UnionFind(ChainMap({}, self.parent), ChainMap({}, self.sizes),
+                         ChainMap({}, self.pinned), self.count, self)
+
+    def commit(self) -> None:
+        """Apply a layer's writes to the union-find it was made from."""
+        for mine, theirs in ((self.parent, self.base.parent), (self.sizes, self.base.sizes),
+                             (self.pinned, self.base.pinned)):
+            theirs.update(mine.maps[0])
+        self.base.count = self.count
 
     def find(self, i: int) -> int:
         while self.parent[i] != i:

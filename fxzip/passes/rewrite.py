@@ -17,8 +17,9 @@ import torch.nn as nn
 
 from ..matching import Match
 from ..tracing import has_inplace
-from .analysis import Analysis, ParamUse
+from .analysis import Analysis
 from .layout import SHARED, Feat
+from .rule_api import ParamUse
 
 
 class Layouts:

@@ -1,4 +1,4 @@
-"""Head-aware attention: find multi-head self-attention in a traced graph and make it one op.
+"""Attention fusion, a graph rewrite: find multi-head self-attention in a traced graph, make it one op.
 
 `nn.MultiheadAttention` (self-attention without masks) is first spelled out into its projections.
 A fused `qkv` projection followed by `reshape(..., 3, H, d)`, permutes, `unbind`, softmax
@@ -20,18 +20,17 @@ input, or fixed constants) are a barrier. Still barriers: parametrised ops insid
 (q/k norms, CaiT's talking heads), other [q | k | v] layouts (MaxViT's per-head interleaving,
 LeViT's per-head split), attention over channels (EdgeNeXt's XCA), factorised attention (CoaT).
 
-The op rule then knows the structure: the projection's output holds the blocks [q | k | v];
-queries and keys share one feature space, values (and the output projection's input) another,
-and both are split into H heads of d features that must be matched head to head
-(`fxzip.head_matching`).
+The fused projection is tagged (BLOCKS_META) as holding the blocks [q | k | v]; the op rules of
+the fused ops (`attention_rules`) then know the structure: queries and keys share one feature
+space, values (and the output projection's input) another, and both are split into H heads of d
+features that must be matched head to head (`fxzip.head_matching`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
 import math
 import operator
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -40,14 +39,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..tracing import tensor_shape
-from .layout import Feat
-from .layout import Block, Lazy
-from .op_rules import Barrier, norm_dim, register
-
-if TYPE_CHECKING:
-    from .analysis import Context
-
-BLOCKS_META = "fxzip_blocks"  # on a projection node: the tags of its output blocks
+from .rule_api import BLOCKS_META, norm_dim
 
 
 def fused_qkv_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -262,6 +254,55 @@ _MATMUL = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
 _SOFTMAX = {F.softmax, torch.softmax, "softmax"}
 
 
+@dataclass(frozen=True)
+class _Heads:
+    """Where a tensor inside an attention region keeps its heads: the head axis, of `ndim` axes."""
+
+    head: int
+    ndim: int
+
+    def moved(self, where: dict[int, int]) -> _Heads:
+        """The same state after a permute/transpose (`where`: old axis -> new axis)."""
+        return replace(self, **{name: where.get(getattr(self, name), getattr(self, name))
+                                for name in ("three", "head", "d") if hasattr(self, name)})
+
+
+@dataclass(frozen=True)
+class _Packed(_Heads):
+    """The split of the fused projection, (..., N, 3, H, d): [q | k | v] on axis `three`."""
+
+    three: int
+    d: int
+
+    def part(self, dim: int, role: str) -> _Part:
+        """One of q, k, v: the [q | k | v] axis `dim` removed."""
+        shift = lambda a: a - (a > dim)
+        return _Part(head=shift(self.head), ndim=self.ndim - 1, role=role, d=shift(self.d))
+
+
+@dataclass(frozen=True)
+class _Part(_Heads):
+    """Queries, keys or values (`role` q, k or v), head features on axis `d`."""
+
+    role: str
+    d: int
+
+
+@dataclass(frozen=True)
+class _Scores(_Heads):
+    """Attention scores or weights, q·kᵀ per head (the head features contracted)."""
+
+
+@dataclass(frozen=True)
+class _Output(_Heads):
+    """The heads' outputs, weights·v, head features on axis `d`."""
+
+    d: int
+
+
+_PLAIN = "plain"  # a shape value
+
+
 def follow_heads(gm: fx.GraphModule, nodes: list[fx.Node], source: fx.Node,
                  extras: list[fx.Node]) -> dict[fx.Node, int | None] | None:
     """Follow the head axis from the split of [q | k | v] to the merge of the heads, op by op:
@@ -273,20 +314,19 @@ def follow_heads(gm: fx.GraphModule, nodes: list[fx.Node], source: fx.Node,
     states: dict[fx.Node, Any] = {}
     head_axes: dict[fx.Node, int | None] = {}
 
-    def extra_axis(value: fx.Node, state: dict) -> bool:
+    def extra_axis(value: fx.Node, state: _Heads) -> bool:
         shape = tensor_shape(value)
-        axis = len(shape) - (state["ndim"] - state["head"])
+        axis = len(shape) - (state.ndim - state.head)
         axis = None if axis < 0 or shape[axis] == 1 else axis
-        if head_axes.setdefault(value, axis) != axis:
-            return False
-        return True
+        return head_axes.setdefault(value, axis) == axis
 
     for position, node in enumerate(nodes):
         shape = tensor_shape(node)
         key = node.target if node.op in ("call_function", "call_method") else None
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
-            key = "softmax" if isinstance(module, nn.Softmax) else                 "same" if isinstance(module, (nn.Dropout, nn.Identity)) else None
+            key = "softmax" if isinstance(module, nn.Softmax) else \
+                "same" if isinstance(module, (nn.Dropout, nn.Identity)) else None
             args = [node.args[0]]
             if isinstance(module, nn.Softmax):
                 args = [node.args[0], module.dim]
@@ -297,44 +337,47 @@ def follow_heads(gm: fx.GraphModule, nodes: list[fx.Node], source: fx.Node,
         state = None
         if position == 0:  # the split (..., N, 3, H, d)
             n = len(shape)
-            state = {"role": "qkv", "three": n - 3, "head": n - 2, "d": n - 1, "ndim": n}
+            state = _Packed(head=n - 2, ndim=n, three=n - 3, d=n - 1)
         elif position == len(nodes) - 1:  # the merge of the heads (..., N, H·d)
-            if not (first and first["role"] == "out" and first["head"] == first["ndim"] - 2
-                    and first["d"] == first["ndim"] - 1):
+            if not (isinstance(first, _Output) and first.head == first.ndim - 2
+                    and first.d == first.ndim - 1):
                 return None
             break
         elif key in (getattr, "size", "dim"):
-            state = "plain"
-        elif first is None or first == "plain":
+            state = _PLAIN
+        elif first is None or first == _PLAIN:
             return None
+        elif isinstance(first, tuple):  # q, k, v unbound
+            if key is operator.getitem and isinstance(node.args[1], int):
+                state = first[node.args[1]]
         elif key in ("permute", torch.permute, "transpose", torch.transpose):
             state = _moved(first, node, key)
         elif key in _SAME_STATE_METHODS or key in (F.dropout, "same"):
             state = first
-        elif key in (torch.unbind, "unbind") and first["role"] == "qkv":
-            dim = norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), first["ndim"])
-            if dim != first["three"]:
+        elif key in (torch.unbind, "unbind") and isinstance(first, _Packed):
+            dim = norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0),
+                           first.ndim)
+            if dim != first.three:
                 return None
-            state = tuple(_dropped(first, dim, role) for role in ("q", "k", "v"))
-        elif key is operator.getitem and isinstance(first, tuple) and isinstance(node.args[1], int):
-            state = first[node.args[1]]
-        elif key is operator.getitem and first["role"] == "qkv" and first["three"] == 0 \
+            state = tuple(first.part(dim, role) for role in ("q", "k", "v"))
+        elif key is operator.getitem and isinstance(first, _Packed) and first.three == 0 \
                 and isinstance(node.args[1], int):
-            state = _dropped(first, 0, ("q", "k", "v")[node.args[1]])
-        elif key in _SOFTMAX and first["role"] == "scores":
+            state = first.part(0, ("q", "k", "v")[node.args[1]])
+        elif key in _SOFTMAX and isinstance(first, _Scores):
             dim = args[1] if len(args) > 1 else node.kwargs.get("dim")
-            state = first if dim is not None and norm_dim(dim, first["ndim"]) == first["ndim"] - 1 \
+            state = first if dim is not None and norm_dim(dim, first.ndim) == first.ndim - 1 \
                 else None
-        elif key in _MATMUL and len(inputs) == 2 and isinstance(inputs[1], dict):
+        elif key in _MATMUL and len(inputs) == 2 and isinstance(inputs[1], _Heads):
             state = _product(first, inputs[1])
         elif key is F.scaled_dot_product_attention:
             state = _sdpa(node, states, extra_set, extra_axis)
-        elif key in ("view", "reshape", torch.reshape) and first["role"] == "scores":
+        elif key in ("view", "reshape", torch.reshape) and isinstance(first, _Scores):
             state = _reshaped(first, tensor_shape(node.args[0]), shape)
-        elif key in _BIAS_OPS and first["role"] in ("scores", "q", "k") and len(args) == 2:
+        elif key in _BIAS_OPS and len(args) == 2 and (
+                isinstance(first, _Scores) or isinstance(first, _Part) and first.role in ("q", "k")):
             other = args[1]
             if isinstance(other, fx.Node) and tensor_shape(other) is not None:
-                if other not in extra_set or first["role"] != "scores" \
+                if other not in extra_set or not isinstance(first, _Scores) \
                         or not extra_axis(other, first):
                     return None
             elif key not in _SCALE_OPS:
@@ -346,9 +389,9 @@ def follow_heads(gm: fx.GraphModule, nodes: list[fx.Node], source: fx.Node,
     return head_axes
 
 
-def _moved(state: dict, node: fx.Node, key: Any) -> dict | None:
+def _moved(state: _Heads, node: fx.Node, key: Any) -> _Heads:
     """A tensor state through permute / transpose."""
-    n = state["ndim"]
+    n = state.ndim
     if key in ("permute", torch.permute):
         dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
             else node.args[1:]
@@ -357,58 +400,51 @@ def _moved(state: dict, node: fx.Node, key: Any) -> dict | None:
     else:
         a, b = norm_dim(node.args[1], n), norm_dim(node.args[2], n)
         where = {a: b, b: a}
-    return {k: (where.get(v, v) if k in ("three", "head", "d", "tokens") and v is not None else v)
-            for k, v in state.items()}
+    return state.moved(where)
 
 
-def _dropped(state: dict, dim: int, role: str) -> dict:
-    """One of q, k, v: the [q | k | v] axis `dim` removed."""
-    shift = lambda a: a - (a > dim)
-    return {"role": role, "head": shift(state["head"]), "d": shift(state["d"]),
-            "ndim": state["ndim"] - 1}
-
-
-def _product(a: Any, b: Any) -> dict | None:
+def _product(a: Any, b: _Heads) -> _Heads | None:
     """q·kᵀ (features contracted, k transposed) gives scores; scores·v gives the heads' outputs."""
-    if not isinstance(a, dict) or a["head"] != b["head"] or a["ndim"] != b["ndim"] \
-            or a["head"] >= a["ndim"] - 2:
+    if not isinstance(a, _Heads) or a.head != b.head or a.ndim != b.ndim or a.head >= a.ndim - 2:
         return None
-    n = a["ndim"]
-    if a["role"] == "q" and b["role"] == "k" and a["d"] == n - 1 and b["d"] == n - 2:
-        return {"role": "scores", "head": a["head"], "ndim": n}
-    if a["role"] == "scores" and b["role"] == "v" and b["d"] == n - 1:
-        return {"role": "out", "head": a["head"], "d": n - 1, "ndim": n}
+    n = a.ndim
+    if _is(a, "q") and _is(b, "k") and a.d == n - 1 and b.d == n - 2:
+        return _Scores(head=a.head, ndim=n)
+    if isinstance(a, _Scores) and _is(b, "v") and b.d == n - 1:
+        return _Output(head=a.head, ndim=n, d=n - 1)
     return None
 
 
-def _sdpa(node: fx.Node, states: dict, extras: set, extra_axis) -> dict | None:
+def _is(state: Any, role: str) -> bool:
+    return isinstance(state, _Part) and state.role == role
+
+
+def _sdpa(node: fx.Node, states: dict, extras: set, extra_axis) -> _Output | None:
     names = ("query", "key", "value", "attn_mask")
     given = dict(zip(names, node.args))
     given.update({k: v for k, v in node.kwargs.items() if k in names})
     q, k, v = (states.get(given.get(name)) for name in names[:3])
-    if not all(isinstance(s, dict) for s in (q, k, v)):
+    if not (_is(q, "q") and _is(k, "k") and _is(v, "v")) or not q.head == k.head == v.head:
         return None
-    if (q["role"], k["role"], v["role"]) != ("q", "k", "v") or not q["head"] == k["head"] == v["head"]:
-        return None
-    n = q["ndim"]
-    if q["d"] != n - 1 or k["d"] != n - 1 or v["d"] != n - 1 or q["head"] >= n - 2:
+    n = q.ndim
+    if q.d != n - 1 or k.d != n - 1 or v.d != n - 1 or q.head >= n - 2:
         return None
     mask = given.get("attn_mask")
     if isinstance(mask, fx.Node):
-        if mask not in extras or not extra_axis(mask, {"ndim": n, "head": q["head"]}):
+        if mask not in extras or not extra_axis(mask, q):
             return None
-    return {"role": "out", "head": q["head"], "d": n - 1, "ndim": n}
+    return _Output(head=q.head, ndim=n, d=n - 1)
 
 
-def _reshaped(state: dict, shape_in: tuple, shape_out: tuple) -> dict | None:
+def _reshaped(state: _Scores, shape_in: tuple, shape_out: tuple) -> _Scores | None:
     """Scores through a view that keeps the head axis whole (e.g. (B·W, H, N, N) <-> (B, W, H, N, N))."""
-    head = state["head"]
+    head = state.head
     before = math.prod(shape_in[:head])
     for j, n in enumerate(shape_out):
         if n == shape_in[head] and math.prod(shape_out[:j]) == before:
             if shape_out[-1] != shape_in[-1]:
                 return None  # softmax runs over the last axis: keep it
-            return {"role": "scores", "head": j, "ndim": len(shape_out)}
+            return _Scores(head=j, ndim=len(shape_out))
     return None
 
 
@@ -512,59 +548,3 @@ def _flatten(value: Any) -> list[torch.Tensor]:
     if isinstance(value, dict):
         return [t for v in value.values() for t in _flatten(v)]
     return []
-
-
-def _qkv_layout(ctx: "Context", qkv: fx.Node, heads: int) -> Feat:
-    """The [q | k | v] layout of a fused projection's output (queries and keys in one space)."""
-    info = ctx.info(qkv)
-    axis = len(ctx.shape(qkv)) - 1
-    if not isinstance(info, Feat) or info.axis != axis:
-        raise Barrier(f"attention reads '{qkv.name}', whose channels fxzip cannot follow")
-    blocks = info.blocks
-    if len(blocks) != 3 or ctx.uf.find(blocks[0].space) != ctx.uf.find(blocks[1].space) \
-            or any(b.expand != 1 for b in blocks):
-        raise Barrier(f"attention reads '{qkv.name}' whose layout is not [q | k | v]")
-    if blocks[0].size % heads or blocks[2].size % heads:
-        raise Barrier(f"{heads} heads do not divide the attention width {blocks[0].size}")
-    return info
-
-
-@register(fused_qkv_attention)
-def attention_rule(ctx: "Context", node: fx.Node) -> Feat:
-    """Queries and keys share one space, values another; both are split into heads."""
-    qkv, heads = node.args[0], node.args[1]
-    info = _qkv_layout(ctx, qkv, heads)
-    ctx.consume(node, qkv, info)
-    ctx.head_group((info.blocks[0].space, info.blocks[2].space), heads, "attention")
-    return Feat(info.axis, (info.blocks[2],))
-
-
-@register(AttentionCore)
-def attention_core_rule(ctx: "Context", node: fx.Node) -> Feat:
-    """Attention with extra inputs: as `attention_rule`, and every parameter-derived extra that
-    varies over the heads (a relative position bias table) follows a space of one feature per
-    head, which is part of the attention's head group — so its heads are paired as the
-    attention's heads are. Its statistics are each head's outputs taken together."""
-    module = ctx.module(node)
-    qkv, heads = node.args[0], module.heads
-    info = _qkv_layout(ctx, qkv, heads)
-    out = Feat(info.axis, (info.blocks[2],))
-    head_space = None
-    for value, axis in zip(node.args[1:], module.head_axes):
-        if axis is None:
-            continue
-        if not isinstance(ctx.info(value), Lazy):
-            raise Barrier(f"attention reads '{value.name}' per head, a value that is not computed "
-                          "from parameters alone (fixed per-head values cannot follow a pairing "
-                          "of heads)")
-        if head_space is None:
-            head_space = ctx.uf.new(heads)
-        ctx.tie_param(value, axis, Feat(axis, (Block(head_space, heads),)))
-    ctx.consume(node, qkv, info)
-    spaces = (info.blocks[0].space, info.blocks[2].space)
-    if head_space is not None:
-        per_head = info.blocks[2].size // heads
-        ctx.consume(node, node, Feat(out.axis, (Block(head_space, heads, per_head),)))
-        spaces += (head_space,)
-    ctx.head_group(spaces, heads, "attention")
-    return out

@@ -1,16 +1,16 @@
-"""The op-rule table: how each traced op relates the feature spaces of its inputs and output.
+"""The core op rules: how torch's own ops relate the feature spaces of their inputs and output.
 
-A rule takes the analysis context and a node and returns the node's channel info: a `Feat`
-(channel axis + layout), `SHARED`, `UNTRACKED` or None (not a tensor). A rule raises `Barrier`
-when the op mixes channels in a way zipping cannot follow. Ops missing from the table are
-barriers as soon as a channel-carrying tensor reaches them.
+Elementwise and broadcasting ops, parametrised layers (Linear, convolutions, norms: one rule per
+op, the module and the functional form alike through `ParamHandle`), pooling and resizing,
+reductions, softmax, shape ops, split/chunk/unbind. Ops missing from the table are barriers as
+soon as a channel-carrying tensor reaches them. The rule API is in `rule_api`.
 """
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -18,87 +18,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layout import MIXED, SHARED, UNTRACKED, Feat, Lazy
-
-if TYPE_CHECKING:
-    from .analysis import Context
-
-Rule = Callable[["Context", fx.Node], Any]
-
-
-class Barrier(Exception):
-    """Raised by a rule: the op touches the channel axis in a way zipping cannot follow."""
-
-
-class SplitRequest(Barrier):
-    """A barrier that goes away if some spaces are opened as several: `cuts[space]` are feature
-    offsets inside `space` where an op splits or slices the channel axis. The analysis asks the
-    space's producers to open one space per piece and walks the graph again."""
-
-    def __init__(self, message: str, cuts: dict[int, set[int]]):
-        super().__init__(message)
-        self.cuts = cuts
-
-
-MODULE_RULES: dict[type, Rule] = {}
-FUNCTION_RULES: dict[Any, Rule] = {}
-METHOD_RULES: dict[str, Rule] = {}
-
-
-def register(*keys: Any) -> Callable[[Rule], Rule]:
-    """Register one rule for module classes, functions and method names (strings)."""
-    def deco(rule: Rule) -> Rule:
-        for key in keys:
-            if isinstance(key, str):
-                METHOD_RULES[key] = rule
-            elif isinstance(key, type) and issubclass(key, nn.Module):
-                MODULE_RULES[key] = rule
-            else:
-                FUNCTION_RULES[key] = rule
-        return rule
-    return deco
-
-
-def rule_for(node: fx.Node, module: nn.Module | None) -> Rule | None:
-    """The rule of a call node, or None when the op is not in the table."""
-    if node.op == "call_module":
-        for cls in type(module).__mro__:
-            if cls in MODULE_RULES:
-                return MODULE_RULES[cls]
-        return None
-    if node.op == "call_function":
-        return FUNCTION_RULES.get(node.target)
-    if node.op == "call_method":
-        return METHOD_RULES.get(node.target)
-    return None
-
-
-def norm_dim(dim: int, ndim: int) -> int:
-    return dim + ndim if dim < 0 else dim
-
-
-def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    """A call argument given by position or keyword."""
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def _nodes_in(value: Any) -> list[fx.Node]:
-    out: list[fx.Node] = []
-    fx.node.map_arg(value, lambda n: out.append(n))
-    return out
+from .rule_api import (Barrier, Context, ParamHandle, SplitRequest, arg, nodes_in, norm_dim,
+                       passthrough, register)
 
 
 # ---------------------------------------------------------------------------------------------
 # elementwise and broadcasting ops: one space in and out
 # ---------------------------------------------------------------------------------------------
 
-def pointwise(ctx: "Context", node: fx.Node, operands: list[fx.Node] | None = None) -> Any:
+def pointwise(ctx: Context, node: fx.Node, operands: list[fx.Node] | None = None) -> Any:
     """Broadcasting elementwise op: every operand carrying the channel axis shares one space."""
     out_shape = ctx.shape(node)
     if out_shape is None:
         return None
-    operands = _nodes_in((node.args, node.kwargs)) if operands is None else operands
+    operands = nodes_in((node.args, node.kwargs)) if operands is None else operands
     out_ndim = len(out_shape)
     feats: list[tuple[fx.Node, Feat, int]] = []
     for op in operands:
@@ -137,7 +70,7 @@ def pointwise(ctx: "Context", node: fx.Node, operands: list[fx.Node] | None = No
     return result
 
 
-def _pointwise_without_features(ctx: "Context", operands: list[fx.Node], out_ndim: int) -> Any:
+def _pointwise_without_features(ctx: Context, operands: list[fx.Node], out_ndim: int) -> Any:
     """Shared values stay shared; one parameter combined with shared values or scalars stays a
     (derived) parameter, its axes aligned from the right; anything else is untracked."""
     infos = [ctx.info(op) for op in operands]
@@ -150,18 +83,7 @@ def _pointwise_without_features(ctx: "Context", operands: list[fx.Node], out_ndi
     return UNTRACKED
 
 
-def passthrough(info: Any, remap=None) -> Any:
-    """What a shape op makes of a value without features: shared stays shared, a parameter keeps
-    following its axes when `remap` (old axes -> new axes) can say how, else it is untracked."""
-    if info is SHARED or info is None:
-        return info
-    if isinstance(info, Lazy) and remap is not None:
-        axes = remap(info.axes)
-        return UNTRACKED if axes is None else info.remapped(axes)
-    return UNTRACKED
-
-
-def first_operand(ctx: "Context", node: fx.Node) -> Any:
+def first_operand(ctx: Context, node: fx.Node) -> Any:
     """Ops whose other tensor arguments only give dtype/device (`type_as`, `to`)."""
     return pointwise(ctx, node, [node.args[0]])
 
@@ -193,7 +115,7 @@ register(*ACTIVATION_MODULES, *ACTIVATION_FUNCTIONS, *ACTIVATION_METHODS)(pointw
 register("type_as", "to")(first_operand)
 
 
-def _expand_rule(ctx: "Context", node: fx.Node) -> Any:
+def _expand_rule(ctx: Context, node: fx.Node) -> Any:
     return pointwise(ctx, node, [node.args[0]])
 
 
@@ -201,22 +123,55 @@ register("expand")(_expand_rule)
 
 
 @register(nn.PReLU)
-def prelu(ctx: "Context", node: fx.Node) -> Any:
+def prelu(ctx: Context, node: fx.Node) -> Any:
     """PReLU: a per-channel slope when it has one parameter per channel on axis 1."""
     result = pointwise(ctx, node, [node.args[0]])
     module = ctx.module(node)
     if isinstance(result, Feat) and module.num_parameters > 1:
         if result.axis != 1:
             raise Barrier("PReLU slopes apply to axis 1 but the channels are elsewhere")
-        ctx.use(node, "weight", 0, result, "M")
+        ctx.tie(ParamHandle.of_module(node, module, "weight"), 0, result)
     return result
 
 
 # ---------------------------------------------------------------------------------------------
-# parametrised layers: producers, consumers and per-channel parameters
+# parametrised layers: producers, consumers and per-channel parameters. A module's parameters
+# and a functional call's get_attr arguments are the same to a rule (`ParamHandle`).
 # ---------------------------------------------------------------------------------------------
 
-def _input_feat(ctx: "Context", node: fx.Node, axis: int, what: str) -> Feat:
+@dataclass(frozen=True)
+class LayerCall:
+    """A parametrised layer call, module or functional, as its rule reads it: the input, the
+    parameters it was given, its hyper-parameters, and the op's name for messages."""
+
+    x: fx.Node
+    params: dict[str, ParamHandle]
+    options: dict[str, Any]
+    what: str
+
+
+def layer_call(ctx: Context, node: fx.Node, params: dict[str, int],
+               options: dict[str, tuple[int, Any]], function_name: str,
+               module_name: str | None = None) -> LayerCall:
+    """Resolve a module or functional layer call. `params` maps each parameter to its position in
+    the functional call, `options` each hyper-parameter to its position and default; a module has
+    both as attributes of those names. Module parameters come in the order of `params`,
+    functional ones in the order of the call's arguments."""
+    if node.op == "call_module":
+        module = ctx.module(node)
+        handles = {name: ParamHandle.of_module(node, module, name) for name in params}
+        values = {name: getattr(module, name) for name in options}
+        what = module_name or type(module).__name__
+    else:
+        handles = {name: ParamHandle.of_value(arg(node, i, name))
+                   for name, i in sorted(params.items(), key=lambda item: item[1])}
+        values = {name: arg(node, i, name, default) for name, (i, default) in options.items()}
+        what = function_name
+    given = {name: handle for name, handle in handles.items() if handle is not None}
+    return LayerCall(node.args[0], given, values, what)
+
+
+def _input_feat(ctx: Context, node: fx.Node, axis: int, what: str) -> Feat:
     """The channel info of a layer's input on `axis`; shared inputs get an identity space."""
     x = node.args[0]
     info = ctx.info(x)
@@ -232,124 +187,129 @@ def _input_feat(ctx: "Context", node: fx.Node, axis: int, what: str) -> Feat:
     raise Barrier(f"{what} reads '{x.name}', a value fxzip cannot follow per channel")
 
 
-@register(nn.Linear)
-def linear(ctx: "Context", node: fx.Node) -> Feat:
-    """Linear: reads the last axis (weight columns, U) and opens a new space (rows and bias, M).
-    A Linear over another axis than the channels' (MLP-Mixer's token mixing) acts per channel."""
-    module = ctx.module(node)
-    info, shape = ctx.info(node.args[0]), ctx.shape(node.args[0])
-    if isinstance(info, Feat) and info.axis != len(shape) - 1:
-        return _mix_aligned_axis(ctx, node, info, module)
-    feat_in = _input_feat(ctx, node, -1, "Linear")
-    ctx.consume(node, node.args[0], feat_in)
-    ctx.use(node, "weight", 1, feat_in, "U")
-    feat_out = ctx.produce(node, axis=len(ctx.shape(node)) - 1, size=module.out_features)
-    ctx.use(node, "weight", 0, feat_out, "M")
-    if module.bias is not None:
-        ctx.use(node, "bias", 0, feat_out, "M")
+def _open(ctx: Context, node: fx.Node, call: LayerCall, feat_in: Feat, axis: int,
+          groups: int = 1) -> Feat:
+    """A weight layer that reads `feat_in` (weight columns, U) and opens a new space on `axis`
+    of its output (weight rows and bias, M)."""
+    weight, bias = call.params["weight"], call.params.get("bias")
+    ctx.consume(node, call.x, feat_in)
+    ctx.tie(weight, 1, feat_in, "U", groups=groups)
+    feat_out = ctx.produce(node, axis=axis, size=ctx.param_shape(weight)[0],
+                           key=ctx.space_key(weight))
+    ctx.tie(weight, 0, feat_out)
+    if bias is not None:
+        ctx.tie(bias, 0, feat_out)
     return feat_out
 
 
-def _mix_aligned_axis(ctx: "Context", node: fx.Node, info: Feat, module: nn.Linear) -> Feat:
+@register(nn.Linear, F.linear)
+def linear(ctx: Context, node: fx.Node) -> Feat:
+    """Linear (module or F.linear): reads the last axis (weight columns, U) and opens a new space
+    (rows and bias, M). A Linear over another axis than the channels' (MLP-Mixer's token
+    mixing) acts per channel."""
+    call = layer_call(ctx, node, {"weight": 1, "bias": 2}, {}, "F.linear", "Linear")
+    info, shape = ctx.info(call.x), ctx.shape(call.x)
+    if isinstance(info, Feat) and info.axis != len(shape) - 1:
+        return _mix_aligned_axis(ctx, node, info, call)
+    feat_in = _input_feat(ctx, node, -1, call.what)
+    return _open(ctx, node, call, feat_in, axis=len(ctx.shape(node)) - 1)
+
+
+def _mix_aligned_axis(ctx: Context, node: fx.Node, info: Feat, call: LayerCall) -> Feat:
     """A Linear that mixes positions (tokens) rather than channels applies the same weights to
     every channel: the channels keep their space. Positions mean the same in every model, so the
     weights are merged without matching (identity spaces: plain averaging)."""
     ndim = len(ctx.shape(node))
-    ctx.use(node, "weight", 1, ctx.pinned_feat(ndim - 1, module.in_features), "U")
-    rows = ctx.pinned_feat(ndim - 1, module.out_features)
-    ctx.use(node, "weight", 0, rows, "M")
-    if module.bias is not None:
-        ctx.use(node, "bias", 0, rows, "M")
+    weight, bias = call.params["weight"], call.params.get("bias")
+    out_features, in_features = ctx.param_shape(weight)
+    ctx.tie(weight, 1, ctx.pinned_feat(ndim - 1, in_features), "U")
+    rows = ctx.pinned_feat(ndim - 1, out_features)
+    ctx.tie(weight, 0, rows)
+    if bias is not None:
+        ctx.tie(bias, 0, rows)
     return info
 
 
-def grouped_conv(ctx: "Context", node: fx.Node, module: nn.Module) -> Feat:
+@register(nn.Conv1d, nn.Conv2d, nn.Conv3d, F.conv1d, F.conv2d, F.conv3d, torch.conv1d,
+          torch.conv2d, torch.conv3d)
+def conv(ctx: Context, node: fx.Node) -> Feat:
+    """Dense convolution (module or F.convNd): input channels on axis 1 are read (U), output
+    channels opened (M). Depthwise and grouped convolutions: see `depthwise`, `grouped_conv`."""
+    call = layer_call(ctx, node, {"weight": 1, "bias": 2}, {"groups": (6, 1)}, "convolution")
+    groups = call.options["groups"]
+    in_channels, out_channels = ctx.shape(call.x)[1], ctx.param_shape(call.params["weight"])[0]
+    if groups != 1 and groups == in_channels:
+        return depthwise(ctx, node, call, out_channels // in_channels)
+    if groups != 1:
+        return grouped_conv(ctx, node, call, groups)
+    return _open(ctx, node, call, _input_feat(ctx, node, 1, call.what), axis=1)
+
+
+def grouped_conv(ctx: Context, node: fx.Node, call: LayerCall, groups: int) -> Feat:
     """Grouped convolution: input and output channels split into `groups` groups, group i of the
     input feeding group i of the output only. Its input and output spaces are matched group to
     group (features stay in their group, both spaces pair groups alike), so the merged weight is
     block-diagonal again."""
-    feat_in = _input_feat(ctx, node, 1, f"grouped {type(module).__name__}")
+    feat_in = _input_feat(ctx, node, 1, f"grouped {call.what}")
     if len(feat_in.blocks) != 1 or feat_in.blocks[0].expand != 1:
-        raise Barrier(f"grouped convolution (groups={module.groups}) reads channels of several "
+        raise Barrier(f"grouped convolution (groups={groups}) reads channels of several "
                       "spaces; only a single space can be split into groups")
-    ctx.consume(node, node.args[0], feat_in)
-    feat_out = ctx.produce(node, axis=1, size=module.out_channels)
-    ctx.head_group((feat_in.blocks[0].space, feat_out.blocks[0].space), module.groups,
+    feat_out = _open(ctx, node, call, feat_in, axis=1, groups=groups)
+    ctx.head_group((feat_in.blocks[0].space, feat_out.blocks[0].space), groups,
                    "grouped convolution")
-    ctx.use(node, "weight", 1, feat_in, "U", groups=module.groups)
-    ctx.use(node, "weight", 0, feat_out, "M")
-    if module.bias is not None:
-        ctx.use(node, "bias", 0, feat_out, "M")
     return feat_out
 
 
-@register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-def conv(ctx: "Context", node: fx.Node) -> Feat:
-    """Dense convolution: input channels on axis 1 are read (U), output channels opened (M).
-    Depthwise convolution is per channel (see `depthwise`)."""
-    module = ctx.module(node)
-    if module.groups != 1 and module.groups == module.in_channels:
-        return depthwise(ctx, node, module.groups, module.in_channels, module.out_channels,
-                         module_params=("weight", "bias" if module.bias is not None else None))
-    if module.groups != 1:
-        return grouped_conv(ctx, node, module)
-    feat_in = _input_feat(ctx, node, 1, type(module).__name__)
-    ctx.consume(node, node.args[0], feat_in)
-    ctx.use(node, "weight", 1, feat_in, "U")
-    feat_out = ctx.produce(node, axis=1, size=module.out_channels)
-    ctx.use(node, "weight", 0, feat_out, "M")
-    if module.bias is not None:
-        ctx.use(node, "bias", 0, feat_out, "M")
-    return feat_out
-
-
-def depthwise(ctx: "Context", node: fx.Node, groups: int, in_channels: int, out_channels: int,
-              module_params: tuple | None = None, weight: fx.Node | None = None,
-              bias: fx.Node | None = None) -> Feat:
+def depthwise(ctx: Context, node: fx.Node, call: LayerCall, multiplier: int) -> Feat:
     """Depthwise convolution (groups == input channels): one space in and out, the per-channel
     kernels merged (M). With a depth multiplier k each input channel becomes k output channels
-    in a row, i.e. the space expanded k times. Other grouped convolutions are barriers."""
-    if groups != in_channels or out_channels % in_channels:
-        raise Barrier(f"grouped convolution (groups={groups}, {in_channels}->{out_channels} "
-                      "channels) mixes channels within groups; only depthwise convolution is "
-                      "supported")
+    in a row, i.e. the space expanded k times."""
     feat_in = _input_feat(ctx, node, 1, "depthwise convolution")
-    multiplier = out_channels // in_channels
     feat_out = feat_in if multiplier == 1 else feat_in.expanded(multiplier)
-    if module_params is not None:
-        for name in module_params:
-            if name:
-                ctx.use(node, name, 0, feat_out, "M")
-    else:
-        for value in (weight, bias):
-            if value is not None:
-                ctx.tie_param(value, 0, feat_out)
+    for param in call.params.values():
+        ctx.tie(param, 0, feat_out)
     return feat_out
 
 
-@register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-def batch_norm(ctx: "Context", node: fx.Node) -> Feat:
+@register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, F.batch_norm)
+def batch_norm(ctx: Context, node: fx.Node) -> Feat:
     """BatchNorm: per-channel on axis 1; affine parameters and running statistics are merged."""
-    module = ctx.module(node)
-    feat = _input_feat(ctx, node, 1, type(module).__name__)
-    for name in ("weight", "bias", "running_mean", "running_var"):
-        if getattr(module, name, None) is not None:
-            ctx.use(node, name, 0, feat, "M")
+    call = layer_call(ctx, node, {"weight": 3, "bias": 4, "running_mean": 1, "running_var": 2},
+                      {}, "batch_norm")
+    feat = _input_feat(ctx, node, 1, call.what)
+    for param in call.params.values():
+        ctx.tie(param, 0, feat)
     return feat
 
 
-@register(nn.LayerNorm)
-def layer_norm(ctx: "Context", node: fx.Node) -> Feat:
+@register(nn.LayerNorm, F.layer_norm)
+def layer_norm(ctx: Context, node: fx.Node) -> Feat:
     """LayerNorm over the channel axis only (the last axis): per-channel affine merged."""
-    module = ctx.module(node)
-    if len(module.normalized_shape) != 1:
-        raise Barrier(f"LayerNorm over {tuple(module.normalized_shape)} normalises across more than "
-                      "the channel axis")
-    feat = _input_feat(ctx, node, -1, "LayerNorm")
-    if module.weight is not None:
-        ctx.use(node, "weight", 0, feat, "M")
-    if module.bias is not None:
-        ctx.use(node, "bias", 0, feat, "M")
+    call = layer_call(ctx, node, {"weight": 2, "bias": 3}, {"normalized_shape": (1, None)},
+                      "layer_norm", "LayerNorm")
+    normalized = call.options["normalized_shape"]
+    if len(normalized) != 1:
+        raise Barrier(f"{call.what} over {tuple(normalized)} normalises across more than the "
+                      "channel axis")
+    feat = _input_feat(ctx, node, -1, call.what)
+    for param in call.params.values():
+        ctx.tie(param, 0, feat)
+    return feat
+
+
+@register(nn.GroupNorm, F.group_norm)
+def group_norm(ctx: Context, node: fx.Node) -> Feat:
+    """GroupNorm with one group (a LayerNorm over C×H×W) or one group per channel: the
+    per-channel affine merged; other groupings normalise within groups of channels."""
+    call = layer_call(ctx, node, {"weight": 2, "bias": 3}, {"num_groups": (1, None)},
+                      "group_norm", "group_norm")
+    groups, channels = call.options["num_groups"], ctx.shape(call.x)[1]
+    if groups not in (1, channels):
+        raise Barrier(f"GroupNorm with {groups} groups of {channels} channels normalises within "
+                      "groups; zipping supports 1 group or one group per channel")
+    feat = _input_feat(ctx, node, 1, call.what)
+    for param in call.params.values():
+        ctx.tie(param, 0, feat)
     return feat
 
 
@@ -357,7 +317,7 @@ def layer_norm(ctx: "Context", node: fx.Node) -> Feat:
 # spatial ops: pooling, interpolation (channel axis 1 untouched)
 # ---------------------------------------------------------------------------------------------
 
-def spatial(ctx: "Context", node: fx.Node) -> Any:
+def spatial(ctx: Context, node: fx.Node) -> Any:
     """Pooling and resizing act per channel on the axes after axis 1."""
     x = node.args[0] if node.args else node.kwargs.get("input")
     info = ctx.info(x)
@@ -392,7 +352,7 @@ def _reduced_dims(node: fx.Node, ndim: int, position: int) -> list[int] | None:
     return sorted(norm_dim(d, ndim) for d in dims)
 
 
-def _reduce(ctx: "Context", node: fx.Node, dim_position: int, what: str) -> Any:
+def _reduce(ctx: Context, node: fx.Node, dim_position: int, what: str) -> Any:
     """A reduction whose `dim` is argument `dim_position` and `keepdim` the next one: over
     spatial/token axes it keeps the space; over the channels it is a barrier, except a mean over
     the channels alone with keepdim, a per-sample statistic (global response norm, hand-written
@@ -413,19 +373,19 @@ def _reduce(ctx: "Context", node: fx.Node, dim_position: int, what: str) -> Any:
 
 @register(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var,
           "mean", "sum", "amax", "amin", "std", "var")
-def reduction(ctx: "Context", node: fx.Node) -> Any:
+def reduction(ctx: Context, node: fx.Node) -> Any:
     """mean/sum/amax/… (dim is the second argument)."""
     return _reduce(ctx, node, 1, "reduces")
 
 
 @register(torch.norm, torch.linalg.vector_norm, "norm")
-def vector_norm(ctx: "Context", node: fx.Node) -> Any:
+def vector_norm(ctx: Context, node: fx.Node) -> Any:
     """Norms (dim is the third argument, after p/ord), e.g. ConvNeXt-V2's global response norm."""
     return _reduce(ctx, node, 2, "takes the norm")
 
 
 @register(F.pad)
-def pad(ctx: "Context", node: fx.Node) -> Any:
+def pad(ctx: Context, node: fx.Node) -> Any:
     """Padding of trailing axes that leaves the channel axis alone (e.g. Swin's windows)."""
     x = node.args[0]
     info = ctx.info(x)
@@ -440,7 +400,7 @@ def pad(ctx: "Context", node: fx.Node) -> Any:
 
 
 @register(torch.roll, "roll")
-def roll(ctx: "Context", node: fx.Node) -> Any:
+def roll(ctx: Context, node: fx.Node) -> Any:
     """Cyclic shift of positions (Swin's shifted windows); rolling the channel axis is a barrier."""
     x = node.args[0]
     info = ctx.info(x)
@@ -456,7 +416,7 @@ def roll(ctx: "Context", node: fx.Node) -> Any:
 
 @register(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, nn.Softmax, nn.LogSoftmax,
           "softmax", "log_softmax")
-def softmax(ctx: "Context", node: fx.Node) -> Any:
+def softmax(ctx: Context, node: fx.Node) -> Any:
     """Softmax along a non-channel axis is per channel; along the channel axis it is a barrier."""
     x = node.args[0]
     info = ctx.info(x)
@@ -472,7 +432,7 @@ def softmax(ctx: "Context", node: fx.Node) -> Any:
 # shape ops: follow the channel axis
 # ---------------------------------------------------------------------------------------------
 
-def reshape_like(ctx: "Context", node: fx.Node) -> Any:
+def reshape_like(ctx: Context, node: fx.Node) -> Any:
     """Any reshape, followed by shapes: the channel axis may move, merge with size-1 axes, or be
     flattened with the axes after it (an expanded space); splitting it is a barrier."""
     x = node.args[0]
@@ -557,7 +517,7 @@ register(torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, nn.Flatte
 
 
 @register(torch.permute, "permute")
-def permute(ctx: "Context", node: fx.Node) -> Any:
+def permute(ctx: Context, node: fx.Node) -> Any:
     x = node.args[0]
     info = ctx.info(x)
     dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
@@ -570,7 +530,7 @@ def permute(ctx: "Context", node: fx.Node) -> Any:
 
 
 @register(torch.transpose, torch.swapaxes, "transpose", "swapaxes", "t")
-def transpose(ctx: "Context", node: fx.Node) -> Any:
+def transpose(ctx: Context, node: fx.Node) -> Any:
     x = node.args[0]
     info = ctx.info(x)
     ndim = len(ctx.shape(x))
@@ -585,7 +545,7 @@ def transpose(ctx: "Context", node: fx.Node) -> Any:
 
 
 @register(torch.cat, torch.concat, torch.concatenate)
-def cat(ctx: "Context", node: fx.Node) -> Any:
+def cat(ctx: Context, node: fx.Node) -> Any:
     """Concatenation on the channel axis builds a composite layout; on another axis (tokens,
     batch) every input shares one space."""
     tensors = list(arg(node, 0, "tensors"))
@@ -611,7 +571,7 @@ def cat(ctx: "Context", node: fx.Node) -> Any:
 
 
 @register(operator.getitem)
-def getitem(ctx: "Context", node: fx.Node) -> Any:
+def getitem(ctx: Context, node: fx.Node) -> Any:
     """Indexing a tensor: allowed when the channel axis is kept whole."""
     x, index = node.args
     info = ctx.info(x)
@@ -650,7 +610,7 @@ def getitem(ctx: "Context", node: fx.Node) -> Any:
     return info.moved(new_axis)
 
 
-def _indexed_axes(ctx: "Context", axes, index) -> list | None:
+def _indexed_axes(ctx: Context, axes, index) -> list | None:
     """Axis labels of a parameter indexed by one integer tensor on its first axis (a relative
     position bias table gathered by a position index): the index's axes are MIXED."""
     if not isinstance(index, fx.Node) or ctx.shape(index) is None:
@@ -669,104 +629,12 @@ def _channel_slice(info: Feat, item: slice, width: int, x: fx.Node) -> Feat:
     return pieces[1] if start > 0 else pieces[0]
 
 
-def shape_query(ctx: "Context", node: fx.Node) -> None:
+def shape_query(ctx: Context, node: fx.Node) -> None:
     """`size()`, `.shape`, `dim()`: plain Python values, no channels."""
     return None
 
 
 register(getattr, "size", "dim", "numel", "ndimension")(shape_query)
-
-
-# ---------------------------------------------------------------------------------------------
-# functional layers whose parameters come from get_attr
-# ---------------------------------------------------------------------------------------------
-
-@register(F.linear)
-def functional_linear(ctx: "Context", node: fx.Node) -> Feat:
-    """F.linear(x, weight, bias) with parameters read by get_attr."""
-    weight, bias = arg(node, 1, "weight"), arg(node, 2, "bias")
-    feat_in = _input_feat(ctx, node, -1, "F.linear")
-    ctx.consume(node, node.args[0], feat_in)
-    ctx.tie_param(weight, 1, feat_in, "U")
-    key = ctx.info(weight).source if isinstance(ctx.info(weight), Lazy) else weight.name
-    feat_out = ctx.produce(node, axis=len(ctx.shape(node)) - 1, size=ctx.shape(weight)[0], key=key)
-    ctx.tie_param(weight, 0, feat_out)
-    if isinstance(bias, fx.Node):
-        ctx.tie_param(bias, 0, feat_out)
-    return feat_out
-
-
-@register(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
-def functional_conv(ctx: "Context", node: fx.Node) -> Feat:
-    """F.convNd(x, weight, bias, stride, padding, dilation, groups) with get_attr parameters."""
-    weight, bias = arg(node, 1, "weight"), arg(node, 2, "bias")
-    groups = arg(node, 6, "groups", 1)
-    shape = ctx.shape(weight)
-    in_channels = ctx.shape(node.args[0])[1]
-    if groups != 1:
-        return depthwise(ctx, node, groups, in_channels, shape[0], weight=weight,
-                         bias=bias if isinstance(bias, fx.Node) else None)
-    feat_in = _input_feat(ctx, node, 1, "convolution")
-    ctx.consume(node, node.args[0], feat_in)
-    ctx.tie_param(weight, 1, feat_in, "U")
-    key = ctx.info(weight).source if isinstance(ctx.info(weight), Lazy) else weight.name
-    feat_out = ctx.produce(node, axis=1, size=shape[0], key=key)
-    ctx.tie_param(weight, 0, feat_out)
-    if isinstance(bias, fx.Node):
-        ctx.tie_param(bias, 0, feat_out)
-    return feat_out
-
-
-@register(F.layer_norm)
-def functional_layer_norm(ctx: "Context", node: fx.Node) -> Feat:
-    """F.layer_norm over the channel axis (the last one) with get_attr weight and bias."""
-    normalized = arg(node, 1, "normalized_shape")
-    if len(normalized) != 1:
-        raise Barrier(f"layer_norm over {tuple(normalized)} normalises across more than the "
-                      "channel axis")
-    feat = _input_feat(ctx, node, -1, "layer_norm")
-    for value in (arg(node, 2, "weight"), arg(node, 3, "bias")):
-        if isinstance(value, fx.Node):
-            ctx.tie_param(value, 0, feat)
-    return feat
-
-
-@register(F.batch_norm)
-def functional_batch_norm(ctx: "Context", node: fx.Node) -> Feat:
-    """F.batch_norm on axis 1 with get_attr statistics and affine parameters."""
-    feat = _input_feat(ctx, node, 1, "batch_norm")
-    for index, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
-        value = arg(node, index, name)
-        if isinstance(value, fx.Node):
-            ctx.tie_param(value, 0, feat)
-    return feat
-
-
-def _group_norm(ctx: "Context", node: fx.Node, groups: int, weight: Any, bias: Any, module: bool) -> Feat:
-    x = node.args[0]
-    channels = ctx.shape(x)[1]
-    if groups not in (1, channels):
-        raise Barrier(f"GroupNorm with {groups} groups of {channels} channels normalises within "
-                      "groups; zipping supports 1 group or one group per channel")
-    feat = _input_feat(ctx, node, 1, "group_norm")
-    for name, value in (("weight", weight), ("bias", bias)):
-        if module and value is not None:
-            ctx.use(node, name, 0, feat, "M")
-        elif isinstance(value, fx.Node):
-            ctx.tie_param(value, 0, feat)
-    return feat
-
-
-@register(nn.GroupNorm)
-def group_norm_module(ctx: "Context", node: fx.Node) -> Feat:
-    module = ctx.module(node)
-    return _group_norm(ctx, node, module.num_groups, module.weight, module.bias, module=True)
-
-
-@register(F.group_norm)
-def functional_group_norm(ctx: "Context", node: fx.Node) -> Feat:
-    return _group_norm(ctx, node, arg(node, 1, "num_groups"), arg(node, 2, "weight"),
-                       arg(node, 3, "bias"), module=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -816,7 +684,7 @@ def _split_layout(feat: Feat, sizes: list[int]) -> list[Feat]:
 
 
 @register(torch.split, torch.chunk, "split", "chunk")
-def split(ctx: "Context", node: fx.Node) -> Any:
+def split(ctx: Context, node: fx.Node) -> Any:
     x = node.args[0]
     info = ctx.info(x)
     shape = ctx.shape(x)
@@ -830,7 +698,7 @@ def split(ctx: "Context", node: fx.Node) -> Any:
 
 
 @register(torch.unbind, "unbind")
-def unbind(ctx: "Context", node: fx.Node) -> Any:
+def unbind(ctx: Context, node: fx.Node) -> Any:
     x = node.args[0]
     info = ctx.info(x)
     shape = ctx.shape(x)
@@ -842,52 +710,3 @@ def unbind(ctx: "Context", node: fx.Node) -> Any:
         raise Barrier("unbinds the channel axis")
     axis = info.axis - (dim < info.axis)
     return tuple(info.moved(axis) for _ in range(shape[dim]))
-
-
-# ---------------------------------------------------------------------------------------------
-# timm's window/grid reverse functions (traced as single calls): positions move, channels stay
-# ---------------------------------------------------------------------------------------------
-
-_WINDOW_FUNCTIONS = {  # timm module: (function names, channel axis of input and output)
-    "timm.models.swin_transformer": (("window_reverse",), -1),
-    "timm.models.swin_transformer_v2": (("window_reverse",), -1),
-    "timm.models.swin_transformer_v2_cr": (("window_reverse",), -1),
-    "timm.models.gcvit": (("window_reverse",), -1),
-    "timm.models.davit": (("window_reverse",), -1),
-    "timm.models.maxxvit": (("window_reverse", "grid_reverse"), -1),
-}
-_WINDOW_FUNCTIONS_NCHW = {"timm.models.maxxvit": ("window_reverse_nchw", "grid_reverse_nchw")}
-
-
-def _window_rule(channel_axis: int) -> Rule:
-    def rule(ctx: "Context", node: fx.Node) -> Any:
-        """Reassembles windows (or grid cells) of positions into a feature map: every position
-        keeps its channel vector, the channel axis stays where it is."""
-        x = node.args[0]
-        info, shape_in, shape_out = ctx.info(x), ctx.shape(x), ctx.shape(node)
-        if not isinstance(info, Feat):
-            return passthrough(info)
-        axis_in, axis_out = norm_dim(channel_axis, len(shape_in)), norm_dim(channel_axis, len(shape_out))
-        if info.axis != axis_in or shape_out[axis_out] != shape_in[axis_in]:
-            raise Barrier(f"rearranges windows of '{x.name}' whose channels are on axis {info.axis}")
-        return info.moved(axis_out)
-    return rule
-
-
-def _register_window_functions() -> None:
-    import importlib
-
-    for table, axis in ((_WINDOW_FUNCTIONS, None), (_WINDOW_FUNCTIONS_NCHW, 1)):
-        for module_name, entry in table.items():
-            names, channel_axis = (entry, axis) if axis is not None else entry
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError:  # pragma: no cover - timm is optional here
-                continue
-            for name in names:
-                function = getattr(module, name, None)
-                if function is not None:
-                    register(function)(_window_rule(channel_axis))
-
-
-_register_window_functions()

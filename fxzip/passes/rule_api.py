@@ -1,0 +1,331 @@
+"""The rule API: what an op rule sees (`Context`), what it records, and how rules are registered.
+
+A rule takes the context and a call node and returns the node's channel info: a `Feat` (channel
+axis + layout), `SHARED`, `UNTRACKED` or None (not a tensor); it raises `Barrier` when the op
+mixes channels in a way zipping cannot follow. Its records (unions of spaces, parameter uses,
+head groups, productions, consumptions) go into a transaction that the analysis commits only
+when the rule returns, so a rule that gives up half-way leaves no trace.
+
+This module sits at the bottom of `fxzip.passes`: the rule modules and the analysis import it,
+it imports none of them.
+"""
+from __future__ import annotations
+
+from collections import ChainMap
+from collections.abc import Callable, Iterator, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch.fx as fx
+import torch.nn as nn
+
+from ..tracing import tensor_shape
+from .layout import SHARED, UNTRACKED, Block, Feat, Lazy, UnionFind
+
+BLOCKS_META = "fxzip_blocks"  # on a projection node: the tags of its output blocks ([q | k | v])
+SPLIT_META = "fxzip_split"    # on a producer node: the sizes of the spaces its output opens
+
+
+class Barrier(Exception):
+    """Raised by a rule: the op touches the channel axis in a way zipping cannot follow."""
+
+
+class SplitRequest(Barrier):
+    """A barrier that goes away if some spaces are opened as several: `cuts[space]` are feature
+    offsets inside `space` where an op splits or slices the channel axis. The analysis asks the
+    space's producers to open one space per piece and walks the graph again."""
+
+    def __init__(self, message: str, cuts: dict[int, set[int]]):
+        super().__init__(message)
+        self.cuts = cuts
+
+
+# ---------------------------------------------------------------------------------------------
+# the rule table
+# ---------------------------------------------------------------------------------------------
+
+Rule = Callable[["Context", fx.Node], Any]
+
+MODULE_RULES: dict[type, Rule] = {}
+FUNCTION_RULES: dict[Any, Rule] = {}
+METHOD_RULES: dict[str, Rule] = {}
+
+
+def register(*keys: Any) -> Callable[[Rule], Rule]:
+    """Register one rule for module classes, functions and method names (strings)."""
+    def deco(rule: Rule) -> Rule:
+        for key in keys:
+            if isinstance(key, str):
+                METHOD_RULES[key] = rule
+            elif isinstance(key, type) and issubclass(key, nn.Module):
+                MODULE_RULES[key] = rule
+            else:
+                FUNCTION_RULES[key] = rule
+        return rule
+    return deco
+
+
+def rule_for(node: fx.Node, module: nn.Module | None) -> Rule | None:
+    """The rule of a call node, or None when the op is not in the table."""
+    if node.op == "call_module":
+        for cls in type(module).__mro__:
+            if cls in MODULE_RULES:
+                return MODULE_RULES[cls]
+        return None
+    if node.op == "call_function":
+        return FUNCTION_RULES.get(node.target)
+    if node.op == "call_method":
+        return METHOD_RULES.get(node.target)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers shared by the rules
+# ---------------------------------------------------------------------------------------------
+
+def norm_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """A call argument given by position or keyword."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def nodes_in(value: Any) -> list[fx.Node]:
+    """The nodes inside (nested) call arguments, in order."""
+    out: list[fx.Node] = []
+    fx.node.map_arg(value, lambda n: out.append(n))
+    return out
+
+
+def passthrough(info: Any, remap: Callable | None = None) -> Any:
+    """What a shape op makes of a value without features: shared stays shared, a parameter keeps
+    following its axes when `remap` (old axes -> new axes) can say how, else it is untracked."""
+    if info is SHARED or info is None:
+        return info
+    if isinstance(info, Lazy) and remap is not None:
+        axes = remap(info.axes)
+        return UNTRACKED if axes is None else info.remapped(axes)
+    return UNTRACKED
+
+
+# ---------------------------------------------------------------------------------------------
+# parameters as rules see them
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ParamUse:
+    """Axis `axis` of parameter `param` of `target` runs along `feat`'s layout; role M merges
+    (rows, biases, per-channel tensors), role U unmerges (weight columns)."""
+
+    target: str
+    param: str
+    axis: int
+    feat: Feat
+    role: str
+    groups: int = 1  # > 1: a grouped convolution's weight, whose axis 1 holds one group's inputs
+
+
+@dataclass(frozen=True)
+class ParamHandle:
+    """A parameter a call reads, the same to a rule whether it is a module's own (`owner`, the
+    module's target, and `name`) or a value node read by get_attr, or computed from one (`node`)."""
+
+    owner: str | None = None
+    name: str = ""
+    node: fx.Node | None = None
+
+    @classmethod
+    def of_module(cls, node: fx.Node, module: nn.Module, name: str) -> ParamHandle | None:
+        """Parameter or buffer `name` of the module called by `node`; None where it is unset."""
+        return cls(node.target, name) if getattr(module, name, None) is not None else None
+
+    @classmethod
+    def of_value(cls, value: Any) -> ParamHandle | None:
+        """A functional call's parameter argument; None where it is not a node (e.g. bias=None)."""
+        return cls(node=value) if isinstance(value, fx.Node) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# the context
+# ---------------------------------------------------------------------------------------------
+
+class Context:
+    """What the op rules see and record while the analysis walks the graph.
+
+    The walker calls each rule with `begin()`, a transaction that reads through to the records
+    so far and keeps its own apart; `commit()` applies them once the rule has returned."""
+
+    def __init__(self, gm: fx.GraphModule, base: Context | None = None):
+        self.gm = gm
+        self.base = base
+        if base is None:
+            self.uf = UnionFind()
+            self.infos: MutableMapping[str, Any] = {}
+            self.uses: MutableMapping[tuple[str, str, int], ParamUse] = {}
+            self.produced: MutableMapping[str, Feat] = {}       # producer node -> output layout
+            self.module_spaces: MutableMapping[str, Feat] = {}  # weights' key -> output layout (reuse)
+        else:
+            self.uf = base.uf.layer()
+            self.infos = ChainMap({}, base.infos)
+            self.uses = ChainMap({}, base.uses)
+            self.produced = ChainMap({}, base.produced)
+            self.module_spaces = ChainMap({}, base.module_spaces)
+        self.consumed: list[tuple[str, str, Feat]] = []  # (consumer node, input node, layout)
+        self.head_groups: list[tuple[tuple[int, ...], int, str]] = []  # (spaces, heads, kind)
+
+    # -- transactions -------------------------------------------------------------------------
+    def begin(self) -> Context:
+        """A transaction for one rule: nothing it records is seen here until `commit`."""
+        return Context(self.gm, self)
+
+    def commit(self) -> None:
+        """Apply this transaction's records to the context it began from."""
+        base = self.base
+        self.uf.commit()
+        for mine, theirs in ((self.infos, base.infos), (self.uses, base.uses),
+                             (self.produced, base.produced),
+                             (self.module_spaces, base.module_spaces)):
+            theirs.update(mine.maps[0])
+        base.consumed.extend(self.consumed)
+        base.head_groups.extend(self.head_groups)
+
+    def _all_head_groups(self) -> Iterator[tuple[tuple[int, ...], int, str]]:
+        if self.base is not None:
+            yield from self.base._all_head_groups()
+        yield from self.head_groups
+
+    # -- reading ------------------------------------------------------------------------------
+    def info(self, value: Any) -> Any:
+        return self.infos.get(value.name) if isinstance(value, fx.Node) else None
+
+    def shape(self, node: Any) -> tuple[int, ...] | None:
+        return tensor_shape(node) if isinstance(node, fx.Node) else None
+
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.gm.get_submodule(node.target)
+
+    def param_shape(self, param: ParamHandle) -> tuple[int, ...]:
+        if param.node is not None:
+            return self.shape(param.node)
+        return tuple(getattr(self.gm.get_submodule(param.owner), param.name).shape)
+
+    def space_key(self, param: ParamHandle) -> str:
+        """What names a weight, so that a module or weight used twice opens one space."""
+        if param.node is None:
+            return param.owner
+        info = self.info(param.node)
+        return info.source if isinstance(info, Lazy) else param.node.name
+
+    # -- recording ----------------------------------------------------------------------------
+    def pinned_feat(self, axis: int, size: int) -> Feat:
+        return Feat(axis, (Block(self.uf.new(size, pinned=True), size),))
+
+    def pin(self, feat: Feat) -> None:
+        for b in feat.blocks:
+            self.uf.pin(b.space)
+
+    def unify(self, a: Feat, b: Feat) -> None:
+        if self.uf.unify(a, b):
+            return
+        message = f"ties channel layouts of different structure ({a.blocks} vs {b.blocks})"
+        if a.width == b.width and all(x.expand == 1 for x in a.blocks + b.blocks):
+            # Both sides cut at every block boundary of either: the common refinement.
+            bounds = set(a.offsets()) | set(b.offsets())
+            cuts: dict[int, set[int]] = {}
+            for feat in (a, b):
+                for block, start in zip(feat.blocks, feat.offsets()):
+                    inner = {c - start for c in bounds if start < c < start + block.size}
+                    if inner:
+                        cuts.setdefault(block.space, set()).update(inner)
+            if cuts:
+                raise SplitRequest(message, cuts)
+        raise Barrier(message)
+
+    def produce(self, node: fx.Node, axis: int, size: int, key: str | None = None) -> Feat:
+        """A new space opened by a producer; `key` (default: the module) names the weights, so
+        that a module or weight used twice opens one space."""
+        key = key or (node.target if node.op == "call_module" else node.name)
+        feat = self.module_spaces.get(key)
+        if feat is None:
+            feat = Feat(axis, self._new_blocks(node, size))
+            self.module_spaces[key] = feat
+        feat = feat.moved(axis)
+        self.produced[node.name] = feat
+        return feat
+
+    def _new_blocks(self, node: fx.Node, size: int) -> tuple[Block, ...]:
+        """One new space, or, where a pass tagged the output as equal blocks (e.g. [q | k | v]
+        of a fused attention projection), one space per distinct tag."""
+        pieces = node.meta.get(SPLIT_META)
+        if pieces and sum(pieces) == size:
+            return tuple(Block(self.uf.new(p), p) for p in pieces)
+        tags = node.meta.get(BLOCKS_META)
+        if not tags or size % len(tags):
+            return (Block(self.uf.new(size), size),)
+        width = size // len(tags)
+        spaces: dict[str, int] = {}
+        for tag in tags:
+            spaces.setdefault(tag, self.uf.new(width))
+        return tuple(Block(spaces[tag], width) for tag in tags)
+
+    def head_group(self, spaces: tuple[int, ...], heads: int, kind: str) -> None:
+        """Record spaces split into `heads` groups that must be matched group to group. Groups
+        that share a space become one; they must agree on the number of groups."""
+        for other, other_heads, _ in self._all_head_groups():
+            shared = {self.uf.find(s) for s in other} & {self.uf.find(s) for s in spaces}
+            if shared and other_heads != heads:
+                raise Barrier(f"{kind} splits features into {heads} groups where another op "
+                              f"splits them into {other_heads}")
+        self.head_groups.append((tuple(spaces), heads, kind))
+
+    def consume(self, node: fx.Node, source: fx.Node, feat: Feat) -> None:
+        self.consumed.append((node.name, source.name, feat))
+
+    def tie(self, param: ParamHandle, axis: int, feat: Feat, role: str = "M",
+            groups: int = 1) -> None:
+        """Axis `axis` of `param` runs along `feat`: merged (M) or unmerged (U)."""
+        if param.node is None:
+            self._record(param.owner, param.name, axis, feat, role, groups)
+        else:
+            self.tie_param(param.node, axis, feat, role, groups)
+
+    def _record(self, target: str, param: str, axis: int, feat: Feat, role: str,
+                groups: int = 1) -> None:
+        key = (target, param, axis)
+        placed = feat.moved(axis)
+        if key in self.uses:
+            self.unify(self.uses[key].feat, placed)
+        else:
+            self.uses[key] = ParamUse(target, param, axis, placed, role, groups)
+
+    def tie_param(self, value: fx.Node, axis: int, feat: Feat, role: str = "M",
+                  groups: int = 1) -> None:
+        """`value` (a parameter read by get_attr, or computed from one) turns out to run along
+        `feat` on its axis `axis` (`groups` > 1: a grouped weight holding one group's share of
+        it): record the parameter's axis as merged (M) or unmerged (U)."""
+        lazy = self.info(value)
+        if isinstance(lazy, Feat):
+            if lazy.axis == axis:
+                self.unify(lazy, feat.moved(axis))
+            elif value.op == "get_attr":  # a weight matrix: rows and columns follow two spaces
+                self._record(value.target, "", axis, feat, role, groups)
+            else:
+                raise Barrier(f"uses parameter '{value.name}' along two different axes")
+            return
+        if not isinstance(lazy, Lazy):
+            raise Barrier(f"combines the channels with '{value.name}', a value fxzip cannot follow "
+                          "per channel")
+        source_axis = lazy.axes[axis] if axis < len(lazy.axes) else None
+        source = next(n for n in self.gm.graph.nodes if n.name == lazy.source)
+        if not isinstance(source_axis, int) or \
+                tensor_shape(source)[source_axis] * groups != feat.width:
+            raise Barrier(f"uses parameter '{source.target}' per channel through a reshape fxzip "
+                          "cannot follow")
+        self._record(source.target, "", source_axis, feat, role, groups)
+        if lazy.axes == tuple(range(len(lazy.axes))) and value is source and groups == 1:
+            self.infos[source.name] = feat.moved(axis)
+
