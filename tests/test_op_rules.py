@@ -364,6 +364,30 @@ class Grouped(nn.Module):
 CASES["grouped_conv"] = Grouped
 
 
+class FunctionalGrouped(nn.Module):
+    """The grouped and token-mixing forms of the functional layers on get_attr weights (one rule
+    per op: what a module does, its functional form does too)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.c1, self.b1 = nn.Conv2d(3, 8, 1), bn(8)
+        self.wg = nn.Parameter(torch.randn(12, 2, 3, 3, generator=g) * 0.3)  # 4 groups
+        self.bg = nn.Parameter(torch.randn(12, generator=g))
+        self.wt = nn.Parameter(torch.randn(16, 16, generator=g) * 0.25)  # mixes 4×4 positions
+        self.bt = nn.Parameter(torch.randn(16, generator=g))
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = F.relu(self.b1(self.c1(x)))
+        h = F.relu(F.conv2d(h, self.wg, self.bg, 1, 1, 1, 4))
+        t = F.linear(F.avg_pool2d(h, 2).flatten(2), self.wt, self.bt)  # (B, channels, tokens)
+        return self.head(t.mean(2))
+
+
+CASES["functional_grouped_token_mixing"] = FunctionalGrouped
+
+
 class CrossStage(nn.Module):
     """CSPNet/Res2Net/DPN-style splits of ONE layer's output: split, slice and a residual add
     that ties unequal layouts; the layers' spaces are opened as pieces where they are cut."""
