@@ -11,6 +11,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .bn_reset import reset_bn as reset_batch_norm
+from .costs import count_flops, count_parameters
 from .errors import CalibrationWarning, InputError, StopPointError
 from .head_matching import match_heads
 from .inputs import Batches
@@ -142,13 +143,33 @@ class Zipper:
         seconds = {k: v for k, v in seconds.items() if v > 0}
         merged.fxzip_report = MergeReport(
             method, stop_at, self.analysis.layers_in(trunk), len(self.analysis.all_layers),
-            [self._space_report(s, matches[s]) for s in spaces], seconds)
+            [self._space_report(s, matches[s]) for s in spaces], seconds,
+            barriers=self._barriers(), costs=self._costs(merged))
         return merged
 
     def _space_report(self, space: int, match: Match) -> SpaceReport:
         """A merged space's report; the mean correlation where its statistics were collected."""
         corr = self._moments[space].correlation() if space in self._moments else None
-        return SpaceReport.of(space, self.analysis.spaces[space].size, match, corr)
+        info = self.analysis.spaces[space]
+        nodes = info.producers + info.per_channel
+        order = min((self._node_order().get(n, 0) for n in nodes), default=0)
+        return SpaceReport.of(space, info.size, match, corr, nodes=nodes, order=order)
+
+    def _node_order(self) -> dict[str, int]:
+        return {n.name: i for i, n in enumerate(self.analysis.nodes)}
+
+    def _barriers(self) -> list[dict[str, Any]]:
+        order = self._node_order()
+        return [{"node": b.node, "op": b.op, "reason": b.reason, "order": order.get(b.node, 0)}
+                for b in self.analysis.barriers]
+
+    def _costs(self, merged: nn.Module) -> dict[str, int]:
+        """Parameters and FLOPs per sample of the merged model and of the ensemble of the inputs."""
+        x = self.batches.example
+        return {"parameters": count_parameters(merged),
+                "ensemble_parameters": sum(count_parameters(g) for g in self.graphs),
+                "flops": count_flops(merged, x),
+                "ensemble_flops": sum(count_flops(g, x) for g in self.graphs)}
 
 
 def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str | int | None = None,

@@ -23,7 +23,6 @@ import torch.nn as nn
 
 from .api import merge_all
 from .calibration_data import load_calibration
-from .costs import count_flops, count_parameters
 from .errors import InputError
 from .model_loading import build_model, data_config, load_checkpoint
 from .recipe import CalibrationSpec, Recipe, dump, load_recipe, resolved
@@ -99,15 +98,12 @@ def run_merge(recipe_path: str | Path, out_dir: str | Path, *, device: str | Non
         say(f"exporting {out_dir / 'merged.pt2'}")
         save(merged, work / "merged.pt2", example=(example.cpu(),))
         report = report_dict(merged.fxzip_report)
-        report.setdefault("costs", costs(merged, models, example))
         report["inputs"] = {"shape": ["batch", *example.shape[1:]], "dtype": str(example.dtype),
                             "preprocessing": preprocessing}
         report["outputs"] = describe_outputs(merged, example, recipe)
         (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (work / "recipe.yaml").write_text(dump(resolved(recipe, str(torch_device))))
-        plot = getattr(merged.fxzip_report, "plot", None)
-        if plot is not None:
-            plot(work / "report.png")
+        merged.fxzip_report.plot(work / "report.png")
         (work / "README.md").write_text(model_card(recipe, report))
         os.replace(work, out_dir)
     except BaseException:
@@ -117,14 +113,6 @@ def run_merge(recipe_path: str | Path, out_dir: str | Path, *, device: str | Non
         raise
     say(f"wrote {', '.join(p.name for p in sorted(out_dir.iterdir()))} to {out_dir}")
     return out_dir
-
-
-def costs(merged: nn.Module, models: Sequence[nn.Module], example: torch.Tensor) -> dict[str, int]:
-    """Parameters and FLOPs per sample of the merged model and of the ensemble of the inputs."""
-    return {"parameters": count_parameters(merged),
-            "ensemble_parameters": sum(count_parameters(m) for m in models),
-            "flops": count_flops(merged, example),
-            "ensemble_flops": sum(count_flops(m, example) for m in models)}
 
 
 def describe_outputs(merged: nn.Module, example: torch.Tensor, recipe: Recipe) -> list[dict[str, Any]]:

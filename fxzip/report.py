@@ -1,8 +1,12 @@
 """What a merge did, as `merged.fxzip_report`: the stop point, the layers zipped, every merged
-space (widths, within-model merges, how alike the merged features were) and the timings."""
+space (its nodes, widths, merges within and across models, how alike the merged features were),
+the barriers, the timings, and parameters and FLOPs against the ensemble. Printable, JSON-ready
+(`to_dict`, `to_json`, `from_dict`) and drawn by `plot(path)`."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,18 +23,27 @@ class SpaceReport:
     merged_width: int
     within_model_merges: int
     mean_correlation: float | None
+    nodes: list[str] = field(default_factory=list)  # the layers that write the space
+    within_by_model: list[int] = field(default_factory=list)
+    across_model_merges: int = 0  # merges that join features of different models
+    order: int = 0  # position of its first node in the graph
 
     @classmethod
-    def of(cls, space: int, width: int, match: Match,
-           corr: np.ndarray | None = None) -> "SpaceReport":
+    def of(cls, space: int, width: int, match: Match, corr: np.ndarray | None = None, *,
+           nodes: list[str] | None = None, order: int = 0) -> "SpaceReport":
         """The report of a space matched by `match`; with the features' correlation matrix, the
-        mean correlation of the features merged across models."""
+        mean correlation of the features merged across models. Every merge removes one feature:
+        N·width − merged_width merges, the ones within a model counted per model."""
         mean = None
         if corr is not None:
             rows, cols = match.across_pairs()
             if rows.size:
                 mean = float(np.mean(corr[rows, cols]))
-        return cls(space, width, match.size, match.within_merges, mean)
+        by_model = [int((np.bincount(a, minlength=match.size) - 1).clip(min=0).sum())
+                    for a in match.assign]
+        across = len(match.assign) * width - match.size - sum(by_model)
+        return cls(space, width, match.size, match.within_merges, mean, list(nodes or []),
+                   by_model, max(across, 0), order)
 
 
 @dataclass
@@ -43,13 +56,84 @@ class MergeReport:
     layers_total: int
     spaces: list[SpaceReport] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    barriers: list[dict[str, Any]] = field(default_factory=list)  # node, op, reason, order
+    costs: dict[str, int] = field(default_factory=dict)  # parameters, flops; ensemble_… of inputs
 
     def __str__(self) -> str:
         lines = [f"fxzip merge ({self.method}), stop_at={self.stop_at!r}: zipped "
                  f"{self.layers_zipped}/{self.layers_total} layers, {len(self.spaces)} spaces merged"]
         for s in self.spaces:
             corr = "-" if s.mean_correlation is None else f"{s.mean_correlation:.3f}"
-            lines.append(f"  space {s.space:3d}: width {s.width} -> {s.merged_width}, within-model "
-                         f"merges {s.within_model_merges}, mean corr of merged features {corr}")
+            where = f" ({', '.join(s.nodes[:2])}{', …' if len(s.nodes) > 2 else ''})" if s.nodes else ""
+            lines.append(f"  space {s.space:3d}{where}: width {s.width} -> {s.merged_width}, merges "
+                         f"within models {s.within_model_merges}, across {s.across_model_merges}, "
+                         f"mean corr of merged features {corr}")
+        lines.extend(f"  barrier {b['node']} ({b['op']}): {b['reason']}" for b in self.barriers)
+        c = self.costs
+        if c:
+            lines.append(f"  parameters {c['parameters']:,} (ensemble {c['ensemble_parameters']:,}), "
+                         f"FLOPs per sample {c['flops']:,} (ensemble {c['ensemble_flops']:,})")
         lines.append("  time: " + ", ".join(f"{k} {v:.3f}s" for k, v in self.seconds.items()))
         return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (numbers, strings, lists, dicts) that `json.dumps` takes as is."""
+        return json.loads(json.dumps(asdict(self), default=str))
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MergeReport":
+        """The report back from `to_dict()` (e.g. the `report.json` of `fxzip merge`)."""
+        known = {f for f in cls.__dataclass_fields__}
+        fields = {k: v for k, v in data.items() if k in known}
+        space_fields = set(SpaceReport.__dataclass_fields__)
+        fields["spaces"] = [SpaceReport(**{k: v for k, v in s.items() if k in space_fields})
+                            for s in data.get("spaces", [])]
+        return cls(**fields)
+
+    def plot(self, path: str | Path) -> Path:
+        """Per merged space in graph order: the width of each model and the merged width (top);
+        the shares of merges within and across models, and the mean correlation of the features
+        merged across models (bottom); barriers as dashed lines. Where the models agree, the
+        correlation is high and most merges are across models."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        spaces = sorted(self.spaces, key=lambda s: s.order)
+        x = np.arange(len(spaces))
+        labels = [s.nodes[0] if s.nodes else f"space {s.space}" for s in spaces]
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.0, 0.35 * len(spaces) + 2), 6),
+                                          sharex=True)
+        top.bar(x - 0.2, [s.width for s in spaces], 0.4, label="width of each model", color="0.7")
+        top.bar(x + 0.2, [s.merged_width for s in spaces], 0.4, label="merged width", color="C0")
+        top.set_ylabel("features")
+        top.set_title(f"fxzip {self.method}, stop_at={self.stop_at!r}: "
+                      f"{self.layers_zipped}/{self.layers_total} layers zipped")
+        top.legend(fontsize=8)
+        merges = [max(s.within_model_merges + s.across_model_merges, 1) for s in spaces]
+        within = np.array([s.within_model_merges for s in spaces]) / np.array(merges)
+        across = np.array([s.across_model_merges for s in spaces]) / np.array(merges)
+        bottom.bar(x, across, 0.6, label="across models", color="C2")
+        bottom.bar(x, within, 0.6, bottom=across, label="within a model", color="C1")
+        corr = [np.nan if s.mean_correlation is None else s.mean_correlation for s in spaces]
+        bottom.plot(x, corr, "k.-", label="mean corr. of merged features")
+        bottom.set_ylim(min(0.0, np.nanmin(corr) if not np.all(np.isnan(corr)) else 0.0), 1.05)
+        bottom.set_ylabel("share of merges / corr.")
+        bottom.legend(fontsize=8, loc="lower left")
+        orders = [s.order for s in spaces]
+        for b in self.barriers:
+            at = np.searchsorted(orders, b.get("order", 0)) - 0.5
+            for ax in (top, bottom):
+                ax.axvline(at, color="r", ls="--", lw=1)
+            top.annotate(b["node"], (at, top.get_ylim()[1]), color="r", fontsize=7, rotation=90,
+                         va="top")
+        bottom.set_xticks(x, labels, rotation=90, fontsize=7)
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path

@@ -21,6 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import ExportError
+from .report import MergeReport
 
 REPORT_FILE = "fxzip_report.json"
 
@@ -89,8 +90,8 @@ def save(merged: nn.Module, path: str | Path, *, example: tuple[torch.Tensor, ..
 
 
 def load(path: str | Path) -> nn.Module:
-    """The module saved by `fxzip.save` (or `fxzip merge`), on the CPU; the merge report, as
-    a dict, in `module.fxzip_report` (None if the archive has none)."""
+    """The module saved by `fxzip.save` (or `fxzip merge`), on the CPU, with its MergeReport in
+    `module.fxzip_report` (None if the archive has none)."""
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"saved model {path} not found")
@@ -101,7 +102,8 @@ def load(path: str | Path) -> nn.Module:
         raise ExportError(f"cannot load {path} as a torch.export program: "
                           f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     module = program.module()
-    module.fxzip_report = json.loads(extra[REPORT_FILE]) if extra[REPORT_FILE] else None
+    report = json.loads(extra[REPORT_FILE]) if extra[REPORT_FILE] else None
+    module.fxzip_report = MergeReport.from_dict(report) if report is not None else None
     return module
 
 
