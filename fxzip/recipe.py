@@ -89,6 +89,8 @@ def load_recipe(path: str | Path) -> Recipe:
         line = f" (line {where.line + 1})" if where is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise RecipeError(f"recipe {path} is not valid YAML{line}: {problem}") from None
+    if data is None:
+        raise RecipeError(f"recipe {path} is empty; it needs at least `models` and `calibration`")
     return parse_recipe(data, path.parent, path=path)
 
 

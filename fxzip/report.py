@@ -106,14 +106,14 @@ class MergeReport:
         spaces = sorted(self.spaces, key=lambda s: s.order)
         x = np.arange(len(spaces))
         labels = [s.nodes[0] if s.nodes else f"space {s.space}" for s in spaces]
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.0, 0.35 * len(spaces) + 2), 6),
-                                          sharex=True)
+        width = max(6.0, 0.35 * len(spaces) + 2) + 2.5  # room for the legends on the right
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(width, 6), sharex=True)
         top.bar(x - 0.2, [s.width for s in spaces], 0.4, label="width of each model", color="0.7")
         top.bar(x + 0.2, [s.merged_width for s in spaces], 0.4, label="merged width", color="C0")
         top.set_ylabel("features")
         top.set_title(f"fxzip {self.method}, stop_at={self.stop_at!r}: "
                       f"{self.layers_zipped}/{self.layers_total} layers zipped")
-        top.legend(fontsize=8)
+        top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
         merges = [max(s.within_model_merges + s.across_model_merges, 1) for s in spaces]
         within = np.array([s.within_model_merges for s in spaces]) / np.array(merges)
         across = np.array([s.across_model_merges for s in spaces]) / np.array(merges)
@@ -123,7 +123,7 @@ class MergeReport:
         bottom.plot(x, corr, "k.-", label="mean corr. of merged features")
         bottom.set_ylim(min(0.0, np.nanmin(corr) if not np.all(np.isnan(corr)) else 0.0), 1.05)
         bottom.set_ylabel("share of merges / corr.")
-        bottom.legend(fontsize=8, loc="lower left")
+        bottom.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
         orders = [s.order for s in spaces]
         for b in self.barriers:
             at = np.searchsorted(orders, b.get("order", 0)) - 0.5
