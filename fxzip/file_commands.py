@@ -34,7 +34,8 @@ def add_merge(sub: Any) -> None:
 
 def add_analyze(sub: Any) -> None:
     """Declare `fxzip analyze MODEL [--kwargs JSON] [--checkpoint F] --input-size C,H,W`."""
-    analyze = sub.add_parser("analyze", help="the feature spaces, barriers and stop points of a model",
+    analyze = sub.add_parser("analyze",
+                             help="the feature spaces, barriers and stop points of a model",
                              description="Trace MODEL (a timm name, torchvision:NAME or "
                              "package.module:callable) and print its feature spaces, the barriers "
                              "with their reasons and the valid stop points.")

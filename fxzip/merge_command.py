@@ -13,7 +13,6 @@ import random
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,8 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+        raise InputError("device cuda was asked for, but torch sees no CUDA device; "
+                         "use --device cpu")
     if device not in ("cpu", "cuda"):
         raise InputError(f"device {device!r} is not one of auto, cpu, cuda")
     return torch.device(device)
@@ -70,7 +70,8 @@ def calibration_batches(recipe: Recipe, model: nn.Module) -> tuple[Any, dict[str
     if not spec.data.is_dir():
         return batches, {"source": "tensor file, used as is"}
     dataset = batches.dataset
-    preprocessing = {"source": "image folder", "images": len(dataset), "transform": repr(dataset.transform)}
+    preprocessing = {"source": "image folder", "images": len(dataset),
+                     "transform": repr(dataset.transform)}
     return batches, preprocessing
 
 
@@ -84,7 +85,10 @@ def run_merge(recipe_path: str | Path, out_dir: str | Path, *, device: str | Non
                          "one or remove it")
     torch_device = resolve_device(device or recipe.device)
     _seed(recipe.seed)
-    say = (lambda *_: None) if quiet else (lambda text: print(f"fxzip: {text}", file=sys.stderr, flush=True))
+    def say(text: str) -> None:
+        if not quiet:
+            print(f"fxzip: {text}", file=sys.stderr, flush=True)
+
     models = load_models(recipe, torch_device, progress=not quiet)
     batches, preprocessing = calibration_batches(recipe, models[0])
     say(f"merging {len(models)} models on {torch_device}")
@@ -115,7 +119,8 @@ def run_merge(recipe_path: str | Path, out_dir: str | Path, *, device: str | Non
     return out_dir
 
 
-def describe_outputs(merged: nn.Module, example: torch.Tensor, recipe: Recipe) -> list[dict[str, Any]]:
+def describe_outputs(merged: nn.Module, example: torch.Tensor,
+                     recipe: Recipe) -> list[dict[str, Any]]:
     """One entry per output: the model it stands for and its shape."""
     with torch.no_grad():
         outputs = merged(example[:2])
@@ -139,7 +144,8 @@ def model_card(recipe: Recipe, report: dict[str, Any]) -> str:
     """README.md for OUT_DIR: inputs, outputs, stop point, costs, how to load."""
     inputs, c = report["inputs"], report.get("costs", {})
     lines = ["# Merged model (fxzip)", "",
-             f"{len(recipe.models)} models merged with fxzip (ZipIt!) into one multi-head model.", "",
+             f"{len(recipe.models)} models merged with fxzip (ZipIt!) into one multi-head "
+             "model.", "",
              "## Inputs", "",
              f"One tensor of shape ({', '.join(map(str, inputs['shape']))}), {inputs['dtype']}; "
              "any batch size.", "",
@@ -149,14 +155,17 @@ def model_card(recipe: Recipe, report: dict[str, Any]) -> str:
     lines += ["## Outputs", "", "A tuple, one entry per input model:", ""]
     for out in report["outputs"]:
         where = f", checkpoint `{out['checkpoint']}`" if out.get("checkpoint") else ""
-        lines.append(f"- output {out['index']}: `{out['model']}`{where}, shape "
-                     f"({', '.join(map(str, out['shape'])) if isinstance(out['shape'], list) else out['shape']})")
+        shape = out["shape"]
+        shape = ", ".join(map(str, shape)) if isinstance(shape, list) else shape
+        lines.append(f"- output {out['index']}: `{out['model']}`{where}, shape ({shape})")
     stop = report.get("stop_at")
     lines += ["", "## The merge", "",
-              f"- method: {report.get('method')}, stop point: {stop if stop is not None else 'none (full zip)'}",
+              f"- method: {report.get('method')}, stop point: "
+              f"{stop if stop is not None else 'none (full zip)'}",
               f"- layers zipped: {report.get('layers_zipped')}/{report.get('layers_total')}"]
     if c:
-        lines += [f"- parameters: {c['parameters']:,} (ensemble of the inputs: {c['ensemble_parameters']:,})",
+        lines += [f"- parameters: {c['parameters']:,} (ensemble of the inputs: "
+                  f"{c['ensemble_parameters']:,})",
                   f"- FLOPs per sample: {c['flops']:,} (ensemble: {c['ensemble_flops']:,})"]
     lines += ["", "Details per feature space: `report.json`, `report.png`; the recipe as run: "
               "`recipe.yaml`.", "", "## Loading", "", "Plain PyTorch, no fxzip or timm needed:", "",

@@ -36,7 +36,8 @@ def build_model(name: str, kwargs: Mapping[str, Any] | None = None,
     else:
         model = _timm_model(name, kwargs)
     if not isinstance(model, nn.Module):
-        raise CheckpointError(f"model {name!r} built a {type(model).__name__}, not a torch.nn.Module")
+        raise CheckpointError(f"model {name!r} built a {type(model).__name__}, "
+                              "not a torch.nn.Module")
     return model.eval()
 
 
@@ -66,17 +67,20 @@ def _torchvision_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         return torchvision.models.get_model(name, **kwargs)
     except TypeError as e:
-        raise CheckpointError(f"torchvision model {name!r} rejects the kwargs {kwargs}: {e}") from None
+        raise CheckpointError(f"torchvision model {name!r} rejects the kwargs {kwargs}: "
+                              f"{e}") from None
 
 
-def _callable_model(name: str, kwargs: dict[str, Any], search_paths: Sequence[str | Path]) -> nn.Module:
+def _callable_model(name: str, kwargs: dict[str, Any],
+                    search_paths: Sequence[str | Path]) -> nn.Module:
     module_name, _, attr = name.partition(":")
     added = [str(Path(p).resolve()) for p in search_paths if str(Path(p).resolve()) not in sys.path]
     sys.path[:0] = added
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise CheckpointError(f"unknown model name {name!r}: cannot import {module_name!r} ({e})") from None
+        raise CheckpointError(f"unknown model name {name!r}: cannot import {module_name!r} "
+                              f"({e})") from None
     finally:
         for p in added:
             sys.path.remove(p)
@@ -108,8 +112,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         elif suffix in PICKLE_SUFFIXES:
             state = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            raise CheckpointError(f"checkpoint {path}: unknown file type {path.suffix!r}; give a "
-                                  f".safetensors file or a state dict saved as {'/'.join(PICKLE_SUFFIXES)}")
+            raise CheckpointError(f"checkpoint {path}: unknown file type {path.suffix!r}; give "
+                                  "a .safetensors file or a state dict saved as "
+                                  f"{'/'.join(PICKLE_SUFFIXES)}")
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - every reader error is the same news for the user
@@ -121,7 +126,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def _unnest(state: Any, path: Path) -> dict[str, torch.Tensor]:
     for _ in range(3):
         if isinstance(state, Mapping):
-            nested = next((state[k] for k in NESTING_KEYS if isinstance(state.get(k), Mapping)), None)
+            nested = next((state[k] for k in NESTING_KEYS
+                           if isinstance(state.get(k), Mapping)), None)
             if nested is not None:
                 state = nested
                 continue
@@ -159,7 +165,8 @@ def _first(keys: list[str]) -> str:
     return shown + (f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else "")
 
 
-def data_config(model: nn.Module, name: str, kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def data_config(model: nn.Module, name: str,
+                kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """How the model reads images — input size, interpolation, mean, std, crop_pct — from timm's
     data config (timm models) or the default weights' transforms (torchvision); {} otherwise.
     A timm model built with `img_size` reads images of that size."""
@@ -168,7 +175,8 @@ def data_config(model: nn.Module, name: str, kwargs: Mapping[str, Any] | None = 
         import torchvision
 
         try:
-            transforms = torchvision.models.get_model_weights(name.split(":", 1)[1]).DEFAULT.transforms()
+            weights = torchvision.models.get_model_weights(name.split(":", 1)[1])
+            transforms = weights.DEFAULT.transforms()
         except (ValueError, AttributeError):
             return {}
         crop, resize = transforms.crop_size[0], transforms.resize_size[0]

@@ -44,7 +44,8 @@ class ModelSpec:
             found = sha256(self.checkpoint)
             if found != self.sha256:
                 raise RecipeError(f"checkpoint {self.checkpoint} has SHA-256 {found}, the recipe "
-                                  f"says {self.sha256}: the file changed (drop `sha256` to accept it)")
+                                  f"says {self.sha256}: the file changed (drop `sha256` to "
+                                  "accept it)")
 
 
 @dataclass(frozen=True)
@@ -146,11 +147,13 @@ def _calibration_spec(entry: Any, base: Path) -> CalibrationSpec:
     limit, batch_size = entry.get("limit"), entry.get("batch_size", 64)
     for key, value in (("limit", limit), ("batch_size", batch_size)):
         if value is not None and (not _is_int(value) or value < 1):
-            raise RecipeError(f"recipe: calibration.{key} must be a positive integer, got {value!r}")
+            raise RecipeError(f"recipe: calibration.{key} must be a positive integer, "
+                              f"got {value!r}")
     size = entry.get("size")
     if size is not None:
         pair = [size, size] if _is_int(size) else size
-        if not (isinstance(pair, list) and len(pair) == 2 and all(_is_int(v) and v > 0 for v in pair)):
+        if not (isinstance(pair, list) and len(pair) == 2
+                and all(_is_int(v) and v > 0 for v in pair)):
             raise RecipeError(f"recipe: calibration.size must be a positive integer or "
                               f"[height, width], got {size!r}")
         size = tuple(pair)
@@ -173,7 +176,8 @@ def _calibration_spec(entry: Any, base: Path) -> CalibrationSpec:
                           f"{', '.join(INTERPOLATIONS)}")
     crop_pct = entry.get("crop_pct")
     if crop_pct is not None and not (_is_number(crop_pct) and 0 < crop_pct <= 1):
-        raise RecipeError(f"recipe: calibration.crop_pct must be a number in (0, 1], got {crop_pct!r}")
+        raise RecipeError(f"recipe: calibration.crop_pct must be a number in (0, 1], "
+                          f"got {crop_pct!r}")
     return CalibrationSpec(base / entry["data"], limit, batch_size, size, stats["mean"],
                            stats["std"], interpolation, crop_pct)
 
@@ -248,7 +252,8 @@ def dump(data: dict[str, Any]) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 
-def _check_keys(where: str, mapping: Any, allowed: tuple[str, ...], required: tuple[str, ...]) -> None:
+def _check_keys(where: str, mapping: Any, allowed: tuple[str, ...],
+                required: tuple[str, ...]) -> None:
     if not isinstance(mapping, dict):
         raise RecipeError(f"recipe: {where} must be a mapping with the keys "
                           f"{', '.join(allowed)}; got {type(mapping).__name__} {mapping!r}")

@@ -64,14 +64,17 @@ class MergeReport:
                  f"{self.layers_zipped}/{self.layers_total} layers, {len(self.spaces)} spaces merged"]
         for s in self.spaces:
             corr = "-" if s.mean_correlation is None else f"{s.mean_correlation:.3f}"
-            where = f" ({', '.join(s.nodes[:2])}{', …' if len(s.nodes) > 2 else ''})" if s.nodes else ""
-            lines.append(f"  space {s.space:3d}{where}: width {s.width} -> {s.merged_width}, merges "
+            more = ", …" if len(s.nodes) > 2 else ""
+            where = f" ({', '.join(s.nodes[:2])}{more})" if s.nodes else ""
+            lines.append(f"  space {s.space:3d}{where}: width {s.width} -> {s.merged_width}, "
+                         "merges "
                          f"within models {s.within_model_merges}, across {s.across_model_merges}, "
                          f"mean corr of merged features {corr}")
         lines.extend(f"  barrier {b['node']} ({b['op']}): {b['reason']}" for b in self.barriers)
         c = self.costs
         if c:
-            lines.append(f"  parameters {c['parameters']:,} (ensemble {c['ensemble_parameters']:,}), "
+            lines.append(f"  parameters {c['parameters']:,} "
+                         f"(ensemble {c['ensemble_parameters']:,}), "
                          f"FLOPs per sample {c['flops']:,} (ensemble {c['ensemble_flops']:,})")
         lines.append("  time: " + ", ".join(f"{k} {v:.3f}s" for k, v in self.seconds.items()))
         return "\n".join(lines)

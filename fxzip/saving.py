@@ -99,8 +99,8 @@ def load(path: str | Path) -> nn.Module:
     try:
         program = torch.export.load(path, extra_files=extra)
     except Exception as e:  # noqa: BLE001
-        raise ExportError(f"cannot load {path} as a torch.export program: "
-                          f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"cannot load {path} as a torch.export program: {reason}") from None
     module = program.module()
     report = json.loads(extra[REPORT_FILE]) if extra[REPORT_FILE] else None
     module.fxzip_report = MergeReport.from_dict(report) if report is not None else None
