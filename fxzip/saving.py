@@ -21,6 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import ExportError
+from .pipeline import device_of
 from .report import MergeReport
 
 REPORT_FILE = "fxzip_report.json"
@@ -52,7 +53,7 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...] | None = None, *,
             raise ExportError("pass example=(x,) to export a model that is not a GraphModule")
         example = example_input(model)
     example = tuple(x.cpu() for x in example)
-    if _device(model) != torch.device("cpu") or model.training:
+    if device_of(model) != torch.device("cpu") or model.training:
         model = copy.deepcopy(model).cpu().eval()
     dynamic = None
     if dynamic_batch:
@@ -114,7 +115,3 @@ def report_dict(report: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(report):
         return json.loads(json.dumps(dataclasses.asdict(report), default=str))
     return {"report": str(report)}
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
