@@ -128,12 +128,21 @@ def test_precision_option_is_checked():
 
 
 def test_bfloat16_products_match_float32_statistics():
-    """bfloat16-rounded inputs with float32 accumulation: correlations within 1e-4 of float32's,
-    the same matching, and the global matmul setting restored (the models never run in it)."""
+    """bfloat16-rounded inputs with float32 accumulation: correlations within bfloat16's rounding
+    noise of float32's, the same matching, and the global matmul setting restored (the models
+    never run in it).
+
+    oneDNN rounds each centred float32 input to nearest bfloat16 (relative error up to 2^-9) and
+    accumulates in float32; its products equal that rounding done by hand, accumulated in float64,
+    to 7e-8. The rounding errors are independent across samples, so a correlation over N samples
+    moves by about 2.5e-3/sqrt(N) (rms over the entries; measured 2.5e-3/sqrt(N) here at N = 768
+    to 49,152), the largest entry about 4-5 times that (1.2e-2/sqrt(N): 4.3e-4 at N = 768). A
+    fixed bound such as 1e-4 only holds from N of about 15,000 on; these bounds scale with N."""
     torch.manual_seed(0)
     a, b = (nn.Sequential(nn.Linear(8, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(),
                           nn.Linear(48, 3)) for _ in range(2))
     x = [torch.randn(256, 8) * 3 + 1 for _ in range(3)]
+    samples = sum(len(batch) for batch in x)
     before = torch.backends.mkldnn.matmul.fp32_precision
     zippers = {p: fxzip.Zipper([a, b], x, progress=False, statistics_precision=p)
                for p in ("float32", "bfloat16")}
@@ -142,10 +151,27 @@ def test_bfloat16_products_match_float32_statistics():
     for s in spaces:
         exact, rounded = (z.statistics([s])[s].correlation() for z in zippers.values())
         differences.append(np.abs(exact - rounded).max())
-        assert differences[-1] < 1e-4
+        assert differences[-1] < 3e-2 / np.sqrt(samples)  # 1.1e-3 for these 768 samples
+        assert np.sqrt(np.mean((exact - rounded) ** 2)) < 5e-3 / np.sqrt(samples)  # 1.8e-4
         assert np.abs(exact).max() > 0.1  # the comparison is not of zeros
         for left, right in zip(*(z.match(s, "zipit", 0.5, 1.0).assign for z in zippers.values())):
             np.testing.assert_array_equal(left, right)
     assert torch.backends.mkldnn.matmul.fp32_precision == before
     if statistics.cpu_has_fast_bfloat16():  # the rounding did happen
         assert max(differences) > 1e-8
+
+
+def test_collect_reports_the_seconds_of_each_pass():
+    """The timing hook the speed benchmark reads: the consumer-tap pass and the dead-unit pass."""
+    torch.manual_seed(0)
+    a, b = (nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)) for _ in range(2))
+    with torch.no_grad():
+        a[0].bias[0] = -100.0  # a dead unit: the second pass runs
+    zipper = fxzip.Zipper([a, b], torch.randn(64, 4), progress=False)
+    spaces = zipper.analysis.mergeable_spaces()
+    timings: dict[str, float] = {}
+    stats = statistics.collect(zipper.graphs, zipper.analysis, spaces, zipper.batches,
+                               progress=False, timings=timings)
+    assert set(timings) == {"consumer taps", "dead units"}
+    assert all(seconds >= 0.0 for seconds in timings.values())
+    assert any(stats[s].fallback is not None for s in spaces)
