@@ -41,8 +41,9 @@ Protocol, per setting:
         similarities; task A uses head A, task B head B. A single model (or the shared-output
         merge) is evaluated on both tasks with its one embedding, so model A's task B accuracy
         is measured, not defined.
-  * params: `count_parameters`; FLOPs: `torch.utils.flop_counter.FlopCounterMode` on ONE sample
-    (convolutions and matrix products; the ensemble counts both models).
+  * params: `fxzip.costs.count_parameters`; FLOPs: `fxzip.costs.count_flops` (torch's
+    FlopCounterMode: convolutions and matrix products) on ONE sample; the ensemble counts both
+    models.
 
 Outputs in `--out`: `accuracy_<setting>.csv` (one row per pair, method and stop point),
 `accuracy_<setting>.md` (the mean ± std table) and `accuracy_<setting>.png` (joint accuracy vs
@@ -53,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -64,20 +64,20 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import fxzip  # noqa: E402
+from fxzip.costs import count_flops, count_parameters  # noqa: E402
 from fxzip.digits import (TASK_CLASSES, Accuracy, DigitsSplit, ResNet20,  # noqa: E402
-                          count_parameters, evaluate_heads, load_digits_split, train_classifier,
-                          train_task_pair)
+                          evaluate_heads, load_digits_split, train_classifier, train_task_pair)
+from fxzip.methods import METHOD_NAMES  # noqa: E402
 
 from benchmarks.models import Conv1dNet, DigitsVGG  # noqa: E402
+from benchmarks import tables  # noqa: E402
 
-METHODS = ("average", "permute", "zipit")
 FULL_GRID = ((0.1, 0.3, 0.5, 0.7, 1.0), (0.0, 0.25, 0.5, 1.0))
 QUICK_GRID = ((0.3, 0.5, 1.0), (0.0, 1.0))
 VAL_FRACTION = 0.2
@@ -269,14 +269,6 @@ def accuracy_of(setting: Setting, model: nn.Module | Sequence[nn.Module], x: tor
     return evaluate_heads(tuple(heads), y)  # = fxzip.digits.evaluate on the model or the pair
 
 
-def count_flops(model: nn.Module, sample: torch.Tensor) -> int:
-    """FLOPs of one forward pass on one sample (FlopCounterMode: convolutions, matmuls)."""
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(sample[:1])
-    return int(counter.get_total_flops())
-
-
 # -- one pair -------------------------------------------------------------------------------------
 @dataclass
 class Row:
@@ -350,7 +342,7 @@ def merged_rows(setting: Setting, pair: int, zipper: fxzip.Zipper, data: TaskDat
     x, y = data.split.x_test, data.split.y_test
     rows = []
     for stop in setting.stops:
-        for method in METHODS:
+        for method in METHOD_NAMES:
             chosen = choices[stop.label] if method == "zipit" else None
             alpha, beta = (chosen.alpha, chosen.beta) if chosen else (None, None)
             merged = merge(zipper, stop, method, **({"alpha": alpha, "beta": beta} if chosen else {}))
@@ -478,12 +470,13 @@ def markdown(result: SettingResult) -> str:
              f"{result.epochs} training epochs; accuracies in % on the test data, "
              f"mean ± sample std over the evaluation pairs. BatchNorm statistics reset on the "
              f"calibration data (training inputs of both tasks) for every row.", "",
-             "| method | stop | zipped | params | FLOPs | joint | task A | task B | avg |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for s in summaries:
-        lines.append(f"| {s.method} | {s.stop} | {s.zipped} | {s.params:,} | {s.flops / 1e6:.2f}M | "
-                     + " | ".join(cell(setting, s, m) for m in METRICS) + " |")
-    lines.append("")
+             tables.markdown_table(["method", "stop", "zipped", "params", "FLOPs", "joint",
+                                    "task A", "task B", "avg"],
+                                   ([s.method, s.stop, s.zipped, f"{s.params:,}",
+                                     f"{s.flops / 1e6:.2f}M", *(cell(setting, s, m) for m in METRICS)]
+                                    for s in summaries),
+                                   right=range(3, 9)),
+             ""]
     if setting.embedding:
         lines.append("Scores are cosine similarities to the 10 fixed class embeddings; split heads and "
                      "the ensemble take the max over both heads' similarities; 'ensemble (mean emb)' "
@@ -511,14 +504,12 @@ def markdown(result: SettingResult) -> str:
 
 def write_csv(result: SettingResult, path: Path) -> None:
     """One line per evaluation pair, method and stop point."""
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["setting", "pair", "method", "stop", "zipped", "params", "flops",
-                         "joint", "task_a", "task_b", "avg", "alpha", "beta"])
-        for r in result.rows:
-            writer.writerow([result.setting.key, r.pair, r.method, r.stop, r.zipped, r.params,
-                             r.flops] + [f"{metric(r.acc, m):.4f}" for m in METRICS]
-                            + ["" if r.alpha is None else r.alpha, "" if r.beta is None else r.beta])
+    tables.write_csv(path, ["setting", "pair", "method", "stop", "zipped", "params", "flops",
+                            "joint", "task_a", "task_b", "avg", "alpha", "beta"],
+                     ([result.setting.key, r.pair, r.method, r.stop, r.zipped, r.params, r.flops]
+                      + [f"{metric(r.acc, m):.4f}" for m in METRICS]
+                      + ["" if r.alpha is None else r.alpha, "" if r.beta is None else r.beta]
+                      for r in result.rows))
 
 
 def plot(result: SettingResult, path: Path) -> None:

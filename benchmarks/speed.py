@@ -11,7 +11,7 @@ Five measurements, each printed as a table and written as markdown and CSV under
 2. statistics pass vs plain forward: the statistics of every mergeable space on a fresh Zipper
    divided by plain `no_grad` forwards of both models over the same batches, and how the
    statistics time splits into the tapped forwards and the moment accumulation;
-3. matching alone: the fast ZipIt! greedy against the plain reference of `tests/`, same
+3. matching alone: the fast ZipIt! greedy against the plain `fxzip.reference_matching`, same
    assignment required, and the Hungarian `permute`;
 4. peak memory (max RSS of a fresh subprocess): the models and data alone, plain forwards, merge;
 5. inference of the merged ResNet-20×4 against running both originals, per stop point, with
@@ -23,7 +23,6 @@ within one run, with repetitions of the two sides interleaved. Nothing here asse
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -35,7 +34,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,76 +44,21 @@ import torch.nn as nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 import fxzip  # noqa: E402
+from fxzip.costs import count_flops, count_parameters  # noqa: E402
 from fxzip.digits import ResNet20, load_digits_split  # noqa: E402
+from fxzip.passes import statistics  # noqa: E402
 from fxzip.passes.statistics import resolve_precision  # noqa: E402
+from fxzip.reference_matching import reference_zipit  # noqa: E402
+
+from benchmarks.tables import Table  # noqa: E402
 
 DEFAULT_THREADS = 2
 DIGITS_BATCH = 128
 INFERENCE_BATCH = 128
 DIGITS_STOPS: tuple[Any, ...] = (0, "layer1", "layer2", "layer3", None)
 MATCHING_SIZES = (64, 128, 256, 512, 1024, 2048)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tables
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Table:
-    """A titled table with free-text notes, printable and writable as markdown and CSV."""
-
-    name: str
-    title: str
-    columns: list[str]
-    rows: list[list[Any]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def add(self, *row: Any) -> None:
-        self.rows.append(list(row))
-
-    def _cells(self) -> list[list[str]]:
-        return [[_fmt(v) for v in row] for row in self.rows]
-
-    def text(self) -> str:
-        """Aligned plain text for the terminal."""
-        cells = self._cells()
-        widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(self.columns)]
-        line = lambda values: "  ".join(v.rjust(w) if i else v.ljust(w)  # noqa: E731
-                                        for i, (v, w) in enumerate(zip(values, widths)))
-        out = [f"== {self.title}", line(self.columns), line(["-" * w for w in widths])]
-        out += [line(r) for r in cells] + [f"  note: {n}" for n in self.notes]
-        return "\n".join(out)
-
-    def markdown(self) -> str:
-        out = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |",
-               "|" + "|".join(" --- " for _ in self.columns) + "|"]
-        out += ["| " + " | ".join(r) + " |" for r in self._cells()]
-        if self.notes:
-            out += [""] + [f"- {n}" for n in self.notes]
-        return "\n".join(out) + "\n"
-
-    def write(self, directory: Path) -> None:
-        (directory / f"{self.name}.md").write_text(self.markdown())
-        with open(directory / f"{self.name}.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(self.columns)
-            writer.writerows(self.rows)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        if value == 0 or abs(value) >= 100:
-            return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.1f}"
-        return f"{value:.3g}" if abs(value) < 0.01 else f"{value:.3f}"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    return str(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,19 +175,6 @@ def plain_forward(models: Sequence[nn.Module], batches: Sequence[torch.Tensor]) 
         for x in batches:
             for m in models:
                 m(x)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_flops(model: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of one forward (torch.utils.flop_counter: matmuls and convolutions)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return int(counter.get_total_flops())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,7 +337,7 @@ def statistics_vs_forward(cases: Sequence[Case], repeats: dict[str, int]) -> tup
         taps = split.get(TAPPED, float("nan"))
         accumulation = best["statistics"] - taps
         gram = gram_flops(zipper, spaces, case.batches)
-        forward = sum(count_flops(m, x) for m in case.models for x in case.batches)
+        forward = sum(count_flops(m, x, per_sample=False) for m in case.models for x in case.batches)
         ratio.add(case.spec.label, len(case.batches), len(spaces), best["statistics"],
                   best["plain"], best["statistics"] / best["plain"], "≤ 1.5", best["float32"],
                   best["float32"] / best["plain"], taps, accumulation, taps / best["plain"],
@@ -454,43 +385,32 @@ def fresh_zipper(case: Case, precision: str = "auto") -> fxzip.Zipper:
 
 
 def statistics_parts(zipper: fxzip.Zipper, spaces: Sequence[int]) -> dict[str, float]:
-    """Seconds per part of one statistics pass: the lockstep forward of all models alone (an
-    observer that does nothing at the same tapped nodes), the moment updates of the consumer taps
-    (the first pass minus that forward), and the dead-unit pass (producer rows of constant
-    features; zero when there are none). Returns {"n/a ...": nan} when the statistics internals
-    no longer fit this replica."""
+    """Seconds per part of one statistics pass (`statistics.collect` with its `timings`): the
+    lockstep forward of all models alone (an observer that does nothing at the same tapped nodes),
+    the moment updates of the consumer taps (the first pass minus that forward), and the dead-unit
+    pass (producer rows of constant features; zero when there are none). Returns
+    {"n/a ...": nan} when the Zipper or the statistics pass no longer offer what this needs."""
+
+    class NullObserver(statistics.Observer):
+        def forward(self, name, *tensors):
+            return None
+
     try:
-        from fxzip.passes import statistics as st
-        analysis = zipper.analysis
-        taps = {t.node: [] for s in spaces for t in analysis.spaces[s].taps}
-
-        class NullObserver(st.Observer):
-            def forward(self, name, *tensors):
-                return None
-
+        analysis, graphs, batches = zipper.analysis, zipper.graphs, zipper.batches
         precision = zipper.statistics_precision
-
-        forward_only = st.lockstep_module(zipper.graphs, NullObserver(taps))
-        device = zipper.batches.example.device
-        stats = {s: st.SpaceStats(zipper.num_models * analysis.spaces[s].size, device)
-                 for s in spaces}
-        first = {s: (analysis.spaces[s].taps, stats[s].features) for s in spaces}
-    except (ImportError, AttributeError, TypeError) as exc:
+        taps = {t.node: [] for s in spaces for t in analysis.spaces[s].taps}
+        forward_only = statistics.lockstep_module(graphs, NullObserver(taps))
+    except (AttributeError, TypeError) as exc:
         return {f"n/a ({type(exc).__name__}: {exc})": float("nan")}
     with torch.no_grad():
-        forward_only(zipper.batches.example)  # warm-up
-        lockstep = min(timed(lambda: [forward_only(x) for x in zipper.batches]) for _ in range(2))
-    first_pass = timed(lambda: st._run_pass(zipper.graphs, first, zipper.batches, False, "",
-                                            precision))
-    dead = {s: stats[s].constant_features() for s in spaces}
-    retry = {s: st.producer_taps(analysis, s) for s in spaces}
-    retry = {s: t for s, t in retry.items() if t and dead[s].size}
-    second = {s: (t, st.Moments(stats[s].features.mean.numel(), device, rows=dead[s]))
-              for s, t in retry.items()}
-    dead_pass = timed(lambda: st._run_pass(zipper.graphs, second, zipper.batches, False, "",
-                                           precision) if second else None)
-    return {TAPPED: lockstep, "moment updates (consumer taps)": first_pass - lockstep,
-            f"dead-unit pass ({len(second)} spaces)": dead_pass}
+        forward_only(batches.example)  # warm-up
+        lockstep = min(timed(lambda: [forward_only(x) for x in batches]) for _ in range(2))
+    seconds: dict[str, float] = {}
+    stats = statistics.collect(graphs, analysis, spaces, batches, progress=False,
+                               precision=precision, timings=seconds)
+    dead = sum(stats[s].fallback is not None for s in spaces)
+    return {TAPPED: lockstep, "moment updates (consumer taps)": seconds["consumer taps"] - lockstep,
+            f"dead-unit pass ({dead} spaces)": seconds["dead units"]}
 
 
 def _fill_shares(table: Table, label: str) -> None:
@@ -525,9 +445,7 @@ def realistic_correlation(n: int, seed: int = 0) -> np.ndarray:
 
 def matching_scaling(sizes: Sequence[int], reference_max: int, alpha: float = 0.5,
                      beta: float = 1.0) -> Table:
-    """Section 3: fast ZipIt! greedy vs the reference greedy of tests/, and Hungarian permute."""
-    from reference_matching import reference_zipit
-
+    """Section 3: fast ZipIt! greedy vs `fxzip.reference_matching`, and Hungarian permute."""
     table = Table("3_matching", "3. Matching alone: 2 models × n features, zipit "
                   f"(alpha={alpha}, beta={beta}) vs the reference greedy; permute (Hungarian)",
                   ["n per model", "fast zipit s", "reference s", "speed-up", "same assign",
@@ -584,13 +502,13 @@ def inference_per_stop(case: Case, x: torch.Tensor, stops: Sequence[Any], repeat
                    "merged ms", "both ms", "merged/both"])
     zipper = fxzip.Zipper(case.models, case.batches, progress=False)
     both_params = sum(count_parameters(m) for m in case.models)
-    both_flops = sum(count_flops(m, x) for m in case.models)
+    both_flops = sum(count_flops(m, x, per_sample=False) for m in case.models)
     for stop in stops:
         merged = zipper.merge(stop, method="zipit", reset_bn=True)
         plain_forward([merged], [x])  # warm-up
         best = interleaved({"merged": lambda: plain_forward([merged], [x]),
                             "both": lambda: plain_forward(case.models, [x])}, repeats)
-        params, flops = count_parameters(merged), count_flops(merged, x)
+        params, flops = count_parameters(merged), count_flops(merged, x, per_sample=False)
         report = merged.fxzip_report
         table.add(repr(stop), f"{report.layers_zipped}/{report.layers_total}", params,
                   params / both_params, flops / 1e9, flops / both_flops, best["merged"] * 1e3,

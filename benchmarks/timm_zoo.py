@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.tables import markdown_table, write_dict_csv  # noqa: E402
 
 # (timm name, input size, family)
 MODELS = [
@@ -138,15 +140,25 @@ def ok(row: dict) -> bool:
     return bool(row.get("traced")) and err is not None and err < EXACT and bool(row.get("two_inits"))
 
 
-def format_row(row: dict) -> str:
+COLUMNS = ["model", "family", "traced", "zipped", "heads", "first barrier", "self-merge error",
+           "two inits", "ok", "s"]
+CSV_FIELDS = ["model", "family", "size", "traced", "zipped", "heads", "barrier", "self_merge_error",
+              "two_inits", "seconds", "error"]
+
+
+def cells(row: dict) -> list[str]:
+    """One architecture's table cells (COLUMNS)."""
     err = row.get("self_merge_error")
-    cells = [row["model"], row.get("family", ""), "yes" if row.get("traced") else "no",
-             row.get("zipped") or "-", str(row.get("heads") or "-"),
-             (row.get("barrier") or "-").replace("|", "/")[:110] if not row.get("error")
-             else f"error: {row['error']}".replace("|", "/")[:110],
-             "-" if err is None else f"{err:.1e}", "yes" if row.get("two_inits") else "no",
-             "yes" if ok(row) else "no", f"{row.get('seconds', 0):.1f}"]
-    return "| " + " | ".join(cells) + " |"
+    return [row["model"], row.get("family", ""), "yes" if row.get("traced") else "no",
+            row.get("zipped") or "-", str(row.get("heads") or "-"),
+            (row.get("barrier") or "-").replace("|", "/")[:110] if not row.get("error")
+            else f"error: {row['error']}".replace("|", "/")[:110],
+            "-" if err is None else f"{err:.1e}", "yes" if row.get("two_inits") else "no",
+            "yes" if ok(row) else "no", f"{row.get('seconds', 0):.1f}"]
+
+
+def format_row(row: dict) -> str:
+    return "| " + " | ".join(cells(row)) + " |"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -154,11 +166,7 @@ def markdown(rows: list[dict]) -> str:
     good = sum(1 for r in rows if ok(r))
     lines = [f"{good}/{len(rows)} architectures merge end to end with an exact self-merge "
              f"(relative error < {EXACT:g}); {full} of them are zipped completely (no barrier).",
-             "",
-             "| model | family | traced | zipped | heads | first barrier | self-merge error "
-             "| two inits | ok | s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [format_row(r) for r in rows]
+             "", markdown_table(COLUMNS, [cells(r) for r in rows])]
     return "\n".join(lines)
 
 
@@ -182,12 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "timm_zoo.md").write_text(text)
-    fields = ["model", "family", "size", "traced", "zipped", "heads", "barrier",
-              "self_merge_error", "two_inits", "seconds", "error"]
-    with open(args.out / "timm_zoo.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_dict_csv(args.out / "timm_zoo.csv", rows, CSV_FIELDS)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ digits; mean ± std over the pairs. Writes `vit_digits.md` and `vit_digits.csv` 
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -23,12 +22,16 @@ from pathlib import Path
 
 import torch
 
-import fxzip
-from fxzip.digits import DigitsSplit, evaluate, load_digits_split, train_task_pair
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import fxzip  # noqa: E402
+from fxzip.digits import DigitsSplit, evaluate, load_digits_split, train_task_pair  # noqa: E402
+from fxzip.methods import METHOD_NAMES  # noqa: E402
+
+from benchmarks.tables import markdown_table, write_dict_csv  # noqa: E402
 
 STOPS = (("blocks.0", "block 1/4"), ("blocks.1", "block 2/4"), ("blocks.2", "block 3/4"),
          (None, "full"))
-METHODS = ("average", "permute", "zipit")
 
 
 def make_vit() -> torch.nn.Module:
@@ -69,7 +72,7 @@ def run_pair(seed: int, epochs: int, lr: float, chosen: dict) -> list[dict]:
                      joint=ensemble.joint, task_a=ensemble.task_a, task_b=ensemble.task_b))
     zipper = fxzip.Zipper(models, split.x_train, progress=False)
     for stop, label in STOPS:
-        for method in METHODS:
+        for method in METHOD_NAMES:
             alpha, beta = chosen[stop] if method == "zipit" else (0.5, 1.0)
             merged = zipper.merge(stop, method=method, alpha=alpha, beta=beta)
             acc = evaluate(merged, split.x_test, split.y_test)
@@ -85,8 +88,7 @@ def summarise(rows: list[dict], pairs: int) -> str:
     for r in rows:
         if (r["method"], r["stop"]) not in keys:
             keys.append((r["method"], r["stop"]))
-    lines = ["| method | stop | zipped | joint | task A | task B | avg |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    table = []
     for method, stop in keys:
         group = [r for r in rows if (r["method"], r["stop"]) == (method, stop)]
 
@@ -96,10 +98,11 @@ def summarise(rows: list[dict], pairs: int) -> str:
             return f"{mean:.1f} ± {std:.1f}"
 
         avg = [(r["task_a"] + r["task_b"]) / 2 for r in group]
-        lines.append(f"| {method} | {stop} | {group[0]['zipped']} | "
-                     f"{stat([r['joint'] for r in group])} | {stat([r['task_a'] for r in group])} | "
-                     f"{stat([r['task_b'] for r in group])} | {stat(avg)} |")
-    return "\n".join(lines)
+        table.append([method, stop, group[0]["zipped"], stat([r["joint"] for r in group]),
+                      stat([r["task_a"] for r in group]), stat([r["task_b"] for r in group]),
+                      stat(avg)])
+    return markdown_table(["method", "stop", "zipped", "joint", "task A", "task B", "avg"], table,
+                          right=range(3, 7))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,10 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "vit_digits.md").write_text(text)
-    with open(args.out / "vit_digits.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_dict_csv(args.out / "vit_digits.csv", rows)
 
 
 if __name__ == "__main__":

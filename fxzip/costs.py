@@ -1,4 +1,4 @@
-"""Inference costs of a model: parameters and FLOPs per sample."""
+"""Inference costs of a model: parameters and FLOPs (one sample, or a whole batch)."""
 from __future__ import annotations
 
 import torch
@@ -7,11 +7,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Number of parameter elements (a merged model's trunk once, each head's own)."""
     return sum(p.numel() for p in model.parameters())
 
 
-def count_flops(model: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of one forward pass on one sample (torch's flop counter: matmuls and convs)."""
+def count_flops(model: nn.Module, x: torch.Tensor, *, per_sample: bool = True) -> int:
+    """FLOPs of one forward pass (torch's flop counter: matrix products and convolutions) on the
+    first sample of `x`, or on all of `x` with `per_sample=False`."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x[:1])
-    return counter.get_total_flops()
+        model(x[:1] if per_sample else x)
+    return int(counter.get_total_flops())
