@@ -1,6 +1,9 @@
 """Command line: `fxzip demo` trains two ResNet-20-style models on disjoint halves of the digits
 and merges them with every method at every stage boundary, printing the paper-style table and
-plotting joint accuracy against FLOPs."""
+plotting joint accuracy against FLOPs (it needs the `demo` extra: `pip install "fxzip[demo]"`).
+
+Each subcommand is a pair of functions: `add_<name>(subparsers)` declares its arguments and
+`run_<name>(args) -> exit status` runs it; `main` dispatches."""
 from __future__ import annotations
 
 import argparse
@@ -15,10 +18,11 @@ import torch
 from .api import Zipper
 from .bn_reset import reset_bn
 from .costs import count_flops, count_parameters
-from .digits import Accuracy, ResNet20, evaluate, load_digits_split, train_task_pair
+from .digits import (Accuracy, ResNet20, evaluate, load_digits_split, require_demo_extra,
+                     train_task_pair)
+from .methods import METHOD_NAMES
 
 DEMO_STOPS = (("layer1", "stage 1"), ("layer2", "stage 2"), (None, "full"))
-METHODS = ("average", "permute", "zipit")
 
 
 @dataclass
@@ -51,7 +55,7 @@ def demo(seed: int = 0, width: int = 4, epochs: int = 10, out: Path | str = "fxz
                     sum(count_flops(m, x_one) for m in models), ensemble)]
     zipper = Zipper(models, calibration, progress=progress)
     for stop, label in DEMO_STOPS:
-        for method in METHODS:
+        for method in METHOD_NAMES:
             merged = zipper.merge(stop, method=method)
             report = merged.fxzip_report
             rows.append(DemoRow(method, label, f"{report.layers_zipped}/{report.layers_total}",
@@ -83,7 +87,7 @@ def plot(rows: Sequence[DemoRow], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in METHODS:
+    for method in METHOD_NAMES:
         points = [(r.flops / 1e6, r.accuracy.joint) for r in rows if r.method == method]
         ax.plot(*zip(*points), marker="o", label=method)
     ensemble = next(r for r in rows if r.method == "ensemble")
@@ -99,19 +103,33 @@ def plot(rows: Sequence[DemoRow], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fxzip", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_demo(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("demo", help="merge two ResNet-20s trained on disjoint halves of the digits")
     run.add_argument("--seed", type=int, default=0, help="data split, initialisations and training")
     run.add_argument("--width", type=int, default=4, help="ResNet-20 width multiplier (the paper: 4)")
     run.add_argument("--epochs", type=int, default=10)
     run.add_argument("--out", default="fxzip-demo", help="folder for demo.md and demo.png")
     run.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    run.set_defaults(run=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    try:
+        require_demo_extra()
+    except ImportError as exc:
+        print(f"fxzip demo: {exc}", file=sys.stderr)
+        return 1
     demo(seed=args.seed, width=args.width, epochs=args.epochs, out=args.out,
          progress=not args.no_progress)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fxzip", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_demo(sub)
+    args = parser.parse_args(argv)
+    return args.run(args)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
 """Offline real data for demos and tests: scikit-learn's handwritten digits split into two
 disjoint tasks (classes 0–4 and 5–9), small CNNs trained on the CPU in seconds, and the paper's
-joint/per-task accuracies."""
+joint/per-task accuracies.
+
+scikit-learn (the data) and matplotlib (the demo's plot) are not dependencies of the library:
+they come with the `demo` extra, `pip install "fxzip[demo]"`.
+"""
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,9 +15,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .costs import count_parameters  # noqa: F401  (re-exported for the benchmarks)
-
 TASK_CLASSES = (tuple(range(5)), tuple(range(5, 10)))
+DEMO_INSTALL = 'pip install "fxzip[demo]"'
+DEMO_PACKAGES = {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}  # module: distribution
+
+
+def require_demo_extra(modules: tuple[str, ...] = tuple(DEMO_PACKAGES)) -> None:
+    """Raise ImportError, naming the `demo` extra, if any of the demo's extra dependencies
+    (`modules`, default all: scikit-learn and matplotlib) cannot be imported."""
+    missing = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(DEMO_PACKAGES[module])
+    if missing:
+        raise ImportError(f"the digits demo needs {' and '.join(missing)}, which the core "
+                          f"install leaves out: {DEMO_INSTALL}")
 
 
 @dataclass
@@ -35,6 +54,7 @@ class DigitsSplit:
 
 def load_digits_split(test_fraction: float = 0.3, seed: int = 0) -> DigitsSplit:
     """The 1,797 digits of scikit-learn (shipped inside the package), split per seed."""
+    require_demo_extra(("sklearn",))
     from sklearn.datasets import load_digits
 
     data = load_digits()

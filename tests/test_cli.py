@@ -1,5 +1,11 @@
-"""The demo (README's main job) runs end to end and writes its table and plot."""
+"""The demo (README's main job) runs end to end and writes its table and plot; without its
+extra dependencies it says which extra to install."""
+import sys
+
+import pytest
+
 from fxzip.cli import main
+from fxzip.digits import load_digits_split
 
 
 def test_demo_writes_table_and_plot(tmp_path, capsys):
@@ -13,3 +19,23 @@ def test_demo_writes_table_and_plot(tmp_path, capsys):
     full = [float(rows[(m, "full")].split("|")[6]) for m in ("average", "permute", "zipit")]
     assert all(0.0 <= j <= ensemble_joint + 0.05 for j in full)
     assert "joint" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module, package", [("sklearn", "scikit-learn"),
+                                             ("matplotlib", "matplotlib")])
+def test_demo_without_its_extra_names_the_extra(tmp_path, capsys, monkeypatch, module, package):
+    """scikit-learn and matplotlib are the `demo` extra, not core dependencies: without them the
+    demo stops at once with one line that says what to install."""
+    monkeypatch.setitem(sys.modules, module, None)  # `import <module>` now raises ImportError
+    assert main(["demo", "--epochs", "1", "--no-progress", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert package in err and 'pip install "fxzip[demo]"' in err
+    assert not (tmp_path / "demo.md").exists()
+
+
+def test_digits_without_scikit_learn_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.delitem(sys.modules, "sklearn.datasets", raising=False)
+    with pytest.raises(ImportError, match=r'scikit-learn.*pip install "fxzip\[demo\]"'):
+        load_digits_split()
