@@ -1,5 +1,6 @@
-"""Shared test settings: one torch thread (tiny models run far faster without thread hand-offs
-on a 2-core machine)."""
+"""Shared test settings: one torch thread for the whole session. The models under test are tiny:
+intra-op threads only add hand-offs, and on a loaded 2-core machine OpenMP contention made each
+small conv about 50x slower."""
 import pytest
 import torch
 

@@ -18,16 +18,6 @@ SETTINGS = settings(deadline=None, max_examples=30, suppress_health_check=[Healt
 seeds = st.integers(0, 2**16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead, and on a loaded 2-core machine OpenMP
-    contention makes each small conv ~50x slower.  Restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -45,16 +45,6 @@ SLOW = settings(deadline=None, max_examples=EXAMPLES,
 seeds = st.integers(0, 2**16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead, and on a loaded 2-core machine OpenMP
-    contention makes each small conv ~50x slower.  Restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
