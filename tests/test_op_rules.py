@@ -1,5 +1,6 @@
 """One small model per op rule: no barrier, the analysis-driven permutation keeps the function,
 and merging the model with its permuted copy is exact at every valid stop point."""
+import copy
 import operator
 
 import pytest
@@ -13,12 +14,28 @@ from permute_util import permuted_by_analysis
 
 def bn(c, dims=2):
     layer = (nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d)(c)
+    _randomise_bn(layer)
+    return layer
+
+
+def _randomise_bn(layer: nn.modules.batchnorm._BatchNorm) -> None:
     with torch.no_grad():
         layer.running_mean.normal_()
         layer.running_var.uniform_(0.5, 2.0)
         layer.weight.normal_()
         layer.bias.normal_()
-    return layer
+
+
+def _fresh(module: nn.Module) -> nn.Module:
+    """A copy of `module` initialised anew from the current RNG state (the test's seed), so that a
+    case's weights do not depend on what other test files drew at collection time."""
+    module = copy.deepcopy(module)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            _randomise_bn(m)
+        elif hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return module
 
 
 def conv_model(body, extra=None, head_in=6):
@@ -30,7 +47,7 @@ def conv_model(body, extra=None, head_in=6):
         def __init__(self):
             super().__init__()
             for name, m in modules.items():
-                setattr(self, name, m)
+                setattr(self, name, _fresh(m))
 
         def forward(self, x):
             return self.head(body(self, F.relu(self.b1(self.c1(x)))))
