@@ -36,12 +36,12 @@ def _autowrap() -> tuple[tuple, tuple]:
     try:
         import torchvision.ops
         modules.append(torchvision.ops)
-    except ImportError:  # pragma: no cover - torchvision is a dependency
+    except ImportError:  # torchvision is optional: without it there is nothing to wrap
         pass
     try:
         from timm.layers import get_notrace_functions
         functions = tuple(get_notrace_functions())
-    except ImportError:  # pragma: no cover - timm is a dependency
+    except ImportError:  # timm is optional (the "timm" extra)
         functions = ()
     return functions, tuple(modules)
 
