@@ -20,6 +20,7 @@ from .bn_reset import reset_bn
 from .costs import count_flops, count_parameters
 from .digits import (Accuracy, ResNet20, evaluate, load_digits_split, require_demo_extra,
                      train_task_pair)
+from .file_commands import add_analyze, add_merge
 from .methods import METHOD_NAMES
 
 DEMO_STOPS = (("layer1", "stage 1"), ("layer2", "stage 2"), (None, "full"))
@@ -128,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fxzip", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_demo(sub)
+    add_merge(sub)
+    add_analyze(sub)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -63,6 +63,9 @@ def _guarded(command: Any, args: argparse.Namespace) -> int:
             command(args)
     except FxzipError as e:
         return _fail(str(e))
+    except ImportError as e:  # an optional library: timm, torchvision, matplotlib
+        return _fail(f"this needs the package {e.name or e}: pip install 'fxzip[merge]' "
+                     "(image folders, report.png) or 'fxzip[timm]' (timm models)")
     except OSError as e:
         return _fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
     except KeyboardInterrupt:

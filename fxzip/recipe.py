@@ -220,9 +220,7 @@ def check_merge_options(options: Any) -> dict[str, Any]:
 def resolved(recipe: Recipe, device: str | None = None) -> dict[str, Any]:
     """The recipe as it ran: every default filled in, absolute paths, checkpoint SHA-256 sums and
     the versions of the libraries involved (what `fxzip merge` writes to `recipe.yaml`)."""
-    import timm
     import torch
-    import torchvision
 
     import fxzip
 
@@ -243,8 +241,18 @@ def resolved(recipe: Recipe, device: str | None = None) -> dict[str, Any]:
             "merge": {**merge_defaults(), **recipe.merge},
             "device": device or recipe.device, "seed": recipe.seed,
             "versions": {"fxzip": str(fxzip.__version__), "torch": str(torch.__version__),
-                         "torchvision": str(torchvision.__version__), "timm": str(timm.__version__),
+                         "torchvision": _version("torchvision"), "timm": _version("timm"),
                          "python": platform.python_version()}}
+
+
+def _version(package: str) -> str | None:
+    """The installed version of an optional package, None where it is missing."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def dump(data: dict[str, Any]) -> str:
