@@ -14,7 +14,7 @@ from .bn_reset import reset_bn as reset_batch_norm
 from .costs import count_flops, count_parameters
 from .errors import CalibrationWarning, InputError, StopPointError
 from .head_matching import match_heads
-from .inputs import Batches
+from .inputs import Batches, shard_batches
 from .matching import Match
 from .methods import METHODS, Method, get_method
 from .passes.analysis import Analysis
@@ -36,12 +36,13 @@ class Zipper:
 
     def __init__(self, models: Sequence[nn.Module], inputs: Any, *, progress: bool = True,
                  leaf_modules: Sequence[type] = (), concrete_args: dict | None = None,
-                 statistics_precision: str = "auto"):
+                 statistics_precision: str = "auto", group: Any = None):
         models = list(models)
         device = check_models(models)
         self.progress = progress
         self.seconds: dict[str, float] = {}
-        self.batches = Batches(inputs, device)
+        self.group = group
+        self.batches = shard_batches(inputs, device, group)
         self.statistics_precision = resolve_precision(statistics_precision,
                                                       self.batches.example.device)
         with self._timed("trace"):
@@ -69,7 +70,8 @@ class Zipper:
             with self._timed("statistics"):
                 self._moments.update(collect(self.graphs, self.analysis, missing, self.batches,
                                              progress=self.progress,
-                                             precision=self.statistics_precision))
+                                             precision=self.statistics_precision,
+                                             group=self.group))
             self._warn_if_too_few_samples(missing)
         return {s: self._moments[s] for s in spaces}
 
@@ -138,7 +140,7 @@ class Zipper:
                              shared_output=shared_output)
         if reset_bn:
             with self._timed("bn_reset"):
-                reset_batch_norm(merged, self.batches, progress=self.progress)
+                reset_batch_norm(merged, self.batches, progress=self.progress, group=self.group)
         seconds = {k: v - before.get(k, 0.0) for k, v in self.seconds.items()}
         seconds = {k: v for k, v in seconds.items() if v > 0}
         merged.fxzip_report = MergeReport(
@@ -176,7 +178,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
           method: str = "zipit", alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
           reset_bn: bool = True, shared_output: bool = False, progress: bool = True,
           leaf_modules: Sequence[type] = (), concrete_args: dict | None = None,
-          statistics_precision: str = "auto") -> fx.GraphModule:
+          statistics_precision: str = "auto", group: Any = None) -> fx.GraphModule:
     """Merge two models of one architecture into one GraphModule returning `(out_a, out_b)`.
 
     inputs: calibration data: a tensor batch, a list of batches, or an iterable/DataLoader of
@@ -194,22 +196,28 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
     statistics_precision: the feature correlations' matrix products: "float32", "bfloat16"
         (CPU: inputs rounded to bfloat16, float32 accumulation; correlations within ~1e-5) or
         "auto" (bfloat16 where the CPU runs it natively, about twice as fast; else float32).
+    group: under torch.distributed (`init_process_group` called, e.g. by torchrun) `inputs` are
+        this rank's shard (it may be empty if another rank's is not): the statistics and the
+        BatchNorm reset are all-reduced over `group` (None: the default group), and every rank
+        returns the same merged model as a one-process merge over the union of the shards.
+        Every rank of the group must make the same call.
     The input models are never modified. The report is in `merged.fxzip_report`.
     """
     return merge_all([model_a, model_b], inputs, stop_at=stop_at, method=method, alpha=alpha,
                      beta=beta, reset_bn=reset_bn, shared_output=shared_output, progress=progress,
                      leaf_modules=leaf_modules, concrete_args=concrete_args,
-                     statistics_precision=statistics_precision)
+                     statistics_precision=statistics_precision, group=group)
 
 
 def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | None = None,
               method: str = "zipit", alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
               reset_bn: bool = True, shared_output: bool = False, progress: bool = True,
               leaf_modules: Sequence[type] = (), concrete_args: dict | None = None,
-              statistics_precision: str = "auto") -> fx.GraphModule:
+              statistics_precision: str = "auto", group: Any = None) -> fx.GraphModule:
     """Merge N ≥ 2 models (see `merge`); the merged model returns one output per model."""
     zipper = Zipper(models, inputs, progress=progress, leaf_modules=leaf_modules,
-                    concrete_args=concrete_args, statistics_precision=statistics_precision)
+                    concrete_args=concrete_args, statistics_precision=statistics_precision,
+                    group=group)
     merged = zipper.merge(stop_at, method=method, alpha=alpha, beta=beta, reset_bn=reset_bn,
                           shared_output=shared_output)
     merged.fxzip_report.seconds = {**{k: zipper.seconds[k] for k in ("trace", "analysis")},

@@ -8,17 +8,23 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .inputs import Batches
+from .distributed import all_reduce_batch_norms
+from .inputs import Batches, shard_batches
 
 
-def reset_bn(model: nn.Module, inputs: Any, *, progress: bool = True) -> nn.Module:
+def reset_bn(model: nn.Module, inputs: Any, *, progress: bool = True,
+             group: Any = None) -> nn.Module:
     """Recompute the running mean/variance of every BatchNorm in `model` (in place) as exact
-    averages over `inputs`, then put the model in eval mode. Returns the model."""
+    averages over `inputs` (the mean over batches of the batch means and of the unbiased batch
+    variances), then put the model in eval mode. Returns the model.
+
+    Under torch.distributed `inputs` are this rank's shard (possibly empty): the averages are
+    all-reduced over `group` (None: the default group) to those over all ranks' batches."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              and m.track_running_stats]
     if not norms:
         return model.eval()
-    batches = inputs if isinstance(inputs, Batches) else Batches(inputs, _device(model))
+    batches = inputs if isinstance(inputs, Batches) else shard_batches(inputs, _device(model), group)
     momenta = [m.momentum for m in norms]
     model.eval()
     for m in norms:
@@ -29,6 +35,7 @@ def reset_bn(model: nn.Module, inputs: Any, *, progress: bool = True) -> nn.Modu
         with torch.no_grad():
             for x in tqdm(batches, desc="fxzip BN reset", unit="batch", disable=not progress, leave=False):
                 model(x)
+        all_reduce_batch_norms(norms, group)
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum

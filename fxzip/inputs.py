@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from .distributed import all_gather_objects, is_distributed
 from .errors import InputError
 
 
@@ -29,10 +30,12 @@ class Batches:
     """Re-iterable calibration batches (tensors only), moved to one device on the way out.
 
     One-shot iterators (generators) are materialised once so that the statistics pass and the
-    BatchNorm reset can both read them.
+    BatchNorm reset can both read them. With `allow_empty` (a rank's shard, see `shard_batches`)
+    empty inputs give `example` None.
     """
 
-    def __init__(self, inputs: Any, device: torch.device | None = None):
+    def __init__(self, inputs: Any, device: torch.device | None = None, *,
+                 allow_empty: bool = False):
         if inputs is None:
             raise InputError("no calibration inputs given: pass a tensor batch, a list of batches "
                              "or a DataLoader")
@@ -48,6 +51,9 @@ class Batches:
         self._source = source
         self.device = device
         first = next(iter(self), None)
+        if first is None and allow_empty:
+            self.example = None
+            return
         if first is None:
             raise InputError("the calibration inputs are empty: give at least one batch")
         if first.dim() == 0 or first.shape[0] == 0:
@@ -73,3 +79,35 @@ class Batches:
                 f"calibration batch {position} has shape {tuple(x.shape)} ({x.dtype}) but the first "
                 f"batch has {tuple(self.example.shape)} ({self.example.dtype}); all batches must share "
                 "every axis but the first")
+
+
+def shard_batches(inputs: Any, device: torch.device | None, group: Any = None) -> Batches:
+    """`Batches(inputs, device)`; under torch.distributed, this rank's shard: every rank checks its
+    own inputs and all ranks raise the same InputError if any shard is bad, so that no rank waits
+    for another in a collective. A rank may have no batches if another has: its example (for
+    tracing) is then a zero tensor shaped like the first non-empty rank's example."""
+    if not is_distributed():
+        return Batches(inputs, device)
+    try:
+        batches, problem = Batches(inputs, device, allow_empty=True), None
+    except InputError as exc:
+        batches, problem = None, str(exc)
+    example = None if batches is None else batches.example
+    mine = (problem, None if example is None else (tuple(example.shape), str(example.dtype)))
+    shards = all_gather_objects(mine, group)
+    for r, (message, _) in enumerate(shards):
+        if message is not None:
+            raise InputError(f"rank {r}'s calibration inputs: {message}")
+    shapes = [(r, found) for r, (_, found) in enumerate(shards) if found is not None]
+    if not shapes:
+        raise InputError("the calibration inputs of every rank are empty: give at least one batch")
+    r0, (shape, dtype) = shapes[0]
+    for r, (other, other_dtype) in shapes[1:]:
+        if other[1:] != shape[1:] or other_dtype != dtype:
+            raise InputError(f"rank {r}'s first calibration batch has shape {other} ({other_dtype}) "
+                             f"but rank {r0}'s has {shape} ({dtype}); all batches must share every "
+                             "axis but the first")
+    if example is None:
+        batches.example = torch.zeros(shape, dtype=getattr(torch, dtype.removeprefix("torch.")),
+                                      device=device)
+    return batches

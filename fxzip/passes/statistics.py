@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ import torch.fx as fx
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..distributed import all_reduce_moments
 from ..errors import InputError, NonFiniteError
 from ..inputs import Batches
 from .analysis import Analysis, Tap
@@ -314,7 +316,7 @@ def producer_taps(analysis: Analysis, space: int) -> list[Tap]:
 
 def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterable[int],
             batches: Batches, *, progress: bool = True, precision: str = "float32",
-            timings: dict[str, float] | None = None) -> dict[int, SpaceStats]:
+            timings: dict[str, float] | None = None, group: Any = None) -> dict[int, SpaceStats]:
     """Statistics of every requested space over all batches, for all models at once; `precision`
     is that of the Gram products ("float32" or "bfloat16", see `resolve_precision`).
 
@@ -323,6 +325,10 @@ def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterab
     `SpaceStats.fallback` is set). `timings`, if given, receives the seconds of each pass:
     "consumer taps" (the first pass: lockstep forwards and moment updates) and "dead units"
     (the second pass; 0.0 when no space needs it).
+
+    Under torch.distributed (see `fxzip.distributed`) `batches` are this rank's shard: each pass's
+    moments are all-reduced over `group` (None: the default group) before they are used, so the
+    dead units, the second pass and the result are those of all ranks' batches, on every rank.
     """
     spaces = list(spaces)
     device = batches.example.device
@@ -331,6 +337,7 @@ def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterab
     start = time.perf_counter()
     _run_pass(graphs, {s: (analysis.spaces[s].taps, stats[s].features) for s in spaces},
               batches, progress, "fxzip statistics", precision)
+    all_reduce_moments([stats[s].features for s in spaces], group)
     timings["consumer taps"] = time.perf_counter() - start
     start = time.perf_counter()
     retry = {s: producer_taps(analysis, s) for s in spaces}
@@ -341,6 +348,7 @@ def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterab
     if retry:
         _run_pass(graphs, {s: (taps, stats[s].fallback) for s, taps in retry.items()},
                   batches, progress, "fxzip statistics (dead units)", precision)
+        all_reduce_moments([stats[s].fallback for s in retry], group)
     timings["dead units"] = time.perf_counter() - start
     return stats
 
