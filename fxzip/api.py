@@ -20,7 +20,7 @@ from .methods import METHODS, Method, get_method
 from .passes.analysis import Analysis
 from .passes.rewrite import rewrite
 from .passes.statistics import SpaceStats, collect, resolve_precision
-from .pipeline import check_models, device_of, prepare_graphs
+from .pipeline import check_models, device_of, pair_models, prepare_graphs
 from .report import MergeReport, SpaceReport
 
 __all__ = ["Zipper", "merge", "merge_all", "analyze", "MergeReport", "SpaceReport"]
@@ -48,8 +48,10 @@ class Zipper:
         with self._timed("trace"):
             self.graphs = prepare_graphs(models, self.batches.example, leaf_modules=leaf_modules,
                                          concrete_args=concrete_args)
+            self.pairing = pair_models(self.graphs)
         with self._timed("analysis"):
             self.analysis = Analysis(self.graphs[0])
+        self._analyses: dict[int, Analysis] = {0: self.analysis}
         self._moments: dict[int, SpaceStats] = {}
         self._matches: dict[tuple, Match] = {}
 
@@ -71,7 +73,7 @@ class Zipper:
                 self._moments.update(collect(self.graphs, self.analysis, missing, self.batches,
                                              progress=self.progress,
                                              precision=self.statistics_precision,
-                                             group=self.group))
+                                             pairing=self.pairing, group=self.group))
             self._warn_if_too_few_samples(missing)
         return {s: self._moments[s] for s in spaces}
 
@@ -113,6 +115,47 @@ class Zipper:
             self._matches[(s, method.name, alpha, beta)] = m
         return self._matches[key]
 
+    def trunk(self, stop_at: str | int | None) -> set[str]:
+        """The nodes (graph 0's names) zipped for a stop point, checked to be shared by every
+        model (ArchitectureMismatchError naming the first difference and the last shared stop
+        point otherwise). None: every layer but each model's own output layers."""
+        if stop_at is None:
+            trunk = self.analysis.trunk(None)
+            for k in range(1, self.num_models):
+                if not self.pairing.is_identity(k):
+                    trunk = self._without_heads_of(k, trunk)
+            label = "stop_at=None (every layer but the output layers)"
+        else:
+            trunk = self.analysis.trunk(stop_at)
+            label = f"stop_at={stop_at!r}"
+        trunk = self._without_unshared_values(trunk)
+        self.pairing.check_trunk(trunk, self.analysis.stop_points, label)
+        return trunk
+
+    def _without_unshared_values(self, trunk: set[str]) -> set[str]:
+        """The trunk less the nodes that not every model has, carry no features (shapes,
+        parameters, values of the input alone) and that no trunk node reads: each model's head
+        computes its own (e.g. the input size a segmentation model resizes its output to)."""
+        shared = self.pairing.shared()
+        trunk = set(trunk)
+        for node in reversed(self.analysis.nodes):
+            if (node.name in trunk and node.name not in shared and node.op != "placeholder"
+                    and self.analysis.feat(node.name) is None
+                    and not any(u.name in trunk for u in node.users)):
+                trunk.discard(node.name)
+        return trunk
+
+    def _without_heads_of(self, k: int, trunk: set[str]) -> set[str]:
+        """The trunk less the nodes paired with model k's output layers (or anything after them
+        or a barrier in model k's graph), and everything after those."""
+        if k not in self._analyses:
+            with self._timed("analysis"):
+                self._analyses[k] = Analysis(self.graphs[k])
+        own = self._analyses[k].trunk(None)
+        theirs = {a for a in trunk
+                  if a in self.pairing.maps[k] and self.pairing.name(k, a) not in own}
+        return trunk - self.analysis._descendants(theirs)
+
     def merge(self, stop_at: str | int | None = None, *, method: str = "zipit",
               alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
               reset_bn: bool = True, shared_output: bool = False) -> fx.GraphModule:
@@ -126,9 +169,10 @@ class Zipper:
                 raise StopPointError("shared_output=True zips the whole model into one output; "
                                      "leave stop_at=None")
             trunk = self.analysis.whole_trunk()
+            self.pairing.check_trunk(trunk, self.analysis.stop_points, "shared_output=True")
             aligned = self.analysis.output_spaces()
         else:
-            trunk, aligned = self.analysis.trunk(stop_at), set()
+            trunk, aligned = self.trunk(stop_at), set()
         spaces = [s for s in self.analysis.spaces_of(trunk) if s not in aligned]
         if chosen.needs_statistics:
             self.statistics(spaces)
@@ -137,7 +181,7 @@ class Zipper:
                         for s in aligned})
         with self._timed("rewrite"):
             merged = rewrite(self.graphs, self.analysis, matches, trunk,
-                             shared_output=shared_output)
+                             shared_output=shared_output, pairing=self.pairing)
         if reset_bn:
             with self._timed("bn_reset"):
                 reset_batch_norm(merged, self.batches, progress=self.progress, group=self.group)

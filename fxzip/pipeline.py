@@ -1,5 +1,6 @@
 """From models to the graphs the passes work on: input checks, then trace → fuse attention →
-check that the graphs are isomorphic. Shared by `Zipper`, `analyze` and the tests."""
+pair every graph's nodes with graph 0's (`fxzip.pairing`). Shared by `Zipper`, `analyze` and the
+tests."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -10,8 +11,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import InputError
+from .pairing import Pairing, pair_graphs
 from .passes.attention_fusion import fuse_attention
-from .tracing import check_isomorphic, trace
+from .tracing import trace
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -35,9 +37,13 @@ def check_models(models: Sequence[Any]) -> torch.device:
 
 def prepare_graphs(models: Sequence[nn.Module], example: Any, *, leaf_modules: Sequence[type] = (),
                    concrete_args: dict | None = None) -> list[fx.GraphModule]:
-    """Trace every model on `example` (shapes on every node), fuse its attention into single
-    nodes, and check that all graphs are isomorphic (ArchitectureMismatchError otherwise)."""
-    graphs = [fuse_attention(trace(m, example, leaf_modules=leaf_modules,
-                                   concrete_args=concrete_args), example)[0] for m in models]
-    check_isomorphic(graphs)
-    return graphs
+    """Trace every model on `example` (shapes on every node) and fuse its attention into single
+    nodes. The graphs may differ; `pair_models` says where they agree."""
+    return [fuse_attention(trace(m, example, leaf_modules=leaf_modules,
+                                 concrete_args=concrete_args), example)[0] for m in models]
+
+
+def pair_models(graphs: Sequence[fx.GraphModule]) -> Pairing:
+    """Which node of each graph plays the part of each node of graph 0 (see `fxzip.pairing`);
+    the merge checks that its trunk is shared (ArchitectureMismatchError otherwise)."""
+    return pair_graphs(graphs)

@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import ArchitectureMismatchError, InputError, TraceError
+from .errors import InputError, TraceError
 
 
 class FxzipTracer(fx.Tracer):
@@ -100,38 +100,6 @@ def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
     meta = node.meta.get("tensor_meta")
     shape = getattr(meta, "shape", None)
     return tuple(shape) if shape is not None else None
-
-
-def _describe(node: fx.Node) -> str:
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
-    return f"{node.op} {target!s} -> {tensor_shape(node)}"
-
-
-def _module_signature(gm: fx.GraphModule, node: fx.Node) -> str:
-    if node.op != "call_module":
-        return ""
-    module = gm.get_submodule(node.target)
-    return f"{type(module).__name__}({module.extra_repr()})"
-
-
-def check_isomorphic(graphs: Sequence[fx.GraphModule]) -> None:
-    """All graphs must have the same ops, targets, module configurations and shapes."""
-    reference = list(graphs[0].graph.nodes)
-    for index, other in enumerate(graphs[1:], start=1):
-        nodes = list(other.graph.nodes)
-        for a, b in zip(reference, nodes):
-            same = (a.op == b.op and a.target == b.target and tensor_shape(a) == tensor_shape(b)
-                    and _module_signature(graphs[0], a) == _module_signature(other, b))
-            if not same:
-                raise ArchitectureMismatchError(
-                    f"model 0 and model {index} differ at node '{a.name}': "
-                    f"[{_describe(a)} {_module_signature(graphs[0], a)}] vs "
-                    f"[{_describe(b)} {_module_signature(other, b)}]. fxzip merges models of one "
-                    "architecture and width; give models built from the same configuration.")
-        if len(nodes) != len(reference):
-            raise ArchitectureMismatchError(
-                f"model 0 has {len(reference)} graph nodes but model {index} has {len(nodes)}; "
-                "fxzip merges models of one architecture")
 
 
 _INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior",

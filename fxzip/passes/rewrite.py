@@ -16,6 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..matching import Match
+from ..pairing import Pairing, pair_graphs
 from ..tracing import has_inplace
 from .analysis import Analysis
 from .layout import SHARED, Feat
@@ -151,20 +152,32 @@ def _head_prefix(targets: set[str]) -> str:
 
 
 class _Emitter:
-    """Walks model 0's graph in order and emits trunk nodes once and head nodes once per model."""
+    """Emits the trunk once, from model 0's graph, with merged modules (model k's modules found
+    through the pairing), and each model's head from that model's OWN graph with its own weights,
+    reading the trunk's values unmerged. Heads are emitted in their graph's order, each node as
+    soon as what it reads exists, so a head reads a trunk value before a later trunk op could
+    change it in place."""
 
     def __init__(self, graphs: Sequence[fx.GraphModule], analysis: Analysis, layouts: Layouts,
-                 trunk: set[str], shared_output: bool):
+                 trunk: set[str], shared_output: bool, pairing: Pairing,
+                 spread: Sequence[bool] = ()):
         self.graphs, self.analysis, self.layouts, self.trunk = graphs, analysis, layouts, trunk
-        self.shared_output = shared_output
+        self.shared_output, self.pairing = shared_output, pairing
+        self.spread = list(spread) or [False] * len(graphs)
         self.graph = fx.Graph()
         self.root: dict[str, Any] = {}
         self.trunk_env: dict[str, fx.Node] = {}
         self.head_env: list[dict[str, fx.Node]] = [{} for _ in graphs]
-        self.fresh_copies = has_inplace(graphs[0])
-        targets = {n.target for n in analysis.nodes if n.op in ("call_module", "get_attr")}
+        # graph k's name -> graph 0's name, for the nodes of graph k that the trunk computes
+        self.images = [pairing.images(k, trunk) for k in range(len(graphs))]
+        self.fresh_copies = any(has_inplace(g) for g in graphs)
+        targets = {n.target for g in graphs for n in g.graph.nodes
+                   if n.op in ("call_module", "get_attr")}
         self.prefix = _head_prefix(targets)
         self.device = next((p.device for p in graphs[0].parameters()), torch.device("cpu"))
+        self.pending = [[n for n in g.graph.nodes
+                         if n.op != "output" and n.name not in self.images[k]]
+                        for k, g in enumerate(graphs)]
 
     # -- trunk --------------------------------------------------------------------------------
     def emit_trunk(self, node: fx.Node) -> None:
@@ -174,9 +187,11 @@ class _Emitter:
 
     def _merged(self, node: fx.Node) -> Any:
         uses = self.analysis.param_uses.get(node.target, [])
+        partners = [self.pairing.node(k, node.name).target for k in range(len(self.graphs))]
         if node.op == "call_module":
-            return merge_module([g.get_submodule(node.target) for g in self.graphs], uses, self.layouts)
-        values = [_get_attr(g, node.target) for g in self.graphs]
+            return merge_module([g.get_submodule(t) for g, t in zip(self.graphs, partners)], uses,
+                                self.layouts)
+        values = [_get_attr(g, t) for g, t in zip(self.graphs, partners)]
         if not isinstance(values[0], torch.Tensor):
             return copy.deepcopy(values[0])
         merged = merge_tensor(values, [u for u in uses if u.param == ""], self.layouts)
@@ -186,6 +201,7 @@ class _Emitter:
 
     # -- heads --------------------------------------------------------------------------------
     def emit_head(self, node: fx.Node, k: int) -> fx.Node:
+        """Model k's own node (of graph k), with model k's own module or parameter."""
         target = node.target
         if node.op in ("call_module", "get_attr"):
             target = f"{self.prefix}.{k}.{node.target}"
@@ -200,18 +216,34 @@ class _Emitter:
         self.head_env[k][node.name] = new
         return new
 
+    def ready(self, node: fx.Node, k: int) -> bool:
+        return all(n.name in self.head_env[k] or self.images[k].get(n.name) in self.trunk_env
+                   for n in node.all_input_nodes)
+
+    def flush(self, k: int) -> None:
+        """Emit model k's head nodes, in its graph's order, as far as their inputs exist."""
+        pending = self.pending[k]
+        done = 0
+        while done < len(pending) and self.ready(pending[done], k):
+            if pending[done].name not in self.head_env[k]:
+                self.emit_head(pending[done], k)
+            done += 1
+        del pending[:done]
+
     def value(self, node: fx.Node, k: int) -> fx.Node:
-        """What model k's head reads for `node`: its own copy, or the trunk's value unmerged."""
+        """What model k's head reads for its node `node`: its own copy, or the trunk's value of
+        the partner node, unmerged into model k's features."""
         if node.name in self.head_env[k]:
             return self.head_env[k][node.name]
-        info = self.analysis.infos.get(node.name)
-        trunk_value = self.trunk_env[node.name]
+        name = self.images[k][node.name]
+        info = self.analysis.infos.get(name)
+        trunk_value = self.trunk_env[name]
         if node.op == "get_attr" or (not isinstance(info, Feat) and info is not SHARED):
             return self.emit_head(node, k)  # parameters and shape values: recomputed per model
         if isinstance(info, Feat) and not self.layouts.is_identity(info):
-            name = f"fxzip_unmerge_{k}_{node.name}"
-            self.root[name] = self.layouts.index(info, k, self.device)
-            index = self.graph.get_attr(name)
+            unmerge = f"fxzip_unmerge_{k}_{name}"
+            self.root[unmerge] = self.layouts.index(info, k, self.device)
+            index = self.graph.get_attr(unmerge)
             value = self.graph.call_function(torch.index_select, (trunk_value, info.axis, index))
         elif self.fresh_copies:  # a head's in-place op must not reach the other heads
             value = self.graph.call_method("clone", (trunk_value,))
@@ -222,25 +254,38 @@ class _Emitter:
 
     # -- whole graph --------------------------------------------------------------------------
     def run(self) -> fx.GraphModule:
+        heads = range(len(self.graphs))
         for node in self.analysis.nodes:
-            if node.op == "output" and self.shared_output:
-                self.graph.output(fx.node.map_arg(node.args[0], lambda n: self.trunk_env[n.name]))
-            elif node.op == "output":
-                outputs = tuple(fx.node.map_arg(node.args[0], lambda n: self.value(n, k))
-                                for k in range(len(self.graphs)))
-                self.graph.output(outputs)
-            elif node.name in self.trunk:
+            if node.name in self.trunk and node.op != "output":
                 self.emit_trunk(node)
-            else:
-                for k in range(len(self.graphs)):
-                    self.emit_head(node, k)
+                for k in heads:
+                    self.flush(k)
+        if self.shared_output:
+            out = next(n for n in self.analysis.nodes if n.op == "output")
+            self.graph.output(fx.node.map_arg(out.args[0], lambda n: self.trunk_env[n.name]))
+        else:
+            outputs: list[Any] = []
+            for k in heads:
+                self.flush(k)
+                if self.pending[k]:
+                    raise RuntimeError(f"fxzip internal error: head {k} cannot be emitted from "
+                                       f"node '{self.pending[k][0].name}' on")
+                out = next(n for n in self.graphs[k].graph.nodes if n.op == "output")
+                value = fx.node.map_arg(out.args[0], lambda n: self.value(n, k))
+                outputs.extend(value if self.spread[k] else [value])
+            self.graph.output(tuple(outputs))
         self.graph.lint()
         return fx.GraphModule(self.root, self.graph, "ZippedModel").eval()
 
 
 def rewrite(graphs: Sequence[fx.GraphModule], analysis: Analysis, matches: dict[int, Match],
-            trunk: set[str], *, shared_output: bool = False) -> fx.GraphModule:
-    """Emit the merged model for one trunk (an ancestor-closed set of node names). With
-    `shared_output` the trunk is the whole graph and its output is returned once, unchanged."""
+            trunk: set[str], *, shared_output: bool = False, pairing: Pairing | None = None,
+            spread: Sequence[bool] = ()) -> fx.GraphModule:
+    """Emit the merged model for one trunk (an ancestor-closed set of graph 0's node names, all
+    paired in every graph; `pairing` defaults to the structural one). With `shared_output` the
+    trunk is the whole graph and its output is returned once, unchanged. Otherwise the output is
+    the tuple of every model's own output; a model whose `spread` is true (a merged model being
+    extended) contributes its tuple's items."""
     layouts = Layouts(analysis, matches, len(graphs))
-    return _Emitter(graphs, analysis, layouts, trunk, shared_output).run()
+    pairing = pairing if pairing is not None else pair_graphs(graphs)
+    return _Emitter(graphs, analysis, layouts, trunk, shared_output, pairing, spread).run()

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..distributed import all_reduce_moments
 from ..errors import InputError, NonFiniteError
 from ..inputs import Batches
+from ..pairing import Pairing, pair_graphs
 from .analysis import Analysis, Tap
 
 
@@ -271,38 +272,53 @@ class Observer(nn.Module):
                 ) from None
 
 
-def lockstep_module(graphs: Sequence[fx.GraphModule], observer: Observer) -> fx.GraphModule:
-    """One graph that runs all (isomorphic) models node by node on the same input and calls the
-    observer right after each tapped node; it returns nothing.
+def lockstep_module(graphs: Sequence[fx.GraphModule], observer: Observer,
+                    pairing: Pairing | None = None) -> fx.GraphModule:
+    """One graph that runs all models node by node on the same input and calls the observer
+    right after each tapped node (a name of graph 0) with every model's tensor there (graph k's
+    node paired with it, see `fxzip.pairing`); it returns nothing.
 
-    Model k's submodules and attributes live under `m{k}.`; FX frees every tensor after its last
-    use, so only the tensors of the node being computed are alive beside the models' state.
+    Each model's graph is emitted in its own order, as far as the node paired with graph 0's
+    current node: for models of one architecture that is node by node, in lockstep. Model k's
+    submodules and attributes live under `m{k}.`; FX frees every tensor after its last use, so
+    only the tensors of the node being computed are alive beside the models' state.
     """
+    pairing = pairing if pairing is not None else pair_graphs(graphs)
     root = nn.Module()
     for k, gm in enumerate(graphs):
         root.add_module(f"m{k}", gm)
     root.add_module("observer", observer)
     graph = fx.Graph()
     placeholders = [n for n in graphs[0].graph.nodes if n.op == "placeholder"]
-    inputs = {n.name: graph.placeholder(n.name, default_value=n.args[0] if n.args
-                                        else inspect.Signature.empty) for n in placeholders}
+    inputs = [graph.placeholder(n.name, default_value=n.args[0] if n.args
+                                else inspect.Signature.empty) for n in placeholders]
     envs: list[dict[fx.Node, fx.Node]] = [{} for _ in graphs]
-    node_lists = [list(gm.graph.nodes) for gm in graphs]
-    for column in zip(*node_lists):
-        if column[0].op == "output":
-            break
-        for k, node in enumerate(column):
-            env = envs[k]
+    node_lists = [[n for n in gm.graph.nodes if n.op != "output"] for gm in graphs]
+    positions = [{n.name: i for i, n in enumerate(nodes)} for nodes in node_lists]
+    done = [0] * len(graphs)
+
+    def emit_until(k: int, name: str) -> fx.Node:
+        env, nodes = envs[k], node_lists[k]
+        while done[k] <= positions[k][name]:
+            node = nodes[done[k]]
+            done[k] += 1
             if node.op == "placeholder":
-                env[node] = inputs[node.name]
+                number = sum(1 for n in nodes[:done[k]] if n.op == "placeholder") - 1
+                env[node] = inputs[number]
                 continue
             copy = graph.node_copy(node, lambda n: env[n])
             if node.op in ("call_module", "get_attr"):
                 copy.target = f"m{k}.{node.target}"
             env[node] = copy
-        name = column[0].name
-        if name in observer.taps:
-            graph.call_module("observer", (name, *(envs[k][n] for k, n in enumerate(column))))
+        return env[nodes[positions[k][name]]]
+
+    shared = pairing.shared()
+    for node in node_lists[0]:
+        if node.name not in shared:
+            continue
+        values = [emit_until(k, pairing.name(k, node.name)) for k in range(len(graphs))]
+        if node.name in observer.taps:
+            graph.call_module("observer", (node.name, *values))
     graph.output(None)
     return fx.GraphModule(root, graph, "LockstepStatistics")
 
@@ -314,9 +330,22 @@ def producer_taps(analysis: Analysis, space: int) -> list[Tap]:
     return [] if taps == s.taps else taps
 
 
+def shared_taps(analysis: Analysis, space: int, shared: set[str]) -> list[Tap]:
+    """A space's taps at nodes every model has (its consumers past the point where the models
+    part are left out); its producers' outputs where no tap is left."""
+    taps = [t for t in analysis.spaces[space].taps if t.node in shared]
+    if not taps:
+        taps = [t for t in producer_taps(analysis, space) if t.node in shared]
+    if not taps:
+        raise InputError(f"space {space} ({', '.join(analysis.spaces[space].producers[:2])}) has "
+                         "no tensor that every model computes; stop the merge earlier")
+    return taps
+
+
 def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterable[int],
             batches: Batches, *, progress: bool = True, precision: str = "float32",
-            timings: dict[str, float] | None = None, group: Any = None) -> dict[int, SpaceStats]:
+            timings: dict[str, float] | None = None, group: Any = None,
+            pairing: Pairing | None = None) -> dict[int, SpaceStats]:
     """Statistics of every requested space over all batches, for all models at once; `precision`
     is that of the Gram products ("float32" or "bfloat16", see `resolve_precision`).
 
@@ -329,39 +358,45 @@ def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterab
     Under torch.distributed (see `fxzip.distributed`) `batches` are this rank's shard: each pass's
     moments are all-reduced over `group` (None: the default group) before they are used, so the
     dead units, the second pass and the result are those of all ranks' batches, on every rank.
+
+    `pairing` (default: the structural one, see `fxzip.pairing`) finds model k's node for each
+    tap; taps at nodes that not every model has are left out.
     """
     spaces = list(spaces)
+    pairing = pairing if pairing is not None else pair_graphs(graphs)
+    shared = pairing.shared()
     device = batches.example.device
     stats = {s: SpaceStats(len(graphs) * analysis.spaces[s].size, device) for s in spaces}
     timings = {} if timings is None else timings
     start = time.perf_counter()
-    _run_pass(graphs, {s: (analysis.spaces[s].taps, stats[s].features) for s in spaces},
-              batches, progress, "fxzip statistics", precision)
+    _run_pass(graphs, {s: (shared_taps(analysis, s, shared), stats[s].features) for s in spaces},
+              batches, progress, "fxzip statistics", precision, pairing)
     all_reduce_moments([stats[s].features for s in spaces], group)
     timings["consumer taps"] = time.perf_counter() - start
     start = time.perf_counter()
-    retry = {s: producer_taps(analysis, s) for s in spaces}
+    retry = {s: [t for t in producer_taps(analysis, s) if t.node in shared] for s in spaces}
     dead = {s: stats[s].constant_features() for s in retry}
     retry = {s: taps for s, taps in retry.items() if taps and dead[s].size}
     for s in retry:
         stats[s].fallback = Moments(stats[s].features.mean.numel(), device, rows=dead[s])
     if retry:
         _run_pass(graphs, {s: (taps, stats[s].fallback) for s, taps in retry.items()},
-                  batches, progress, "fxzip statistics (dead units)", precision)
+                  batches, progress, "fxzip statistics (dead units)", precision, pairing)
         all_reduce_moments([stats[s].fallback for s in retry], group)
     timings["dead units"] = time.perf_counter() - start
     return stats
 
 
 def _run_pass(graphs: Sequence[fx.GraphModule], targets: dict[int, tuple[list[Tap], Moments]],
-              batches: Batches, progress: bool, desc: str, precision: str = "float32") -> None:
+              batches: Batches, progress: bool, desc: str, precision: str = "float32",
+              pairing: Pairing | None = None) -> None:
     """Stream all batches through the lockstep graph, folding each target's taps into its moments."""
     by_node: dict[str, list[tuple[Tap, Moments]]] = defaultdict(list)
     for taps, moments in targets.values():
         for tap in taps:
             by_node[tap.node].append((tap, moments))
     observer = Observer(dict(by_node), precision)
-    module = lockstep_module(graphs, observer)
+    module = lockstep_module(graphs, observer, pairing)
     bar = tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)
     with torch.no_grad():
         for position, x in enumerate(bar):
