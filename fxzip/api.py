@@ -44,7 +44,7 @@ class Zipper:
         self.group = group
         self.batches = shard_batches(inputs, device, group)
         self.statistics_precision = resolve_precision(statistics_precision,
-                                                      self.batches.example.device)
+                                                      self.batches.example_device)
         with self._timed("trace"):
             self.graphs = prepare_graphs(models, self.batches.example, leaf_modules=leaf_modules,
                                          concrete_args=concrete_args)

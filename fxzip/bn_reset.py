@@ -9,7 +9,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .distributed import all_reduce_batch_norms
-from .inputs import Batches, shard_batches
+from .inputs import Batches, call_model, shard_batches
 
 
 def reset_bn(model: nn.Module, inputs: Any, *, progress: bool = True,
@@ -34,7 +34,7 @@ def reset_bn(model: nn.Module, inputs: Any, *, progress: bool = True,
     try:
         with torch.no_grad():
             for x in tqdm(batches, desc="fxzip BN reset", unit="batch", disable=not progress, leave=False):
-                model(x)
+                call_model(model, x)
         all_reduce_batch_norms(norms, group)
     finally:
         for m, momentum in zip(norms, momenta):

@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import InputError, TraceError
+from .inputs import Batch, describe
 
 
 class FxzipTracer(fx.Tracer):
@@ -55,22 +59,26 @@ def _timm_leaf_modules() -> tuple[type, ...]:
         return ()
 
 
-def trace(model: torch.nn.Module, example: torch.Tensor, *, leaf_modules: Sequence[type] = (),
+def trace(model: torch.nn.Module, example: Batch, *, leaf_modules: Sequence[type] = (),
           concrete_args: dict | None = None) -> fx.GraphModule:
     """Trace a private eval-mode copy of `model` and annotate every node with its shape.
 
-    The copy keeps the user's model untouched (tracing and shape propagation run modules; some
-    timm models cache proxies or attach constants when traced). Modules timm marks as not
-    traceable are traced into first and made leaves only if that fails.
+    `example` is the model's first input (a tensor) or a dict of `forward`'s keyword arguments;
+    every other argument of `forward` is fixed to its default (or to `concrete_args`), so that
+    `forward(x, mask=None)` traces with `mask` None. The copy keeps the user's model untouched
+    (tracing and shape propagation run modules; some timm models cache proxies or attach
+    constants when traced). Modules timm marks as not traceable are traced into first and made
+    leaves only if that fails.
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"expected a torch.nn.Module to merge, got {type(model).__name__}")
+    fixed = fixed_arguments(model, example, concrete_args)
     gm = None
     for leaves in (tuple(leaf_modules), tuple(leaf_modules) + _timm_leaf_modules()):
         private = copy.deepcopy(model).eval()
         tracer = FxzipTracer(leaves)
         try:
-            graph = tracer.trace(private, concrete_args=concrete_args)
+            graph = tracer.trace(private, concrete_args=fixed or None)
         except Exception as exc:  # torch.fx raises many types here
             failure = exc
             continue
@@ -83,16 +91,136 @@ def trace(model: torch.nn.Module, example: torch.Tensor, *, leaf_modules: Sequen
             "types as `leaf_modules=` (they become barriers) or fixed forward arguments as "
             "`concrete_args=`.") from failure
     gm.eval()
+    _name_fixed_placeholders(gm, fixed)
     route_through_inplace_ops(gm)
+    propagate_shapes(gm, example, type(model).__name__)
+    return gm
+
+
+def fixed_arguments(model: torch.nn.Module, example: Batch,
+                    concrete_args: dict | None = None) -> dict[str, Any]:
+    """`concrete_args` for tracing: every argument of `forward` that the example does not give
+    (the first one for a tensor, the dict's keys for a dict) fixed to its default; `concrete_args`
+    override. A required argument that is not given is an InputError."""
+    fixed = dict(concrete_args or {})
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # no signature to read: trace forward as it is
+        return fixed
+    named = [p for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if isinstance(example, dict):
+        given = set(example)
+        unknown = sorted(given - {p.name for p in named})
+        if unknown and not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            raise InputError(
+                f"the calibration batches give {unknown} but {type(model).__name__}.forward takes "
+                f"{[p.name for p in named]}; a dict batch holds forward's keyword arguments")
+        clash = sorted(given & set(fixed))
+        if clash:
+            raise InputError(f"{clash} are both in the calibration batches and in concrete_args; "
+                             "give each forward argument once")
+    else:
+        given = {named[0].name} if named else set()
+    for p in named:
+        if p.name in given or p.name in fixed:
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise InputError(
+                f"{type(model).__name__}.forward needs the argument {p.name!r} besides "
+                f"{sorted(given)}: give calibration batches as dicts of forward's keyword "
+                f"arguments, e.g. {{{', '.join(repr(q.name) for q in named)}: ...}}, or fix it "
+                "with concrete_args=")
+        fixed[p.name] = p.default
+    return fixed
+
+
+def _name_fixed_placeholders(gm: fx.GraphModule, fixed: dict[str, Any]) -> None:
+    """torch.fx names the placeholder of a fixed argument `mask_1`: give the traced forward the
+    argument's own name again (the traced graph checks the value stays the default)."""
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and isinstance(node.target, str):
+            base, _, count = node.target.rpartition("_")
+            if base in fixed and count.isdigit() and not any(
+                    n.op == "placeholder" and n.target == base for n in gm.graph.nodes):
+                node.target = base
+    gm.recompile()
+
+
+def positional_args(gm: fx.GraphModule, example: Batch) -> list[Any]:
+    """The values of a traced graph's placeholders, in order, for an example: a tensor is the
+    first; a dict gives its keys' values; the others take their defaults."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if not isinstance(example, dict):
+        return [example] + [n.args[0] if n.args else None for n in placeholders[1:]]
+    return [example[n.target] if n.target in example else (n.args[0] if n.args else None)
+            for n in placeholders]
+
+
+class _ShapeProp(fx.Interpreter):
+    """torch.fx's ShapeProp (shape and dtype in `node.meta["tensor_meta"]`) without its print-out
+    of tracebacks: a failing node raises `_NodeFailure` naming it."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.extra_traceback = False
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            raise _NodeFailure(n, exc) from exc
+        found = False
+
+        def extract(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, extract)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+
+class _NodeFailure(Exception):
+    def __init__(self, node: fx.Node, error: Exception):
+        super().__init__(str(error))
+        self.node, self.error = node, error
+
+
+def propagate_shapes(gm: fx.GraphModule, example: Batch, label: str | None = None) -> None:
+    """Run `gm` on the example, writing every node's shape and dtype into its meta (as torch.fx's
+    ShapeProp does, without printing tracebacks). A failure names the op that failed; where that
+    op reads the input directly, the input's shape is named as the likely cause (InputError),
+    else the op (TraceError)."""
+    label = label or type(gm).__name__
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(example)
-    except Exception as exc:
-        raise InputError(
-            f"running {type(model).__name__} on the example batch of shape {tuple(example.shape)} "
-            f"failed: {type(exc).__name__}: {exc}. Check that the inputs have the shape the model "
-            "expects.") from exc
-    return gm
+            _ShapeProp(gm).run(*positional_args(gm, example))
+    except _NodeFailure as failure:
+        node, exc = failure.node, failure.error
+        reads_input = any(a.op == "placeholder" for a in node.all_input_nodes)
+        where = (f"node '{node.name}' ({node.op} {_target_name(gm, node)}) failed: "
+                 f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+        if reads_input:
+            raise InputError(
+                f"running {label} on the example batch ({describe(example)}) failed at its first "
+                f"op on the input: {where}. Check that the inputs have the shape the model "
+                "expects.") from exc
+        raise TraceError(
+            f"running the traced {label} on the example batch ({describe(example)}) failed at "
+            f"{where}. The op may depend on something tracing fixed (an input size, a forward "
+            "argument); pass the module that holds it as `leaf_modules=`.") from exc
+
+
+def _target_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"{node.target}: {type(gm.get_submodule(node.target)).__name__}"
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__",
+                                                                     str(node.target))
 
 
 def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:

@@ -36,9 +36,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.passes.shape_prop import ShapeProp
 
-from ..tracing import tensor_shape
+from ..inputs import Batch, batch_size, call_model, leading
+from ..tracing import propagate_shapes, tensor_shape
 from .rule_api import BLOCKS_META, norm_dim
 
 
@@ -178,7 +178,7 @@ def _harmless_input(node: fx.Node) -> bool:
     return not _is_tensor(node) and node.op != "get_attr"
 
 
-def fuse_attention(gm: fx.GraphModule, example: torch.Tensor) -> tuple[fx.GraphModule, list[str]]:
+def fuse_attention(gm: fx.GraphModule, example: Batch) -> tuple[fx.GraphModule, list[str]]:
     """Make every multi-head self-attention one `fused_qkv_attention` op: `nn.MultiheadAttention`
     modules are spelled out (projection, attention, output projection), attention subgraphs are
     replaced. Kept only if the model's outputs on `example` stay the same; returns the (new or
@@ -187,7 +187,7 @@ def fuse_attention(gm: fx.GraphModule, example: torch.Tensor) -> tuple[fx.GraphM
     expanded = _expand_multihead_attention(candidate)
     if expanded:
         candidate.recompile()
-        ShapeProp(candidate).propagate(example)
+        propagate_shapes(candidate, example)
     regions = find_regions(candidate)
     if not regions and not expanded:
         return gm, []
@@ -512,19 +512,19 @@ def _plain_self_attention(node: fx.Node, module: nn.MultiheadAttention) -> bool:
             and not module.add_zero_attn)
 
 
-def _same_on(gm: fx.GraphModule, candidate: fx.GraphModule, example: torch.Tensor) -> bool:
+def _same_on(gm: fx.GraphModule, candidate: fx.GraphModule, example: Batch) -> bool:
     """Whether both modules compute the same outputs, checked on the example's first two samples
     (every sample goes through the same ops; the models are in eval mode), or on the whole
     example if the models cannot run on a smaller batch."""
     with torch.no_grad():
-        if example.dim() > 0 and example.shape[0] > 2:
+        if batch_size(example) > 2:
             try:
-                reference = gm(example[:2])
+                reference = call_model(gm, leading(example, 2))
             except Exception:  # a batch size fixed in the graph: check on the whole example
                 pass
             else:
-                return _same_outputs(reference, candidate(example[:2]))
-        return _same_outputs(gm(example), candidate(example))
+                return _same_outputs(reference, call_model(candidate, leading(example, 2)))
+        return _same_outputs(call_model(gm, example), call_model(candidate, example))
 
 
 def _same_outputs(a: Any, b: Any) -> bool:

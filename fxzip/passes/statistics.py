@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..distributed import all_reduce_moments
 from ..errors import InputError, NonFiniteError
-from ..inputs import Batches
+from ..inputs import Batches, call_model, describe
 from ..pairing import Pairing, pair_graphs
 from .analysis import Analysis, Tap
 
@@ -290,7 +290,7 @@ def lockstep_module(graphs: Sequence[fx.GraphModule], observer: Observer,
     root.add_module("observer", observer)
     graph = fx.Graph()
     placeholders = [n for n in graphs[0].graph.nodes if n.op == "placeholder"]
-    inputs = [graph.placeholder(n.name, default_value=n.args[0] if n.args
+    inputs = [graph.placeholder(n.target, default_value=n.args[0] if n.args
                                 else inspect.Signature.empty) for n in placeholders]
     envs: list[dict[fx.Node, fx.Node]] = [{} for _ in graphs]
     node_lists = [[n for n in gm.graph.nodes if n.op != "output"] for gm in graphs]
@@ -365,7 +365,7 @@ def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterab
     spaces = list(spaces)
     pairing = pairing if pairing is not None else pair_graphs(graphs)
     shared = pairing.shared()
-    device = batches.example.device
+    device = batches.example_device
     stats = {s: SpaceStats(len(graphs) * analysis.spaces[s].size, device) for s in spaces}
     timings = {} if timings is None else timings
     start = time.perf_counter()
@@ -403,9 +403,9 @@ def _run_pass(graphs: Sequence[fx.GraphModule], targets: dict[int, tuple[list[Ta
             batches.check_shape(x, position)
             observer.position = position
             try:
-                module(x)
+                call_model(module, x)
             except NonFiniteError:
                 raise
             except Exception as exc:
-                raise InputError(f"the models failed on calibration batch {position} of shape "
-                                 f"{tuple(x.shape)}: {type(exc).__name__}: {exc}") from exc
+                raise InputError(f"the models failed on calibration batch {position} ("
+                                 f"{describe(x)}): {type(exc).__name__}: {exc}") from exc
