@@ -20,7 +20,7 @@ from .methods import METHODS, Method, get_method
 from .passes.analysis import Analysis
 from .passes.rewrite import rewrite
 from .passes.statistics import SpaceStats, collect, resolve_precision
-from .pipeline import check_models, device_of, pair_models, prepare_graphs
+from .pipeline import check_models, device_of, is_merged, pair_models, prepare_graphs
 from .report import MergeReport, SpaceReport
 
 __all__ = ["Zipper", "merge", "merge_all", "analyze", "MergeReport", "SpaceReport"]
@@ -49,6 +49,8 @@ class Zipper:
             self.graphs = prepare_graphs(models, self.batches.example, leaf_modules=leaf_modules,
                                          concrete_args=concrete_args)
             self.pairing = pair_models(self.graphs)
+        # a merged model first: the new models are zipped into its trunk, its heads kept
+        self.extends = is_merged(models[0])
         with self._timed("analysis"):
             self.analysis = Analysis(self.graphs[0])
         self._analyses: dict[int, Analysis] = {0: self.analysis}
@@ -107,7 +109,8 @@ class Zipper:
             sizes = [self.analysis.spaces[s].size for s in spaces]
             if group is not None:
                 found = match_heads(corrs, sizes, group.heads, self.num_models, method,
-                                    alpha=alpha, beta=beta)
+                                    alpha=alpha, beta=beta,
+                                    fixed=[s in group.fixed for s in spaces])
             else:
                 found = [method.match(corrs[0], [sizes[0]] * self.num_models, alpha=alpha,
                                       beta=beta)]
@@ -119,17 +122,37 @@ class Zipper:
         """The nodes (graph 0's names) zipped for a stop point, checked to be shared by every
         model (ArchitectureMismatchError naming the first difference and the last shared stop
         point otherwise). None: every layer but each model's own output layers."""
-        if stop_at is None:
+        if self.extends:
+            trunk = self._within_merged_trunk(stop_at)
+            label = f"stop_at={stop_at!r}"
+        elif stop_at is None:
             trunk = self.analysis.trunk(None)
+        else:
+            trunk = self.analysis.trunk(stop_at)
+        if stop_at is None:
             for k in range(1, self.num_models):
                 if not self.pairing.is_identity(k):
                     trunk = self._without_heads_of(k, trunk)
             label = "stop_at=None (every layer but the output layers)"
         else:
-            trunk = self.analysis.trunk(stop_at)
             label = f"stop_at={stop_at!r}"
         trunk = self._without_unshared_values(trunk)
         self.pairing.check_trunk(trunk, self.analysis.stop_points, label)
+        return trunk
+
+    def _within_merged_trunk(self, stop_at: str | int | None) -> set[str]:
+        """Extending a merged model: its trunk (None), or the part of it up to a stop point."""
+        merged = set(self.graphs[0].fxzip_trunk)
+        if stop_at is None:
+            return merged
+        named = self.analysis.resolve_stop(stop_at) if isinstance(stop_at, str) else None
+        trunk = self.analysis.trunk(stop_at) if named is None or named in merged else {named}
+        outside = [n.name for n in self.analysis.nodes if n.name in trunk - merged]
+        if outside:
+            raise StopPointError(
+                f"stop_at={stop_at!r} reaches past the merged model's trunk (node "
+                f"'{outside[0]}' belongs to its heads); a model added to a merge is zipped into "
+                "that trunk or a part of it: leave stop_at=None or name an earlier stop point")
         return trunk
 
     def _without_unshared_values(self, trunk: set[str]) -> set[str]:
@@ -165,6 +188,9 @@ class Zipper:
         chosen = METHODS[method]
         before = dict(self.seconds)
         if shared_output:
+            if self.extends:
+                raise InputError("a merged model with split heads cannot be extended into one "
+                                 "shared output; leave shared_output=False")
             if stop_at is not None:
                 raise StopPointError("shared_output=True zips the whole model into one output; "
                                      "leave stop_at=None")
@@ -181,7 +207,8 @@ class Zipper:
                         for s in aligned})
         with self._timed("rewrite"):
             merged = rewrite(self.graphs, self.analysis, matches, trunk,
-                             shared_output=shared_output, pairing=self.pairing)
+                             shared_output=shared_output, pairing=self.pairing,
+                             spread=[self.extends] + [False] * (self.num_models - 1))
         if reset_bn:
             with self._timed("bn_reset"):
                 reset_batch_norm(merged, self.batches, progress=self.progress, group=self.group)

@@ -203,3 +203,37 @@ def test_independent_segmentation_and_classifier_run_with_their_own_outputs():
     out_cls, out_seg = fxzip.merge(cls, seg, SEG_X, stop_at="layer2", progress=False)(SEG_X)
     assert out_cls.shape == (2, 10)
     assert isinstance(out_seg, dict) and out_seg["out"].shape == (2, 4, 64, 64)
+
+
+# -- adding a model to a merge ---------------------------------------------------------------
+
+@pytest.mark.parametrize("stop", [None, "relu"])
+def test_adding_a_permuted_copy_to_a_merge_stays_exact(stop):
+    a = SmallCNN(classes=3)
+    b = permuted_trunk(a, seed=1)
+    c = permuted_trunk(a, seed=2, head=nn.Linear(8, 4))
+    merged = merge([a, b], stop_at=stop)
+    state = {k: v.clone() for k, v in merged.state_dict().items()}
+    grown = fxzip.merge(merged, c, X, progress=False, reset_bn=False)
+    outs = grown(X)
+    assert len(outs) == 3 and outs[2].shape == (16, 4)
+    assert all(close(o, m(X)) for o, m in zip(outs, (a, b, c)))
+    assert grown.fxzip_report.layers_zipped == merged.fxzip_report.layers_zipped
+    assert all(torch.equal(v, merged.state_dict()[k]) for k, v in state.items())  # untouched
+    assert sum(1 for _ in grown.named_modules() if _[0].startswith("heads.2.")) >= 1
+    # and again: one trunk, four heads
+    d = permuted_trunk(a, seed=3, head=nn.Linear(8, 2))
+    outs = fxzip.merge(grown, d, X, progress=False, reset_bn=False)(X)
+    assert len(outs) == 4 and all(close(o, m(X)) for o, m in zip(outs, (a, b, c, d)))
+
+
+def test_adding_to_a_merge_within_its_trunk_only():
+    a = SmallCNN(classes=3)
+    merged = merge([a, permuted_trunk(a, seed=1)], stop_at="relu")
+    c = permuted_trunk(a, seed=2)
+    with pytest.raises(fxzip.StopPointError, match="past the merged model's trunk"):
+        fxzip.merge(merged, c, X, stop_at="conv2_0", progress=False)
+    with pytest.raises(fxzip.InputError, match="first model"):
+        fxzip.merge(c, merged, X, progress=False)
+    outs = fxzip.merge(merged, c, X, stop_at="bn1", progress=False, reset_bn=False)(X)
+    assert all(close(o, a(X)) for o in outs)

@@ -171,9 +171,19 @@ class _Emitter:
         # graph k's name -> graph 0's name, for the nodes of graph k that the trunk computes
         self.images = [pairing.images(k, trunk) for k in range(len(graphs))]
         self.fresh_copies = any(has_inplace(g) for g in graphs)
-        targets = {n.target for g in graphs for n in g.graph.nodes
-                   if n.op in ("call_module", "get_attr")}
-        self.prefix = _head_prefix(targets)
+        self.targets = {n.target for g in graphs for n in g.graph.nodes
+                        if n.op in ("call_module", "get_attr")}
+        # a merged model being extended (spread) keeps its heads' names and numbers; the other
+        # models' heads are numbered after its outputs
+        self.offset = 0
+        if self.spread[0]:
+            out = next(n for n in graphs[0].graph.nodes if n.op == "output")
+            self.offset = len(out.args[0]) - 1
+        own = {n.target for g in graphs[1:] for n in g.graph.nodes
+               if n.op in ("call_module", "get_attr")}
+        self.trunk_targets = {n.target for n in graphs[0].graph.nodes
+                              if n.name in trunk and n.op in ("call_module", "get_attr")}
+        self.prefix = _head_prefix((own | self.trunk_targets) if self.spread[0] else self.targets)
         self.device = next((p.device for p in graphs[0].parameters()), torch.device("cpu"))
         self.pending = [[n for n in g.graph.nodes
                          if n.op != "output" and n.name not in self.images[k]]
@@ -204,7 +214,8 @@ class _Emitter:
         """Model k's own node (of graph k), with model k's own module or parameter."""
         target = node.target
         if node.op in ("call_module", "get_attr"):
-            target = f"{self.prefix}.{k}.{node.target}"
+            if not self.spread[k] or node.target in self.trunk_targets:
+                target = f"{self.prefix}.{k + self.offset}.{node.target}"
             if target not in self.root:
                 source = self.graphs[k]
                 value = source.get_submodule(node.target) if node.op == "call_module" \
@@ -215,6 +226,14 @@ class _Emitter:
         new = self.graph.create_node(node.op, target, args, kwargs, name=f"{node.name}_{k}")
         self.head_env[k][node.name] = new
         return new
+
+    def _fresh(self, name: str) -> str:
+        """`name`, or `name_2`, `name_3`, ... where it is taken by a module or attribute."""
+        fresh, number = name, 1
+        while fresh in self.root or fresh in self.targets:
+            number += 1
+            fresh = f"{name}_{number}"
+        return fresh
 
     def ready(self, node: fx.Node, k: int) -> bool:
         return all(n.name in self.head_env[k] or self.images[k].get(n.name) in self.trunk_env
@@ -241,7 +260,8 @@ class _Emitter:
         if node.op == "get_attr" or (not isinstance(info, Feat) and info is not SHARED):
             return self.emit_head(node, k)  # parameters and shape values: recomputed per model
         if isinstance(info, Feat) and not self.layouts.is_identity(info):
-            unmerge = f"fxzip_unmerge_{k}_{name}"
+            unmerge = self._fresh(f"fxzip_rezip_{name}" if self.spread[k]
+                                  else f"fxzip_unmerge_{k + self.offset}_{name}")
             self.root[unmerge] = self.layouts.index(info, k, self.device)
             index = self.graph.get_attr(unmerge)
             value = self.graph.call_function(torch.index_select, (trunk_value, info.axis, index))
@@ -275,7 +295,10 @@ class _Emitter:
                 outputs.extend(value if self.spread[k] else [value])
             self.graph.output(tuple(outputs))
         self.graph.lint()
-        return fx.GraphModule(self.root, self.graph, "ZippedModel").eval()
+        merged = fx.GraphModule(self.root, self.graph, "ZippedModel").eval()
+        # what a later merge needs to zip another model into this one's trunk
+        merged.fxzip_trunk = sorted(self.trunk_env[n].name for n in self.trunk)
+        return merged
 
 
 def rewrite(graphs: Sequence[fx.GraphModule], analysis: Analysis, matches: dict[int, Match],
