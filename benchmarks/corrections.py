@@ -48,6 +48,7 @@ VARIANTS: dict[str, Corrections | None] = {
     "heads": Corrections(refit_trunk=False, refit_heads="all"),
     "trunk": Corrections(refit_trunk=True, refit_heads="none"),
     "trunk+last": Corrections(refit_trunk=True, refit_heads="last"),
+    "trunk+first+last": Corrections(refit_trunk=True, refit_heads="first+last"),
     "refit": Corrections(refit_trunk=True, refit_heads="all"),
     "refit+repair": Corrections(refit_trunk=True, refit_heads="all", repair=True),
 }
@@ -82,17 +83,33 @@ class Result:
     seconds: dict[str, float]
 
 
-def run_pair(setting, data, pair: int, epochs: int, variants: Sequence[str],
-             log=print) -> tuple[list[Result], float]:
-    """Train one pair, merge at every stop with every variant; (results, ensemble joint acc)."""
+def trained_pair(setting, data, pair: int, epochs: int, width: int, cache: Path | None,
+                 log=print) -> list[torch.nn.Module]:
+    """`benchmarks.accuracy.train_pair`, with the state dicts kept in `cache` (if given)."""
+    path = None if cache is None else cache / f"a_w{width}_e{epochs}_pair{pair}.pt"
+    models = [setting.make_model(), setting.make_model()]
+    if path is not None and path.exists():
+        for m, state in zip(models, torch.load(path)):
+            m.load_state_dict(state)
+        return [m.eval() for m in models]
     tick = time.perf_counter()
     models = train_pair(setting, data, seed=pair, epochs=epochs)
     log(f"pair {pair}: trained in {time.perf_counter() - tick:.1f}s")
+    if path is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.save([m.state_dict() for m in models], path)
+    return models
+
+
+def run_pair(setting, data, pair: int, epochs: int, variants: Sequence[str], width: int,
+             cache: Path | None = None, log=print) -> tuple[list[Result], float]:
+    """Train one pair, merge at every stop with every variant; (results, ensemble joint acc)."""
+    models = trained_pair(setting, data, pair, epochs, width, cache, log)
     x, y = data.split.x_test, data.split.y_test
     reset = [fxzip.reset_bn(copy.deepcopy(m), data.calibration, progress=False) for m in models]
     ensemble = accuracy_of(setting, reset, x, y).joint
     zipper = fxzip.Zipper(models, data.calibration, progress=False)
-    held_out = [data.x_val]  # fidelity on data that no correction saw
+    held_out = [data.x_val]  # fidelity (to the BN-reset parents) on data that no correction saw
     results = []
     for label, stop_at in STOPS.items():
         tick = time.perf_counter()
@@ -102,7 +119,7 @@ def run_pair(setting, data, pair: int, epochs: int, variants: Sequence[str],
             merged, seconds = corrected_merge(zipper, stop_at, VARIANTS[name])
             seconds["statistics"] = statistics
             acc = accuracy_of(setting, merged, x, y).joint
-            fid = float(np.mean(fidelity(merged, models, held_out).relative_error))
+            fid = float(np.mean(fidelity(merged, reset, held_out).relative_error))
             results.append(Result(pair, name, label, acc, fid, seconds))
             log(f"  {label:6s} {name:13s} joint {100 * acc:5.1f}  rel.err {fid:.3f}  "
                 + " ".join(f"{k} {v:.2f}s" for k, v in seconds.items()))
@@ -147,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="write the table here (markdown)")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="keep the trained pairs' state dicts in this folder and reuse them")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pairs = args.pairs or (2 if args.quick else 4)
@@ -166,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results, ensembles = [], []
     start = time.perf_counter()
     for pair in range(1, pairs + 1):
-        rows, ensemble = run_pair(setting, data, pair, epochs, variants)
+        rows, ensemble = run_pair(setting, data, pair, epochs, variants, width, args.cache)
         results += rows
         ensembles.append(ensemble)
     text = (f"## Corrections on setting (a): digits 5+5, ResNet-20x{width}, {epochs} epochs\n\n"

@@ -17,15 +17,23 @@ unlabelled calibration data and no gradient training:
   that their mean and standard deviation on the calibration data equal the average of the means
   and standard deviations of the parent features they merge (exact in a self-merge: ratio 1).
 
+The targets are the parents *with their BatchNorm statistics reset on the calibration data*
+when `reset_bn` is on (the paper resets the BN statistics of every model it compares, the
+original models included, and that ensemble is the ceiling of a merge): each parent BatchNorm
+then normalises with the statistics of its own inputs on the calibration batches (eval-mode
+inputs; the parents' modules are not changed). With ``reset_bn=False`` the targets are the
+parents as given.
+
 A *correctable layer* is a ``Linear``, ``Conv1d`` or ``Conv2d`` module (groups 1, zero padding,
 called once). Where its only user is an affine BatchNorm, the pair is corrected as one affine map
 and its *fit point* is the BatchNorm's output: the layer's weights then hold the fitted map and
-the BatchNorm keeps running statistics that equal the calibration statistics of its input (so a
-later `fxzip.reset_bn` leaves the function unchanged) with ``weight``/``bias`` set to make it pass
-the fitted map through. Every other BatchNorm of the merged model has its running statistics
-re-estimated on the way exactly as `fxzip.reset_bn` does, on inputs that are already corrected:
-the pass replaces `reset_bn`. Nothing is added to the graph (a bias parameter is created on a
-bias-free layer with no BatchNorm after it, when a correction needs an intercept).
+the BatchNorm keeps running statistics that equal the calibration statistics of its input with
+``weight``/``bias`` set to make it pass the fitted map through. Every other BatchNorm of the
+merged model has its running statistics re-estimated on the way (per batch mean and unbiased
+variance averaged over batches, as `fxzip.reset_bn` does, but of the eval-mode model's inputs, on
+inputs that are already corrected): the pass replaces `reset_bn`. Nothing is added to the graph
+(a bias parameter is created on a bias-free layer with no BatchNorm after it, when a correction
+needs an intercept).
 
 Memory: the pass runs the merged model and every parent node by node over ALL calibration batches
 at once, so it keeps the live activations of the whole calibration set (and, per layer, the
@@ -81,7 +89,7 @@ class Corrections:
     refit_heads: str = "all"
     repair: bool = False
     ridge: float = 1e-2
-    max_rows: int | None = 32768
+    max_rows: int | None = 8192
     reset_bn: bool = True
     seed: int = 0
 
@@ -132,10 +140,13 @@ class CorrectionReport:
 # -- node-by-node execution over all batches --------------------------------------------------------
 class _Runner:
     """Runs a GraphModule node by node over a list of batches at once (a list of values per node),
-    freeing each value after its last use unless it is in `keep`."""
+    freeing each value after its last use unless it is in `keep`. With `reset_bn`, every eval-mode
+    BatchNorm normalises with the statistics of its inputs on these batches (as after
+    `fxzip.reset_bn`, but on eval-mode inputs) without its module being changed."""
 
-    def __init__(self, gm: fx.GraphModule, batches: Sequence[torch.Tensor], keep: Iterable[str] = ()):
-        self.gm, self.batches = gm, list(batches)
+    def __init__(self, gm: fx.GraphModule, batches: Sequence[torch.Tensor], keep: Iterable[str] = (),
+                 reset_bn: bool = False):
+        self.gm, self.batches, self.reset_bn = gm, list(batches), reset_bn
         self.nodes = [n for n in gm.graph.nodes if n.op != "output"]
         self.position = 0
         self.env: dict[str, list[Any]] = {}
@@ -196,6 +207,15 @@ class _Runner:
             for part in node.target.split("."):
                 value = getattr(value, part)
             return [value] * len(self.batches)
+        if self.reset_bn and node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+            module = self.gm.get_submodule(node.target)
+            if isinstance(module, _BN) and module.track_running_stats and not module.training \
+                    and module.running_mean is not None:
+                inputs = self.env[node.args[0].name]
+                mean, var = _bn_statistics(inputs)
+                mean, var = mean.to(inputs[0].dtype), var.to(inputs[0].dtype)
+                return [F.batch_norm(x, mean, var, module.weight, module.bias, False, 0.0, module.eps)
+                        for x in inputs]
         out = []
         for b in range(len(self.batches)):
             args = fx.node.map_arg(node.args, lambda n: self.env[n.name][b])
@@ -255,17 +275,23 @@ def _set_weight(module: nn.Module, matrix: torch.Tensor, bias: torch.Tensor | No
         module.bias = nn.Parameter(bias.to(weight.dtype), requires_grad=weight.requires_grad)
 
 
+def _reduce_dims(v: torch.Tensor, axis: int) -> list[int]:
+    return [d for d in range(v.dim()) if d != axis]
+
+
 def _channel_stats(values: Sequence[torch.Tensor], axis: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Population mean and std per channel over all batches and positions (float64)."""
-    total, sq, count = None, None, 0
+    """Population mean and std per channel over all batches and positions (float32 per batch,
+    combined in float64)."""
+    count, total, second = 0, None, None
     for v in values:
-        m = v.movedim(axis, -1).reshape(-1, v.shape[axis]).double()
-        s, q = m.sum(0), m.square().sum(0)
+        var, mean = torch.var_mean(v.float(), dim=_reduce_dims(v, axis), unbiased=False)
+        n = v.numel() // v.shape[axis]
+        s, q = mean.double() * n, (var.double() + mean.double().square()) * n
         total = s if total is None else total + s
-        sq = q if sq is None else sq + q
-        count += m.shape[0]
+        second = q if second is None else second + q
+        count += n
     mean = total / count
-    return mean, (sq / count - mean.square()).clamp_min(0).sqrt()
+    return mean, (second / count - mean.square()).clamp_min(0).sqrt()
 
 
 def _bn_statistics(values: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,9 +299,10 @@ def _bn_statistics(values: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.
     each batch's mean and unbiased variance (per channel, axis 1)."""
     means, variances = [], []
     for v in values:
-        m = v.movedim(1, -1).reshape(-1, v.shape[1]).double()
-        means.append(m.mean(0))
-        variances.append(m.var(0, unbiased=m.shape[0] > 1))
+        n = v.numel() // v.shape[1]
+        var, mean = torch.var_mean(v.float(), dim=_reduce_dims(v, 1), unbiased=n > 1)
+        means.append(mean.double())
+        variances.append(var.double())
     return torch.stack(means).mean(0), torch.stack(variances).mean(0)
 
 
@@ -301,6 +328,7 @@ class _Layer:
     refit: bool
     repair: bool
     pending_bias: torch.Tensor | None = None
+    error_before: float | None = None
     axis: int = 1             # the channel axis at the fit point
     targets: list[torch.Tensor] | None = None
     target_stats: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -418,7 +446,8 @@ class _Pass:
             for k in (range(len(graphs)) if layer.head is None else [layer.head]):
                 needed[k].add(layer.parent_node)
         self.runner = _Runner(merged, batches)
-        self.parents = [_Runner(g, batches, keep=needed[k]) for k, g in enumerate(graphs)]
+        self.parents = [_Runner(g, batches, keep=needed[k], reset_bn=options.reset_bn)
+                        for k, g in enumerate(graphs)]
         self.parent_index = {n.name: i for i, n in enumerate(analysis.nodes)}
         self.generator = torch.Generator().manual_seed(options.seed)
         self.report = CorrectionReport()
@@ -506,16 +535,16 @@ class _Pass:
         d = weight.shape[1]
         gram = torch.zeros(d + 1, d + 1, dtype=torch.float64)
         cross = torch.zeros(d + 1, weight.shape[0], dtype=torch.float64)
-        total_rows = sum(_rows(module, y).shape[0] for y in y0)
+        total_rows = sum(y.numel() // weight.shape[0] for y in y0)
         keep = 1.0 if self.options.max_rows is None else min(1.0, self.options.max_rows / total_rows)
         before_num, before_den = 0.0, 0.0
         for x, y, t in zip(inputs, y0, layer.targets):
-            patches, residual = _patches(module, x), _rows(module, t) - _rows(module, y)
-            before_num += residual.double().square().sum().item()
-            before_den += _rows(module, t).double().square().sum().item()
+            before_num += (t - y).double().square().sum().item()
+            before_den += t.double().square().sum().item()
+            patches, residual = _patches(module, x), _rows(module, t - y)
             if keep < 1.0:
-                rows = torch.rand(patches.shape[0], generator=self.generator) < keep
-                patches, residual = patches[rows.to(patches.device)], residual[rows.to(patches.device)]
+                rows = (torch.rand(patches.shape[0], generator=self.generator) < keep).to(x.device)
+                patches, residual = patches[rows], residual[rows]
             patches = torch.cat([patches, patches.new_ones(patches.shape[0], 1)], 1)
             gram += (patches.T @ patches).double().cpu()
             cross += (patches.T @ residual).double().cpu()
@@ -524,7 +553,10 @@ class _Pass:
         lam = self.options.ridge * gram.diagonal()[:d].mean().clamp_min(1e-12)
         penalty = torch.full((d + 1,), float(lam), dtype=torch.float64)
         penalty[d] = lam * 1e-6  # the intercept is (almost) free
-        delta = torch.linalg.solve(gram + torch.diag(penalty), cross)
+        system = gram + torch.diag(penalty)
+        factor, info = torch.linalg.cholesky_ex(system)
+        delta = torch.cholesky_solve(cross, factor) if int(info) == 0 \
+            else torch.linalg.lstsq(system, cross).solution
         weight = weight + delta[:d].T
         bias = bias + delta[d]
         device = module.weight.device
@@ -536,14 +568,7 @@ class _Pass:
         else:
             _set_weight(module, weight.float().to(device), bias.float().to(device))
         self.report.refitted.append(layer.module)
-        after = 0.0
-        for x, t in zip(inputs, layer.targets):
-            y = module(x)
-            if layer.bn is not None:
-                y = y + layer.pending_bias.reshape(-1, *([1] * (y.dim() - 2)))
-            after += (_rows(module, t) - _rows(module, y)).double().square().sum().item()
-        den = max(before_den, 1e-30)
-        self.report.errors[layer.module] = (math.sqrt(before_num / den), math.sqrt(after / den))
+        layer.error_before = math.sqrt(before_num / max(before_den, 1e-30))
 
     # BatchNorm ----------------------------------------------------------------------------------
     def _before_bn(self, node: fx.Node) -> None:
@@ -563,6 +588,12 @@ class _Pass:
 
     # REPAIR and cleanup -------------------------------------------------------------------------
     def _finish(self, layer: _Layer) -> None:
+        if layer.error_before is not None:
+            num, den = 0.0, 0.0
+            for t, y in zip(layer.targets, self.runner.env[layer.fit_node]):
+                num += (t - y).double().square().sum().item()
+                den += t.double().square().sum().item()
+            self.report.errors[layer.module] = (layer.error_before, math.sqrt(num / max(den, 1e-30)))
         if layer.repair and layer.target_stats is not None:
             self._repair(layer)
         layer.targets, layer.target_stats = None, None

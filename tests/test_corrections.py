@@ -1,0 +1,223 @@
+"""Label-free corrections (`fxzip.corrections`): BN reset, REPAIR and ridge refits.
+
+* A permuted self-merge stays exact with every correction on (they are identities there), for a
+  BatchNorm ResNet, a LayerNorm MLP and a norm-free CNN (one conv without bias).
+* On two small trained MLPs (digits 0–4 / 5–9), the refit makes the heads reproduce their parents
+  better than plain zipit (fidelity on held-out digits) and lifts joint accuracy; REPAIR helps a
+  LayerNorm MLP's fidelity.
+* Bad options raise fxzip errors.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxzip
+from fxzip.corrections import Corrections, correct
+from fxzip.digits import ResNet20, evaluate, load_digits_split, train_classifier, TASK_CLASSES
+from fxzip.fidelity import fidelity
+
+try:
+    from permute_util import permuted_by_analysis
+except ImportError:  # tests/ made a package
+    from tests.permute_util import permuted_by_analysis
+
+pytestmark = pytest.mark.filterwarnings("ignore::fxzip.errors.CalibrationWarning")
+
+EVERYTHING = Corrections(refit_trunk=True, refit_heads="all", repair=True, reset_bn=False)
+EXACT_TOL = 2e-5
+
+
+def corrected_merge(models, inputs, stop_at, options: Corrections | None, *, method="zipit",
+                    zipper: fxzip.Zipper | None = None):
+    """Zipper.merge, then `correct` with the matches the merge used (None: plain merge)."""
+    zipper = zipper or fxzip.Zipper(models, inputs, progress=False)
+    merged = zipper.merge(stop_at, method=method, reset_bn=options is None)
+    if options is not None:
+        trunk = zipper.analysis.trunk(stop_at)
+        matches = {s: zipper.match(s, method, 0.5, 1.0) for s in zipper.analysis.spaces_of(trunk)}
+        merged.correction_report = correct(merged, zipper.graphs, zipper.analysis, matches,
+                                           zipper.batches, options)
+    return merged
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+# -- tiny models --------------------------------------------------------------------------------
+class LayerNormMLP(nn.Module):
+    def __init__(self, d_in: int = 64, hidden: int = 32, out: int = 5):
+        super().__init__()
+        self.fc1, self.ln1 = nn.Linear(d_in, hidden), nn.LayerNorm(hidden)
+        self.fc2, self.ln2 = nn.Linear(hidden, hidden), nn.LayerNorm(hidden)
+        self.fc3 = nn.Linear(hidden, out)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        x = F.gelu(self.ln1(self.fc1(x)))
+        x = x + F.gelu(self.ln2(self.fc2(x)))
+        return self.fc3(x)
+
+
+class PlainMLP(nn.Module):
+    def __init__(self, d_in: int = 64, hidden: int = 48, out: int = 5):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(d_in, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, out)
+
+    def forward(self, x):
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
+
+
+class NormFreeCNN(nn.Module):
+    def __init__(self, width: int = 8, out: int = 5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.conv3 = nn.Conv1d(width, width, 3, padding=1)
+        self.fc = nn.Linear(width, out)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(F.relu(self.conv2(x)) + x, 2)
+        x = F.relu(self.conv3(x.flatten(2)))
+        return self.fc(x.mean(-1))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_split(seed=0)
+
+
+# -- exactness --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["resnet", "layernorm", "normfree"])
+def test_permuted_self_merge_stays_exact(digits, name):
+    torch.manual_seed(0)
+    x = digits.x_train[:192]
+    model = {"resnet": lambda: ResNet20(width=1, blocks_per_stage=1),
+             "layernorm": LayerNormMLP, "normfree": NormFreeCNN}[name]().eval()
+    if name == "resnet":  # BN statistics of the calibration data: no BN reset can move them
+        fxzip.reset_bn(model, x, progress=False)
+    other, _ = permuted_by_analysis(model, x, seed=1)
+    with torch.no_grad():
+        ref = model(x)
+    zipper = fxzip.Zipper([model, other], [x[:96], x[96:]], progress=False)
+    stops = {"resnet": ["layer1", "layer2", None], "layernorm": ["ln1", None],
+             "normfree": ["conv2", None]}[name]
+    for stop in stops:
+        merged = corrected_merge(None, None, stop, EVERYTHING, zipper=zipper)
+        report = merged.correction_report
+        assert report.refitted and report.repaired
+        with torch.no_grad():
+            out_a, out_b = merged(x)
+        assert rel_err(out_a, ref) < EXACT_TOL and rel_err(out_b, ref) < EXACT_TOL, (stop, report)
+        for before, after in report.errors.values():
+            assert after < 1e-4
+
+
+def test_bn_reset_pass_is_idempotent(digits):
+    """With no layer corrected the pass is a BN reset on eval-mode inputs: exact for a self-merge
+    whose parents' statistics are the eval-mode calibration statistics."""
+    torch.manual_seed(0)
+    x = digits.x_train[:128]
+    model = ResNet20(width=1, blocks_per_stage=1).eval()
+    other, _ = permuted_by_analysis(model, x, seed=2)
+    options = Corrections(refit_trunk=False, refit_heads="none")
+    merged = corrected_merge([model, other], x, None, options)
+    # the pass set every BN to the statistics of its (eval-mode) inputs: a second pass is a no-op
+    state = copy.deepcopy(merged.state_dict())
+    zipper = fxzip.Zipper([model, other], x, progress=False)
+    trunk = zipper.analysis.trunk(None)
+    matches = {s: zipper.match(s, "zipit", 0.5, 1.0) for s in zipper.analysis.spaces_of(trunk)}
+    correct(merged, zipper.graphs, zipper.analysis, matches, [x], options)
+    for key, value in merged.state_dict().items():
+        assert torch.allclose(value.float(), state[key].float(), atol=1e-5), key
+
+
+# -- quality on trained models ---------------------------------------------------------------------
+def trained_pair(digits, make, epochs: int = 15):
+    models = []
+    for k, classes in enumerate(TASK_CLASSES):
+        torch.manual_seed(10 + k)
+        xs, ys = digits.task(classes)
+        models.append(train_classifier(make(), xs, ys, epochs=epochs, seed=10 + k))
+    return models
+
+
+@pytest.fixture(scope="module")
+def mlp_pair(digits):
+    return trained_pair(digits, PlainMLP)
+
+
+@pytest.fixture(scope="module")
+def ln_pair(digits):
+    return trained_pair(digits, LayerNormMLP)
+
+
+def test_refit_beats_zipit_on_trained_mlps(digits, mlp_pair):
+    calib = list(digits.x_train[:800].split(200))
+    held_out = [digits.x_train[800:]]
+    zipper = fxzip.Zipper(mlp_pair, calib, progress=False)
+    plain = corrected_merge(None, None, None, None, zipper=zipper)
+    last = corrected_merge(None, None, None, Corrections(refit_trunk=False, refit_heads="last"),
+                           zipper=zipper)
+    refit = corrected_merge(None, None, None, Corrections(), zipper=zipper)
+    fid = {k: fidelity(m, mlp_pair, held_out).mean_relative_error
+           for k, m in (("plain", plain), ("last", last), ("refit", refit))}
+    acc = {k: evaluate(m, digits.x_test, digits.y_test).joint
+           for k, m in (("plain", plain), ("last", last), ("refit", refit))}
+    ensemble = evaluate(mlp_pair, digits.x_test, digits.y_test).joint
+    assert fid["refit"] < fid["last"] < fid["plain"], fid
+    assert fid["refit"] < 0.5 * fid["plain"], fid
+    assert acc["refit"] > acc["plain"] + 0.015 and acc["refit"] >= acc["last"] - 0.005, acc
+    assert acc["refit"] > ensemble - 0.05, (acc, ensemble)
+
+
+def test_repair_and_refit_help_layernorm_mlp(digits, ln_pair):
+    calib = list(digits.x_train[:800].split(200))
+    held_out = [digits.x_train[800:]]
+    zipper = fxzip.Zipper(ln_pair, calib, progress=False)
+    variants = {"plain": None,
+                "repair": Corrections(refit_trunk=False, refit_heads="none", repair=True),
+                "refit": Corrections()}
+    fid = {k: fidelity(corrected_merge(None, None, "ln2", o, zipper=zipper), ln_pair,
+                       held_out).mean_relative_error for k, o in variants.items()}
+    assert fid["repair"] < fid["plain"], fid
+    assert fid["refit"] < fid["repair"], fid
+
+
+def test_corrections_are_deterministic(digits, mlp_pair):
+    calib = list(digits.x_train[:400].split(200))
+    options = Corrections(max_rows=300, seed=3)
+    a = corrected_merge(mlp_pair, calib, None, options).state_dict()
+    b = corrected_merge(mlp_pair, calib, None, options).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_parents_untouched(digits, mlp_pair):
+    before = [copy.deepcopy(m.state_dict()) for m in mlp_pair]
+    corrected_merge(mlp_pair, digits.x_train[:200], None, Corrections(repair=True))
+    for m, state in zip(mlp_pair, before):
+        assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+
+
+# -- options --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs", [dict(ridge=0), dict(ridge=-1.0), dict(ridge=float("nan")),
+                                    dict(ridge=True), dict(refit_heads="some"),
+                                    dict(refit_heads=None), dict(max_rows=0),
+                                    dict(max_rows=2.5), dict(repair="yes"), dict(refit_trunk=1),
+                                    dict(reset_bn=None)])
+def test_bad_options_raise_fxzip_errors(kwargs):
+    with pytest.raises(fxzip.FxzipError):
+        Corrections(**kwargs)
+
+
+def test_no_calibration_batches_is_an_error(digits, mlp_pair):
+    zipper = fxzip.Zipper(mlp_pair, digits.x_train[:64], progress=False)
+    merged = zipper.merge(None)
+    with pytest.raises(fxzip.FxzipError):
+        correct(merged, zipper.graphs, zipper.analysis, {}, [])
