@@ -154,6 +154,33 @@ def table(results: list[Result], ensembles: list[float], variants: Sequence[str]
     return "\n".join(lines)
 
 
+def cost(setting, data, pair: int, epochs: int, width: int, cache: Path | None,
+         variants: Sequence[str], repeats: int = 2, log=print) -> str:
+    """End-to-end cost of a merge from scratch (trace, statistics, matching, rewrite, then the BN
+    reset or the corrections) per variant and stop; plain and corrected runs alternate so that a
+    loaded machine slows them alike. Median of `repeats`, with the phases."""
+    models = trained_pair(setting, data, pair, epochs, width, cache, log)
+    lines = ["| stop | variant | seconds (median) | ratio to zipit | phases |",
+             "| --- | --- | ---: | ---: | --- |"]
+    for label, stop_at in STOPS.items():
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        phases: dict[str, dict[str, float]] = {}
+        for _ in range(repeats):
+            for name in variants:
+                tick = time.perf_counter()
+                zipper = fxzip.Zipper(models, data.calibration, progress=False)
+                _, seconds = corrected_merge(zipper, stop_at, VARIANTS[name])
+                times[name].append(time.perf_counter() - tick)
+                phases[name] = {**{k: v for k, v in zipper.seconds.items()}, **seconds}
+        base = float(np.median(times["zipit"])) if "zipit" in times else float("nan")
+        for name in variants:
+            median = float(np.median(times[name]))
+            lines.append(f"| {label} | {name} | {median:.2f} | {median / base:.2f} | "
+                         + ", ".join(f"{k} {v:.2f}" for k, v in phases[name].items()) + " |")
+            log(lines[-1])
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=None, help="evaluation pairs (default 4)")
@@ -162,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--variants", default=None, help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--ridge", type=float, default=None, help="override every variant's ridge")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--cost", action="store_true",
+                        help="measure end-to-end merge cost per variant on pair 1 instead")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="write the table here (markdown)")
     parser.add_argument("--cache", type=Path, default=None,
@@ -182,6 +211,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 VARIANTS[name] = Corrections(**{**options.__dict__, "ridge": args.ridge})
     setting = make_settings(width)["a"]
     data = setting.load()
+    if args.cost:
+        text = (f"## Cost on setting (a): ResNet-20x{width}, {len(data.calibration)} calibration "
+                f"batches\n\n" + cost(setting, data, 1, epochs, width, args.cache, variants) + "\n")
+        print(text)
+        if args.out:
+            args.out.write_text(text)
+        return 0
     results, ensembles = [], []
     start = time.perf_counter()
     for pair in range(1, pairs + 1):

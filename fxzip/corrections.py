@@ -46,7 +46,7 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -56,8 +56,10 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .matching import Match
-from .passes.analysis import Analysis
-from .passes.layout import Feat
+
+if TYPE_CHECKING:  # type hints only: the pass reads `analysis.feat`, `.spaces` and Feat blocks
+    from .passes.analysis import Analysis
+    from .passes.layout import Feat
 
 __all__ = ["Corrections", "CorrectionReport", "correct", "HEAD_LAYERS"]
 
@@ -322,7 +324,7 @@ class _Layer:
     node: str                 # merged node of the layer
     module: str               # its module target in the merged model
     head: int | None          # None: trunk; k: head of model k
-    parent_node: str          # the fit point's node in the parent graphs
+    parent_nodes: dict[int, str]  # the fit point's node in graph k (every k for the trunk)
     fit_node: str             # the fit point's node in the merged graph (the layer or its BN)
     bn: str | None            # merged BN module target when the fit point is a BN
     refit: bool
@@ -368,48 +370,87 @@ def _producers_between(graph: fx.Graph, is_layer: set[str]) -> tuple[set[str], s
     return first, last
 
 
-def _plan(merged: fx.GraphModule, graphs: Sequence[fx.GraphModule], options: Corrections) -> list[_Layer]:
-    parent = graphs[0]
-    parent_nodes: dict[str, list[fx.Node]] = {}
-    for node in parent.graph.nodes:
+def _module_nodes(graph: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    nodes: dict[str, list[fx.Node]] = {}
+    for node in graph.graph.nodes:
         if node.op == "call_module":
-            parent_nodes.setdefault(node.target, []).append(node)
-    parent_targets = {n.target for n in parent.graph.nodes if n.op in ("call_module", "get_attr")}
-    prefix = _head_prefix(parent_targets)
+            nodes.setdefault(node.target, []).append(node)
+    return nodes
+
+
+def _fit_point(graph: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The affine BatchNorm that is `node`'s only user (and reads nothing else), if any."""
+    users = list(node.users)
+    if len(users) != 1 or users[0].op != "call_module" or len(users[0].args) != 1 \
+            or users[0].kwargs:
+        return None
+    module = graph.get_submodule(users[0].target)
+    if isinstance(module, _BN) and module.affine and module.track_running_stats \
+            and module.running_mean is not None:
+        return users[0]
+    return None
+
+
+def _plan(merged: fx.GraphModule, graphs: Sequence[fx.GraphModule], options: Corrections) -> list[_Layer]:
+    """The correctable layers of `merged`, each with its parents' fit-point nodes."""
+    modules = [_module_nodes(g) for g in graphs]
+    by_name = [{n.name: n for n in g.graph.nodes} for g in graphs]
+    all_targets = {n.target for g in graphs for n in g.graph.nodes
+                   if n.op in ("call_module", "get_attr")}
+    prefix = _head_prefix(all_targets)
     calls: dict[str, int] = {}
     for node in merged.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    candidates: dict[str, tuple[int | None, str, fx.Node]] = {}
+    candidates: dict[str, tuple[int | None, fx.Node, list[fx.Node]]] = {}
     for node in merged.graph.nodes:
         if node.op != "call_module" or calls[node.target] != 1 or len(node.args) != 1 or node.kwargs:
             continue
-        owner = _owner(node.target, parent_targets, prefix, len(graphs))
-        if owner is None or len(parent_nodes.get(owner[1], [])) != 1:
-            continue
         if not _correctable(merged.get_submodule(node.target)):
             continue
-        candidates[node.name] = (*owner, node)
+        owner = _owner(node.target, set(modules[0]), prefix, len(graphs))
+        if owner is None:  # a head module of a model k > 0 whose target graph 0 lacks
+            owner = next(((k, node.target[len(f"{prefix}.{k}."):]) for k in range(len(graphs))
+                          if node.target.startswith(f"{prefix}.{k}.")
+                          and node.target[len(f"{prefix}.{k}."):] in modules[k]), None)
+        if owner is None:
+            continue
+        head, original = owner
+        if head is None:  # trunk: graph 0's node, and its partner in every graph (same name/target)
+            if len(modules[0].get(original, [])) != 1:
+                continue
+            first = modules[0][original][0]
+            partners = [by_name[k].get(first.name) for k in range(len(graphs))]
+            if any(p is None or p.op != "call_module" or p.target != original for p in partners):
+                partners = [modules[k].get(original, [None, None])[0]
+                            if len(modules[k].get(original, [])) == 1 else None
+                            for k in range(len(graphs))]
+            if any(p is None for p in partners):
+                continue
+        else:
+            if len(modules[head].get(original, [])) != 1:
+                continue
+            partners = [modules[head][original][0]]
+        candidates[node.name] = (head, node, partners)
     head_layers = {name for name, (k, _, _) in candidates.items() if k is not None}
-    first, last = _producers_between(merged.graph, head_layers)
-    chosen = {"none": set(), "all": head_layers, "first": first, "last": last,
-              "first+last": first | last}[options.refit_heads]
+    first_layers, last_layers = _producers_between(merged.graph, head_layers)
+    chosen = {"none": set(), "all": head_layers, "first": first_layers, "last": last_layers,
+              "first+last": first_layers | last_layers}[options.refit_heads]
     plan = []
-    for name, (head, original, node) in candidates.items():
+    for name, (head, node, partners) in candidates.items():
         refit = options.refit_trunk if head is None else name in chosen
         repair = options.repair and (head is None or options.refit_heads == "none" or name in chosen)
         if not (refit or repair):
             continue
-        parent_node = parent_nodes[original][0]
-        fit_node, bn, parent_fit = node.name, None, parent_node.name
-        users = list(node.users)
-        parent_users = list(parent_node.users)
-        if len(users) == 1 and users[0].op == "call_module" and len(parent_users) == 1:
-            module = merged.get_submodule(users[0].target)
-            if isinstance(module, _BN) and module.affine and module.track_running_stats \
-                    and module.running_mean is not None and len(users[0].args) == 1:
-                fit_node, bn, parent_fit = users[0].name, users[0].target, parent_users[0].name
-        plan.append(_Layer(name, node.target, head, parent_fit, fit_node, bn, refit, repair))
+        bn = _fit_point(merged, node)
+        graph_of = [head] if head is not None else list(range(len(graphs)))
+        parent_bns = [_fit_point(graphs[k], p) for k, p in zip(graph_of, partners)]
+        if bn is not None and all(b is not None for b in parent_bns):
+            fits = {k: b.name for k, b in zip(graph_of, parent_bns)}
+            plan.append(_Layer(name, node.target, head, fits, bn.name, bn.target, refit, repair))
+        else:
+            fits = {k: p.name for k, p in zip(graph_of, partners)}
+            plan.append(_Layer(name, node.target, head, fits, name, None, refit, repair))
     return plan
 
 
@@ -443,12 +484,11 @@ class _Pass:
         self.by_fit = {layer.fit_node: layer for layer in self.plan}
         needed: dict[int, set[str]] = {k: set() for k in range(len(graphs))}
         for layer in self.plan:
-            for k in (range(len(graphs)) if layer.head is None else [layer.head]):
-                needed[k].add(layer.parent_node)
+            for k, name in layer.parent_nodes.items():
+                needed[k].add(name)
         self.runner = _Runner(merged, batches)
         self.parents = [_Runner(g, batches, keep=needed[k], reset_bn=options.reset_bn)
                         for k, g in enumerate(graphs)]
-        self.parent_index = {n.name: i for i, n in enumerate(analysis.nodes)}
         self.generator = torch.Generator().manual_seed(options.seed)
         self.report = CorrectionReport()
 
@@ -474,18 +514,18 @@ class _Pass:
         """The fit point's target values (merged by M for a trunk layer) and the REPAIR target
         statistics (the average of the merged parent features' means and stds)."""
         if layer.head is not None:
-            values = self.parents[layer.head].take(layer.parent_node)
-            feat = self.analysis.feat(layer.parent_node)
-            axis = (1 if feat is None else feat.axis) % values[0].dim()
+            values = self.parents[layer.head].take(layer.parent_nodes[layer.head])
+            axis = 1 % values[0].dim() if not isinstance(self.merged.get_submodule(layer.module),
+                                                          nn.Linear) else values[0].dim() - 1
             layer.axis = axis
             layer.targets = list(values)
             if layer.repair:
                 layer.target_stats = _channel_stats(values, axis)
             return
-        feat = self.analysis.feat(layer.parent_node)
+        feat = self.analysis.feat(layer.parent_nodes[0])
         if feat is None:
-            raise KeyError(layer.parent_node)
-        per_model = [p.take(layer.parent_node) for p in self.parents]
+            raise KeyError(layer.parent_nodes[0])
+        per_model = [p.take(layer.parent_nodes[k]) for k, p in enumerate(self.parents)]
         axis = feat.axis % per_model[0][0].dim()
         layer.axis = axis
         total, mean_t, std_t = None, None, None

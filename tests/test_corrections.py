@@ -221,3 +221,19 @@ def test_no_calibration_batches_is_an_error(digits, mlp_pair):
     merged = zipper.merge(None)
     with pytest.raises(fxzip.FxzipError):
         correct(merged, zipper.graphs, zipper.analysis, {}, [])
+
+
+def test_head_layer_selection(digits, mlp_pair):
+    calib = digits.x_train[:200]
+    zipper = fxzip.Zipper(mlp_pair, calib, progress=False)
+    refitted = {}
+    for heads in ("none", "first", "last", "first+last", "all"):
+        merged = corrected_merge(None, None, "fc1", Corrections(refit_trunk=False, refit_heads=heads),
+                                 zipper=zipper)
+        refitted[heads] = sorted(merged.correction_report.refitted)
+    assert refitted["none"] == []
+    assert refitted["first"] == ["heads.0.fc2", "heads.1.fc2"]
+    assert refitted["last"] == ["heads.0.fc3", "heads.1.fc3"]
+    assert refitted["first+last"] == refitted["all"] == sorted(refitted["first"] + refitted["last"])
+    trunk_only = corrected_merge(None, None, "fc1", Corrections(refit_heads="none"), zipper=zipper)
+    assert trunk_only.correction_report.refitted == ["fc1"]
