@@ -92,6 +92,7 @@ def trace(model: torch.nn.Module, example: Batch, *, leaf_modules: Sequence[type
             "`concrete_args=`.") from failure
     gm.eval()
     _name_fixed_placeholders(gm, fixed)
+    _drop_eval_identities(gm)
     route_through_inplace_ops(gm)
     propagate_shapes(gm, example, type(model).__name__)
     return gm
@@ -143,6 +144,26 @@ def _name_fixed_placeholders(gm: fx.GraphModule, fixed: dict[str, Any]) -> None:
             if base in fixed and count.isdigit() and not any(
                     n.op == "placeholder" and n.target == base for n in gm.graph.nodes):
                 node.target = base
+    gm.recompile()
+
+
+def _is_eval_stochastic_depth(node: fx.Node) -> bool:
+    """torchvision's `stochastic_depth(x, p, mode, training)` with training False: an identity
+    (torchvision marks it `torch.fx.wrap`, so it is a call in every traced graph)."""
+    if node.op != "call_function" or getattr(node.target, "__name__", "") != "stochastic_depth" \
+            or getattr(node.target, "__module__", "") != "torchvision.ops.stochastic_depth":
+        return False
+    training = node.args[3] if len(node.args) > 3 else node.kwargs.get("training", True)
+    return training is False
+
+
+def _drop_eval_identities(gm: fx.GraphModule) -> None:
+    """Remove the calls that are identities in eval mode (the traced copy is in eval mode):
+    their readers read their input."""
+    for node in list(gm.graph.nodes):
+        if _is_eval_stochastic_depth(node) and isinstance(node.args[0], fx.Node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
     gm.recompile()
 
 
