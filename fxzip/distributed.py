@@ -33,11 +33,15 @@ import torch.distributed as dist
 import torch.nn as nn
 
 __all__ = ["is_distributed", "rank", "world_size", "all_reduce_sum", "all_reduce_moments",
-           "all_reduce_batch_norms", "all_gather_objects"]
+           "all_reduce_batch_norms", "all_gather_objects", "barrier", "traffic"]
 
 # tensors up to this many elements are concatenated into one buffer per dtype and device (one
 # collective for many small tensors); larger ones are reduced on their own, without a copy
 _COALESCE_ELEMENTS = 1 << 22
+
+# bytes this process has handed to all-reduces so far (each rank sends about this much); read it
+# before and after a call to see what the call moved (benchmarks/scale.py does)
+traffic = {"bytes": 0, "calls": 0}
 
 
 def is_distributed() -> bool:
@@ -66,7 +70,9 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor], group: Any = None) -> None:
         return
     buckets: dict[tuple, list[list[torch.Tensor]]] = defaultdict(lambda: [[]])
     for t in tensors:
+        traffic["bytes"] += t.numel() * t.element_size()
         if t.numel() > _COALESCE_ELEMENTS and t.is_contiguous():
+            traffic["calls"] += 1
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
         elif t.numel():
             bucket = buckets[(t.dtype, t.device)]
@@ -75,6 +81,7 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor], group: Any = None) -> None:
             bucket[-1].append(t)
     for ts in (ts for bucket in buckets.values() for ts in bucket if ts):  # the same order on every rank
         flat = torch.cat([t.reshape(-1) for t in ts])
+        traffic["calls"] += 1
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         for t, part in zip(ts, flat.split([t.numel() for t in ts])):
             t.copy_(part.view_as(t))
@@ -84,9 +91,11 @@ def all_reduce_moments(moments: Sequence[Any], group: Any = None) -> None:
     """Combine each rank's moments into those of all ranks' samples, in place, on every rank.
 
     Each item has `count` (int), `mean` (float64 vector), `m2` (float64 centred co-moments, rows ×
-    features; only the upper triangle need be meaningful: the combination is linear per entry),
-    and optionally `rows` (the features `m2`'s rows belong to, None for all) with `sq` (every
-    feature's centred sum of squares). A rank with no samples contributes nothing.
+    features), and optionally `rows` (the features `m2`'s rows belong to, None for all) with `sq`
+    (every feature's centred sum of squares). A square `m2` without `rows` is symmetric and only
+    its upper triangle (diagonal included) is combined and sent, about half the bytes; its lower
+    triangle is left as this rank's (`Moments` accumulates and reads only the upper one). A rank
+    with no samples contributes nothing.
     """
     moments = list(moments)
     if not moments or not is_distributed() or world_size(group) == 1:
@@ -105,8 +114,32 @@ def all_reduce_moments(moments: Sequence[Any], group: Any = None) -> None:
                 m.sq.addcmul_(delta, delta, value=float(m.count))
         m.mean.copy_(mean)
         m.count = int(total)
-    all_reduce_sum([t for m in moments for t in (m.m2, getattr(m, "sq", None)) if t is not None],
-                   group)
+    masks: dict[tuple[int, torch.device], torch.Tensor] = {}
+    payload: list[torch.Tensor] = []
+    unpack: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def flush() -> None:
+        all_reduce_sum(payload, group)
+        for m2, mask, packed in unpack:
+            m2.masked_scatter_(mask, packed)
+        payload.clear()
+        unpack.clear()
+
+    for m in moments:  # in chunks: the packed copies of at most ~16M elements are alive at once
+        if getattr(m, "rows", None) is None and m.m2.dim() == 2 and m.m2.shape[0] == m.m2.shape[1]:
+            key = (m.m2.shape[0], m.m2.device)
+            if key not in masks:
+                masks[key] = torch.ones(key[0], key[0], dtype=torch.bool, device=key[1]).triu_()
+            packed = m.m2.masked_select(masks[key])
+            payload.append(packed)
+            unpack.append((m.m2, masks[key], packed))
+        else:
+            payload.append(m.m2)
+        if getattr(m, "sq", None) is not None:
+            payload.append(m.sq)
+        if sum(t.numel() for t in payload) >= 4 * _COALESCE_ELEMENTS:
+            flush()
+    flush()
 
 
 def all_reduce_batch_norms(norms: Sequence[nn.Module], group: Any = None) -> None:
@@ -128,6 +161,12 @@ def all_reduce_batch_norms(norms: Sequence[nn.Module], group: Any = None) -> Non
             m.running_mean.copy_(mean / total)
             m.running_var.copy_(var / total)
             m.num_batches_tracked.fill_(int(total))
+
+
+def barrier(group: Any = None) -> None:
+    """Wait for every rank of `group` (nothing when not distributed)."""
+    if is_distributed() and world_size(group) > 1:
+        dist.barrier(group=group)
 
 
 def all_gather_objects(value: Any, group: Any = None) -> list[Any]:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import fxzip
+from fxzip import distributed
 
 BATCH_SIZES = (6, 4, 5, 3, 7)
 SHARDS = {"unequal": ((0, 1, 2), (3, 4)), "empty": ((0, 1, 2, 3, 4), ())}
@@ -63,6 +64,9 @@ def merge_case(case: str, rank: int | None) -> dict:
     shard = data if rank is None else [data[i] for i in SHARDS[case][rank]]
     models = [SmallCNN(0).eval(), SmallCNN(1).eval()]
     zipper = fxzip.Zipper(models, shard, progress=False, statistics_precision="float32")
+    sent = distributed.traffic["bytes"]
+    zipper.statistics(zipper.analysis.mergeable_spaces())
+    sent = distributed.traffic["bytes"] - sent
     merged = zipper.merge(method="zipit")
     with torch.no_grad():
         outputs = [o.clone() for o in merged(probe())]
@@ -75,6 +79,8 @@ def merge_case(case: str, rank: int | None) -> dict:
         "fallbacks": sorted(s for s, st in zipper._moments.items() if st.fallback is not None),
         "outputs": outputs,
         "state": {k: v.clone() for k, v in merged.state_dict().items()},
+        "sent_bytes": sent,
+        "full_m2_bytes": sum(st.features.m2.numel() * 8 for st in zipper._moments.values()),
     }
 
 
