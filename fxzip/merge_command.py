@@ -4,6 +4,13 @@ OUT_DIR receives `merged.pt2` (a torch.export program, dynamic batch), `recipe.y
 as resolved), `report.json`, `report.png` and a `README.md` model card. Everything is written to a
 temporary folder next to OUT_DIR and renamed into place at the end, so a failed merge leaves
 nothing behind.
+
+Under torchrun (`torchrun --nproc_per_node=N -m fxzip merge RECIPE.yaml -o OUT_DIR`; torchrun sets
+RANK and WORLD_SIZE) the command joins the process group (gloo on the CPU, nccl on CUDA, each
+rank on its LOCAL_RANK's GPU), deals the calibration batches round-robin (rank r takes batches r,
+r + N, ...), and every rank computes the same merge over its shard (`fxzip.merge_all` all-reduces
+the statistics). Only rank 0 prints progress and writes OUT_DIR; the other ranks wait for it and
+fail too if it could not write.
 """
 from __future__ import annotations
 
@@ -14,15 +21,19 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.utils.data import DataLoader, Subset
 
+from . import distributed
 from .api import merge_all
 from .calibration_data import load_calibration
-from .errors import InputError
+from .errors import FxzipError, InputError
 from .model_loading import build_model, data_config, load_checkpoint
 from .recipe import CalibrationSpec, Recipe, dump, load_recipe, resolved
 from .saving import report_dict, save
@@ -77,24 +88,58 @@ def calibration_batches(recipe: Recipe, model: nn.Module) -> tuple[Any, dict[str
 
 def run_merge(recipe_path: str | Path, out_dir: str | Path, *, device: str | None = None,
               quiet: bool = False) -> Path:
-    """Run a recipe and write OUT_DIR; returns OUT_DIR. Bad input raises an `FxzipError`."""
+    """Run a recipe and write OUT_DIR; returns OUT_DIR. Bad input raises an `FxzipError`.
+    Under torchrun every rank merges its shard of the calibration data and rank 0 writes."""
     recipe = load_recipe(recipe_path)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InputError(f"output folder {out_dir} already exists and is not empty; choose a new "
                          "one or remove it")
     torch_device = resolve_device(device or recipe.device)
-    _seed(recipe.seed)
-    def say(text: str) -> None:
-        if not quiet:
-            print(f"fxzip: {text}", file=sys.stderr, flush=True)
+    with process_group(torch_device):
+        rank, world = distributed.rank(), distributed.world_size()
+        writer = rank == 0
+        quiet = quiet or not writer
+        _seed(recipe.seed)
 
-    models = load_models(recipe, torch_device, progress=not quiet)
-    batches, preprocessing = calibration_batches(recipe, models[0])
-    say(f"merging {len(models)} models on {torch_device}")
-    merged = merge_all(models, batches, progress=not quiet, **recipe.merge)
+        def say(text: str) -> None:
+            if not quiet:
+                print(f"fxzip: {text}", file=sys.stderr, flush=True)
+
+        models = load_models(recipe, torch_device, progress=not quiet)
+        batches, preprocessing = calibration_batches(recipe, models[0])
+        if world > 1:
+            batches = shard(batches, rank, world)
+            say(f"merging {len(models)} models on {world} ranks ({torch_device}), rank 0 of "
+                f"{world} writes the output")
+        else:
+            say(f"merging {len(models)} models on {torch_device}")
+        merged = merge_all(models, batches, progress=not quiet, **recipe.merge)
+        problem = None
+        if writer:
+            try:
+                write_output(merged, batches, recipe, preprocessing, out_dir, torch_device, say)
+            except BaseException as exc:
+                problem = exc
+        # every rank waits here for rank 0's result (a barrier that carries whether it wrote)
+        written = distributed.all_gather_objects(problem is None)[0]
+        if problem is not None:
+            raise problem
+        if not written:
+            raise OutputNotWritten(f"rank 0 could not write {out_dir} (see its error)")
+        if writer:
+            say(f"wrote {', '.join(p.name for p in sorted(out_dir.iterdir()))} to {out_dir}")
+    return out_dir
+
+
+class OutputNotWritten(FxzipError):
+    """Under torchrun: rank 0 failed to write OUT_DIR (its own error says why)."""
+
+
+def write_output(merged: nn.Module, batches: Any, recipe: Recipe, preprocessing: dict[str, Any],
+                 out_dir: Path, torch_device: torch.device, say: Any) -> None:
+    """Write OUT_DIR's files into a temporary folder next to it and rename that into place."""
     example = _first_batch(batches).to(torch_device)
-
     created = _missing_parents(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
@@ -115,8 +160,35 @@ def run_merge(recipe_path: str | Path, out_dir: str | Path, *, device: str | Non
         for folder in reversed(created):
             shutil.rmtree(folder, ignore_errors=True)
         raise
-    say(f"wrote {', '.join(p.name for p in sorted(out_dir.iterdir()))} to {out_dir}")
-    return out_dir
+
+
+@contextmanager
+def process_group(device: torch.device) -> Iterator[None]:
+    """Under torchrun (WORLD_SIZE > 1 in the environment) join the process group for the
+    command's duration: nccl for CUDA (this rank's LOCAL_RANK GPU), gloo for the CPU. Nothing
+    when not launched by torchrun or when the caller already initialised torch.distributed."""
+    if distributed.is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    if not dist.is_available():
+        raise InputError("WORLD_SIZE is set (torchrun?) but this torch has no torch.distributed")
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def shard(batches: Any, rank: int, world: int) -> Any:
+    """This rank's batches: batch r, r + world, ... of the whole calibration data (a DataLoader
+    keeps loading lazily, over the images of those batches, with the same batch boundaries)."""
+    if isinstance(batches, DataLoader):
+        size = batches.batch_size
+        indices = [i for i in range(len(batches.dataset)) if (i // size) % world == rank]
+        return DataLoader(Subset(batches.dataset, indices), batch_size=size, shuffle=False)
+    return list(batches)[rank::world]
 
 
 def describe_outputs(merged: nn.Module, example: torch.Tensor,

@@ -52,6 +52,9 @@ def test_two_ranks_equal_one_process_merge(tmp_path):
                 assert torch.allclose(result["correlations"][s], corr, atol=1e-12, rtol=0), case
             for out, ref in zip(result["outputs"], single["outputs"]):
                 assert torch.allclose(out, ref, atol=1e-5, rtol=0), case
+        # the statistics' all-reduce sends the packed upper triangles of the co-moments (plus
+        # counts, means and the dead units' rows): well under the full matrices
+        assert 0 < ranks[0]["sent_bytes"] < 0.75 * ranks[0]["full_m2_bytes"], case
         for key, value in ranks[0]["state"].items():
             assert torch.equal(value, ranks[1]["state"][key]), (case, key)
 
@@ -86,3 +89,57 @@ def test_not_distributed_by_default():
     assert distributed.world_size() == 1
     with pytest.raises(InputError, match="empty"):
         fxzip.Zipper([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)], [], progress=False)
+
+
+def _cli_files(tmp_path):
+    """Two TinyNet checkpoints, 5 calibration batches in a tensor file, a recipe."""
+    from merge_files import save_checkpoint, write_recipe
+    from toy_models.nets import TinyNet
+
+    torch.manual_seed(0)
+    for name in ("a", "b"):
+        save_checkpoint(TinyNet(), tmp_path / f"tiny_{name}.safetensors")
+    torch.save(torch.randn(36, 3, 16, 16, generator=torch.Generator().manual_seed(3)),
+               tmp_path / "calibration.pt")
+    recipe = {"models": [{"model": "toy_models.nets:TinyNet", "checkpoint": f"tiny_{k}.safetensors"}
+                         for k in ("a", "b")],
+              "calibration": {"data": "calibration.pt", "batch_size": 8},
+              "merge": {"statistics_precision": "float32"}, "device": "cpu"}
+    return write_recipe(tmp_path / "recipe.yaml", recipe)
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                    reason="torch.distributed with gloo is not available")
+def test_cli_under_torchrun_writes_once(tmp_path):
+    """`torchrun --nproc_per_node=2 -m fxzip merge`: the ranks merge batches 0, 2, 4 and 1, 3;
+    rank 0 alone writes OUT_DIR (and says so once), and the program equals a one-process merge."""
+    from test_merge_command import OUTPUTS, merge_in_process
+
+    recipe = _cli_files(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(WORKER.parent.parent), str(WORKER.parent), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", "-m", "fxzip", "merge", str(recipe), "-o",
+                          str(tmp_path / "out")], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(OUTPUTS)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert run.stderr.count("fxzip: wrote ") == 1 and "on 2 ranks" in run.stderr
+    assert "fxzip: error" not in run.stderr
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        refs = merge_in_process(recipe)(x)
+    for out, ref in zip(fxzip.load(tmp_path / "out" / "merged.pt2")(x), refs):
+        assert torch.allclose(out, ref, atol=1e-5, rtol=0)
+
+
+def test_cli_rank_other_than_0_writes_nothing(tmp_path, monkeypatch):
+    """The rank-0 logic on its own: a process that is not rank 0 merges but leaves OUT_DIR alone."""
+    from fxzip.merge_command import run_merge
+
+    recipe = _cli_files(tmp_path)
+    monkeypatch.setattr(distributed, "rank", lambda group=None: 1)
+    assert run_merge(recipe, tmp_path / "out", quiet=True) == tmp_path / "out"
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
