@@ -109,7 +109,8 @@ class Zipper:
             sizes = [self.analysis.spaces[s].size for s in spaces]
             if group is not None:
                 found = match_heads(corrs, sizes, group.heads, self.num_models, method,
-                                    alpha=alpha, beta=beta)
+                                    alpha=alpha, beta=beta,
+                                    fixed=[s in group.fixed for s in spaces])
             else:
                 found = [method.match(corrs[0], [sizes[0]] * self.num_models, alpha=alpha,
                                       beta=beta)]

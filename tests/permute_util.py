@@ -28,7 +28,8 @@ def permuted_by_analysis(model: torch.nn.Module, x: torch.Tensor, seed: int = 0)
         heads = rng.permutation(group.heads)
         for space in group.spaces:
             d = analysis.spaces[space].size // group.heads
-            perm = np.concatenate([heads[h] * d + rng.permutation(d) for h in range(group.heads)])
+            within = (lambda: np.arange(d)) if space in group.fixed else (lambda: rng.permutation(d))
+            perm = np.concatenate([heads[h] * d + within() for h in range(group.heads)])
             matches[space] = Match((perm,), d * group.heads, np.ones(d * group.heads, dtype=np.int64))
     pinned_or_output = {s.id: Match.identity(s.size, 1) for s in analysis.spaces.values()
                         if s.id in outputs and not s.pinned}

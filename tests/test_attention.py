@@ -40,15 +40,152 @@ def test_attention_is_fused_into_one_op(fused):
     assert qkv.blocks[0].space == qkv.blocks[1].space != qkv.blocks[2].space
 
 
-def test_attention_with_parameters_inside_stays_a_barrier():
+def test_qk_norm_keeps_features_in_place_within_heads():
     torch.manual_seed(0)
     model = tiny_vit(qk_norm=True)  # LayerNorm over the head dimension, shared by all heads
-    x = torch.randn(4, 1, 8, 8)
-    assert fuse_attention(trace(model, x), x)[1] == []
+    x = torch.randn(32, 1, 8, 8)
+    assert fuse_attention(trace(model, x), x)[1] == []  # not one fused op: followed op by op
     analysis = fxzip.analyze(model, x)
-    assert analysis.barriers and not analysis.head_groups
-    with pytest.raises(fxzip.StopPointError, match="barrier"):
-        fxzip.merge(model, model, x, stop_at="head", progress=False)
+    assert not analysis.barriers
+    assert [(g.heads, len(g.spaces), len(g.fixed)) for g in analysis.head_groups] == [(3, 3, 1)] * 2
+    _merges_its_permuted_copy_exactly(model, x)
+
+
+def _merges_its_permuted_copy_exactly(model, x, seed=3):
+    permuted, count = permuted_by_analysis(model, x, seed=seed)
+    assert count >= 1
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(permuted(x), ref, rtol=1e-4, atol=1e-5)
+    for method in ("zipit", "permute"):
+        merged = fxzip.merge(model, permuted, x, method=method, reset_bn=False, progress=False)
+        with torch.no_grad():
+            for out in merged(x):
+                err = ((out - ref).norm() / ref.norm()).item()
+                assert err < 1e-4, (method, err)
+
+
+def _rot_interleaved(x):  # timm's rot: pairs (2i, 2i+1) rotated
+    return torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+
+
+def _rotate_half(x):  # HF-style: halves rotated
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class HeadsBlock(nn.Module):
+    """Tokens → attention written op by op, one mechanism per option → MLP → pooled head.
+
+    qkv: "fused" (reshape (B, N, 3, H, d), q/v biases concatenated with a zero k bias),
+    "separate" (q_proj, k_proj, v_proj), "interleaved" ((B, N, H, 3d) split within each head,
+    MaxViT/LeViT), "reduced" (keys and values from a strided conv of the tokens, PVT-v2's sr),
+    "channels" (attention over head_dim, EdgeNeXt/XCiT's XCA); extras: "rope_interleaved",
+    "rope_half" (rotary embeddings on q and k), "talking" (CaiT's talking heads),
+    "bias" (a learned per-head table added to the scores), "qk_rms" (an RMS norm over head_dim
+    with a weight shared by heads)."""
+
+    def __init__(self, qkv="fused", extras=(), dim=24, heads=3, tokens=16):
+        super().__init__()
+        self.qkv_kind, self.extras, self.heads, self.d = qkv, set(extras), heads, dim // heads
+        self.embed = nn.Linear(6, dim)
+        if qkv == "fused":
+            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+            self.q_bias, self.v_bias = nn.Parameter(torch.randn(dim)), nn.Parameter(torch.randn(dim))
+            self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
+        elif qkv == "interleaved":
+            self.qkv = nn.Linear(dim, 3 * dim)
+        else:
+            self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
+        if qkv == "reduced":
+            self.sr = nn.Conv1d(dim, dim, 2, stride=2)
+            self.sr_norm = nn.LayerNorm(dim)
+        if qkv == "channels":
+            self.temperature = nn.Parameter(torch.rand(heads, 1, 1) + 0.5)
+        if "bias" in extras:
+            self.table = nn.Parameter(torch.randn(heads, tokens, tokens))
+        if "talking" in extras:
+            self.talk_l, self.talk_w = nn.Linear(heads, heads), nn.Linear(heads, heads)
+        if "qk_rms" in extras:
+            self.rms_weight = nn.Parameter(torch.rand(self.d) + 0.5)
+        freqs = torch.arange(tokens)[:, None] / (10 ** (torch.arange(self.d // 2) / self.d))
+        freqs = freqs.repeat_interleave(2, -1) if "rope_interleaved" in extras else freqs.repeat(1, 2)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(),
+                                 nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, 4)
+
+    def split(self, t):  # (B, N, H·d) -> (B, H, N, d)
+        return t.reshape(t.shape[0], t.shape[1], self.heads, self.d).transpose(1, 2)
+
+    def forward(self, x):
+        h = self.embed(x)
+        B, N, C = h.shape
+        if self.qkv_kind == "fused":
+            bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+            qkv = nn.functional.linear(h, self.qkv.weight, bias)
+            q, k, v = qkv.reshape(B, N, 3, self.heads, self.d).permute(2, 0, 3, 1, 4).unbind(0)
+        elif self.qkv_kind == "interleaved":
+            q, k, v = self.qkv(h).view(B, N, self.heads, 3 * self.d).transpose(1, 2).chunk(3, dim=3)
+        elif self.qkv_kind == "reduced":
+            r = self.sr_norm(self.sr(h.transpose(1, 2)).transpose(1, 2))
+            q, k, v = self.split(self.q_proj(h)), self.split(self.k_proj(r)), self.split(self.v_proj(r))
+        else:
+            q, k, v = (self.split(p(h)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if "qk_rms" in self.extras:
+            q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6) * self.rms_weight
+            k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + 1e-6) * self.rms_weight
+        if "rope_interleaved" in self.extras or "rope_half" in self.extras:
+            rot = _rot_interleaved if "rope_interleaved" in self.extras else _rotate_half
+            q = q * self.cos + rot(q) * self.sin
+            k = k * self.cos + rot(k) * self.sin
+        if self.qkv_kind == "channels":  # attention over head_dim: (B, H, d, N)
+            q, k, v = (nn.functional.normalize(t.transpose(-2, -1), dim=-1) for t in (q, k, v))
+            attn = (q @ k.transpose(-2, -1)) * self.temperature
+            out = (attn.softmax(-1) @ v).permute(0, 3, 1, 2).reshape(B, N, C)
+        else:
+            attn = q @ k.transpose(-2, -1) / self.d ** 0.5
+            if "bias" in self.extras:
+                attn = attn + self.table
+            if "talking" in self.extras:
+                attn = self.talk_l(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+                attn = self.talk_w(attn.softmax(-1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            else:
+                attn = attn.softmax(-1)
+            out = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        h = h + self.proj(out)
+        h = h + self.mlp(h)
+        return self.head(h.mean(1))
+
+
+HEADS_CASES = {  # name: (options, head groups with spaces fixed within heads)
+    "fused, concatenated biases": (dict(qkv="fused"), 0),
+    "separate projections": (dict(qkv="separate"), 0),
+    "interleaved [q | k | v] per head": (dict(qkv="interleaved"), 1),
+    "reduced keys and values": (dict(qkv="reduced"), 0),
+    "channel attention": (dict(qkv="channels"), 1),
+    "per-head bias table": (dict(qkv="separate", extras=("bias",)), 0),
+    "talking heads": (dict(qkv="fused", extras=("talking",)), 0),
+    "rotary, interleaved pairs": (dict(qkv="separate", extras=("rope_interleaved",)), 1),
+    "rotary, halves": (dict(qkv="fused", extras=("rope_half",)), 1),
+    "qk rms norm": (dict(qkv="separate", extras=("qk_rms",)), 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEADS_CASES))
+def test_heads_followed_op_by_op_merge_exactly(case):
+    options, fixed = HEADS_CASES[case]
+    torch.manual_seed(0)
+    model = HeadsBlock(**options).eval()
+    x = torch.randn(48, 16, 6)
+    analysis = fxzip.analyze(model, x)
+    assert not analysis.barriers, analysis
+    groups = analysis.head_groups
+    assert len(groups) >= 1 and all(g.heads == 3 for g in groups), analysis
+    assert sum(1 for g in groups if g.fixed) == fixed, analysis
+    _merges_its_permuted_copy_exactly(model, x)
 
 
 @pytest.mark.parametrize("method", ["zipit", "permute"])

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..errors import StopPointError
 from ..tracing import tensor_shape
 from . import attention_rules, core_rules, timm_rules  # noqa: F401  the op-rule table
-from .layout import BLOCKED, SHARED, Feat, Lazy
+from .layout import BLOCKED, SHARED, Feat, Lazy, Stacked
 from .rule_api import BLOCKS_META, SPLIT_META, Barrier, Context, ParamUse, SplitRequest, rule_for
 
 MAX_SPLIT_ROUNDS = 64
@@ -56,6 +56,7 @@ class HeadGroup:
     spaces: tuple[int, ...]
     heads: int
     kind: str
+    fixed: tuple[int, ...] = ()  # spaces whose features stay in place within heads (rotary, …)
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,10 @@ class Analysis:
                                       if n.name in ctx.produced or _is_weight_layer(gm, n)]
         self.spaces: dict[int, Space] = self._collect_spaces(ctx)
         self.head_groups: list[HeadGroup] = _joined_groups(ctx)
+        # tensors split into attention heads are not cut between trunk and heads (`_inside_heads`)
         self.stop_points: list[str] = [
-            n.name for n in self.nodes
-            if n.op != "output" and self.infos.get(n.name) is not BLOCKED]
+            n.name for n in self.nodes if n.op != "output"
+            and self.infos.get(n.name) is not BLOCKED and not _inside_heads(self.infos.get(n.name))]
 
     # -- the walk -----------------------------------------------------------------------------
     def _walk(self) -> Context:
@@ -263,8 +265,14 @@ class Analysis:
             forced = {name for name in self.layers
                       if any(b.space in outputs for b in self.infos[name].blocks)}
             forced |= {n.name for n in self.nodes if self.infos.get(n.name) is BLOCKED}
-            head = self._descendants(forced)
-            return {n.name for n in self.nodes if n.op != "output" and n.name not in head}
+            while True:  # a tensor split into heads stays on one side: its readers' side
+                head = self._descendants(forced)
+                cut = {n.name for n in self.nodes if n.name not in head
+                       and _inside_heads(self.infos.get(n.name))
+                       and any(u.name in head for u in n.users)}
+                if not cut:
+                    return {n.name for n in self.nodes if n.op != "output" and n.name not in head}
+                forced |= cut
         if isinstance(stop_at, bool) or not isinstance(stop_at, (int, str)):
             raise StopPointError(f"stop_at must be None, a node or module name, or a number of "
                                  f"layers; got {stop_at!r}")
@@ -279,6 +287,12 @@ class Analysis:
             node = self.resolve_stop(stop_at)
             trunk = self._ancestors([node]) | placeholders
             label = f"'{node}'"
+        split = [n.name for n in self.nodes if n.name in trunk
+                 and _inside_heads(self.infos.get(n.name)) and any(u.name not in trunk for u in n.users)]
+        if split:
+            raise StopPointError(f"cannot zip up to {label}: the merged part would end inside "
+                                 f"attention heads ('{split[0]}'); stop before or after the "
+                                 "attention")
         blocked = [b for b in self.barriers if b.node in trunk]
         if blocked or any(self.infos.get(n) is BLOCKED for n in trunk):
             barrier = blocked[0] if blocked else self.barriers[0]
@@ -349,6 +363,11 @@ def _is_weight_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _WEIGHT_FUNCTIONS
 
 
+def _inside_heads(info: Any) -> bool:
+    """A tensor split into attention heads (or a stack of such), which no stop point cuts."""
+    return isinstance(info, Stacked) or isinstance(info, Feat) and info.headed
+
+
 def _joined_groups(ctx: Context) -> list[HeadGroup]:
     """The recorded groups with resolved spaces, groups that share a space joined into one."""
     groups: list[tuple[set[int], int, str]] = []
@@ -359,7 +378,8 @@ def _joined_groups(ctx: Context) -> list[HeadGroup]:
             spaces |= other[0]
             kind = kind if kind == other[2] else f"{other[2]} + {kind}"
         groups.append((spaces, heads, kind))
-    return [HeadGroup(tuple(sorted(s)), heads, kind) for s, heads, kind in groups]
+    return [HeadGroup(tuple(sorted(s)), heads, kind,
+                      tuple(sorted(i for i in s if ctx.uf.is_fixed(i)))) for s, heads, kind in groups]
 
 
 def _op_name(node: fx.Node, module: nn.Module | None) -> str:

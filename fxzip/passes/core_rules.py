@@ -17,9 +17,10 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layout import MIXED, SHARED, UNTRACKED, Feat, Lazy
-from .rule_api import (Barrier, Context, ParamHandle, SplitRequest, arg, nodes_in, norm_dim,
-                       passthrough, register)
+from . import head_rules
+from .layout import MIXED, SHARED, UNTRACKED, Feat, Lazy, LazyCat, Stacked
+from .rule_api import (Barrier, Context, ParamHandle, arg, headed, nodes_in, norm_dim,
+                       passthrough, register, split_layout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -33,6 +34,13 @@ def pointwise(ctx: Context, node: fx.Node, operands: list[fx.Node] | None = None
         return None
     operands = nodes_in((node.args, node.kwargs)) if operands is None else operands
     out_ndim = len(out_shape)
+    infos = [ctx.info(op) for op in operands]
+    if any(isinstance(i, Stacked) for i in infos):
+        if len(operands) == 1:
+            return infos[0]
+        raise Barrier("combines a stack of attention parts with other values")
+    if any(headed(i) for i in infos):
+        return head_rules.pointwise_headed(ctx, node, operands)
     feats: list[tuple[fx.Node, Feat, int]] = []
     for op in operands:
         info = ctx.info(op)
@@ -111,15 +119,15 @@ ACTIVATION_METHODS = (
     "sub_", "mul", "mul_", "div", "div_", "addcmul", "addcmul_", "contiguous", "clone", "detach",
     "float", "double", "half", "bfloat16", "cpu", "cuda", "expand_as", "masked_fill",
 )
-register(*ACTIVATION_MODULES, *ACTIVATION_FUNCTIONS, *ACTIVATION_METHODS)(pointwise)
-register("type_as", "to")(first_operand)
+register(*ACTIVATION_MODULES, *ACTIVATION_FUNCTIONS, *ACTIVATION_METHODS, heads=True)(pointwise)
+register("type_as", "to", heads=True)(first_operand)
 
 
 def _expand_rule(ctx: Context, node: fx.Node) -> Any:
     return pointwise(ctx, node, [node.args[0]])
 
 
-register("expand")(_expand_rule)
+register("expand", heads=True)(_expand_rule)
 
 
 @register(nn.PReLU)
@@ -194,8 +202,10 @@ def _open(ctx: Context, node: fx.Node, call: LayerCall, feat_in: Feat, axis: int
     weight, bias = call.params["weight"], call.params.get("bias")
     ctx.consume(node, call.x, feat_in)
     ctx.tie(weight, 1, feat_in, "U", groups=groups)
+    pieces = ctx.info(bias.node) if bias is not None and bias.node is not None else None
     feat_out = ctx.produce(node, axis=axis, size=ctx.param_shape(weight)[0],
-                           key=ctx.space_key(weight))
+                           key=ctx.space_key(weight),
+                           pieces=pieces.sizes if isinstance(pieces, LazyCat) else None)
     ctx.tie(weight, 0, feat_out)
     if bias is not None:
         ctx.tie(bias, 0, feat_out)
@@ -282,15 +292,23 @@ def batch_norm(ctx: Context, node: fx.Node) -> Feat:
     return feat
 
 
-@register(nn.LayerNorm, F.layer_norm)
+@register(nn.LayerNorm, F.layer_norm, heads=True)
 def layer_norm(ctx: Context, node: fx.Node) -> Feat:
-    """LayerNorm over the channel axis only (the last axis): per-channel affine merged."""
+    """LayerNorm over the channel axis only (the last axis): per-channel affine merged. Over
+    head_dim (q/k norms) its weight is shared by the heads: features stay in place within heads
+    (its parameters are averaged as they are)."""
     call = layer_call(ctx, node, {"weight": 2, "bias": 3}, {"normalized_shape": (1, None)},
                       "layer_norm", "LayerNorm")
     normalized = call.options["normalized_shape"]
     if len(normalized) != 1:
         raise Barrier(f"{call.what} over {tuple(normalized)} normalises across more than the "
                       "channel axis")
+    info = ctx.info(call.x)
+    if headed(info):
+        if info.axis != len(ctx.shape(call.x)) - 1:
+            raise Barrier(f"{call.what} over another axis than head_dim of a tensor split into heads")
+        ctx.fix_within(info)
+        return info
     feat = _input_feat(ctx, node, -1, call.what)
     for param in call.params.values():
         ctx.tie(param, 0, feat)
@@ -364,6 +382,14 @@ def _reduce(ctx: Context, node: fx.Node, dim_position: int, what: str) -> Any:
     ndim = len(ctx.shape(x))
     dims = _reduced_dims(node, ndim, dim_position)
     keepdim = bool(arg(node, dim_position + 1, "keepdim", False))
+    if info.headed:
+        if dims is None or info.head_axis in dims:
+            raise Barrier(f"{what} over the heads of '{x.name}'")
+        if info.axis in dims:  # a per-head statistic over head_dim (RMS q/k norms)
+            if not keepdim:
+                raise Barrier(f"{what} over head_dim of '{x.name}' without keepdim")
+            return info.head_only()
+        return info if keepdim else head_rules.without_axes(info, dims)
     if dims == [info.axis] and keepdim and node.target in (torch.mean, "mean"):
         return UNTRACKED
     if dims is None or info.axis in dims:
@@ -372,13 +398,13 @@ def _reduce(ctx: Context, node: fx.Node, dim_position: int, what: str) -> Any:
 
 
 @register(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var,
-          "mean", "sum", "amax", "amin", "std", "var")
+          "mean", "sum", "amax", "amin", "std", "var", heads=True)
 def reduction(ctx: Context, node: fx.Node) -> Any:
     """mean/sum/amax/… (dim is the second argument)."""
     return _reduce(ctx, node, 1, "reduces")
 
 
-@register(torch.norm, torch.linalg.vector_norm, "norm")
+@register(torch.norm, torch.linalg.vector_norm, "norm", heads=True)
 def vector_norm(ctx: Context, node: fx.Node) -> Any:
     """Norms (dim is the third argument, after p/ord), e.g. ConvNeXt-V2's global response norm."""
     return _reduce(ctx, node, 2, "takes the norm")
@@ -415,14 +441,22 @@ def roll(ctx: Context, node: fx.Node) -> Any:
 
 
 @register(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, nn.Softmax, nn.LogSoftmax,
-          "softmax", "log_softmax")
+          "softmax", "log_softmax", heads=True)
 def softmax(ctx: Context, node: fx.Node) -> Any:
-    """Softmax along a non-channel axis is per channel; along the channel axis it is a barrier."""
+    """Softmax along a non-channel axis is per channel; along the channel axis it is a barrier
+    (along head_dim it keeps features in place within heads)."""
     x = node.args[0]
     info = ctx.info(x)
     if not isinstance(info, Feat):
         return passthrough(info, lambda axes: axes)
     dim = ctx.module(node).dim if node.op == "call_module" else arg(node, 1, "dim")
+    if info.headed:
+        dim = None if dim is None else norm_dim(dim, len(ctx.shape(x)))
+        if dim is None or dim == info.head_axis:
+            raise Barrier(f"normalises over the heads of '{x.name}'")
+        if dim == info.axis:
+            ctx.fix_within(info)
+        return info
     if dim is None or norm_dim(dim, len(ctx.shape(x))) == info.axis:
         raise Barrier(f"normalises over the channel axis of '{x.name}'")
     return info
@@ -438,8 +472,12 @@ def reshape_like(ctx: Context, node: fx.Node) -> Any:
     x = node.args[0]
     info = ctx.info(x)
     shape_in, shape_out = ctx.shape(x), ctx.shape(node)
+    if isinstance(info, Stacked):
+        raise Barrier(f"reshapes '{x.name}', a stack of attention parts")
     if not isinstance(info, Feat):
         return passthrough(info, lambda axes: reshape_axes(axes, shape_in, shape_out))
+    if info.headed:
+        return head_rules.reshape_headed(ctx, info, shape_in, shape_out)
     a, channels = info.axis, ctx.shape(x)[info.axis]
     before = math.prod(shape_in[:a])
     for j in range(len(shape_out)):
@@ -453,6 +491,9 @@ def reshape_like(ctx: Context, node: fx.Node) -> Any:
     repeated = _merged_from_before(info, shape_in, shape_out)
     if repeated is not None:
         return repeated
+    split = head_rules.split_into_heads(ctx, node, info, shape_in, shape_out)
+    if split is not None:
+        return split
     raise Barrier(f"reshapes '{x.name}' {tuple(shape_in)} -> {tuple(shape_out)}, splitting or "
                   "scattering its channel axis")
 
@@ -513,10 +554,11 @@ def _is_prefix_product(dims: tuple[int, ...], value: int) -> bool:
 
 
 register(torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, nn.Flatten, nn.Unflatten,
-         "flatten", "view", "reshape", "squeeze", "unsqueeze", "view_as", "reshape_as")(reshape_like)
+         "flatten", "view", "reshape", "squeeze", "unsqueeze", "view_as", "reshape_as",
+         heads=True)(reshape_like)
 
 
-@register(torch.permute, "permute")
+@register(torch.permute, "permute", heads=True)
 def permute(ctx: Context, node: fx.Node) -> Any:
     x = node.args[0]
     info = ctx.info(x)
@@ -524,12 +566,14 @@ def permute(ctx: Context, node: fx.Node) -> Any:
         else node.args[1:] or node.kwargs.get("dims")
     ndim = len(ctx.shape(x))
     dims = [norm_dim(d, ndim) for d in dims]
+    if isinstance(info, Stacked) or headed(info):
+        return head_rules.moved_by(info, {old: new for new, old in enumerate(dims)})
     if not isinstance(info, Feat):
         return passthrough(info, lambda axes: [axes[d] for d in dims])
     return info.moved(dims.index(info.axis))
 
 
-@register(torch.transpose, torch.swapaxes, "transpose", "swapaxes", "t")
+@register(torch.transpose, torch.swapaxes, "transpose", "swapaxes", "t", heads=True)
 def transpose(ctx: Context, node: fx.Node) -> Any:
     x = node.args[0]
     info = ctx.info(x)
@@ -539,20 +583,31 @@ def transpose(ctx: Context, node: fx.Node) -> Any:
     else:
         d0, d1 = norm_dim(arg(node, 1, "dim0"), ndim), norm_dim(arg(node, 2, "dim1"), ndim)
     swap = {d0: d1, d1: d0}
+    if isinstance(info, Stacked) or headed(info):
+        return head_rules.moved_by(info, swap)
     if not isinstance(info, Feat):
         return passthrough(info, lambda axes: [axes[swap.get(i, i)] for i in range(len(axes))])
     return info.moved(swap.get(info.axis, info.axis))
 
 
-@register(torch.cat, torch.concat, torch.concatenate)
+@register(torch.cat, torch.concat, torch.concatenate, heads=True)
 def cat(ctx: Context, node: fx.Node) -> Any:
     """Concatenation on the channel axis builds a composite layout; on another axis (tokens,
-    batch) every input shares one space."""
+    batch) every input shares one space. Parameters concatenated (BEiT/EVA's q, k, v biases)
+    stay parameters, each part tied to its piece of the layout that reads them."""
     tensors = list(arg(node, 0, "tensors"))
     ndim = len(ctx.shape(node))
     dim = norm_dim(arg(node, 1, "dim", 0), ndim)
     infos = [ctx.info(t) for t in tensors]
     feats = [i for i in infos if isinstance(i, Feat)]
+    if any(isinstance(i, Stacked) for i in infos):
+        raise Barrier("concatenates a stack of attention parts")
+    if any(i.headed for i in feats):
+        return _cat_headed(ctx, node, tensors, infos, dim)
+    if not feats and len(tensors) > 1 and all(isinstance(i, Lazy) for i in infos) \
+            and all(len(i.axes) == 1 and i.axes[0] == 0 for i in infos):
+        return LazyCat(dim, tuple(t.name for t in tensors),
+                       tuple(ctx.shape(t)[dim] for t in tensors))
     if not feats:
         return _pointwise_without_features(ctx, tensors, ndim) if len(tensors) == 1 else \
             (SHARED if all(i is SHARED for i in infos) else UNTRACKED)
@@ -570,13 +625,77 @@ def cat(ctx: Context, node: fx.Node) -> Any:
     return pointwise(ctx, node, tensors)
 
 
-@register(operator.getitem)
+def _cat_headed(ctx: Context, node: fx.Node, tensors: list, infos: list, dim: int) -> Any:
+    """Tensors split into heads concatenated along tokens (a cls token kept out of rotary
+    embeddings) share their layout; along head_dim (rotate-half), their head space remains."""
+    first = next(i for i in infos if headed(i))
+    shift = len(ctx.shape(node)) - len(ctx.shape(tensors[infos.index(first)]))
+    if dim == first.head_axis + shift:
+        raise Barrier("concatenates attention heads")
+    if dim != first.axis + shift:
+        return pointwise(ctx, node, tensors)
+    head = None
+    for t, info in zip(tensors, infos):
+        if not isinstance(info, Feat):
+            raise Barrier(f"concatenates '{t.name}' to head_dim of attention heads")
+        part = ctx.fix_within(info) if info.headed else info
+        if head is None:
+            head = part
+        else:
+            ctx.unify(head, part)
+    return head
+
+
+@register(torch.stack, heads=True)
+def stack(ctx: Context, node: fx.Node) -> Any:
+    """Stacking equally laid out tensors on a new axis (rotary embeddings' pairs)."""
+    tensors = list(arg(node, 0, "tensors"))
+    ndim = len(ctx.shape(node))
+    dim = norm_dim(arg(node, 1, "dim", 0), ndim)
+    infos = [ctx.info(t) for t in tensors]
+    if not any(isinstance(i, Feat) for i in infos):
+        return SHARED if all(i is SHARED for i in infos) else UNTRACKED
+    if any(not isinstance(i, Feat) or ctx.shape(t) != ctx.shape(tensors[0])
+           for t, i in zip(tensors, infos)):
+        raise Barrier("stacks features with values fxzip cannot follow per channel")
+    first = infos[0]
+    for info in infos[1:]:
+        ctx.unify(first, info)
+
+    def shift(axis: int) -> int:
+        return axis + (axis >= dim)
+    if first.headed:
+        return first.placed(shift(first.axis), shift(first.head_axis))
+    return first.moved(shift(first.axis))
+
+
+@register(F.normalize, heads=True)
+def normalize(ctx: Context, node: fx.Node) -> Any:
+    """x / ‖x‖ along `dim`: along tokens per channel; along the channels a per-sample statistic
+    taken over the merged channels (as hand-written RMS norms), along head_dim per head."""
+    x = node.args[0]
+    info = ctx.info(x)
+    if not isinstance(info, Feat):
+        return passthrough(info, lambda axes: axes)
+    dim = norm_dim(arg(node, 2, "dim", 1), len(ctx.shape(x)))
+    if info.headed and dim == info.head_axis:
+        raise Barrier(f"normalises over the heads of '{x.name}'")
+    return info
+
+
+@register(operator.getitem, heads=True)
 def getitem(ctx: Context, node: fx.Node) -> Any:
     """Indexing a tensor: allowed when the channel axis is kept whole."""
     x, index = node.args
     info = ctx.info(x)
     if isinstance(info, tuple):  # an element of split / chunk / unbind
         return info[index] if isinstance(index, int) else UNTRACKED
+    if isinstance(info, Stacked):
+        if isinstance(index, int) and info.axis == 0:
+            return head_rules.without_axis(info.parts[index], 0)
+        raise Barrier(f"indexes '{x.name}', a stack of attention parts, other than by its first axis")
+    if headed(info):
+        return head_rules.index_headed(ctx, x, info, index if isinstance(index, tuple) else (index,))
     if not isinstance(info, Feat):
         return passthrough(info, lambda axes: _indexed_axes(ctx, axes, index))
     index = index if isinstance(index, tuple) else (index,)
@@ -611,11 +730,17 @@ def getitem(ctx: Context, node: fx.Node) -> Any:
 
 
 def _indexed_axes(ctx: Context, axes, index) -> list | None:
-    """Axis labels of a parameter indexed by one integer tensor on its first axis (a relative
-    position bias table gathered by a position index): the index's axes are MIXED."""
-    if not isinstance(index, fx.Node) or ctx.shape(index) is None:
+    """Axis labels of a parameter indexed by one integer tensor (a relative position bias table
+    gathered by a position index), on its first axis or after full slices (LeViT's
+    `biases[:, idx]`): the index's axes are MIXED."""
+    items = index if isinstance(index, tuple) else (index,)
+    lead = 0
+    while lead < len(items) and items[lead] == slice(None):
+        lead += 1
+    if lead != len(items) - 1 or not isinstance(items[lead], fx.Node) \
+            or ctx.shape(items[lead]) is None:
         return None
-    return [MIXED] * len(ctx.shape(index)) + list(axes[1:])
+    return list(axes[:lead]) + [MIXED] * len(ctx.shape(items[lead])) + list(axes[lead + 1:])
 
 
 def _channel_slice(info: Feat, item: slice, width: int, x: fx.Node) -> Feat:
@@ -625,7 +750,7 @@ def _channel_slice(info: Feat, item: slice, width: int, x: fx.Node) -> Feat:
     if step != 1 or stop <= start:
         raise Barrier(f"slices the channel axis of '{x.name}' with a step or to nothing")
     sizes = [s for s in (start, stop - start, width - stop) if s > 0]
-    pieces = _split_layout(info, sizes)
+    pieces = split_layout(info, sizes)
     return pieces[1] if start > 0 else pieces[0]
 
 
@@ -634,7 +759,7 @@ def shape_query(ctx: Context, node: fx.Node) -> None:
     return None
 
 
-register(getattr, "size", "dim", "numel", "ndimension")(shape_query)
+register(getattr, "size", "dim", "numel", "ndimension", heads=True)(shape_query)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -644,6 +769,12 @@ register(getattr, "size", "dim", "numel", "ndimension")(shape_query)
 def _split_sizes(node: fx.Node, size: int) -> list[int]:
     """Piece sizes of torch.split(x, size_or_sections) or torch.chunk(x, chunks)."""
     name = node.target if isinstance(node.target, str) else node.target.__name__
+    if name == "tensor_split":
+        how = arg(node, 1, "indices_or_sections", arg(node, 1, "sections", arg(node, 1, "indices")))
+        if isinstance(how, int):
+            return [size // how + (i < size % how) for i in range(how)]
+        bounds = [0, *how, size]
+        return [b - a for a, b in zip(bounds, bounds[1:])]
     if name == "chunk":
         step = -(-size // arg(node, 1, "chunks"))
         return [min(step, size - i) for i in range(0, size, step)]
@@ -653,56 +784,43 @@ def _split_sizes(node: fx.Node, size: int) -> list[int]:
     return list(how)
 
 
-def _split_layout(feat: Feat, sizes: list[int]) -> list[Feat]:
-    """Cut a layout at element boundaries between its blocks; a cut inside a block asks for the
-    block's space to be opened as pieces (SplitRequest)."""
-    cuts: dict[int, set[int]] = {}
-    at, ends = 0, []
-    for size in sizes:
-        at += size
-        ends.append(at)
-    start = 0
-    for block in feat.blocks:
-        for end in ends[:-1]:
-            if start < end < start + block.width:
-                if (end - start) % block.expand:
-                    raise Barrier("splits the channel axis inside the positions of one channel")
-                cuts.setdefault(block.space, set()).add((end - start) // block.expand)
-        start += block.width
-    if cuts:
-        raise SplitRequest("splits the channel axis inside a feature space", cuts)
-    pieces, blocks = [], list(feat.blocks)
-    for size in sizes:
-        taken, width = [], 0
-        while blocks and width + blocks[0].width <= size:
-            width += blocks[0].width
-            taken.append(blocks.pop(0))
-        pieces.append(Feat(feat.axis, tuple(taken)))
-    if any(not p.blocks for p in pieces):
-        raise Barrier("splits off an empty part of the channel axis")
-    return pieces
-
-
-@register(torch.split, torch.chunk, "split", "chunk")
+@register(torch.split, torch.chunk, "split", "chunk", torch.tensor_split, "tensor_split",
+          heads=True)
 def split(ctx: Context, node: fx.Node) -> Any:
     x = node.args[0]
     info = ctx.info(x)
     shape = ctx.shape(x)
     dim = norm_dim(arg(node, 2, "dim", 0), len(shape))
     sizes = _split_sizes(node, shape[dim])
+    if isinstance(info, Stacked):
+        if dim != info.axis:
+            raise Barrier("splits a stack of attention parts along another axis than the stack's")
+        return tuple(info.parts[i] if size == 1 else UNTRACKED for i, size in enumerate(sizes))
+    if headed(info):
+        if dim == info.head_axis:
+            raise Barrier(f"splits the attention heads of '{x.name}'")
+        if dim == info.axis:  # pieces of head_dim: [q | k | v] within each head
+            return tuple(ctx.fix_within(info) for _ in sizes)
+        return tuple(info for _ in sizes)
     if not isinstance(info, Feat):
         return tuple(passthrough(info, lambda axes: axes) for _ in sizes)
     if dim != info.axis:
         return tuple(info for _ in sizes)
-    return tuple(_split_layout(info, sizes))
+    return tuple(split_layout(info, sizes))
 
 
-@register(torch.unbind, "unbind")
+@register(torch.unbind, "unbind", heads=True)
 def unbind(ctx: Context, node: fx.Node) -> Any:
     x = node.args[0]
     info = ctx.info(x)
     shape = ctx.shape(x)
     dim = norm_dim(arg(node, 1, "dim", 0), len(shape))
+    if isinstance(info, Stacked):
+        return head_rules.unbind_stacked(info, dim, shape[dim])
+    if headed(info):
+        if dim in (info.axis, info.head_axis):
+            raise Barrier(f"unbinds the heads or head_dim of '{x.name}'")
+        return tuple(head_rules.without_axis(info, dim) for _ in range(shape[dim]))
     if not isinstance(info, Feat):
         return tuple(passthrough(info, lambda axes: axes[:dim] + axes[dim + 1:])
                      for _ in range(shape[dim]))

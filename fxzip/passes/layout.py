@@ -22,17 +22,41 @@ class Block:
 
 @dataclass(frozen=True)
 class Feat:
-    """A tensor whose axis `axis` carries the concatenation of `blocks` (usually just one)."""
+    """A tensor whose axis `axis` carries the concatenation of `blocks` (usually just one).
+
+    Split into attention heads (`head_axis` set): axis `head_axis` runs over the `heads` heads
+    and axis `axis` within a head; element (h, j) is feature j of head h of the blocks' spaces
+    (block t's space holds head h at features h·d_t … (h+1)·d_t, d_t = size / heads; the
+    within-head axis holds head h's features of every block in a row). `head` is the head
+    space: one feature per head, in the head group of the blocks' spaces, along which per-head
+    values (attention scores, relative position biases, talking heads) run once the features
+    within heads are no longer followed."""
 
     axis: int
     blocks: tuple[Block, ...]
+    head_axis: int | None = None
+    heads: int = 1
+    head: Block | None = None
 
     @property
     def width(self) -> int:
         return sum(b.width for b in self.blocks)
 
+    @property
+    def headed(self) -> bool:
+        return self.head_axis is not None
+
     def moved(self, axis: int) -> "Feat":
         return replace(self, axis=axis)
+
+    def placed(self, axis: int, head_axis: int | None) -> "Feat":
+        """The same layout with its within-head and head axes at new positions."""
+        return replace(self, axis=axis, head_axis=head_axis)
+
+    def head_only(self) -> "Feat":
+        """The head space on the head axis: what is left of a headed layout once values within a
+        head are no longer followed feature by feature (rotations, norms over head_dim)."""
+        return Feat(self.head_axis, (self.head,))
 
     def expanded(self, factor: int) -> "Feat":
         """Every channel repeated `factor` times in a row (the channel axis flattened with later axes)."""
@@ -62,6 +86,25 @@ class Lazy:
         return Lazy(self.source, tuple(axes))
 
 
+@dataclass(frozen=True)
+class Stacked:
+    """A tensor whose axis `axis` stacks tensors of different layouts (`parts`, in the tensor's
+    own axes): a fused projection [q | k | v] reshaped to (…, 3, H, d)."""
+
+    axis: int
+    parts: tuple[Feat, ...]
+
+
+@dataclass(frozen=True)
+class LazyCat:
+    """Parameters (or values computed from them alone) concatenated on axis `axis`: `parts` are
+    their nodes' names, `sizes` their widths there (BEiT/EVA's cat of q, k and v biases)."""
+
+    axis: int
+    parts: tuple[str, ...]
+    sizes: tuple[int, ...]
+
+
 class _Marker:
     """A named singleton state for nodes that carry no trackable channel axis."""
 
@@ -88,6 +131,7 @@ class UnionFind:
     parent: MutableMapping[int, int] = field(default_factory=dict)
     sizes: MutableMapping[int, int] = field(default_factory=dict)
     pinned: MutableMapping[int, bool] = field(default_factory=dict)
+    fixed: MutableMapping[int, bool] = field(default_factory=dict)  # features stay in place
     count: int = 0
     base: "UnionFind | None" = field(default=None, repr=False)
 
@@ -100,12 +144,12 @@ class UnionFind:
     def layer(self) -> "UnionFind":
         """A view whose writes (new spaces, unions, pins) stay apart until `commit`."""
         return UnionFind(ChainMap({}, self.parent), ChainMap({}, self.sizes),
-                         ChainMap({}, self.pinned), self.count, self)
+                         ChainMap({}, self.pinned), ChainMap({}, self.fixed), self.count, self)
 
     def commit(self) -> None:
         """Apply a layer's writes to the union-find it was made from."""
         for mine, theirs in ((self.parent, self.base.parent), (self.sizes, self.base.sizes),
-                             (self.pinned, self.base.pinned)):
+                             (self.pinned, self.base.pinned), (self.fixed, self.base.fixed)):
             theirs.update(mine.maps[0])
         self.base.count = self.count
 
@@ -122,23 +166,36 @@ class UnionFind:
         lo, hi = min(ra, rb), max(ra, rb)
         self.parent[hi] = lo
         self.pinned[lo] = self.pinned[lo] or self.pinned[hi]
+        self.fixed[lo] = self.fixed.get(lo, False) or self.fixed.get(hi, False)
 
     def pin(self, i: int) -> None:
         self.pinned[self.find(i)] = True
+
+    def fix(self, i: int) -> None:
+        """Space i's features stay in place within their heads (heads may still be paired)."""
+        self.fixed[self.find(i)] = True
+
+    def is_fixed(self, i: int) -> bool:
+        return self.fixed.get(self.find(i), False)
 
     def is_pinned(self, i: int) -> bool:
         return self.pinned[self.find(i)]
 
     def unify(self, a: Feat, b: Feat) -> bool:
         """Tie two layouts block by block; False when their block structures differ."""
-        if len(a.blocks) != len(b.blocks):
+        if len(a.blocks) != len(b.blocks) or a.heads != b.heads or \
+                (a.head is None) != (b.head is None):
             return False
         if any(x.size != y.size or x.expand != y.expand for x, y in zip(a.blocks, b.blocks)):
             return False
         for x, y in zip(a.blocks, b.blocks):
             self.union(x.space, y.space)
+        if a.head is not None:
+            self.union(a.head.space, b.head.space)
         return True
 
     def resolve(self, feat: Feat) -> Feat:
         """The same layout with every space id replaced by its current root."""
-        return replace(feat, blocks=tuple(replace(b, space=self.find(b.space)) for b in feat.blocks))
+        head = None if feat.head is None else replace(feat.head, space=self.find(feat.head.space))
+        return replace(feat, blocks=tuple(replace(b, space=self.find(b.space)) for b in feat.blocks),
+                       head=head)

@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..tracing import tensor_shape
-from .layout import SHARED, UNTRACKED, Block, Feat, Lazy, UnionFind
+from .layout import SHARED, UNTRACKED, Block, Feat, Lazy, LazyCat, Stacked, UnionFind
 
 BLOCKS_META = "fxzip_blocks"  # on a projection node: the tags of its output blocks ([q | k | v])
 SPLIT_META = "fxzip_split"    # on a producer node: the sizes of the spaces its output opens
@@ -49,11 +49,16 @@ Rule = Callable[["Context", fx.Node], Any]
 MODULE_RULES: dict[type, Rule] = {}
 FUNCTION_RULES: dict[Any, Rule] = {}
 METHOD_RULES: dict[str, Rule] = {}
+HEAD_AWARE: set[Rule] = set()  # rules that follow tensors split into attention heads
 
 
-def register(*keys: Any) -> Callable[[Rule], Rule]:
-    """Register one rule for module classes, functions and method names (strings)."""
+def register(*keys: Any, heads: bool = False) -> Callable[[Rule], Rule]:
+    """Register one rule for module classes, functions and method names (strings); `heads`: the
+    rule also follows tensors split into attention heads (headed `Feat`s, `Stacked`), which other
+    rules never see (they are a barrier there)."""
     def deco(rule: Rule) -> Rule:
+        if heads:
+            HEAD_AWARE.add(rule)
         for key in keys:
             if isinstance(key, str):
                 METHOD_RULES[key] = rule
@@ -67,16 +72,32 @@ def register(*keys: Any) -> Callable[[Rule], Rule]:
 
 def rule_for(node: fx.Node, module: nn.Module | None) -> Rule | None:
     """The rule of a call node, or None when the op is not in the table."""
+    rule = None
     if node.op == "call_module":
-        for cls in type(module).__mro__:
-            if cls in MODULE_RULES:
-                return MODULE_RULES[cls]
-        return None
-    if node.op == "call_function":
-        return FUNCTION_RULES.get(node.target)
-    if node.op == "call_method":
-        return METHOD_RULES.get(node.target)
-    return None
+        rule = next((MODULE_RULES[c] for c in type(module).__mro__ if c in MODULE_RULES), None)
+    elif node.op == "call_function":
+        rule = FUNCTION_RULES.get(node.target)
+    elif node.op == "call_method":
+        rule = METHOD_RULES.get(node.target)
+    if rule is None or rule in HEAD_AWARE:
+        return rule
+    return _headless(rule)
+
+
+def _headless(rule: Rule) -> Rule:
+    """A rule that does not follow attention heads: a barrier where a headed tensor reaches it."""
+    def guarded(ctx: "Context", node: fx.Node) -> Any:
+        for value in node.all_input_nodes:
+            info = ctx.info(value)
+            if isinstance(info, Stacked) or isinstance(info, Feat) and info.headed:
+                raise Barrier(f"reads '{value.name}', split into attention heads, in a way fxzip "
+                              "does not follow per head")
+        return rule(ctx, node)
+    return guarded
+
+
+def headed(info: Any) -> bool:
+    return isinstance(info, Feat) and info.headed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +131,36 @@ def passthrough(info: Any, remap: Callable | None = None) -> Any:
         axes = remap(info.axes)
         return UNTRACKED if axes is None else info.remapped(axes)
     return UNTRACKED
+
+
+def split_layout(feat: Feat, sizes: list[int]) -> list[Feat]:
+    """Cut a layout at element boundaries between its blocks; a cut inside a block asks for the
+    block's space to be opened as pieces (SplitRequest)."""
+    cuts: dict[int, set[int]] = {}
+    at, ends = 0, []
+    for size in sizes:
+        at += size
+        ends.append(at)
+    start = 0
+    for block in feat.blocks:
+        for end in ends[:-1]:
+            if start < end < start + block.width:
+                if (end - start) % block.expand:
+                    raise Barrier("splits the channel axis inside the positions of one channel")
+                cuts.setdefault(block.space, set()).add((end - start) // block.expand)
+        start += block.width
+    if cuts:
+        raise SplitRequest("splits the channel axis inside a feature space", cuts)
+    pieces, blocks = [], list(feat.blocks)
+    for size in sizes:
+        taken, width = [], 0
+        while blocks and width + blocks[0].width <= size:
+            width += blocks[0].width
+            taken.append(blocks.pop(0))
+        pieces.append(Feat(feat.axis, tuple(taken)))
+    if any(not p.blocks for p in pieces):
+        raise Barrier("splits off an empty part of the channel axis")
+    return pieces
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,22 +296,27 @@ class Context:
                 raise SplitRequest(message, cuts)
         raise Barrier(message)
 
-    def produce(self, node: fx.Node, axis: int, size: int, key: str | None = None) -> Feat:
+    def produce(self, node: fx.Node, axis: int, size: int, key: str | None = None,
+                pieces: tuple[int, ...] | None = None) -> Feat:
         """A new space opened by a producer; `key` (default: the module) names the weights, so
-        that a module or weight used twice opens one space."""
+        that a module or weight used twice opens one space; `pieces`: the sizes of the spaces it
+        opens at least (biases concatenated from parts)."""
         key = key or (node.target if node.op == "call_module" else node.name)
         feat = self.module_spaces.get(key)
         if feat is None:
-            feat = Feat(axis, self._new_blocks(node, size))
+            feat = Feat(axis, self._new_blocks(node, size, pieces))
             self.module_spaces[key] = feat
         feat = feat.moved(axis)
         self.produced[node.name] = feat
         return feat
 
-    def _new_blocks(self, node: fx.Node, size: int) -> tuple[Block, ...]:
+    def _new_blocks(self, node: fx.Node, size: int,
+                    at_least: tuple[int, ...] | None = None) -> tuple[Block, ...]:
         """One new space, or, where a pass tagged the output as equal blocks (e.g. [q | k | v]
         of a fused attention projection), one space per distinct tag."""
         pieces = node.meta.get(SPLIT_META)
+        if not pieces and not node.meta.get(BLOCKS_META) and at_least:
+            pieces = list(at_least)
         if pieces and sum(pieces) == size:
             return tuple(Block(self.uf.new(p), p) for p in pieces)
         tags = node.meta.get(BLOCKS_META)
@@ -281,6 +337,26 @@ class Context:
                 raise Barrier(f"{kind} splits features into {heads} groups where another op "
                               f"splits them into {other_heads}")
         self.head_groups.append((tuple(spaces), heads, kind))
+
+    def split_heads(self, feat: Feat, axis: int, head_axis: int, heads: int) -> Feat:
+        """`feat`'s channels split into `heads` heads (head axis `head_axis`, within-head axis
+        `axis`): a new head space, and the head group of its spaces."""
+        if any(b.expand != 1 or b.size % heads for b in feat.blocks) or feat.headed:
+            raise Barrier(f"splits channels into {heads} heads that do not divide every feature "
+                          "space of the layout")
+        head = Block(self.uf.new(heads), heads)
+        self.head_group(tuple(b.space for b in feat.blocks) + (head.space,), heads,
+                        "attention heads")
+        return Feat(axis, feat.blocks, head_axis, heads, head)
+
+    def fix_within(self, feat: Feat) -> Feat:
+        """A headed layout whose values within a head are combined in a fixed way (rotary
+        embeddings, norms over head_dim, attention over channels): its spaces keep their
+        features in place within heads (heads may still be paired); what is left to follow is
+        the head space on the head axis."""
+        for b in feat.blocks:
+            self.uf.fix(b.space)
+        return feat.head_only()
 
     def consume(self, node: fx.Node, source: fx.Node, feat: Feat) -> None:
         self.consumed.append((node.name, source.name, feat))
@@ -308,6 +384,9 @@ class Context:
         `feat` on its axis `axis` (`groups` > 1: a grouped weight holding one group's share of
         it): record the parameter's axis as merged (M) or unmerged (U)."""
         lazy = self.info(value)
+        if isinstance(lazy, LazyCat):
+            self._tie_parts(lazy, axis, feat, role)
+            return
         if isinstance(lazy, Feat):
             if lazy.axis == axis:
                 self.unify(lazy, feat.moved(axis))
@@ -328,4 +407,14 @@ class Context:
         self._record(source.target, "", source_axis, feat, role, groups)
         if lazy.axes == tuple(range(len(lazy.axes))) and value is source and groups == 1:
             self.infos[source.name] = feat.moved(axis)
+
+    def _tie_parts(self, cat: LazyCat, axis: int, feat: Feat, role: str) -> None:
+        """Parameters concatenated on their axis `cat.axis` run along `feat`: each part along
+        its piece of the layout (a cut inside one space asks for it to be opened as pieces)."""
+        if axis != cat.axis or feat.headed:
+            raise Barrier("uses concatenated parameters along another axis than their "
+                          "concatenation's")
+        by_name = {n.name: n for n in self.gm.graph.nodes}
+        for name, piece in zip(cat.parts, split_layout(feat, list(cat.sizes))):
+            self.tie_param(by_name[name], axis, piece, role)
 
