@@ -19,7 +19,7 @@ from .matching import Match
 from .methods import METHODS, Method, get_method
 from .passes.analysis import Analysis
 from .passes.rewrite import rewrite
-from .passes.statistics import SpaceStats, collect, resolve_precision
+from .passes.statistics import SpaceStats, check_taps, collect, resolve_precision
 from .pipeline import check_models, device_of, is_merged, pair_models, prepare_graphs
 from .report import MergeReport, SpaceReport
 
@@ -36,8 +36,9 @@ class Zipper:
 
     def __init__(self, models: Sequence[nn.Module], inputs: Any, *, progress: bool = True,
                  leaf_modules: Sequence[type] = (), concrete_args: dict | None = None,
-                 statistics_precision: str = "auto", group: Any = None):
+                 statistics_precision: str = "auto", group: Any = None, taps: str = "all"):
         models = list(models)
+        self.taps = check_taps(taps)
         device = check_models(models)
         self.progress = progress
         self.seconds: dict[str, float] = {}
@@ -75,7 +76,8 @@ class Zipper:
                 self._moments.update(collect(self.graphs, self.analysis, missing, self.batches,
                                              progress=self.progress,
                                              precision=self.statistics_precision,
-                                             pairing=self.pairing, group=self.group))
+                                             pairing=self.pairing, group=self.group,
+                                             taps=self.taps))
             self._warn_if_too_few_samples(missing)
         return {s: self._moments[s] for s in spaces}
 
@@ -249,7 +251,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
           method: str = "zipit", alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
           reset_bn: bool = True, shared_output: bool = False, progress: bool = True,
           leaf_modules: Sequence[type] = (), concrete_args: dict | None = None,
-          statistics_precision: str = "auto", group: Any = None) -> fx.GraphModule:
+          statistics_precision: str = "auto", group: Any = None,
+          taps: str = "all") -> fx.GraphModule:
     """Merge two models of one architecture into one GraphModule returning `(out_a, out_b)`.
 
     inputs: calibration data: a tensor batch, a list of batches, or an iterable/DataLoader of
@@ -272,23 +275,28 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
         BatchNorm reset are all-reduced over `group` (None: the default group), and every rank
         returns the same merged model as a one-process merge over the union of the shards.
         Every rank of the group must make the same call.
+    taps: where a feature space is read for its statistics: "all" (every tensor its consumers
+        read: a residual stream at every block's input) or "last" (only the read latest in the
+        graph: a residual stream once, at the end of its segment, as the ZipIt! paper's code
+        does; cheaper where streams are wide and read often, see the README's Speed).
     The input models are never modified. The report is in `merged.fxzip_report`.
     """
     return merge_all([model_a, model_b], inputs, stop_at=stop_at, method=method, alpha=alpha,
                      beta=beta, reset_bn=reset_bn, shared_output=shared_output, progress=progress,
                      leaf_modules=leaf_modules, concrete_args=concrete_args,
-                     statistics_precision=statistics_precision, group=group)
+                     statistics_precision=statistics_precision, group=group, taps=taps)
 
 
 def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | None = None,
               method: str = "zipit", alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
               reset_bn: bool = True, shared_output: bool = False, progress: bool = True,
               leaf_modules: Sequence[type] = (), concrete_args: dict | None = None,
-              statistics_precision: str = "auto", group: Any = None) -> fx.GraphModule:
+              statistics_precision: str = "auto", group: Any = None,
+              taps: str = "all") -> fx.GraphModule:
     """Merge N ≥ 2 models (see `merge`); the merged model returns one output per model."""
     zipper = Zipper(models, inputs, progress=progress, leaf_modules=leaf_modules,
                     concrete_args=concrete_args, statistics_precision=statistics_precision,
-                    group=group)
+                    group=group, taps=taps)
     merged = zipper.merge(stop_at, method=method, alpha=alpha, beta=beta, reset_bn=reset_bn,
                           shared_output=shared_output)
     merged.fxzip_report.seconds = {**{k: zipper.seconds[k] for k in ("trace", "analysis")},

@@ -175,3 +175,45 @@ def test_collect_reports_the_seconds_of_each_pass():
     assert set(timings) == {"consumer taps", "dead units"}
     assert all(seconds >= 0.0 for seconds in timings.values())
     assert any(stats[s].fallback is not None for s in spaces)
+
+
+class _Residual(nn.Module):
+    """A stream read by three blocks and the head: four taps of one space with taps="all"."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(4, 16)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 16))
+                                    for _ in range(3))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(torch.relu(h))
+
+
+def test_taps_last_reads_a_stream_once_and_self_merges_exactly():
+    """taps="last" reads each space only at its last consumer read (the stream after its last
+    block), so the stream's statistics count one read's samples; a model merged with a permuted
+    copy of itself is still exact; an unknown choice is an InputError."""
+    from permute_util import permuted_by_analysis
+
+    torch.manual_seed(0)
+    a = _Residual().eval()
+    x = torch.randn(64, 4)
+    zippers = {t: fxzip.Zipper([a, _Residual().eval()], x, progress=False, taps=t)
+               for t in ("all", "last")}
+    analysis = zippers["all"].analysis
+    stream = max(analysis.mergeable_spaces(), key=lambda s: len(analysis.spaces[s].taps))
+    assert len(analysis.spaces[stream].taps) == 4
+    counts = {t: z.statistics([stream])[stream].features.count for t, z in zippers.items()}
+    assert counts == {"all": 4 * 64, "last": 64}
+    b, _ = permuted_by_analysis(a, x, seed=3)
+    merged = fxzip.merge(a, b, x, progress=False, taps="last", reset_bn=False)
+    with torch.no_grad():
+        out_a, out_b = merged(x)
+        assert torch.allclose(out_a, a(x), atol=1e-5) and torch.allclose(out_b, b(x), atol=1e-5)
+    with pytest.raises(InputError, match="taps must be one of"):
+        fxzip.merge(a, b, x, progress=False, taps="some")

@@ -330,10 +330,25 @@ def producer_taps(analysis: Analysis, space: int) -> list[Tap]:
     return [] if taps == s.taps else taps
 
 
-def shared_taps(analysis: Analysis, space: int, shared: set[str]) -> list[Tap]:
+TAPS = ("all", "last")
+
+
+def check_taps(taps: str) -> str:
+    """`taps` if it names a choice of taps (see `collect`), else an InputError."""
+    if taps not in TAPS:
+        raise InputError(f"taps must be one of {TAPS}, got {taps!r}")
+    return taps
+
+
+def shared_taps(analysis: Analysis, space: int, shared: set[str], which: str = "all",
+                order: dict[str, int] | None = None) -> list[Tap]:
     """A space's taps at nodes every model has (its consumers past the point where the models
-    part are left out); its producers' outputs where no tap is left."""
+    part are left out); its producers' outputs where no tap is left. `which="last"` keeps only
+    the tap latest in graph order (`order`: node name -> position)."""
     taps = [t for t in analysis.spaces[space].taps if t.node in shared]
+    if taps and which == "last":
+        order = order if order is not None else {n.name: i for i, n in enumerate(analysis.nodes)}
+        taps = [max(taps, key=lambda t: order.get(t.node, -1))]
     if not taps:
         taps = [t for t in producer_taps(analysis, space) if t.node in shared]
     if not taps:
@@ -345,9 +360,14 @@ def shared_taps(analysis: Analysis, space: int, shared: set[str]) -> list[Tap]:
 def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterable[int],
             batches: Batches, *, progress: bool = True, precision: str = "float32",
             timings: dict[str, float] | None = None, group: Any = None,
-            pairing: Pairing | None = None) -> dict[int, SpaceStats]:
+            pairing: Pairing | None = None, taps: str = "all") -> dict[int, SpaceStats]:
     """Statistics of every requested space over all batches, for all models at once; `precision`
     is that of the Gram products ("float32" or "bfloat16", see `resolve_precision`).
+
+    `taps` says where a space is read: "all" at every tensor its consumers read (a residual
+    stream at every block's input: the samples of all those reads are pooled), "last" only at
+    the read latest in the graph (a residual stream at the end of its segment, where the ZipIt!
+    paper's code reads it), which is cheaper where spaces are read many times.
 
     A second, smaller pass reads the producers' outputs only for spaces that have constant
     (dead) features at their consumers, where the correlation needs a fallback (those spaces'
@@ -363,13 +383,16 @@ def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterab
     tap; taps at nodes that not every model has are left out.
     """
     spaces = list(spaces)
+    check_taps(taps)
     pairing = pairing if pairing is not None else pair_graphs(graphs)
     shared = pairing.shared()
+    order = {n.name: i for i, n in enumerate(analysis.nodes)}
     device = batches.example_device
     stats = {s: SpaceStats(len(graphs) * analysis.spaces[s].size, device) for s in spaces}
     timings = {} if timings is None else timings
     start = time.perf_counter()
-    _run_pass(graphs, {s: (shared_taps(analysis, s, shared), stats[s].features) for s in spaces},
+    _run_pass(graphs, {s: (shared_taps(analysis, s, shared, taps, order), stats[s].features)
+                       for s in spaces},
               batches, progress, "fxzip statistics", precision, pairing)
     all_reduce_moments([stats[s].features for s in spaces], group)
     timings["consumer taps"] = time.perf_counter() - start
