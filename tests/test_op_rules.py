@@ -473,3 +473,27 @@ def test_op_rule_is_exact(name):
             for out in merged(x):
                 err = ((out - ref).norm() / ref.norm()).item()
                 assert err < 1e-4, (name, stop, err)
+
+
+def test_repeat_over_other_axes_keeps_the_space():
+    class Tiled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+            self.pos = nn.Parameter(torch.randn(1, 1, 6))
+
+        def forward(self, x):  # x: (B, N, 4)
+            h = self.fc1(x) + self.pos.repeat(x.shape[0], x.shape[1], 1)
+            return self.fc2(h.repeat(1, 2, 1).relu()).mean(1)
+
+    torch.manual_seed(0)
+    model = Tiled().eval()
+    x = torch.randn(32, 5, 4)
+    analysis = fxzip.analyze(model, x)
+    assert not analysis.barriers, analysis
+    permuted, _ = permuted_by_analysis(model, x, seed=1)
+    merged = fxzip.merge(model, permuted, x, reset_bn=False, progress=False)
+    with torch.no_grad():
+        ref = model(x)
+        for out in merged(x):
+            assert ((out - ref).norm() / ref.norm()).item() < 1e-5

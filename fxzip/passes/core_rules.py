@@ -130,6 +130,22 @@ def _expand_rule(ctx: Context, node: fx.Node) -> Any:
 register("expand", heads=True)(_expand_rule)
 
 
+@register("repeat")
+def repeat(ctx: Context, node: fx.Node) -> Any:
+    """Tiling along other axes than the channels' (a position embedding repeated over the batch):
+    one space; tiling the channel axis is a barrier."""
+    x = node.args[0]
+    info = ctx.info(x)
+    sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
+        else node.args[1:]
+    new = len(sizes) - len(ctx.shape(x))
+    if not isinstance(info, Feat):
+        return passthrough(info, lambda axes: [None] * new + list(axes))
+    if sizes[info.axis + new] != 1:
+        raise Barrier(f"tiles the channel axis of '{x.name}'")
+    return info.moved(info.axis + new)
+
+
 @register(nn.PReLU)
 def prelu(ctx: Context, node: fx.Node) -> Any:
     """PReLU: a per-channel slope when it has one parameter per channel on axis 1."""
@@ -279,6 +295,20 @@ def depthwise(ctx: Context, node: fx.Node, call: LayerCall, multiplier: int) -> 
     for param in call.params.values():
         ctx.tie(param, 0, feat_out)
     return feat_out
+
+
+@register(nn.Embedding, F.embedding)
+def embedding(ctx: Context, node: fx.Node) -> Feat:
+    """A lookup table (token embeddings): the looked-up ids are the same in every model, the
+    table's columns open a space (M); an output layer tied to it reads the same space."""
+    call = layer_call(ctx, node, {"weight": 1}, {}, "F.embedding", "Embedding")
+    if ctx.info(call.x) is not SHARED:
+        raise Barrier(f"{call.what} looks up ids computed per model")
+    weight = call.params["weight"]
+    feat = ctx.produce(node, axis=len(ctx.shape(node)) - 1, size=ctx.param_shape(weight)[1],
+                       key=ctx.space_key(weight))
+    ctx.tie(weight, 1, feat)
+    return feat
 
 
 @register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, F.batch_norm)
