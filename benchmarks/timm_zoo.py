@@ -43,6 +43,21 @@ MODELS = [
     ("fastvit_t8", 64, "FastViT"), ("maxvit_nano_rw_256", 64, "MaxViT"),
     ("eva02_tiny_patch14_224", 56, "EVA-02"), ("levit_128s", 224, "LeViT"),
     ("mobilevit_xxs", 64, "MobileViT"), ("crossvit_tiny_240", 240, "CrossViT"),
+    # current families: separate / reduced / interleaved q, k, v, rotary embeddings, register
+    # tokens, relative biases, channel attention, linear attention, focal modulation, ...
+    ("pvt_v2_b0", 64, "PVT-v2"), ("xcit_nano_12_p16_224", 64, "XCiT"),
+    ("vit_little_patch16_reg1_gap_256", 64, "ViT (registers)"), ("deit3_small_patch16_224", 64, "DeiT-III"),
+    ("convit_tiny", 64, "ConViT"), ("efficientformerv2_s0", 64, "EfficientFormer-v2"),
+    ("efficientvit_b0", 64, "EfficientViT (MIT)"), ("mobilevitv2_050", 64, "MobileViT-v2"),
+    ("focalnet_tiny_srf", 64, "FocalNet"), ("davit_tiny", 64, "DaViT"),
+    ("nextvit_small", 64, "Next-ViT"), ("mobilenetv4_hybrid_medium", 64, "MobileNet v4"),
+    ("caformer_s18", 64, "MetaFormer (CAFormer)"), ("coatnet_nano_rw_224", 64, "CoAtNet"),
+    ("regnetz_005", 64, "RegNet-Z"), ("ghostnetv2_100", 64, "GhostNet-v2"), ("repvit_m1", 64, "RepViT"),
+    ("inception_next_atto", 64, "InceptionNeXt"), ("mambaout_femto", 64, "MambaOut"),
+    ("hgnetv2_b0", 64, "HGNet-v2"), ("starnet_s050", 64, "StarNet"), ("gmlp_ti16_224", 64, "gMLP"),
+    ("resnest14d", 64, "ResNeSt"), ("skresnet18", 64, "SKNet"), ("nf_regnet_b0", 64, "NF-RegNet"),
+    ("eca_resnet33ts", 64, "ECA-ResNet"), ("cs3darknet_s", 64, "CSPDarkNet"),
+    ("twins_svt_small", 64, "Twins"), ("tiny_vit_5m_224", 224, "TinyViT"),
 ]
 
 
