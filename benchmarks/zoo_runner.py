@@ -81,8 +81,9 @@ def run_all(script: str, models: Models, timeout: int) -> list[dict]:
             done = subprocess.run([sys.executable, script, "--one", name, str(size)],
                                   capture_output=True, text=True, timeout=timeout)
             line = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-            row = json.loads(line[-1]) if line else dict(
-                model=name, size=size, traced=False, error=done.stderr.strip()[-200:])
+            row = json.loads(line[-1]) if line else dict(  # e.g. killed for memory: -9
+                model=name, size=size, traced=False,
+                error=f"exit status {done.returncode}: {done.stderr.strip()[-180:]}")
         except subprocess.TimeoutExpired:
             row = dict(model=name, size=size, traced=False, error=f"timeout after {timeout}s")
         row["family"] = family
