@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import fxzip  # noqa: E402
+from fxzip import distributed as fxzip_distributed  # noqa: E402
 from fxzip.methods import get_method  # noqa: E402
 from fxzip.passes import statistics  # noqa: E402
 
@@ -76,9 +77,12 @@ def worker(args: argparse.Namespace) -> None:
     if distributed:
         dist.barrier()
     start = time.perf_counter()
+    sent = fxzip_distributed.traffic["bytes"]
     stats = zipper.statistics(spaces)
     _sync(device)
     seconds = time.perf_counter() - start
+    sent = fxzip_distributed.traffic["bytes"] - sent
+    full = sum(stats[s].features.m2.numel() * 8 for s in spaces)  # the square float64 matrices
     if rank == 0:
         out = Path(args.worker)
         np.savez(out / f"correlations-{args.tag}.npz",
@@ -87,7 +91,8 @@ def worker(args: argparse.Namespace) -> None:
                     "threads": args.threads, "batches": len(case.batches),
                     "precision": zipper.statistics_precision, "device": str(device),
                     "backend": dist.get_backend() if distributed else "-",
-                    "spaces": len(spaces)}, out / f"timing-{args.tag}.pt")
+                    "spaces": len(spaces), "sent_bytes": sent, "full_bytes": full},
+                   out / f"timing-{args.tag}.pt")
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
@@ -153,17 +158,23 @@ def main() -> None:
                   f"batches of {args.batch}, {timings[0]['spaces']} spaces, "
                   f"{timings[0]['precision']} products): one process vs {args.ranks} ranks (gloo, CPU)",
                   ["run", "threads per process", "batches per rank", "statistics s",
-                   "of which all-reduce s", "speed-up", "max abs Δ correlation", "same matchings"])
+                   "of which all-reduce s", "all-reduce MB per rank", "full matrices MB",
+                   "speed-up", "max abs Δ correlation", "same matchings"])
     base = timings[0]["seconds"]
     for tag, t in zip(tags, timings):
         world = t["world"]
         table.add("one process" if world == 1 else f"{world} ranks ({t['backend']})",
                   t["threads"], f"{-(-t['batches'] // world)}", t["seconds"], t["all_reduce"],
+                  t["sent_bytes"] / 1e6 if world > 1 else "-", t["full_bytes"] / 1e6,
                   base / t["seconds"], largest if tag == "ranks" else "-",
                   f"{same}/{total}" if tag == "ranks" else "-")
     table.notes.append("speed-up against the one-process run with one rank's threads; the "
                        "correlations and ZipIt! matchings (alpha 0.5, beta 1) of the ranks are "
                        "compared with that run's")
+    table.notes.append("all-reduce MB: what this rank handed to the all-reduces "
+                       "(`fxzip.distributed.traffic`): the packed upper triangles of the co-moments "
+                       "plus counts, means and dead units' rows; full matrices MB: the square "
+                       "float64 co-moment matrices that were sent before")
     table.notes.append(f"host: {os.cpu_count()} CPU cores, load average "
                        f"{os.getloadavg()[0]:.1f} at the end (shared with other work: wall times "
                        "are single runs and noisy)")
