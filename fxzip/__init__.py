@@ -2,6 +2,7 @@
 training, by the ZipIt! method, with the merge structure worked out from the torch.fx graph."""
 from .api import Zipper, analyze, merge, merge_all
 from .bn_reset import reset_bn
+from .corrections import CorrectionReport, Corrections
 from .errors import (ArchitectureMismatchError, CalibrationWarning, CheckpointError, ExportError,
                      FxzipError, InputError, MatchingError, NonFiniteError, RecipeError,
                      StopPointError, TraceError)
@@ -15,7 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "merge", "merge_all", "analyze", "save", "load", "reset_bn", "Zipper", "MergeReport", "Analysis",
-    "Match",
+    "Match", "Corrections", "CorrectionReport",
     "match_features", "FxzipError", "TraceError", "ArchitectureMismatchError", "StopPointError",
     "InputError", "NonFiniteError", "MatchingError", "RecipeError", "CheckpointError", "ExportError",
     "CalibrationWarning",

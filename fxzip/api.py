@@ -1,8 +1,10 @@
 """The public API: `merge`, `merge_all`, `analyze`, and the reusable `Zipper`."""
 from __future__ import annotations
 
+import math
 import time
 import warnings
+import dataclasses
 from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -11,6 +13,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .bn_reset import reset_bn as reset_batch_norm
+from .corrections import Corrections, correct
 from .costs import count_flops, count_parameters
 from .errors import CalibrationWarning, InputError, StopPointError
 from .head_matching import match_heads
@@ -22,11 +25,67 @@ from .passes.rewrite import rewrite
 from .passes.statistics import SpaceStats, check_taps, collect, resolve_precision
 from .pipeline import check_models, device_of, is_merged, pair_models, prepare_graphs
 from .report import MergeReport, SpaceReport
+from .similarity import feature_signatures, mix, weight_similarity as signature_similarity
 
-__all__ = ["Zipper", "merge", "merge_all", "analyze", "MergeReport", "SpaceReport"]
+__all__ = ["Zipper", "merge", "merge_all", "analyze", "MergeReport", "SpaceReport", "Corrections",
+           "CORRECTION_NAMES"]
 
 DEFAULT_ALPHA = 0.5
 DEFAULT_BETA = 1.0
+# a tie-breaker by default: features that look exactly alike on the calibration data (scarce
+# data) are told apart by their weights; small enough not to move real matchings much
+DEFAULT_WEIGHT_SIMILARITY = 0.01
+CORRECTION_NAMES = ("default", "none")
+
+
+def resolve_corrections(corrections: Any, reset_bn: bool = True) -> Corrections | None:
+    """The Corrections a `corrections=` value means: "default" → `Corrections()`, None or "none" →
+    None (plain ZipIt!), a Corrections as is; InputError otherwise. `reset_bn=False` turns the
+    corrections' BatchNorm reset off too (their targets are then the parents as given)."""
+    if corrections is None or (isinstance(corrections, str) and corrections == "none"):
+        return None
+    if isinstance(corrections, str) and corrections == "default":
+        options = Corrections()
+    elif isinstance(corrections, Corrections):
+        options = corrections
+    else:
+        raise InputError(f"corrections={corrections!r} is not allowed: pass \"default\" (the "
+                         "label-free refit after the rewrite), None or \"none\" (plain ZipIt!), "
+                         "or an fxzip.Corrections(...)")
+    if not isinstance(reset_bn, bool):
+        raise InputError(f"reset_bn must be True or False, got {reset_bn!r}")
+    if not reset_bn and options.reset_bn:
+        options = dataclasses.replace(options, reset_bn=False)
+    return options
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_options(method: Any, alpha: Any, beta: Any, weight_similarity: Any = 0.0,
+                  reset_bn: Any = True, shared_output: Any = False) -> tuple[float, float, float]:
+    """Check the merge options; InputError naming the allowed values. (alpha, beta, w) back."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    alpha = _number(alpha, "alpha")
+    if not 0 < alpha <= 1:
+        raise InputError(f"alpha must be in (0, 1] (the weight of a merged cluster's similarity "
+                         f"to the others), got {alpha}")
+    beta = _number(beta, "beta")
+    if not 0 <= beta <= 1:
+        raise InputError(f"beta must be in [0, 1] (the share of merges allowed within one model), "
+                         f"got {beta}")
+    weight = _number(weight_similarity, "weight_similarity")
+    if not 0 <= weight <= 1:
+        raise InputError(f"weight_similarity must be in [0, 1] (the share of the weights' "
+                         f"similarity in the matching's similarity), got {weight}")
+    for name, value in (("reset_bn", reset_bn), ("shared_output", shared_output)):
+        if not isinstance(value, bool):
+            raise InputError(f"{name} must be True or False, got {value!r}")
+    return alpha, beta, weight
 
 
 class Zipper:
@@ -57,6 +116,7 @@ class Zipper:
         self._analyses: dict[int, Analysis] = {0: self.analysis}
         self._moments: dict[int, SpaceStats] = {}
         self._matches: dict[tuple, Match] = {}
+        self._similarities: dict[int, Any] = {}
 
     @contextmanager
     def _timed(self, phase: str) -> Iterator[None]:
@@ -97,17 +157,32 @@ class Zipper:
                 "features that merely look alike on these inputs may be merged; pass more "
                 "calibration data (more images, or larger ones)", CalibrationWarning, stacklevel=3)
 
-    def match(self, space: int, method: str | Method, alpha: float, beta: float) -> Match:
-        """The Match of a space, cached; the spaces of one head group are matched together."""
+    def weight_similarity(self, space: int) -> Any:
+        """The (D, D) similarity of the space's features by their weights (see
+        `fxzip.similarity`), None if no parameter runs along it; cached."""
+        if space not in self._similarities:
+            with self._timed("matching"):
+                signatures = feature_signatures(self.graphs, self.analysis, self.pairing, space)
+                self._similarities[space] = None if signatures is None \
+                    else signature_similarity(signatures)
+        return self._similarities[space]
+
+    def match(self, space: int, method: str | Method, alpha: float, beta: float,
+              weight_similarity: float = DEFAULT_WEIGHT_SIMILARITY) -> Match:
+        """The Match of a space, cached; the spaces of one head group are matched together.
+        `weight_similarity` mixes the features' weight similarity into their correlation."""
         method = get_method(method)
-        key = (space, method.name, alpha, beta)
+        key = (space, method.name, alpha, beta, weight_similarity)
         if key in self._matches:
             return self._matches[key]
         group = next((g for g in self.analysis.head_groups if space in g.spaces), None)
         spaces = list(group.spaces) if group is not None else [space]
         stats = self.statistics(spaces) if method.needs_statistics else {}
+        similarities = [self.weight_similarity(s) if stats and weight_similarity else None
+                        for s in spaces]
         with self._timed("matching"):
-            corrs = [stats[s].correlation() if stats else None for s in spaces]
+            corrs = [mix(stats[s].correlation(), w, weight_similarity) if stats else None
+                     for s, w in zip(spaces, similarities)]
             sizes = [self.analysis.spaces[s].size for s in spaces]
             if group is not None:
                 found = match_heads(corrs, sizes, group.heads, self.num_models, method,
@@ -117,7 +192,7 @@ class Zipper:
                 found = [method.match(corrs[0], [sizes[0]] * self.num_models, alpha=alpha,
                                       beta=beta)]
         for s, m in zip(spaces, found):
-            self._matches[(s, method.name, alpha, beta)] = m
+            self._matches[(s, method.name, alpha, beta, weight_similarity)] = m
         return self._matches[key]
 
     def trunk(self, stop_at: str | int | None) -> set[str]:
@@ -183,10 +258,13 @@ class Zipper:
 
     def merge(self, stop_at: str | int | None = None, *, method: str = "zipit",
               alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
-              reset_bn: bool = True, shared_output: bool = False) -> fx.GraphModule:
+              reset_bn: bool = True, shared_output: bool = False,
+              corrections: str | Corrections | None = "default",
+              weight_similarity: float = DEFAULT_WEIGHT_SIMILARITY) -> fx.GraphModule:
         """The merged model for one stop point (see `fxzip.merge`)."""
-        if method not in METHODS:
-            raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        alpha, beta, weight_similarity = check_options(method, alpha, beta, weight_similarity,
+                                                       reset_bn, shared_output)
+        options = resolve_corrections(corrections, reset_bn)
         chosen = METHODS[method]
         before = dict(self.seconds)
         if shared_output:
@@ -204,14 +282,20 @@ class Zipper:
         spaces = [s for s in self.analysis.spaces_of(trunk) if s not in aligned]
         if chosen.needs_statistics:
             self.statistics(spaces)
-        matches = {s: self.match(s, chosen, alpha, beta) for s in spaces}
+        matches = {s: self.match(s, chosen, alpha, beta, weight_similarity) for s in spaces}
         matches.update({s: Match.identity(self.analysis.spaces[s].size, self.num_models)
                         for s in aligned})
         with self._timed("rewrite"):
             merged = rewrite(self.graphs, self.analysis, matches, trunk,
                              shared_output=shared_output, pairing=self.pairing,
                              spread=[self.extends] + [False] * (self.num_models - 1))
-        if reset_bn:
+        correction_report = None
+        if options is not None:  # the pass also re-estimates the BatchNorm statistics
+            with self._timed("corrections"):
+                correction_report = correct(merged, self.graphs, self.analysis, matches,
+                                            self.batches, options, pairing=self.pairing,
+                                            group=self.group)
+        elif reset_bn:
             with self._timed("bn_reset"):
                 reset_batch_norm(merged, self.batches, progress=self.progress, group=self.group)
         seconds = {k: v - before.get(k, 0.0) for k, v in self.seconds.items()}
@@ -219,7 +303,10 @@ class Zipper:
         merged.fxzip_report = MergeReport(
             method, stop_at, self.analysis.layers_in(trunk), len(self.analysis.all_layers),
             [self._space_report(s, matches[s]) for s in spaces], seconds,
-            barriers=self._barriers(), costs=self._costs(merged))
+            barriers=self._barriers(), costs=self._costs(merged), corrections=correction_report,
+            settings={"alpha": alpha, "beta": beta, "weight_similarity": weight_similarity,
+                      "reset_bn": reset_bn, "corrections": None if options is None
+                      else dataclasses.asdict(options)})
         return merged
 
     def _space_report(self, space: int, match: Match) -> SpaceReport:
@@ -252,7 +339,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
           reset_bn: bool = True, shared_output: bool = False, progress: bool = True,
           leaf_modules: Sequence[type] = (), concrete_args: dict | None = None,
           statistics_precision: str = "auto", group: Any = None,
-          taps: str = "all") -> fx.GraphModule:
+          taps: str = "all", corrections: str | Corrections | None = "default",
+          weight_similarity: float = DEFAULT_WEIGHT_SIMILARITY) -> fx.GraphModule:
     """Merge two models of one architecture into one GraphModule returning `(out_a, out_b)`.
 
     inputs: calibration data: a tensor batch, a list of batches, or an iterable/DataLoader of
@@ -261,9 +349,22 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
         on is zipped, the rest becomes one head per model. An int n zips the first n weight
         layers (ZipIt! n/m). None zips every layer but the ones producing the outputs, so each
         model keeps its own output layer.
-    method: "zipit" (greedy, within and across models; `alpha`, `beta`), "permute" (Hungarian
+    method: "zipit" (greedy, within and across models; `alpha` in (0, 1], `beta` in [0, 1]: the
+        share of merges allowed within a model), "permute" (Hungarian
         across models: Git Re-Basin activation matching) or "average" (plain weight averaging).
-    reset_bn: re-estimate the BatchNorm statistics of the merged model on `inputs`.
+    reset_bn: re-estimate the BatchNorm statistics of the merged model on `inputs` (with the
+        corrections on, their pass does it, and their targets are the parents with BatchNorm
+        statistics of `inputs`; False: no reset anywhere, targets the parents as given).
+    corrections: "default" (the default): after the rewrite, a label-free least-squares refit
+        of every zipped layer and of each head's first and last layers toward the parents
+        (`fxzip.Corrections()`, see `fxzip.corrections`: one more pass over `inputs`, which holds
+        their activations at once: pass a calibration set of moderate size, or a
+        `Corrections(max_rows=...)` and fewer batches). None or "none": plain ZipIt! as in the
+        paper (`method="zipit", alpha=0.5, beta=1.0, corrections=None, weight_similarity=0`).
+        A `Corrections(...)` chooses refit/REPAIR by hand.
+    weight_similarity: in [0, 1], the share of the features' weight similarity mixed into their
+        activation correlation for the matching (`fxzip.similarity`; default 0.01: breaks the
+        ties of features that look exactly alike on scarce calibration data).
     shared_output: for models trained into one aligned output space (e.g. fixed class
         embeddings, CLIP-style): zip every layer, average the output layers without permuting
         them, and return ONE output.
@@ -284,7 +385,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
     return merge_all([model_a, model_b], inputs, stop_at=stop_at, method=method, alpha=alpha,
                      beta=beta, reset_bn=reset_bn, shared_output=shared_output, progress=progress,
                      leaf_modules=leaf_modules, concrete_args=concrete_args,
-                     statistics_precision=statistics_precision, group=group, taps=taps)
+                     statistics_precision=statistics_precision, group=group, taps=taps,
+                     corrections=corrections, weight_similarity=weight_similarity)
 
 
 def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | None = None,
@@ -292,13 +394,17 @@ def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | 
               reset_bn: bool = True, shared_output: bool = False, progress: bool = True,
               leaf_modules: Sequence[type] = (), concrete_args: dict | None = None,
               statistics_precision: str = "auto", group: Any = None,
-              taps: str = "all") -> fx.GraphModule:
+              taps: str = "all", corrections: str | Corrections | None = "default",
+              weight_similarity: float = DEFAULT_WEIGHT_SIMILARITY) -> fx.GraphModule:
     """Merge N ≥ 2 models (see `merge`); the merged model returns one output per model."""
+    check_options(method, alpha, beta, weight_similarity, reset_bn, shared_output)
+    resolve_corrections(corrections, reset_bn)
     zipper = Zipper(models, inputs, progress=progress, leaf_modules=leaf_modules,
                     concrete_args=concrete_args, statistics_precision=statistics_precision,
                     group=group, taps=taps)
     merged = zipper.merge(stop_at, method=method, alpha=alpha, beta=beta, reset_bn=reset_bn,
-                          shared_output=shared_output)
+                          shared_output=shared_output, corrections=corrections,
+                          weight_similarity=weight_similarity)
     merged.fxzip_report.seconds = {**{k: zipper.seconds[k] for k in ("trace", "analysis")},
                                    **merged.fxzip_report.seconds}
     return merged

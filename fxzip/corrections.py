@@ -59,7 +59,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .distributed import all_reduce_sum, is_distributed
 from .errors import InputError
+from .inputs import batch_size, leading
 from .matching import Match
 
 if TYPE_CHECKING:  # type hints only: the pass reads `analysis.feat`, `.spaces` and Feat blocks
@@ -128,20 +130,39 @@ class Corrections:
 @dataclass
 class CorrectionReport:
     """What `correct` did: the layers refitted / repaired (merged-model module names), the
-    relative error of each refitted layer's fit-point output to its target before and after, and
-    the seconds spent."""
+    relative error of each refitted layer's fit-point output to its target before and after, the
+    Linear/Conv layers left uncorrected with the reason (e.g. a module called more than once),
+    the options, the calibration samples used and the seconds spent."""
 
     refitted: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
     errors: dict[str, tuple[float, float]] = field(default_factory=dict)
     seconds: float = 0.0
+    skipped: dict[str, str] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    samples: int = 0
 
     def __str__(self) -> str:
         lines = [f"fxzip corrections: {len(self.refitted)} layers refitted, {len(self.repaired)} "
-                 f"repaired in {self.seconds:.2f}s"]
+                 f"repaired on {self.samples} samples in {self.seconds:.2f}s"]
         for name, (before, after) in self.errors.items():
             lines.append(f"  {name}: relative error {before:.4f} -> {after:.4f}")
+        for name, why in self.skipped.items():
+            lines.append(f"  {name}: not corrected: {why}")
         return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"refitted": list(self.refitted), "repaired": list(self.repaired),
+                "errors": {k: [float(a), float(b)] for k, (a, b) in self.errors.items()},
+                "seconds": float(self.seconds), "skipped": dict(self.skipped),
+                "options": dict(self.options), "samples": int(self.samples)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CorrectionReport":
+        known = set(cls.__dataclass_fields__)
+        fields = {k: v for k, v in data.items() if k in known}
+        fields["errors"] = {k: tuple(v) for k, v in fields.get("errors", {}).items()}
+        return cls(**fields)
 
 
 # -- node-by-node execution over all batches --------------------------------------------------------
@@ -151,9 +172,9 @@ class _Runner:
     BatchNorm normalises with the statistics of its inputs on these batches (as after
     `fxzip.reset_bn`, but on eval-mode inputs) without its module being changed."""
 
-    def __init__(self, gm: fx.GraphModule, batches: Sequence[torch.Tensor], keep: Iterable[str] = (),
-                 reset_bn: bool = False):
-        self.gm, self.batches, self.reset_bn = gm, list(batches), reset_bn
+    def __init__(self, gm: fx.GraphModule, batches: Sequence[Any], keep: Iterable[str] = (),
+                 reset_bn: bool = False, group: Any = None):
+        self.gm, self.batches, self.reset_bn, self.group = gm, list(batches), reset_bn, group
         self.nodes = [n for n in gm.graph.nodes if n.op != "output"]
         self.position = 0
         self.env: dict[str, list[Any]] = {}
@@ -205,9 +226,11 @@ class _Runner:
         if node.op == "placeholder":
             first = self._placeholders == 0
             self._placeholders += 1
+            default = node.args[0] if node.args else None
+            if self.batches and isinstance(self.batches[0], dict):  # forward's keyword arguments
+                return [b.get(node.target, default) for b in self.batches]
             if first:
                 return list(self.batches)
-            default = node.args[0] if node.args else None
             return [default] * len(self.batches)
         if node.op == "get_attr":
             value = self.gm
@@ -219,10 +242,12 @@ class _Runner:
             if isinstance(module, _BN) and module.track_running_stats and not module.training \
                     and module.running_mean is not None:
                 inputs = self.env[node.args[0].name]
-                mean, var = _bn_statistics(inputs)
-                mean, var = mean.to(inputs[0].dtype), var.to(inputs[0].dtype)
-                return [F.batch_norm(x, mean, var, module.weight, module.bias, False, 0.0, module.eps)
-                        for x in inputs]
+                stats = _bn_statistics(inputs, module.num_features, self.group)
+                if stats is not None:
+                    mean, var = (v.to(module.running_mean.device, module.running_mean.dtype)
+                                 for v in stats)
+                    return [F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), module.weight,
+                                         module.bias, False, 0.0, module.eps) for x in inputs]
         out = []
         for b in range(len(self.batches)):
             args = fx.node.map_arg(node.args, lambda n: self.env[n.name][b])
@@ -239,15 +264,6 @@ class _Runner:
 
 
 # -- layers -----------------------------------------------------------------------------------------
-def _correctable(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return module.groups == 1 and module.padding_mode == "zeros" and \
-            not (isinstance(module.padding, str) and module.padding != "valid")
-    return False
-
-
 def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The (rows, d) matrix of a layer's inputs, one row per output position (im2col)."""
     if isinstance(module, nn.Linear):
@@ -286,37 +302,56 @@ def _reduce_dims(v: torch.Tensor, axis: int) -> list[int]:
     return [d for d in range(v.dim()) if d != axis]
 
 
-def _channel_stats(values: Sequence[torch.Tensor], axis: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Population mean and std per channel over all batches and positions (float32 per batch,
-    combined in float64)."""
-    count, total, second = 0, None, None
+def _reduce(values: Sequence[torch.Tensor], group: Any) -> None:
+    """Sum CPU float64 tensors over the ranks of `group`, in place (nothing in one process). Every
+    rank makes the same calls in the same order: the pass walks the same merged graph on each."""
+    if is_distributed():
+        all_reduce_sum(list(values), group)
+
+
+def _channel_stats(values: Sequence[torch.Tensor], axis: int, width: int,
+                   group: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Population mean and std per channel over all batches and positions (of every rank),
+    float32 per batch, combined in float64."""
+    sums = torch.zeros(2, width, dtype=torch.float64)
+    count = torch.zeros(1, dtype=torch.float64)
     for v in values:
         var, mean = torch.var_mean(v.float(), dim=_reduce_dims(v, axis), unbiased=False)
         n = v.numel() // v.shape[axis]
-        s, q = mean.double() * n, (var.double() + mean.double().square()) * n
-        total = s if total is None else total + s
-        second = q if second is None else second + q
+        sums[0] += mean.double().cpu() * n
+        sums[1] += (var.double() + mean.double().square()).cpu() * n
         count += n
-    mean = total / count
-    return mean, (second / count - mean.square()).clamp_min(0).sqrt()
+    _reduce([sums, count], group)
+    mean = sums[0] / count.clamp_min(1)
+    return mean, (sums[1] / count.clamp_min(1) - mean.square()).clamp_min(0).sqrt()
 
 
-def _bn_statistics(values: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Running mean/var as `fxzip.reset_bn` sets them: the equal-weight average over batches of
-    each batch's mean and unbiased variance (per channel, axis 1)."""
-    means, variances = [], []
+def _bn_statistics(values: Sequence[torch.Tensor], width: int,
+                   group: Any = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Running mean/var as `fxzip.reset_bn` sets them: the equal-weight average over batches (of
+    every rank) of each batch's mean and unbiased variance (per channel, axis 1); None if no
+    rank has a batch."""
+    sums = torch.zeros(2, width, dtype=torch.float64)
+    count = torch.zeros(1, dtype=torch.float64)
     for v in values:
         n = v.numel() // v.shape[1]
         var, mean = torch.var_mean(v.float(), dim=_reduce_dims(v, 1), unbiased=n > 1)
-        means.append(mean.double())
-        variances.append(var.double())
-    return torch.stack(means).mean(0), torch.stack(variances).mean(0)
+        sums[0] += mean.double().cpu()
+        sums[1] += var.double().cpu()
+        count += 1
+    _reduce([sums, count], group)
+    if count.item() == 0:
+        return None
+    return sums[0] / count, sums[1] / count
 
 
-def _bn_reset(bn: _BN, values: Sequence[torch.Tensor]) -> None:
-    mean, var = _bn_statistics(values)
-    bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
-    bn.running_var.copy_(var.to(bn.running_var.dtype))
+def _bn_reset(bn: _BN, values: Sequence[torch.Tensor], group: Any = None) -> None:
+    stats = _bn_statistics(values, bn.num_features, group)
+    if stats is None:
+        return
+    mean, var = stats
+    bn.running_mean.copy_(mean.to(bn.running_mean.device, bn.running_mean.dtype))
+    bn.running_var.copy_(var.to(bn.running_var.device, bn.running_var.dtype))
     if bn.num_batches_tracked is not None:
         bn.num_batches_tracked.fill_(len(values))
 
@@ -334,30 +369,11 @@ class _Layer:
     bn: str | None            # merged BN module target when the fit point is a BN
     refit: bool
     repair: bool
-    pending_bias: torch.Tensor | None = None
+    pending_bias: bool | None = None  # refitted with its BN: the BN's statistics are kept
     error_before: float | None = None
     axis: int = 1             # the channel axis at the fit point
     targets: list[torch.Tensor] | None = None
     target_stats: tuple[torch.Tensor, torch.Tensor] | None = None
-
-
-def _head_prefix(targets: set[str]) -> str:
-    """The prefix under which the rewrite put head modules (as `rewrite._head_prefix`)."""
-    prefix = "heads"
-    while any(t == prefix or t.startswith(prefix + ".") for t in targets):
-        prefix = "fxzip_" + prefix
-    return prefix
-
-
-def _owner(target: str, parent_targets: set[str], prefix: str, num_models: int) -> tuple[int | None, str] | None:
-    """(None, target) for a trunk module, (k, original target) for model k's head module."""
-    if target in parent_targets:
-        return None, target
-    for k in range(num_models):
-        head = f"{prefix}.{k}."
-        if target.startswith(head) and target[len(head):] in parent_targets:
-            return k, target[len(head):]
-    return None
 
 
 def _producers_between(graph: fx.Graph, is_layer: set[str]) -> tuple[set[str], set[str]]:
@@ -375,14 +391,6 @@ def _producers_between(graph: fx.Graph, is_layer: set[str]) -> tuple[set[str], s
     return first, last
 
 
-def _module_nodes(graph: fx.GraphModule) -> dict[str, list[fx.Node]]:
-    nodes: dict[str, list[fx.Node]] = {}
-    for node in graph.graph.nodes:
-        if node.op == "call_module":
-            nodes.setdefault(node.target, []).append(node)
-    return nodes
-
-
 def _fit_point(graph: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     """The affine BatchNorm that is `node`'s only user (and reads nothing else), if any."""
     users = list(node.users)
@@ -396,46 +404,90 @@ def _fit_point(graph: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return None
 
 
-def _plan(merged: fx.GraphModule, graphs: Sequence[fx.GraphModule], options: Corrections) -> list[_Layer]:
-    """The correctable layers of `merged`, each with its parents' fit-point nodes."""
-    modules = [_module_nodes(g) for g in graphs]
-    by_name = [{n.name: n for n in g.graph.nodes} for g in graphs]
-    all_targets = {n.target for g in graphs for n in g.graph.nodes
-                   if n.op in ("call_module", "get_attr")}
-    prefix = _head_prefix(all_targets)
+def _why_not(module: nn.Module) -> str | None:
+    """Why a Linear/Conv module cannot be corrected (None: it can; "" : not a layer kind at all)."""
+    if isinstance(module, nn.Linear):
+        return None
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        if module.groups != 1:
+            return f"grouped convolution (groups={module.groups})"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r}"
+        if isinstance(module.padding, str) and module.padding != "valid":
+            return f"padding={module.padding!r}"
+        return None
+    if isinstance(module, (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return f"{type(module).__name__} layers are not refitted"
+    return ""
+
+
+def _origin(node: fx.Node, pairing: Any, num_models: int) -> dict[int, str] | None:
+    """The parent nodes a merged node computes: {k: graph k's node} for every model (a trunk
+    node, through the pairing) or for its own model only (a head node); None if unknown."""
+    origin = node.meta.get("fxzip_origin")
+    if origin is None:
+        return None
+    head, name = origin
+    if head is not None:
+        return {head: name}
+    if pairing is None:
+        return {k: name for k in range(num_models)}
+    try:
+        return {k: pairing.name(k, name) if k else name for k in range(num_models)}
+    except KeyError:
+        return None
+
+
+def _plan(merged: fx.GraphModule, graphs: Sequence[fx.GraphModule], options: Corrections,
+          pairing: Any = None) -> tuple[list[_Layer], dict[str, str]]:
+    """The correctable layers of `merged`, each with its parents' fit-point nodes, and the
+    layers left uncorrected with the reason (merged module name -> reason). A merged node's
+    parents are found by the provenance the rewrite records on it (`fxzip_origin`: graph 0's node
+    for the trunk, read in graph k through the pairing; model k's own node for a head)."""
     calls: dict[str, int] = {}
     for node in merged.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+    nodes = [{n.name: n for n in g.graph.nodes} for g in graphs]
+    parent_calls = []
+    for g in graphs:
+        counts: dict[str, int] = {}
+        for n in g.graph.nodes:
+            if n.op == "call_module":
+                counts[n.target] = counts.get(n.target, 0) + 1
+        parent_calls.append(counts)
+    skipped: dict[str, str] = {}
     candidates: dict[str, tuple[int | None, fx.Node, list[fx.Node]]] = {}
     for node in merged.graph.nodes:
-        if node.op != "call_module" or calls[node.target] != 1 or len(node.args) != 1 or node.kwargs:
+        if node.op != "call_module":
             continue
-        if not _correctable(merged.get_submodule(node.target)):
+        why = _why_not(merged.get_submodule(node.target))
+        if why == "":
             continue
-        owner = _owner(node.target, set(modules[0]), prefix, len(graphs))
-        if owner is None:  # a head module of a model k > 0 whose target graph 0 lacks
-            owner = next(((k, node.target[len(f"{prefix}.{k}."):]) for k in range(len(graphs))
-                          if node.target.startswith(f"{prefix}.{k}.")
-                          and node.target[len(f"{prefix}.{k}."):] in modules[k]), None)
-        if owner is None:
+        if why is None and calls[node.target] != 1:
+            why = f"module called {calls[node.target]} times (shared weights)"
+        if why is None and (len(node.args) != 1 or node.kwargs):
+            why = "called with more than one input"
+        origin = _origin(node, pairing, len(graphs))
+        if why is None and origin is None:
+            why = "no parent layer known for it"
+        partners: list[fx.Node] = []
+        if why is None:
+            for k, name in origin.items():
+                partner = nodes[k].get(name)
+                if partner is None or partner.op != "call_module":
+                    why = f"model {k}'s layer not found"
+                elif parent_calls[k][partner.target] != 1:
+                    why = (f"model {k}'s module '{partner.target}' is called "
+                           f"{parent_calls[k][partner.target]} times")
+                else:
+                    partners.append(partner)
+                    continue
+                break
+        if why is not None:
+            skipped.setdefault(node.target, why)
             continue
-        head, original = owner
-        if head is None:  # trunk: graph 0's node, and its partner in every graph (same name/target)
-            if len(modules[0].get(original, [])) != 1:
-                continue
-            first = modules[0][original][0]
-            partners = [by_name[k].get(first.name) for k in range(len(graphs))]
-            if any(p is None or p.op != "call_module" or p.target != original for p in partners):
-                partners = [modules[k].get(original, [None, None])[0]
-                            if len(modules[k].get(original, [])) == 1 else None
-                            for k in range(len(graphs))]
-            if any(p is None for p in partners):
-                continue
-        else:
-            if len(modules[head].get(original, [])) != 1:
-                continue
-            partners = [modules[head][original][0]]
+        head = node.meta["fxzip_origin"][0]
         candidates[node.name] = (head, node, partners)
     head_layers = {name for name, (k, _, _) in candidates.items() if k is not None}
     first_layers, last_layers = _producers_between(merged.graph, head_layers)
@@ -456,7 +508,7 @@ def _plan(merged: fx.GraphModule, graphs: Sequence[fx.GraphModule], options: Cor
         else:
             fits = {k: p.name for k, p in zip(graph_of, partners)}
             plan.append(_Layer(name, node.target, head, fits, name, None, refit, repair))
-    return plan
+    return plan, skipped
 
 
 # -- merging targets by M ---------------------------------------------------------------------------
@@ -481,10 +533,11 @@ def _merge_index(analysis: Analysis, matches: dict[int, Match], feat: Feat, k: i
 # -- the pass -----------------------------------------------------------------------------------------
 class _Pass:
     def __init__(self, merged: fx.GraphModule, graphs: Sequence[fx.GraphModule], analysis: Analysis,
-                 matches: dict[int, Match], batches: list[torch.Tensor], options: Corrections):
+                 matches: dict[int, Match], batches: list[Any], options: Corrections,
+                 pairing: Any = None, group: Any = None):
         self.merged, self.graphs, self.analysis, self.matches = merged, graphs, analysis, matches
-        self.options = options
-        self.plan = _plan(merged, graphs, options)
+        self.options, self.group = options, group
+        self.plan, skipped = _plan(merged, graphs, options, pairing)
         self.by_node = {layer.node: layer for layer in self.plan}
         self.by_fit = {layer.fit_node: layer for layer in self.plan}
         needed: dict[int, set[str]] = {k: set() for k in range(len(graphs))}
@@ -492,10 +545,20 @@ class _Pass:
             for k, name in layer.parent_nodes.items():
                 needed[k].add(name)
         self.runner = _Runner(merged, batches)
-        self.parents = [_Runner(g, batches, keep=needed[k], reset_bn=options.reset_bn)
+        self.parents = [_Runner(g, batches, keep=needed[k], reset_bn=options.reset_bn, group=group)
                         for k, g in enumerate(graphs)]
         self.generator = torch.Generator().manual_seed(options.seed)
-        self.report = CorrectionReport()
+        self.report = CorrectionReport(skipped=skipped)
+
+    def _dim(self, k: int, name: str) -> int:
+        """The number of dimensions of graph k's node (from the traced shapes: a rank with no
+        batch has no values to read it from)."""
+        meta = next(n for n in self.graphs[k].graph.nodes if n.name == name).meta
+        tensor = meta.get("tensor_meta")
+        if tensor is not None and hasattr(tensor, "shape"):
+            return len(tensor.shape)
+        value = meta.get("val")
+        return value.dim() if isinstance(value, torch.Tensor) else 2
 
     def run(self) -> CorrectionReport:
         with torch.no_grad():
@@ -520,23 +583,24 @@ class _Pass:
         statistics (the average of the merged parent features' means and stds)."""
         if layer.head is not None:
             values = self.parents[layer.head].take(layer.parent_nodes[layer.head])
-            axis = 1 % values[0].dim() if not isinstance(self.merged.get_submodule(layer.module),
-                                                          nn.Linear) else values[0].dim() - 1
+            dim = self._dim(layer.head, layer.parent_nodes[layer.head])
+            module = self.merged.get_submodule(layer.module)
+            axis = dim - 1 if isinstance(module, nn.Linear) else 1 % dim
             layer.axis = axis
             layer.targets = list(values)
             if layer.repair:
-                layer.target_stats = _channel_stats(values, axis)
+                layer.target_stats = _channel_stats(values, axis, module.weight.shape[0], self.group)
             return
         feat = self.analysis.feat(layer.parent_nodes[0])
         if feat is None:
             raise KeyError(layer.parent_nodes[0])
         per_model = [p.take(layer.parent_nodes[k]) for k, p in enumerate(self.parents)]
-        axis = feat.axis % per_model[0][0].dim()
+        axis = feat.axis % self._dim(0, layer.parent_nodes[0])
         layer.axis = axis
         total, mean_t, std_t = None, None, None
         for k, values in enumerate(per_model):
             index, counts, width = _merge_index(self.analysis, self.matches, feat, k, len(self.graphs))
-            index = index.to(values[0].device)
+            index = index.to(values[0].device) if values else index
             scattered = []
             for v in values:
                 shape = list(v.shape)
@@ -544,22 +608,25 @@ class _Pass:
                 scattered.append(v.new_zeros(shape).index_add_(axis, index, v))
             total = scattered if total is None else [a + s for a, s in zip(total, scattered)]
             if layer.repair:
-                mean, std = _channel_stats(values, axis)
+                mean, std = _channel_stats(values, axis, len(index), self.group)
                 m = torch.zeros(width, dtype=torch.float64).index_add_(0, index.cpu(), mean.cpu())
                 s = torch.zeros(width, dtype=torch.float64).index_add_(0, index.cpu(), std.cpu())
                 mean_t = m if mean_t is None else mean_t + m
                 std_t = s if std_t is None else std_t + s
-        shape = [1] * total[0].dim()
+        shape = [1] * self._dim(0, layer.parent_nodes[0])
         shape[axis] = -1
-        divisor = counts.to(total[0].device, total[0].dtype).reshape(shape)
-        layer.targets = [t / divisor for t in total]
+        layer.targets = [t / counts.to(t.device, t.dtype).reshape(shape) for t in total]
         if layer.repair:
             layer.target_stats = (mean_t / counts.double(), std_t / counts.double())
 
     # refit --------------------------------------------------------------------------------------
     def _refit(self, layer: _Layer) -> None:
         """Solve the layer (with its BN, if the fit point) by ridge regression toward its current
-        effective weights; write the weights now and keep the intercept for the BN (if any)."""
+        effective weights, and write the change back in the layer's own parametrisation: the
+        layer's weights change by the fitted change divided by the BN's scale, the intercept goes
+        to the BN's bias (or the layer's bias); the BN keeps the statistics it was reset to here.
+        A bias-free layer without a BN is fitted without intercept (no parameter is added), so the
+        merged model keeps its parents' modules and can be merged again."""
         module = self.merged.get_submodule(layer.module)
         node = self.runner.next_node
         inputs = self.runner.env[node.args[0].name]
@@ -567,25 +634,30 @@ class _Pass:
         weight = _weight_matrix(module).double()
         bias = module.bias.detach().double() if module.bias is not None \
             else weight.new_zeros(weight.shape[0])
+        scale = None
         if layer.bn is not None:
             bn = self.merged.get_submodule(layer.bn)
             if self.options.reset_bn:
-                _bn_reset(bn, z0)
+                _bn_reset(bn, z0, self.group)
             scale = bn.weight.detach().double() / (bn.running_var.double() + bn.eps).sqrt()
             shift = bn.bias.detach().double() - bn.running_mean.double() * scale
             y0 = [bn(z) for z in z0]
-            weight, bias = weight * scale[:, None], bias * scale + shift
+            weight, bias = weight * scale[:, None], bias * scale + shift  # the effective map
         else:
             y0 = z0
         d = weight.shape[1]
         gram = torch.zeros(d + 1, d + 1, dtype=torch.float64)
         cross = torch.zeros(d + 1, weight.shape[0], dtype=torch.float64)
-        total_rows = sum(y.numel() // weight.shape[0] for y in y0)
-        keep = 1.0 if self.options.max_rows is None else min(1.0, self.options.max_rows / total_rows)
-        before_num, before_den = 0.0, 0.0
+        counts = torch.tensor([float(sum(y.numel() // weight.shape[0] for y in y0)), 0.0, 0.0],
+                              dtype=torch.float64)
+        for y, t in zip(y0, layer.targets):
+            counts[1] += (t - y).double().square().sum().item()
+            counts[2] += t.double().square().sum().item()
+        _reduce([counts], self.group)  # rows, and the error before, over every rank
+        total_rows, before_num, before_den = counts.tolist()
+        keep = 1.0 if self.options.max_rows is None \
+            else min(1.0, self.options.max_rows / max(total_rows, 1.0))
         for x, y, t in zip(inputs, y0, layer.targets):
-            before_num += (t - y).double().square().sum().item()
-            before_den += t.double().square().sum().item()
             patches, residual = _patches(module, x), _rows(module, t - y)
             if keep < 1.0:
                 rows = (torch.rand(patches.shape[0], generator=self.generator) < keep).to(x.device)
@@ -593,51 +665,60 @@ class _Pass:
             patches = torch.cat([patches, patches.new_ones(patches.shape[0], 1)], 1)
             gram += (patches.T @ patches).double().cpu()
             cross += (patches.T @ residual).double().cpu()
+        _reduce([gram, cross], self.group)  # the sums of every rank before the solve
         if gram[d, d] == 0:
             return
+        intercept = layer.bn is not None or module.bias is not None
+        if not intercept:  # no parameter to hold one: fit through the origin
+            gram, cross = gram[:d, :d], cross[:d]
         lam = self.options.ridge * gram.diagonal()[:d].mean().clamp_min(1e-12)
-        penalty = torch.full((d + 1,), float(lam), dtype=torch.float64)
-        penalty[d] = lam * 1e-6  # the intercept is (almost) free
+        penalty = torch.full((gram.shape[0],), float(lam), dtype=torch.float64)
+        if intercept:
+            penalty[d] = lam * 1e-6  # the intercept is (almost) free
         system = gram + torch.diag(penalty)
         factor, info = torch.linalg.cholesky_ex(system)
         delta = torch.cholesky_solve(cross, factor) if int(info) == 0 \
             else torch.linalg.lstsq(system, cross).solution
-        weight = weight + delta[:d].T
-        bias = bias + delta[d]
-        device = module.weight.device
-        if layer.bn is not None:
-            _set_weight(module, weight.float().to(device), None)
-            if module.bias is not None:
-                module.bias = nn.Parameter(torch.zeros_like(module.bias), module.bias.requires_grad)
-            layer.pending_bias = bias.float().to(device)
+        change = delta[:d].T  # of the effective map (rows of weight·scale for a BN fit point)
+        device, dtype = module.weight.device, module.weight.dtype
+        if scale is not None:
+            usable = scale.abs() > 1e-6 * scale.abs().max().clamp_min(1e-30)
+            rows = torch.where(usable[:, None], change / torch.where(usable, scale, 1.0)[:, None],
+                               torch.zeros_like(change))
+            new = _weight_matrix(module).double() + rows
+            module.weight.data.copy_(new.reshape(module.weight.shape).to(device, dtype))
+            bn.bias.data.add_(delta[d].to(bn.bias.device, bn.bias.dtype))
+            layer.pending_bias = True  # the BN keeps the statistics of this fit
         else:
-            _set_weight(module, weight.float().to(device), bias.float().to(device))
+            new = _weight_matrix(module).double() + change
+            module.weight.data.copy_(new.reshape(module.weight.shape).to(device, dtype))
+            if intercept:
+                module.bias.data.add_(delta[d].to(device, dtype))
         self.report.refitted.append(layer.module)
         layer.error_before = math.sqrt(before_num / max(before_den, 1e-30))
 
     # BatchNorm ----------------------------------------------------------------------------------
     def _before_bn(self, node: fx.Node) -> None:
-        """Reset the BN's statistics on its (corrected) inputs; a refitted fit point's BN then
-        passes the fitted map through (weight = sqrt(var + eps), bias = mean + intercept)."""
+        """Reset the BN's statistics on its (corrected) inputs, unless it is a refitted fit
+        point (its statistics are part of the fitted map then)."""
         bn = self.merged.get_submodule(node.target)
         layer = self.by_fit.get(node.name)
-        refitted = layer is not None and layer.pending_bias is not None
-        if not (self.options.reset_bn or refitted) or not bn.track_running_stats \
-                or bn.running_mean is None:
-            return
-        _bn_reset(bn, self.runner.env[node.args[0].name])
-        if refitted:
-            bn.weight.data.copy_((bn.running_var + bn.eps).sqrt())
-            bn.bias.data.copy_(bn.running_mean + layer.pending_bias)
+        if layer is not None and layer.pending_bias is not None:
             layer.pending_bias = None
+            return
+        if not self.options.reset_bn or not bn.track_running_stats or bn.running_mean is None:
+            return
+        _bn_reset(bn, self.runner.env[node.args[0].name], self.group)
 
     # REPAIR and cleanup -------------------------------------------------------------------------
     def _finish(self, layer: _Layer) -> None:
         if layer.error_before is not None:
-            num, den = 0.0, 0.0
+            sums = torch.zeros(2, dtype=torch.float64)
             for t, y in zip(layer.targets, self.runner.env[layer.fit_node]):
-                num += (t - y).double().square().sum().item()
-                den += t.double().square().sum().item()
+                sums[0] += (t - y).double().square().sum().item()
+                sums[1] += t.double().square().sum().item()
+            _reduce([sums], self.group)
+            num, den = sums.tolist()
             self.report.errors[layer.module] = (layer.error_before, math.sqrt(num / max(den, 1e-30)))
         if layer.repair and layer.target_stats is not None:
             self._repair(layer)
@@ -648,7 +729,7 @@ class _Pass:
         parameters or the layer's rows and bias; update the computed values."""
         values = self.runner.env[layer.fit_node]
         axis = layer.axis
-        mean, std = _channel_stats(values, axis)
+        mean, std = _channel_stats(values, axis, layer.target_stats[0].shape[0], self.group)
         mean_t, std_t = layer.target_stats
         ratio = torch.where(std > 1e-8 * std.max().clamp_min(1e-30), std_t / std.clamp_min(1e-30),
                             torch.ones_like(std))
@@ -663,39 +744,52 @@ class _Pass:
             weight = _weight_matrix(module) * r[:, None]
             bias = (module.bias.detach() if module.bias is not None else torch.zeros_like(r)) * r + s
             _set_weight(module, weight, bias)
-        shape = [1] * values[0].dim()
-        shape[axis] = -1
-        self.runner.env[layer.fit_node] = [v * r.reshape(shape) + s.reshape(shape) for v in values]
+        self.runner.env[layer.fit_node] = [
+            v * r.reshape([-1 if a == axis else 1 for a in range(v.dim())])
+            + s.reshape([-1 if a == axis else 1 for a in range(v.dim())]) for v in values]
         self.report.repaired.append(layer.bn or layer.module)
 
 
 def correct(merged: fx.GraphModule, graphs: Sequence[fx.GraphModule], analysis: Analysis,
-            matches: dict[int, Match], inputs: Iterable[torch.Tensor],
-            options: Corrections | None = None, *, max_samples: int | None = None) -> CorrectionReport:
+            matches: dict[int, Match], inputs: Iterable[Any],
+            options: Corrections | None = None, *, max_samples: int | None = None,
+            pairing: Any = None, group: Any = None) -> CorrectionReport:
     """Correct a merged model in place (see the module docstring); returns a report.
 
-    merged: the rewrite's GraphModule (trunk modules under their qualified names, model k's head
-        modules under ``heads.<k>.``); its BatchNorms are reset here (it need not be reset before).
+    merged: the rewrite's GraphModule (its nodes carry their parents' nodes, `fxzip_origin`);
+        its BatchNorms are reset here (it need not be reset before).
     graphs: the parents' traced graphs (`Zipper.graphs`); analysis: `Zipper.analysis`;
     matches: the Match of every merged space (what the rewrite used; pinned spaces may be left
-        out); inputs: the calibration batches (tensors); options: `Corrections()` by default;
-    max_samples: use only the first this many calibration samples (None: all).
+        out); inputs: the calibration batches (tensors or dicts of keyword tensors); options:
+        `Corrections()` by default; max_samples: use only the first this many calibration
+        samples (None: all; the pass holds their activations at once, see the module docstring);
+    pairing: `Zipper.pairing` (graph 0's trunk nodes → graph k's), needed where the models differ
+        past the trunk (None: the graphs' nodes have the same names);
+    group: under torch.distributed, `inputs` are this rank's shard (it may be empty): every sum
+        (Gram matrices, BatchNorm and REPAIR statistics) is all-reduced over `group` before it is
+        used, so every rank writes the same weights. Every rank of the group must call.
     """
     options = options or Corrections()
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                    or max_samples < 1):
+        raise InputError(f"max_samples must be None or an int >= 1, got {max_samples!r}")
     start = time.perf_counter()
     batches, seen = [], 0
     for x in inputs:
         if max_samples is not None and seen >= max_samples:
             break
-        if max_samples is not None and seen + x.shape[0] > max_samples:
-            x = x[:max_samples - seen]
+        n = batch_size(x)
+        if max_samples is not None and seen + n > max_samples:
+            x, n = leading(x, max_samples - seen), max_samples - seen
         batches.append(x)
-        seen += x.shape[0]
-    if not batches:
+        seen += n
+    if not batches and not is_distributed():
         raise InputError("correct() needs at least one calibration batch")
     was_training = merged.training
     merged.eval()
-    report = _Pass(merged, graphs, analysis, matches, batches, options).run()
+    report = _Pass(merged, graphs, analysis, matches, batches, options, pairing, group).run()
     merged.train(was_training)
     report.seconds = time.perf_counter() - start
+    report.samples = seen
+    report.options = {k: getattr(options, k) for k in options.__dataclass_fields__}
     return report

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .corrections import CorrectionReport
 from .matching import Match
 
 
@@ -58,6 +59,8 @@ class MergeReport:
     seconds: dict[str, float] = field(default_factory=dict)
     barriers: list[dict[str, Any]] = field(default_factory=list)  # node, op, reason, order
     costs: dict[str, int] = field(default_factory=dict)  # parameters, flops; ensemble_… of inputs
+    corrections: CorrectionReport | None = None  # what the label-free corrections did (None: off)
+    settings: dict[str, Any] = field(default_factory=dict)  # alpha, beta, weight_similarity, …
 
     def __str__(self) -> str:
         lines = [f"fxzip merge ({self.method}), stop_at={self.stop_at!r}: zipped "
@@ -76,12 +79,21 @@ class MergeReport:
             lines.append(f"  parameters {c['parameters']:,} "
                          f"(ensemble {c['ensemble_parameters']:,}), "
                          f"FLOPs per sample {c['flops']:,} (ensemble {c['ensemble_flops']:,})")
+        if self.settings:
+            lines.append("  settings: " + ", ".join(f"{k}={v!r}" for k, v in self.settings.items()
+                                                    if k != "corrections"))
+        if self.corrections is not None:
+            lines.extend("  " + line for line in str(self.corrections).splitlines())
+        else:
+            lines.append("  corrections: none (plain merge)")
         lines.append("  time: " + ", ".join(f"{k} {v:.3f}s" for k, v in self.seconds.items()))
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (numbers, strings, lists, dicts) that `json.dumps` takes as is."""
-        return json.loads(json.dumps(asdict(self), default=str))
+        data = asdict(self)
+        data["corrections"] = None if self.corrections is None else self.corrections.to_dict()
+        return json.loads(json.dumps(data, default=str))
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -94,6 +106,8 @@ class MergeReport:
         space_fields = set(SpaceReport.__dataclass_fields__)
         fields["spaces"] = [SpaceReport(**{k: v for k, v in s.items() if k in space_fields})
                             for s in data.get("spaces", [])]
+        if isinstance(fields.get("corrections"), dict):
+            fields["corrections"] = CorrectionReport.from_dict(fields["corrections"])
         return cls(**fields)
 
     def plot(self, path: str | Path) -> Path:

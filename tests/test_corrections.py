@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -237,3 +238,134 @@ def test_head_layer_selection(digits, mlp_pair):
     assert refitted["first+last"] == refitted["all"] == sorted(refitted["first"] + refitted["last"])
     trunk_only = corrected_merge(None, None, "fc1", Corrections(refit_heads="none"), zipper=zipper)
     assert trunk_only.correction_report.refitted == ["fc1"]
+
+
+# -- the default of fxzip.merge ---------------------------------------------------------------
+class SharedFC(nn.Module):
+    """fc1 is called twice (shared weights): it cannot be refitted alone, and is left with a
+    reason in the report."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1, self.fc2 = nn.Linear(64, 16), nn.Linear(16, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = F.relu(self.fc0(x.flatten(1)))
+        return self.fc2(F.relu(self.fc1(F.relu(self.fc1(h)))))
+
+
+def test_merge_corrects_by_default_and_reports_it(digits, mlp_pair):
+    a, b = mlp_pair
+    x = digits.x_train[:256]
+    merged = fxzip.merge(a, b, x, progress=False)
+    report = merged.fxzip_report
+    assert report.corrections is not None and report.corrections.refitted
+    assert "corrections" in report.seconds and "bn_reset" not in report.seconds
+    assert "fxzip corrections:" in str(report)
+    data = report.to_dict()
+    assert data["corrections"]["refitted"] == report.corrections.refitted
+    assert data["settings"]["corrections"]["refit_heads"] == "first+last"
+    back = fxzip.MergeReport.from_dict(json.loads(report.to_json()))
+    assert back.corrections.refitted == report.corrections.refitted
+    plain = fxzip.merge(a, b, x, progress=False, corrections=None)
+    assert plain.fxzip_report.corrections is None and "corrections" not in plain.fxzip_report.seconds
+    # the default equals an explicit Corrections() and differs from the plain merge
+    explicit = fxzip.merge(a, b, x, progress=False, corrections=Corrections())
+    with torch.no_grad():
+        out, out_explicit, out_plain = merged(x)[0], explicit(x)[0], plain(x)[0]
+    assert torch.equal(out, out_explicit) and not torch.allclose(out, out_plain)
+
+
+def test_a_module_called_twice_is_skipped_with_a_reason(digits):
+    torch.manual_seed(0)
+    x = digits.x_train[:128]
+    model = SharedFC().eval()
+    other, _ = permuted_by_analysis(model, x, seed=1)
+    merged = fxzip.merge(model, other, x, progress=False)
+    report = merged.fxzip_report.corrections
+    assert "fc1" in report.skipped and "called 2 times" in report.skipped["fc1"]
+    assert "fc1" not in report.refitted and "fc0" in report.refitted
+    assert "not corrected: module called 2 times" in str(merged.fxzip_report)
+    with torch.no_grad():
+        ref = model(x)
+        assert all(rel_err(o, ref) < EXACT_TOL for o in merged(x))
+
+
+def test_reset_bn_false_keeps_the_parents_batch_norm_statistics(digits):
+    """reset_bn=False: the corrections' targets are the parents as given, and a permuted
+    self-merge of a BN ResNet whose statistics are NOT those of the calibration data stays
+    exact (no BatchNorm is reset anywhere)."""
+    torch.manual_seed(0)
+    x = digits.x_train[:128]
+    model = ResNet20(width=1, blocks_per_stage=1).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+    other, _ = permuted_by_analysis(model, x, seed=1)
+    merged = fxzip.merge(model, other, x, progress=False, reset_bn=False)
+    assert merged.fxzip_report.corrections.options["reset_bn"] is False
+    with torch.no_grad():
+        ref = model(x)
+        assert all(rel_err(o, ref) < EXACT_TOL for o in merged(x))
+
+
+# -- ties of features that look alike on scarce data ----------------------------------------------
+class SparseMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _single_sample_units(model: SparseMLP, x: torch.Tensor) -> None:
+    """Make hidden unit i active on sample i % len(x) only: units active on the same sample
+    correlate exactly 1 (with each other and with their copies)."""
+    with torch.no_grad():
+        for i in range(model.fc1.out_features):
+            s = i % len(x)
+            pre = x @ model.fc1.weight[i]
+            others = torch.cat([pre[:s], pre[s + 1:]])
+            if pre[s] <= others.max():
+                model.fc1.weight[i].neg_()
+                pre, others = -pre, -others
+            model.fc1.bias[i] = -(pre[s] + others.max()) / 2
+
+
+def test_self_merge_with_exact_ties_is_exact():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    model = SparseMLP().eval()
+    _single_sample_units(model, x)
+    with torch.no_grad():
+        assert ((torch.relu(model.fc1(x)) > 0).sum(0) == 1).float().mean() > 0.5
+        ref = model(x)
+        # the tie-breaker off: features are paired arbitrarily among the ties
+        plain = fxzip.merge(model, copy.deepcopy(model), x, progress=False, reset_bn=False,
+                            corrections=None, weight_similarity=0.0)(x)
+        assert max(rel_err(o, ref) for o in plain) > 1e-2
+        for corrections in (None, "default"):
+            outs = fxzip.merge(model, copy.deepcopy(model), x, progress=False, reset_bn=False,
+                               corrections=corrections)(x)
+            assert all(rel_err(o, ref) < 1e-6 for o in outs), corrections
+
+
+def test_scarce_data_self_merge_of_a_timm_resnet_is_exact():
+    """A timm ResNet at 64² calibrated on 16 random images (fewer than the 512 features of its
+    pooled space), with sparse last-stage features (many active on one image only): merged with
+    a copy of itself by the default merge (stop_at=None), it comes back exactly."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 64, 64)
+    model = fxzip.reset_bn(timm.create_model("resnet18", pretrained=False, num_classes=10), x,
+                           progress=False).eval()
+    with torch.no_grad():
+        model.layer4[1].bn2.bias.sub_(2.0)  # 43% of the pooled features active on one image
+        ref = model(x)
+        pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+        assert ((pooled > 0).sum(0) == 1).float().mean() > 0.3  # ties: alike on one image
+    merged = fxzip.merge(model, copy.deepcopy(model), x, progress=False, reset_bn=False)
+    with torch.no_grad():
+        assert all(rel_err(o, ref) < 1e-4 for o in merged(x))

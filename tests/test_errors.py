@@ -146,3 +146,47 @@ def test_container_module_stop_point_means_its_output():
     assert analysis.resolve_stop("layer2.0.conv1") == "layer2_0_conv1"
     trunk = analysis.trunk("layer2")
     assert analysis.layers_in(trunk) == 1 + 6 + 6 + 1  # stem, layer1, layer2 with its projection
+
+
+# -- option values ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"beta": 3.0}, "beta must be in [0, 1]"),
+    ({"beta": -0.1}, "beta must be in [0, 1]"),
+    ({"beta": float("nan")}, "beta must be a finite number"),
+    ({"alpha": 0.0}, "alpha must be in (0, 1]"),
+    ({"alpha": 1.5}, "alpha must be in (0, 1]"),
+    ({"alpha": "0.5"}, "alpha must be a finite number"),
+    ({"method": "zip"}, "unknown method 'zip'"),
+    ({"method": None}, "unknown method None"),
+    ({"corrections": "refit"}, "corrections='refit' is not allowed"),
+    ({"corrections": True}, "corrections=True is not allowed"),
+    ({"weight_similarity": 2.0}, "weight_similarity must be in [0, 1]"),
+    ({"weight_similarity": -1}, "weight_similarity must be in [0, 1]"),
+    ({"reset_bn": "yes"}, "reset_bn must be True or False"),
+    ({"shared_output": 1}, "shared_output must be True or False"),
+])
+def test_bad_option_values(kwargs, needle):
+    a = mlp()
+    for call in (lambda: fxzip.merge(a, copy.deepcopy(a), X, progress=False, **kwargs),
+                 lambda: fxzip.merge_all([a, copy.deepcopy(a)], X, progress=False, **kwargs),
+                 lambda: fxzip.Zipper([a, copy.deepcopy(a)], X, progress=False).merge(**kwargs)):
+        with pytest.raises(fxzip.InputError) as info:
+            call()
+        assert needle in str(info.value)
+
+
+def test_bad_corrections_options_are_fxzip_errors():
+    with pytest.raises(fxzip.InputError, match="refit_heads"):
+        fxzip.Corrections(refit_heads="middle")
+    with pytest.raises(fxzip.InputError, match="ridge"):
+        fxzip.Corrections(ridge=0)
+
+
+def test_the_option_range_edges_are_accepted():
+    a = mlp()
+    for kwargs in ({"alpha": 1.0, "beta": 0.0}, {"beta": 1.0, "weight_similarity": 1.0},
+                   {"corrections": "none", "weight_similarity": 0}, {"corrections": None},
+                   {"corrections": fxzip.Corrections(refit_heads="all", repair=True)}):
+        outs = fxzip.merge(a, copy.deepcopy(a), X, progress=False, **kwargs)(X)
+        assert len(outs) == 2

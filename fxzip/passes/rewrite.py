@@ -194,6 +194,7 @@ class _Emitter:
         if node.op in ("call_module", "get_attr") and node.target not in self.root:
             self.root[node.target] = self._merged(node)
         self.trunk_env[node.name] = self.graph.node_copy(node, lambda n: self.trunk_env[n.name])
+        self.trunk_env[node.name].meta["fxzip_origin"] = (None, node.name)  # graph 0's node
 
     def _merged(self, node: fx.Node) -> Any:
         uses = self.analysis.param_uses.get(node.target, [])
@@ -224,6 +225,7 @@ class _Emitter:
         args = fx.node.map_arg(node.args, lambda n: self.value(n, k))
         kwargs = fx.node.map_arg(node.kwargs, lambda n: self.value(n, k))
         new = self.graph.create_node(node.op, target, args, kwargs, name=f"{node.name}_{k}")
+        new.meta["fxzip_origin"] = (k, node.name)  # model k's own node (graph k's name)
         self.head_env[k][node.name] = new
         return new
 
