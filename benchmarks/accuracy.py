@@ -296,9 +296,16 @@ class Choice:
 
 def merge(zipper: fxzip.Zipper, stop: Stop, method: str, alpha: float = 0.5,
           beta: float = 1.0) -> nn.Module:
-    """`Zipper.merge` for one stop point (BN statistics reset on the calibration data)."""
+    """`Zipper.merge` for one stop point as the paper merges (no corrections, no weight
+    similarity; BN statistics reset on the calibration data)."""
     return zipper.merge(stop.stop_at, method=method, alpha=alpha, beta=beta, reset_bn=True,
-                        shared_output=stop.shared_output)
+                        shared_output=stop.shared_output, corrections=None, weight_similarity=0.0)
+
+
+def default_merge(zipper: fxzip.Zipper, stop: Stop) -> nn.Module:
+    """fxzip's default merge for one stop point (`Zipper.merge` with every default: zipit at
+    alpha 0.5, beta 1, weight similarity 0.01, the label-free corrections)."""
+    return zipper.merge(stop.stop_at, shared_output=stop.shared_output)
 
 
 def grid_search(setting: Setting, zipper: fxzip.Zipper, data: TaskData,
@@ -342,6 +349,11 @@ def merged_rows(setting: Setting, pair: int, zipper: fxzip.Zipper, data: TaskDat
     x, y = data.split.x_test, data.split.y_test
     rows = []
     for stop in setting.stops:
+        merged = default_merge(zipper, stop)  # the row "default": fxzip.merge's defaults
+        report = merged.fxzip_report
+        rows.append(Row(pair, "default", stop.label, f"{report.layers_zipped}/{report.layers_total}",
+                        count_parameters(merged), count_flops(merged, x),
+                        accuracy_of(setting, merged, x, y), 0.5, 1.0))
         for method in METHOD_NAMES:
             chosen = choices[stop.label] if method == "zipit" else None
             alpha, beta = (chosen.alpha, chosen.beta) if chosen else (None, None)
@@ -521,7 +533,7 @@ def plot(result: SettingResult, path: Path) -> None:
 
     summaries = summarise(result.rows)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = {"average": "tab:gray", "permute": "tab:blue", "zipit": "tab:red"}
+    colours = {"average": "tab:gray", "permute": "tab:blue", "zipit": "tab:red", "default": "tab:orange"}
     for method, colour in colours.items():
         points = sorted((s for s in summaries if s.method == method), key=lambda s: s.flops)
         ax.errorbar([s.flops / 1e6 for s in points], [100 * s.mean["joint"] for s in points],

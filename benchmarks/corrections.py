@@ -61,7 +61,8 @@ def corrected_merge(zipper: fxzip.Zipper, stop_at: str | None, options: Correcti
     """`Zipper.merge` followed by `fxzip.corrections.correct` (which replaces the BN reset);
     options None: the plain merge with the BN reset. Returns the model and phase seconds."""
     tick = time.perf_counter()
-    merged = zipper.merge(stop_at, method=method, alpha=alpha, beta=beta, reset_bn=options is None)
+    merged = zipper.merge(stop_at, method=method, alpha=alpha, beta=beta, reset_bn=options is None,
+                          corrections=None)
     seconds = {"merge": time.perf_counter() - tick}
     if options is not None:
         tick = time.perf_counter()

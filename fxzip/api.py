@@ -48,6 +48,12 @@ def resolve_corrections(corrections: Any, reset_bn: bool = True) -> Corrections 
         options = Corrections()
     elif isinstance(corrections, Corrections):
         options = corrections
+    elif isinstance(corrections, dict):  # a recipe's mapping of Corrections' fields
+        unknown = sorted(set(corrections) - set(Corrections.__dataclass_fields__))
+        if unknown:
+            raise InputError(f"corrections: unknown field(s) {', '.join(map(repr, unknown))}; "
+                             f"allowed: {', '.join(Corrections.__dataclass_fields__)}")
+        options = Corrections(**corrections)
     else:
         raise InputError(f"corrections={corrections!r} is not allowed: pass \"default\" (the "
                          "label-free refit after the rewrite), None or \"none\" (plain ZipIt!), "

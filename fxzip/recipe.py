@@ -204,6 +204,9 @@ def check_merge_options(options: Any) -> dict[str, Any]:
             from .methods import METHOD_NAMES
 
             ok, hint = value in METHOD_NAMES, "one of " + ", ".join(METHOD_NAMES)
+        elif key == "corrections":
+            ok = value is None or value in ("default", "none") or isinstance(value, dict)
+            hint = "default, none (or null) or a mapping of fxzip.Corrections' fields"
         elif isinstance(default, bool):
             ok, hint = isinstance(value, bool), "true or false"
         elif isinstance(default, (int, float)):

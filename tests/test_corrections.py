@@ -37,7 +37,8 @@ def corrected_merge(models, inputs, stop_at, options: Corrections | None, *, met
                     zipper: fxzip.Zipper | None = None):
     """Zipper.merge, then `correct` with the matches the merge used (None: plain merge)."""
     zipper = zipper or fxzip.Zipper(models, inputs, progress=False)
-    merged = zipper.merge(stop_at, method=method, reset_bn=options is None)
+    merged = zipper.merge(stop_at, method=method, reset_bn=options is None,
+                          corrections=None)
     if options is not None:
         trunk = zipper.analysis.trunk(stop_at)
         matches = {s: zipper.match(s, method, 0.5, 1.0) for s in zipper.analysis.spaces_of(trunk)}

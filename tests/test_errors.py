@@ -190,3 +190,18 @@ def test_the_option_range_edges_are_accepted():
                    {"corrections": fxzip.Corrections(refit_heads="all", repair=True)}):
         outs = fxzip.merge(a, copy.deepcopy(a), X, progress=False, **kwargs)(X)
         assert len(outs) == 2
+
+
+def test_corrections_as_a_mapping_and_in_recipes():
+    from fxzip.recipe import check_merge_options
+
+    a = mlp()
+    merged = fxzip.merge(a, copy.deepcopy(a), X, progress=False,
+                         corrections={"refit_heads": "all", "repair": True})
+    assert merged.fxzip_report.settings["corrections"]["refit_heads"] == "all"
+    with pytest.raises(fxzip.InputError, match="unknown field"):
+        fxzip.merge(a, copy.deepcopy(a), X, progress=False, corrections={"refit": True})
+    for value in ("default", "none", None, {"repair": True}):
+        assert check_merge_options({"corrections": value}) == {"corrections": value}
+    with pytest.raises(fxzip.RecipeError, match="merge.corrections"):
+        check_merge_options({"corrections": 3})
