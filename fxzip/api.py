@@ -193,7 +193,8 @@ class Zipper:
             if group is not None:
                 found = match_heads(corrs, sizes, group.heads, self.num_models, method,
                                     alpha=alpha, beta=beta,
-                                    fixed=[s in group.fixed for s in spaces])
+                                    fixed=[s in group.fixed for s in spaces],
+                                    inner=group.inner_of(spaces))
             else:
                 found = [method.match(corrs[0], [sizes[0]] * self.num_models, alpha=alpha,
                                       beta=beta)]

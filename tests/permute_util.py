@@ -26,11 +26,21 @@ def permuted_by_analysis(model: torch.nn.Module, x: torch.Tensor, seed: int = 0)
         matches[s.id] = Match((perm,), s.size, np.ones(s.size, dtype=np.int64))
     for group in analysis.head_groups:  # heads stay whole; queries, keys, values pair heads alike
         heads = rng.permutation(group.heads)
-        for space in group.spaces:
-            d = analysis.spaces[space].size // group.heads
-            within = (lambda: np.arange(d)) if space in group.fixed else (lambda: rng.permutation(d))
-            perm = np.concatenate([heads[h] * d + within() for h in range(group.heads)])
-            matches[space] = Match((perm,), d * group.heads, np.ones(d * group.heads, dtype=np.int64))
+        inner = {s: (f, b) for s, f, b in group.inner}  # grouped-query attention's query heads
+        factor = max([f for f, _ in inner.values()], default=1)
+        sub_heads = [rng.permutation(factor) for _ in range(group.heads)]
+        withins: dict[int, list[np.ndarray]] = {}
+        for space in sorted(group.spaces, key=lambda s: s in inner):  # kv spaces first
+            f, base = inner.get(space, (1, None))
+            size = analysis.spaces[space].size
+            d = size // (group.heads * f)
+            own = [np.arange(d) if space in group.fixed else rng.permutation(d)
+                   for _ in range(group.heads)]
+            within = withins[base] if base is not None else own
+            withins[space] = own
+            perm = np.concatenate([(heads[h] * f + (sub_heads[h][a] if f > 1 else 0)) * d
+                                   + within[h] for h in range(group.heads) for a in range(f)])
+            matches[space] = Match((perm,), size, np.ones(size, dtype=np.int64))
     pinned_or_output = {s.id: Match.identity(s.size, 1) for s in analysis.spaces.values()
                         if s.id in outputs and not s.pinned}
     everything = {n.name for n in analysis.nodes if n.op != "output"}

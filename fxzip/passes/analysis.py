@@ -57,6 +57,19 @@ class HeadGroup:
     heads: int
     kind: str
     fixed: tuple[int, ...] = ()  # spaces whose features stay in place within heads (rotary, …)
+    # grouped-query attention: (space, factor, kv space or None) for each space split into
+    # heads·factor heads, `factor` query heads per head of the group (paired within it alike);
+    # its features within a head follow the kv space's (queries follow keys, outputs values)
+    inner: tuple[tuple[int, int, int | None], ...] = ()
+
+    def inner_of(self, spaces: list[int]) -> list[tuple[int, int | None]]:
+        """(factor, index in `spaces` of the kv space it follows, or None) per space."""
+        found = {s: (f, b) for s, f, b in self.inner}
+        out = []
+        for s in spaces:
+            factor, base = found.get(s, (1, None))
+            out.append((factor, spaces.index(base) if base in spaces else None))
+        return out
 
 
 @dataclass(frozen=True)
@@ -378,8 +391,31 @@ def _joined_groups(ctx: Context) -> list[HeadGroup]:
             spaces |= other[0]
             kind = kind if kind == other[2] else f"{other[2]} + {kind}"
         groups.append((spaces, heads, kind))
-    return [HeadGroup(tuple(sorted(s)), heads, kind,
-                      tuple(sorted(i for i in s if ctx.uf.is_fixed(i)))) for s, heads, kind in groups]
+    # grouped-query attention: query-side groups join their key/value group as inner heads
+    inner: dict[int, dict[int, tuple[int, int | None]]] = {}  # id(group) -> space -> (f, base)
+    bases = {ctx.uf.find(s): (ctx.uf.find(b), f) for s, b, f in ctx.all_repeats()}
+    for sub, (base, factor) in bases.items():
+        gs = next((g for g in groups if sub in g[0]), None)
+        gb = next((g for g in groups if base in g[0]), None)
+        if gs is None or gb is None or gs is gb:
+            continue
+        groups.remove(gs)
+        groups.remove(gb)
+        joined = (gs[0] | gb[0], gb[1], "grouped-query attention heads")
+        marks = {**inner.pop(id(gb), {}), **{s: (factor, bases.get(s, (None,))[0])
+                                            for s in gs[0]}}
+        inner[id(joined)] = marks
+        groups.append(joined)
+    out = []
+    for g in groups:
+        spaces, heads, kind = g
+        marks = inner.get(id(g), {})
+        fixed = {i for i in spaces if ctx.uf.is_fixed(i)}
+        fixed |= {b for s, (_, b) in marks.items() if s in fixed and b is not None}
+        fixed |= {s for s, (_, b) in marks.items() if b in fixed}
+        out.append(HeadGroup(tuple(sorted(spaces)), heads, kind, tuple(sorted(fixed)),
+                             tuple(sorted((s, f, b) for s, (f, b) in marks.items()))))
+    return out
 
 
 def _op_name(node: fx.Node, module: nn.Module | None) -> str:

@@ -42,15 +42,24 @@ def pointwise(ctx: Context, node: fx.Node, operands: list[fx.Node] | None = None
     if any(headed(i) for i in infos):
         return head_rules.pointwise_headed(ctx, node, operands)
     feats: list[tuple[fx.Node, Feat, int]] = []
+    gates: list[tuple[fx.Node, Feat]] = []
     for op in operands:
         info = ctx.info(op)
         if isinstance(info, Feat):
             shape = ctx.shape(op)
             out_axis = info.axis + out_ndim - len(shape)
+            if out_axis >= 0 and shape[info.axis] == 1 < out_shape[out_axis] and info.width == 1:
+                gates.append((op, info))  # one channel broadcast over all (FocalNet's gates)
+                continue
             if out_axis < 0 or out_shape[out_axis] != shape[info.axis]:
                 raise Barrier(f"broadcasts the channel axis of '{op.name}' ({shape[info.axis]} "
                               f"channels) to {out_shape}")
             feats.append((op, info, out_axis))
+    if gates and not feats:
+        raise Barrier(f"broadcasts the one channel of '{gates[0][0].name}' over channels fxzip "
+                      "cannot follow")
+    for _, gate in gates:  # a per-position scalar of every channel: its feature stays itself
+        ctx.pin(gate)
     if not feats:
         return _pointwise_without_features(ctx, operands, out_ndim)
     out_axis = feats[0][2]
@@ -111,13 +120,17 @@ ACTIVATION_FUNCTIONS = (
     torch.where, torch.maximum, torch.minimum, torch.lerp, torch.addcmul, torch.addcdiv,
     operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
     operator.truediv, operator.itruediv, operator.neg, operator.pow, torch.add, torch.sub,
-    torch.mul, torch.div, torch.true_divide,
+    torch.mul, torch.div, torch.true_divide, operator.and_, operator.or_, operator.xor,
+    operator.invert, torch.logical_and, torch.logical_or, torch.logical_not,
+    torch.Tensor.__and__, torch.Tensor.__or__, torch.Tensor.__xor__, torch.Tensor.__invert__,
 )
 ACTIVATION_METHODS = (
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "sqrt", "rsqrt",
     "square", "clamp", "clamp_", "clip", "pow", "sin", "cos", "log", "erf", "add", "add_", "sub",
     "sub_", "mul", "mul_", "div", "div_", "addcmul", "addcmul_", "contiguous", "clone", "detach",
-    "float", "double", "half", "bfloat16", "cpu", "cuda", "expand_as", "masked_fill",
+    "float", "double", "half", "bfloat16", "cpu", "cuda", "expand_as", "masked_fill", "bool",
+    "long", "int", "logical_and", "logical_or", "logical_not", "__and__", "__or__", "__xor__",
+    "__invert__",
 )
 register(*ACTIVATION_MODULES, *ACTIVATION_FUNCTIONS, *ACTIVATION_METHODS, heads=True)(pointwise)
 register("type_as", "to", heads=True)(first_operand)
@@ -507,7 +520,7 @@ def reshape_like(ctx: Context, node: fx.Node) -> Any:
     if not isinstance(info, Feat):
         return passthrough(info, lambda axes: reshape_axes(axes, shape_in, shape_out))
     if info.headed:
-        return head_rules.reshape_headed(ctx, info, shape_in, shape_out)
+        return head_rules.reshape_headed(ctx, info, shape_in, shape_out, x)
     a, channels = info.axis, ctx.shape(x)[info.axis]
     before = math.prod(shape_in[:a])
     for j in range(len(shape_out)):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -74,7 +75,7 @@ def _split(ctx: Context, info: Feat, shape_in: tuple, shape_out: tuple) -> Any:
                     continue
                 return ctx.split_heads(info, j + 1, j, heads)
             parts, heads, d = shape_out[j:j + 3]
-            if parts == 1 or heads == 1:
+            if parts == 1 or d == 1:
                 continue
             pieces = split_layout(info, [heads * d] * parts)
             if any(len(p.blocks) != 1 for p in pieces):
@@ -83,10 +84,23 @@ def _split(ctx: Context, info: Feat, shape_in: tuple, shape_out: tuple) -> Any:
     return None
 
 
-def reshape_headed(ctx: Context, info: Feat, shape_in: tuple, shape_out: tuple) -> Feat:
+def reshape_headed(ctx: Context, info: Feat, shape_in: tuple, shape_out: tuple,
+                   x: fx.Node | None = None) -> Feat:
     """A headed layout through a reshape: heads merged back into channels (head axis right before
-    head_dim), or both axes kept whole; a reshape of head_dim alone leaves the head space."""
+    head_dim), or both axes kept whole; a reshape of head_dim alone leaves the head space. Heads
+    merged with a broadcast axis after them (`k[:, :, None].expand(B, K, n, N, d).reshape(B,
+    K·n, N, d)`, transformers' `repeat_kv`) are repeated n times (grouped-query attention)."""
     a, ha = info.axis, info.head_axis
+    n = _expanded_after_heads(ctx, x, info, shape_in)
+    if n is not None:
+        merged = shape_in[:ha] + (shape_in[ha] * n,) + shape_in[ha + 2:]
+        if tuple(shape_out) == merged:
+            shift = lambda i: i - (i > ha)  # noqa: E731
+            return replace(info.placed(shift(a), ha), repeat=info.repeat * n)
+    if info.repeat > 1:
+        if _kept(shape_in, ha, shape_out) is not None and _kept(shape_in, a, shape_out) is not None:
+            return info.placed(_kept(shape_in, a, shape_out), _kept(shape_in, ha, shape_out))
+        raise Barrier(f"reshapes repeated key/value heads {tuple(shape_in)} -> {tuple(shape_out)}")
     if ha == a - 1 and len(info.blocks) == 1:
         before, after = math.prod(shape_in[:ha]), math.prod(shape_in[a + 1:])
         width = shape_in[ha] * shape_in[a]
@@ -101,6 +115,47 @@ def reshape_headed(ctx: Context, info: Feat, shape_in: tuple, shape_out: tuple) 
         return ctx.fix_within(info).moved(j_head)
     raise Barrier(f"reshapes a tensor split into {info.heads} attention heads "
                   f"{tuple(shape_in)} -> {tuple(shape_out)} across its head axis")
+
+
+def _expanded_after_heads(ctx: Context, x: fx.Node | None, info: Feat,
+                          shape_in: tuple) -> int | None:
+    """n, where `x` is headed values expanded from size 1 to n on the axis right after the head
+    axis (a broadcast copy of every head); None otherwise."""
+    ha = info.head_axis
+    if x is None or ha + 1 >= len(shape_in) or ha + 1 == info.axis or shape_in[ha + 1] < 2:
+        return None
+    while x.op == "call_method" and x.target == "contiguous":
+        x = x.args[0]
+    if not (x.op == "call_method" and x.target == "expand") or not isinstance(x.args[0], fx.Node):
+        return None
+    source = ctx.shape(x.args[0])
+    if source is None or len(source) != len(shape_in) or source[ha + 1] != 1:
+        return None
+    return shape_in[ha + 1]
+
+
+@register("repeat_interleave", torch.repeat_interleave, heads=True)
+def repeat_interleave(ctx: Context, node: fx.Node) -> Any:
+    """Every element repeated n times in a row along an axis: along the head axis, each head
+    serves n query heads (grouped-query attention: a repeated headed layout); along another
+    axis than the channels' (tokens), the layout is kept."""
+    x = node.args[0]
+    info = ctx.info(x)
+    repeats = arg(node, 1, "repeats")
+    dim = arg(node, 2, "dim")
+    shape = ctx.shape(x)
+    if not isinstance(info, Feat) and not isinstance(info, Stacked):
+        if info is SHARED or info is None:
+            return info
+        raise Barrier(f"repeats '{x.name}', a value fxzip cannot follow per channel")
+    if not isinstance(repeats, int) or dim is None or isinstance(info, Stacked):
+        raise Barrier(f"repeats elements of '{x.name}' across its channel axis")
+    dim = norm_dim(dim, len(shape))
+    if dim == info.axis:
+        raise Barrier(f"repeats the channels of '{x.name}' along their own axis")
+    if info.headed and dim == info.head_axis:
+        return replace(info, repeat=info.repeat * repeats)
+    return info
 
 
 def moved_by(info: Any, where: dict[int, int]) -> Any:
@@ -160,6 +215,8 @@ def pointwise_headed(ctx: Context, node: fx.Node, operands: list[fx.Node]) -> Fe
         along = {pos: shape[pos - shift] if pos - shift >= 0 else 1 for pos in (h_pos, d_pos)}
         if along[d_pos] > 1:
             fix = True  # varies along head_dim: rotary tables, norm weights, rotated halves
+        if result.repeat > 1 and (isinstance(info, Feat) or along[h_pos] > 1):
+            raise Barrier("combines repeated key/value heads with values per head")
         if isinstance(info, Feat):
             if info.axis + shift != h_pos:
                 raise Barrier("combines a tensor split into heads with channels on another axis")
@@ -246,7 +303,27 @@ def _role(ctx: Context, value: fx.Node, info: Any, out_ndim: int, rows: int) -> 
     return {}
 
 
+def _single_heads(ctx: Context, values: list[fx.Node], infos: list[Any]) -> list[Any]:
+    """Attention with one head: where another operand is split into a single head, a plain
+    layout whose channels are on a matrix axis (a reshape to (…, 1, N, d) merged the size-1
+    head axis away) is split into one head on that size-1 axis too."""
+    ref = next((i for i in infos if isinstance(i, Feat) and i.headed and i.heads == 1 and
+                i.repeat == 1), None)
+    if ref is None:
+        return infos
+    out = []
+    for value, info in zip(values, infos):
+        shape = ctx.shape(value)
+        if isinstance(info, Feat) and not info.headed and shape is not None and \
+                info.axis >= len(shape) - 2 and len(shape) > ref.head_axis and \
+                shape[ref.head_axis] == 1 and ref.head_axis < len(shape) - 2:
+            info = ctx.split_heads(info, info.axis, ref.head_axis, 1)
+        out.append(info)
+    return out
+
+
 def product(ctx: Context, node: fx.Node, a: fx.Node, b: fx.Node, ia: Any, ib: Any) -> Any:
+    ia, ib = _single_heads(ctx, [a, b], [ia, ib])
     out_ndim = len(ctx.shape(node))
     ra = _role(ctx, a, ia, out_ndim, len(ctx.shape(a)) - 2)
     rb = _role(ctx, b, ib, out_ndim, len(ctx.shape(b)) - 1)
@@ -260,6 +337,8 @@ def product(ctx: Context, node: fx.Node, a: fx.Node, b: fx.Node, ia: Any, ib: An
         if not r and not (info is SHARED or info is None):
             raise Barrier("multiplies heads with a value fxzip cannot follow per head")
     head_pos = (ra or rb)["head"][1]
+    if ra and rb and (getattr(ia, "repeat", 1) > 1 or getattr(ib, "repeat", 1) > 1):
+        return _grouped_product(ctx, node, ia, ib, ra, rb, head_pos)
     if ra and rb:
         if ra["head"][1] != rb["head"][1]:
             raise Barrier("multiplies tensors whose heads are on different axes")
@@ -285,7 +364,46 @@ def product(ctx: Context, node: fx.Node, a: fx.Node, b: fx.Node, ia: Any, ib: An
 
 
 def _head_of(info: Feat) -> Feat:
+    if info.repeat > 1:
+        raise Barrier("reads the head space of repeated key/value heads")
     return info.head_only() if info.headed else info
+
+
+def _grouped_product(ctx: Context, node: fx.Node, ia: Feat, ib: Feat, ra: dict, rb: dict,
+                     head_pos: int) -> Any:
+    """Products with repeated key/value heads (grouped-query attention): q·kᵀ ties q's heads
+    and features to k's (two levels, `Context.repeat_tie`) and gives q's head space (scores);
+    scores·v gives the attention outputs, a new space whose heads follow v's."""
+    if ra["head"][1] != rb["head"][1]:
+        raise Barrier("multiplies tensors whose heads are on different axes")
+    if ia.repeat > 1 and ib.repeat > 1:
+        raise Barrier("multiplies two tensors of repeated key/value heads")
+    sub, base = (ia, ib) if ib.repeat > 1 else (ib, ia)
+    rs, rbase = (ra, rb) if ib.repeat > 1 else (rb, ra)
+    ws, wb = rs.get("within"), rbase.get("within")
+    if ws and wb and ws[0] == wb[0] == "contracted":  # q·kᵀ
+        ctx.repeat_tie(sub, base)
+        head = sub.head_only().moved(head_pos)
+        ctx.consume(node, node, head)
+        return head
+    if ws is None and wb and wb[0] == "kept":  # scores·v
+        return attention_output(ctx, node, sub.moved(head_pos), base, wb[1], head_pos)
+    raise Barrier("multiplies repeated key/value heads in a way fxzip cannot follow")
+
+
+def attention_output(ctx: Context, node: fx.Node, scores: Feat, values: Feat, axis: int,
+                     head_pos: int) -> Feat:
+    """Attention outputs of grouped-query attention: per query head, its group's values. A new
+    space (heads·repeat heads of the values' head_dim), tied to the values within heads."""
+    if len(values.blocks) != 1 or values.blocks[0].expand != 1:
+        raise Barrier("grouped-query attention over values that hold several feature spaces")
+    head = scores.blocks[0]
+    width = values.blocks[0].size * values.repeat
+    out = Feat(axis, (Block(ctx.uf.new(width), width),), head_pos, values.heads * values.repeat,
+               head)
+    ctx.head_group((out.blocks[0].space, head.space), out.heads, "attention heads")
+    ctx.repeat_tie(out, values)
+    return out
 
 
 @register(F.scaled_dot_product_attention, heads=True)
@@ -293,8 +411,15 @@ def scaled_dot_product_attention(ctx: Context, node: fx.Node) -> Any:
     """softmax(q·kᵀ/√d + mask)·v: as the two products; a mask computed from parameters or
     features that varies over the heads (a position bias) follows the head space."""
     q, k, v = (arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
-    iq, ik, iv = ctx.info(q), ctx.info(k), ctx.info(v)
+    iq, ik, iv = _single_heads(ctx, [q, k, v], [ctx.info(q), ctx.info(k), ctx.info(v)])
     n = len(ctx.shape(q))
+    if node.kwargs.get("enable_gqa") and all(isinstance(i, Feat) and i.headed for i in (iq, ik, iv)):
+        ha = iq.head_axis  # key/value heads shared by groups of query heads: as if repeated
+        factor = ctx.shape(q)[ha] // ctx.shape(k)[ha]
+        if factor > 1:
+            ik, iv = replace(ik, repeat=ik.repeat * factor), replace(iv, repeat=iv.repeat * factor)
+    if any(isinstance(i, Feat) and i.repeat > 1 for i in (iq, ik, iv)):
+        return _grouped_sdpa(ctx, node, iq, ik, iv, n)
     if not all(isinstance(i, Feat) and _head_of(i).axis < n - 2 for i in (iq, ik, iv)) or \
             any(i.headed and i.axis != n - 1 for i in (iq, ik, iv)) or \
             len({_head_of(i).axis for i in (iq, ik, iv)}) != 1:
@@ -324,3 +449,23 @@ def scaled_dot_product_attention(ctx: Context, node: fx.Node) -> Any:
                           "per head")
     ctx.consume(node, node, head)
     return iv
+
+
+def _grouped_sdpa(ctx: Context, node: fx.Node, iq: Feat, ik: Feat, iv: Feat, n: int) -> Feat:
+    """scaled_dot_product_attention with repeated key/value heads (grouped-query attention)."""
+    if not (iq.headed and ik.headed and iv.headed) or iq.repeat != 1 or \
+            not ik.repeat == iv.repeat > 1 or {i.axis for i in (iq, ik, iv)} != {n - 1} or \
+            len({i.head_axis for i in (iq, ik, iv)}) != 1:
+        raise Barrier("grouped-query attention whose queries, keys and values fxzip cannot follow "
+                      "as (…, H, N, d) with repeated key/value heads")
+    ctx.repeat_tie(iq, ik)
+    head = iq.head_only()
+    mask = arg(node, 3, "attn_mask")
+    if isinstance(mask, fx.Node):
+        info, shape = ctx.info(mask), ctx.shape(mask)
+        pos = head.axis - (n - len(shape))
+        if info is not SHARED and info is not None and not (
+                isinstance(info, Lazy) and not (pos >= 0 and shape[pos] > 1)):
+            raise Barrier(f"grouped-query attention reads the mask '{mask.name}' per head")
+    ctx.consume(node, node, head)
+    return attention_output(ctx, node, head, iv, n - 1, head.axis)

@@ -30,13 +30,18 @@ class Feat:
     within-head axis holds head h's features of every block in a row). `head` is the head
     space: one feature per head, in the head group of the blocks' spaces, along which per-head
     values (attention scores, relative position biases, talking heads) run once the features
-    within heads are no longer followed."""
+    within heads are no longer followed.
+
+    `repeat` > 1: every head is repeated `repeat` times in a row on the head axis (keys and
+    values of grouped-query attention, each serving a group of query heads): the head axis is
+    `heads · repeat` long."""
 
     axis: int
     blocks: tuple[Block, ...]
     head_axis: int | None = None
     heads: int = 1
     head: Block | None = None
+    repeat: int = 1
 
     @property
     def width(self) -> int:
@@ -183,7 +188,7 @@ class UnionFind:
 
     def unify(self, a: Feat, b: Feat) -> bool:
         """Tie two layouts block by block; False when their block structures differ."""
-        if len(a.blocks) != len(b.blocks) or a.heads != b.heads or \
+        if len(a.blocks) != len(b.blocks) or a.heads != b.heads or a.repeat != b.repeat or \
                 (a.head is None) != (b.head is None):
             return False
         if any(x.size != y.size or x.expand != y.expand for x, y in zip(a.blocks, b.blocks)):

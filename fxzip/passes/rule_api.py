@@ -227,6 +227,7 @@ class Context:
             self.module_spaces = ChainMap({}, base.module_spaces)
         self.consumed: list[tuple[str, str, Feat]] = []  # (consumer node, input node, layout)
         self.head_groups: list[tuple[tuple[int, ...], int, str]] = []  # (spaces, heads, kind)
+        self.repeats: list[tuple[int, int, int]] = []  # (query-side space, kv space, factor)
 
     # -- transactions -------------------------------------------------------------------------
     def begin(self) -> Context:
@@ -243,11 +244,18 @@ class Context:
             theirs.update(mine.maps[0])
         base.consumed.extend(self.consumed)
         base.head_groups.extend(self.head_groups)
+        base.repeats.extend(self.repeats)
 
     def _all_head_groups(self) -> Iterator[tuple[tuple[int, ...], int, str]]:
         if self.base is not None:
             yield from self.base._all_head_groups()
         yield from self.head_groups
+
+    def all_repeats(self) -> Iterator[tuple[int, int, int]]:
+        """(query-side space, key/value space, factor) of every grouped-query tie so far."""
+        if self.base is not None:
+            yield from self.base.all_repeats()
+        yield from self.repeats
 
     # -- reading ------------------------------------------------------------------------------
     def info(self, value: Any) -> Any:
@@ -349,11 +357,41 @@ class Context:
                         "attention heads")
         return Feat(axis, feat.blocks, head_axis, heads, head)
 
+    def repeat_tie(self, sub: Feat, base: Feat, heads_only: bool = False) -> None:
+        """Grouped-query attention: `base` (keys or values, `base.heads` heads each repeated
+        `base.repeat` times) meets `sub` (queries, scores or attention outputs, heads·repeat
+        heads) head for head. The kv heads are paired across models, the `repeat` query heads of
+        each kv head's group are paired alike, and the features within a head of `sub` follow
+        those of `base` (feature j of q meets feature j of k). `heads_only`: just the head spaces."""
+        factor = base.repeat
+        if factor < 2 or sub.repeat != 1 or sub.heads != base.heads * factor or \
+                base.head is None or sub.head is None:
+            raise Barrier(f"pairs {sub.heads} heads with {base.heads} heads repeated {factor} "
+                          "times, which do not divide them into equal groups")
+        pairs = [(sub.head, base.head)]
+        if not heads_only:
+            if len(sub.blocks) != len(base.blocks) or any(
+                    s.expand != 1 or b.expand != 1 or s.size != b.size * factor
+                    for s, b in zip(sub.blocks, base.blocks)):
+                raise Barrier("ties grouped-query heads whose features within a head differ")
+            pairs += list(zip(sub.blocks, base.blocks))
+        known = {self.uf.find(s): self.uf.find(b) for s, b, _ in self.all_repeats()}
+        for s, b in pairs:
+            before = known.get(self.uf.find(s.space))
+            if before is not None:  # one query-side space, one kv space: k's and v's heads
+                if self.uf.sizes[before] != b.size:
+                    raise Barrier("ties grouped-query heads to key/value spaces of different widths")
+                self.uf.union(before, b.space)
+            self.repeats.append((s.space, b.space, factor))
+
     def fix_within(self, feat: Feat) -> Feat:
         """A headed layout whose values within a head are combined in a fixed way (rotary
         embeddings, norms over head_dim, attention over channels): its spaces keep their
         features in place within heads (heads may still be paired); what is left to follow is
         the head space on the head axis."""
+        if feat.repeat > 1:
+            raise Barrier("combines the features within repeated key/value heads (grouped-query "
+                          "attention) in a fixed way after repeating them")
         for b in feat.blocks:
             self.uf.fix(b.space)
         return feat.head_only()
