@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from .distributed import all_reduce_sum, is_distributed
 from .errors import InputError
-from .inputs import batch_size, leading
+from .inputs import batch_size, batch_tensors, leading
 from .matching import Match
 
 if TYPE_CHECKING:  # type hints only: the pass reads `analysis.feat`, `.spaces` and Feat blocks
@@ -245,7 +245,7 @@ class _Runner:
                 stats = _bn_statistics(inputs, module.num_features, self.group)
                 if stats is not None:
                     mean, var = (v.to(module.running_mean.device, module.running_mean.dtype)
-                                 for v in stats)
+                                 for v in stats[:2])
                     return [F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), module.weight,
                                          module.bias, False, 0.0, module.eps) for x in inputs]
         out = []
@@ -261,6 +261,33 @@ class _Runner:
             else:  # pragma: no cover - fx has no other ops
                 raise RuntimeError(f"unexpected node op {node.op}")
         return out
+
+
+# -- row subsets --------------------------------------------------------------------------------
+_GOLDEN = 0.6180339887498949
+
+
+def _sample_keys(batch: Any, seed: int) -> torch.Tensor:
+    """One number in [0, 1) per sample, computed from the sample's own values (a fixed random
+    projection), so that which rows of a sample enter a fit does not depend on how the
+    calibration data are batched or sharded over ranks."""
+    n = batch_size(batch)
+    tensors = [t.reshape(n, -1).double().cpu() for t in batch_tensors(batch)
+               if t.dim() and t.shape[0] == n]
+    flat = torch.cat(tensors, 1)
+    generator = torch.Generator().manual_seed(seed)
+    projection = torch.rand(flat.shape[1], generator=generator, dtype=torch.float64) + 0.5
+    # rounded, so that summation order (which may differ with the batch) cannot move a key
+    return torch.frac(torch.round((flat * projection).sum(1) * 2.0 ** 20) * _GOLDEN)
+
+
+def _kept_rows(keys: torch.Tensor, rows: int, keep: float) -> torch.Tensor:
+    """Mask of the rows (samples × positions, sample-major) kept for a fit: row p of sample i is
+    kept where the Weyl sequence frac(key_i + p·φ) falls below `keep`."""
+    per_sample = rows // max(len(keys), 1)
+    position = torch.arange(per_sample, dtype=torch.float64)
+    u = torch.frac(keys[:, None] + (position[None, :] + 1.0) * _GOLDEN)
+    return (u < keep).reshape(-1)
 
 
 # -- layers -----------------------------------------------------------------------------------------
@@ -327,10 +354,10 @@ def _channel_stats(values: Sequence[torch.Tensor], axis: int, width: int,
 
 
 def _bn_statistics(values: Sequence[torch.Tensor], width: int,
-                   group: Any = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                   group: Any = None) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     """Running mean/var as `fxzip.reset_bn` sets them: the equal-weight average over batches (of
-    every rank) of each batch's mean and unbiased variance (per channel, axis 1); None if no
-    rank has a batch."""
+    every rank) of each batch's mean and unbiased variance (per channel, axis 1), and the number
+    of those batches; None if no rank has a batch."""
     sums = torch.zeros(2, width, dtype=torch.float64)
     count = torch.zeros(1, dtype=torch.float64)
     for v in values:
@@ -342,18 +369,18 @@ def _bn_statistics(values: Sequence[torch.Tensor], width: int,
     _reduce([sums, count], group)
     if count.item() == 0:
         return None
-    return sums[0] / count, sums[1] / count
+    return sums[0] / count, sums[1] / count, int(count.item())
 
 
 def _bn_reset(bn: _BN, values: Sequence[torch.Tensor], group: Any = None) -> None:
     stats = _bn_statistics(values, bn.num_features, group)
     if stats is None:
         return
-    mean, var = stats
+    mean, var, batches = stats
     bn.running_mean.copy_(mean.to(bn.running_mean.device, bn.running_mean.dtype))
     bn.running_var.copy_(var.to(bn.running_var.device, bn.running_var.dtype))
     if bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.fill_(len(values))
+        bn.num_batches_tracked.fill_(batches)  # every rank's batches, as reset_bn counts them
 
 
 # -- the plan -----------------------------------------------------------------------------------------
@@ -547,7 +574,7 @@ class _Pass:
         self.runner = _Runner(merged, batches)
         self.parents = [_Runner(g, batches, keep=needed[k], reset_bn=options.reset_bn, group=group)
                         for k, g in enumerate(graphs)]
-        self.generator = torch.Generator().manual_seed(options.seed)
+        self.sample_keys = [_sample_keys(b, options.seed) for b in batches]
         self.report = CorrectionReport(skipped=skipped)
 
     def _dim(self, k: int, name: str) -> int:
@@ -657,10 +684,10 @@ class _Pass:
         total_rows, before_num, before_den = counts.tolist()
         keep = 1.0 if self.options.max_rows is None \
             else min(1.0, self.options.max_rows / max(total_rows, 1.0))
-        for x, y, t in zip(inputs, y0, layer.targets):
+        for x, y, t, keys in zip(inputs, y0, layer.targets, self.sample_keys):
             patches, residual = _patches(module, x), _rows(module, t - y)
             if keep < 1.0:
-                rows = (torch.rand(patches.shape[0], generator=self.generator) < keep).to(x.device)
+                rows = _kept_rows(keys, patches.shape[0], keep).to(x.device)
                 patches, residual = patches[rows], residual[rows]
             patches = torch.cat([patches, patches.new_ones(patches.shape[0], 1)], 1)
             gram += (patches.T @ patches).double().cpu()
