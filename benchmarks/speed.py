@@ -15,7 +15,12 @@ Five measurements, each printed as a table and written as markdown and CSV under
    assignment required, and the Hungarian `permute`;
 4. peak memory (max RSS of a fresh subprocess): the models and data alone, plain forwards, merge;
 5. inference of the merged ResNet-20×4 against running both originals, per stop point, with
-   parameter counts and FLOPs.
+   parameter counts and FLOPs;
+6. cost against the floor (`--ratios` runs only this): for two timm resnet50 and two timm ViT-S/16,
+   each in a fresh subprocess, the statistics and the whole merge (`fxzip.merge`, full zip, BN
+   reset included) with `taps="all"` and `taps="last"`, divided by plain forwards of both models
+   over the same batches (interleaved repeats in that one process), the merge's phases, and its
+   peak memory above the models and data.
 
 The machine may be shared and noisy: times are the minimum over repeats and ratios are taken
 within one run, with repetitions of the two sides interleaved. Nothing here asserts on time.
@@ -112,7 +117,7 @@ def load_average() -> str:
 class CaseSpec:
     """What to build; plain data so that a subprocess can build the same case."""
 
-    kind: str  # "digits" or "resnet50"
+    kind: str  # "digits", "resnet50" or "vit" (timm vit_small_patch16_224)
     images: int = 0
     size: int = 0
     batch: int = 0
@@ -121,7 +126,8 @@ class CaseSpec:
     def label(self) -> str:
         if self.kind == "digits":
             return "ResNet20x4 digits"
-        return f"resnet50 {self.images}x{self.size}² (bs {self.batch})"
+        name = "ViT-S/16" if self.kind == "vit" else "resnet50"
+        return f"{name} {self.images}x{self.size}² (bs {self.batch})"
 
 
 @dataclass
@@ -163,9 +169,25 @@ def resnet50_case(images: int, size: int, batch: int) -> Case:
     return Case(CaseSpec("resnet50", images, size, batch), models, batches)
 
 
+def vit_case(images: int, size: int, batch: int) -> Case:
+    """Two timm vit_small_patch16_224 (10 classes) from seeds 0 and 1, and random images."""
+    import timm
+
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10,
+                                        img_size=size).eval())
+    generator = torch.Generator().manual_seed(0)
+    batches = list(torch.randn(images, 3, size, size, generator=generator).split(batch))
+    return Case(CaseSpec("vit", images, size, batch), models, batches)
+
+
 def build_case(spec: CaseSpec) -> Case:
     if spec.kind == "digits":
         return digits_case()
+    if spec.kind == "vit":
+        return vit_case(spec.images, spec.size, spec.batch)
     return resnet50_case(spec.images, spec.size, spec.batch)
 
 
@@ -187,7 +209,9 @@ def child_main(task: str, spec: CaseSpec) -> dict[str, Any]:
     "forward": plain forwards of both models, "merge": a full zip). Returns max RSS and timings."""
     case = build_case(spec)
     result: dict[str, Any] = {"task": task}
-    if task == "forward":
+    if task.startswith("ratios"):
+        result.update(floor_ratios(case, repeats=int(task.split(":")[1])))
+    elif task == "forward":
         plain_forward(case.models, case.batches[:1])  # warm-up
         result["seconds"] = {"forward": timed(lambda: plain_forward(case.models, case.batches))}
     elif task == "merge":
@@ -363,17 +387,22 @@ def statistics_vs_forward(cases: Sequence[Case], repeats: dict[str, int]) -> tup
     return ratio, parts
 
 
-def gram_flops(zipper: fxzip.Zipper, spaces: Sequence[int], batches: Sequence[torch.Tensor]) -> float:
-    """Multiply-adds ×2 of the Gram products of all taps as full products: per tap and batch,
-    samples × (N·size)², the features of the N models stacked."""
+def gram_flops(zipper: fxzip.Zipper, spaces: Sequence[int], batches: Sequence[torch.Tensor],
+               taps: str = "all") -> float:
+    """Multiply-adds ×2 of the Gram products of all taps (`taps="last"`: each space's last) as
+    full products: per tap and batch, samples × (N·size)², the features of the N models stacked."""
     from fxzip.tracing import tensor_shape
 
     analysis, n = zipper.analysis, zipper.num_models
     example = zipper.batches.example.shape[0]
     samples = sum(x.shape[0] for x in batches)
     total = 0.0
+    order = {node.name: i for i, node in enumerate(analysis.nodes)}
     for s in spaces:
-        for tap in analysis.spaces[s].taps:
+        read = analysis.spaces[s].taps
+        if taps == "last" and read:
+            read = [max(read, key=lambda t: order[t.node])]
+        for tap in read:
             shape = tensor_shape(next(node for node in analysis.nodes if node.name == tap.node))
             rows = math.prod(shape) // shape[tap.axis] * tap.expand * samples / example
             total += 2 * rows * (n * tap.size) ** 2
@@ -520,6 +549,103 @@ def inference_per_stop(case: Case, x: torch.Tensor, stops: Sequence[Any], repeat
 
 
 # ---------------------------------------------------------------------------------------------
+# Section 6: cost against the floor (plain forwards of both models)
+# ---------------------------------------------------------------------------------------------
+
+
+TAPS_CHOICES = ("all", "last")
+FLOOR_PHASES = ("trace", "analysis", "statistics", "matching", "rewrite", "bn_reset")
+
+
+def floor_ratios(case: Case, repeats: int) -> dict[str, Any]:
+    """In this (fresh) process: plain forwards of both models, the statistics of every space a
+    full zip needs and the whole merge (`fxzip.merge`, stop_at=None, BN reset) for each `taps`
+    choice, interleaved over `repeats` rounds after a warm-up; minima, the phases of the fastest
+    merge, the Gram FLOPs read, and peak RSS (VmHWM, reset before each) above the RSS before."""
+    def statistics_of(taps: str) -> Callable[[], Any]:
+        zipper = fxzip.Zipper(case.models, case.batches, progress=False, taps=taps)
+        spaces = zipper.analysis.spaces_of(zipper.analysis.trunk(None))
+        return lambda: zipper.statistics(spaces)
+
+    def merge_with(taps: str) -> Any:
+        return fxzip.merge(*case.models, case.batches, progress=False, taps=taps,
+                           corrections=None)
+
+    plain_forward(case.models, case.batches)  # warm-up
+    peaks: dict[str, float] = {}
+    reports: dict[str, Any] = {}
+    best: dict[str, float] = defaultdict(lambda: math.inf)
+    for taps in TAPS_CHOICES:  # warm-up of each; its peak memory
+        base = _current_rss_mib()
+        reset_peak_rss()
+        merge_with(taps)
+        peaks[f"merge {taps}"] = peak_rss_mib() - base
+    base = _current_rss_mib()
+    reset_peak_rss()
+    plain_forward(case.models, case.batches)
+    peaks["plain"] = peak_rss_mib() - base
+    for _ in range(repeats):
+        best["plain"] = min(best["plain"], timed(lambda: plain_forward(case.models, case.batches)))
+        for taps in TAPS_CHOICES:
+            run = statistics_of(taps)  # the Zipper (trace) untimed
+            best[f"statistics {taps}"] = min(best[f"statistics {taps}"], timed(run))
+            start = time.perf_counter()
+            merged = merge_with(taps)
+            seconds = time.perf_counter() - start
+            if seconds < best[f"merge {taps}"]:
+                best[f"merge {taps}"] = seconds
+                reports[taps] = dict(merged.fxzip_report.seconds)
+    zipper = fxzip.Zipper(case.models, case.batches[:1], progress=False)
+    spaces = zipper.analysis.spaces_of(zipper.analysis.trunk(None))
+    flops = {t: gram_flops(zipper, spaces, case.batches, taps=t) for t in TAPS_CHOICES}
+    forward = sum(count_flops(m, x, per_sample=False) for m in case.models for x in case.batches)
+    return {"best": dict(best), "phases": reports, "peaks_mib": peaks, "gram_flops": flops,
+            "forward_flops": forward, "spaces": len(spaces),
+            "params": sum(count_parameters(m) for m in case.models)}
+
+
+def _current_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def floor_table(specs: Sequence[CaseSpec], repeats: int) -> Table:
+    """Section 6: each case in a fresh subprocess (`floor_ratios`)."""
+    table = Table("6_floor", "6. Cost against the floor: statistics and the whole merge (full zip, "
+                  "BN reset) ÷ plain forwards of both models over the same batches, per `taps`",
+                  ["case", "taps", "plain fwd s", "statistics s", "statistics/plain (≤ 1.5)",
+                   "merge s", "merge/plain (≤ 3)", *FLOOR_PHASES, "other",
+                   "Gram/fwd FLOPs", "merge peak MiB", "peak/param MiB", "plain peak MiB"])
+    for spec in specs:
+        r = run_child(f"ratios:{repeats}", spec)
+        plain = r["best"]["plain"]
+        param_mib = r["params"] * 4 / 2**20
+        for taps in TAPS_CHOICES:
+            phases = r["phases"][taps]
+            merge = r["best"][f"merge {taps}"]
+            stats = r["best"][f"statistics {taps}"]
+            parts = [phases.get(p, 0.0) for p in FLOOR_PHASES]
+            peak = r["peaks_mib"][f"merge {taps}"]
+            table.add(spec.label, taps, plain, stats, stats / plain, merge, merge / plain, *parts,
+                      merge - sum(parts), r["gram_flops"][taps] / r["forward_flops"], peak,
+                      peak / param_mib, r["peaks_mib"]["plain"])
+    table.notes += [
+        f"one fresh process per case; minimum over {repeats} interleaved rounds (plain forwards, "
+        "then per taps choice: statistics on a fresh Zipper, trace untimed, then the whole "
+        "`fxzip.merge(a, b, batches, taps=..., corrections=None)`: the paper's zip with its BN reset, "
+        "without the default refit, which adds a pass) after a warm-up of each",
+        "phases: `merged.fxzip_report.seconds` of the fastest merge; other = merge - phases "
+        "(the report's parameter and FLOP counts, input checks)",
+        "Gram/fwd FLOPs: the Gram products of the taps read, as full products (fxzip computes "
+        "the upper triangles, about 0.55 of this), ÷ the forward FLOPs of both models",
+        "peak MiB: VmHWM reset before the warm-up run and read after it, minus the RSS before "
+        "(models and data already resident); param MiB: float32 parameters of both models"]
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 
@@ -549,6 +675,21 @@ def environment(argv: Sequence[str]) -> str:
             f"{os.cpu_count()} CPUs, {platform.machine()}")
 
 
+def floor_specs(config: Settings) -> list[CaseSpec]:
+    images, size = (16, 128) if config.quick else (32, 224)
+    return [CaseSpec("resnet50", images, size, 16), CaseSpec("vit", images, size, 16)]
+
+
+def run_floor(config: Settings, out: Path, argv: Sequence[str]) -> None:
+    """`--ratios`: section 6 alone, written to 6_floor.md/csv."""
+    header = [environment(argv), f"load average at start: {load_average()}"]
+    print("\n".join(header), flush=True)
+    table = floor_table(floor_specs(config), 1 if config.quick else 2)
+    table.notes.append(f"load average at end: {load_average()}")
+    print("\n" + table.text() + "\n", flush=True)
+    table.write(out)
+
+
 def run_benchmarks(config: Settings, out: Path, argv: Sequence[str]) -> None:
     started = time.perf_counter()
     header = [environment(argv), f"load average at start: {load_average()}"]
@@ -575,6 +716,7 @@ def run_benchmarks(config: Settings, out: Path, argv: Sequence[str]) -> None:
     emit(peak_memory(specs, merges))
     x_test = load_digits_split().x_test[:INFERENCE_BATCH]
     emit(inference_per_stop(digits, x_test, DIGITS_STOPS, config.inference_repeats))
+    emit(floor_table(floor_specs(config), 1 if config.quick else 2))
 
     footer = (f"load average at end: {load_average()}; total {time.perf_counter() - started:.0f} s"
               f"{' (--quick)' if config.quick else ''}")
@@ -595,7 +737,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="directory for the markdown and CSV tables")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                         help="torch.set_num_threads for every measurement (default %(default)s)")
-    parser.add_argument("--child", choices=("data", "forward", "merge"), help=argparse.SUPPRESS)
+    parser.add_argument("--ratios", action="store_true",
+                        help="only section 6 (cost against the floor, resnet50 and ViT-S/16)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-case", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -608,6 +752,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps(child_main(args.child, CaseSpec(**json.loads(args.child_case)))))
         return
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.ratios:
+        run_floor(settings(args.quick), args.out, argv)
+        return
     run_benchmarks(settings(args.quick), args.out, argv)
 
 
