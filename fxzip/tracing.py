@@ -4,11 +4,13 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.meta_tracer import MetaTracer
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
@@ -74,13 +76,24 @@ def trace(model: torch.nn.Module, example: Batch, *, leaf_modules: Sequence[type
         raise InputError(f"expected a torch.nn.Module to merge, got {type(model).__name__}")
     fixed = fixed_arguments(model, example, concrete_args)
     gm = None
-    for leaves in (tuple(leaf_modules), tuple(leaf_modules) + _timm_leaf_modules()):
+    # plain tracing; then with shapes known (branches on sizes taken as the example takes them:
+    # timm's VGG head); then timm's not-traceable modules as leaves
+    tiers = ((tuple(leaf_modules), False), (tuple(leaf_modules), True),
+             (tuple(leaf_modules) + _timm_leaf_modules(), False))
+    failure: Exception | None = None
+    for leaves, shaped in tiers:
         private = copy.deepcopy(model).eval()
-        tracer = FxzipTracer(leaves)
+        tracer = _ShapedTracer(leaves) if shaped else FxzipTracer(leaves)
         try:
-            graph = tracer.trace(private, concrete_args=fixed or None)
+            if shaped:
+                with warnings.catch_warnings():  # the meta tracer warns of every value it skips
+                    warnings.simplefilter("ignore")
+                    graph = tracer.trace(private, concrete_args=fixed or None,
+                                         meta_args=_meta_arguments(model, example))
+            else:
+                graph = tracer.trace(private, concrete_args=fixed or None)
         except Exception as exc:  # torch.fx raises many types here
-            failure = exc
+            failure = failure or exc
             continue
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         break
@@ -96,6 +109,20 @@ def trace(model: torch.nn.Module, example: Batch, *, leaf_modules: Sequence[type
     route_through_inplace_ops(gm)
     propagate_shapes(gm, example, type(model).__name__)
     return gm
+
+
+class _ShapedTracer(MetaTracer, FxzipTracer):
+    """FxzipTracer whose proxies carry meta tensors of the example's shapes
+    (`torch.fx.experimental.meta_tracer`), so that `x.shape` is concrete and branches on sizes
+    are taken as the example takes them."""
+
+
+def _meta_arguments(model: torch.nn.Module, example: Batch) -> dict[str, torch.Tensor]:
+    """The example's tensors as meta tensors, by forward's argument names."""
+    if isinstance(example, dict):
+        return {k: v.to("meta") for k, v in example.items() if isinstance(v, torch.Tensor)}
+    name = next(iter(inspect.signature(model.forward).parameters))
+    return {name: example.to("meta")}
 
 
 def fixed_arguments(model: torch.nn.Module, example: Batch,

@@ -36,6 +36,22 @@ def _mixer():
     return MlpMixer(num_classes=3, img_size=32, patch_size=8, num_blocks=2, embed_dim=16)
 
 
+def _vgg():  # its ConvMlp head branches on the input size: traced with the example's shapes
+    from timm.models.vgg import VGG
+    return VGG(cfg=[8, "M", 16, "M"], num_classes=3, mlp_ratio=0.01)
+
+
+def _pvt():  # a single-head stage: keys and values split as (…, 2, 1, d)
+    from timm.models.pvt_v2 import PyramidVisionTransformerV2
+    return PyramidVisionTransformerV2(depths=(1, 1), embed_dims=(16, 32), num_heads=(1, 2),
+                                      sr_ratios=(2, 1), mlp_ratios=(2, 2), num_classes=3)
+
+
+def _focalnet():  # one-channel gates broadcast over the context channels
+    from timm.models.focalnet import FocalNet
+    return FocalNet(depths=(1, 1), embed_dim=16, num_classes=3)
+
+
 # name: (builder, input size, layers that must be zippable, attentions merged head-aware)
 FAMILIES = {
     "resnet18": (lambda: _timm("resnet18"), 32, 21, 0),
@@ -44,6 +60,9 @@ FAMILIES = {
     "vit": (_vit, 16, 10, 2),
     "swin": (_swin, 32, 15, 3),  # relative position biases follow the pairing of heads
     "mixer": (_mixer, 32, 6, 0),  # channel MLPs zipped; token-mixing Linears averaged
+    "vgg (size branch)": (_vgg, 16, 5, 0),
+    "pvt_v2 (single head)": (_pvt, 32, 16, 2),
+    "focalnet (gates)": (_focalnet, 32, 17, 0),
 }
 
 
