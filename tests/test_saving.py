@@ -57,3 +57,18 @@ def test_load_errors(tmp_path):
     (tmp_path / "junk.pt2").write_bytes(b"not a zip")
     with pytest.raises(ExportError, match="cannot load .*junk.pt2"):
         fxzip.load(tmp_path / "junk.pt2")
+
+
+def test_window_attention_core_exports_bit_for_bit(tmp_path):
+    """Swin's window attention (relative position biases, shifted-window masks) is kept as an
+    AttentionCore submodule: it exports and reloads like any other merged model."""
+    def tiny_swin():
+        return timm.create_model("swin_tiny_patch4_window7_224", img_size=32, window_size=4,
+                                 embed_dim=16, depths=(1, 1), num_heads=(2, 2), num_classes=3).eval()
+    merged = merged_pair(tiny_swin)
+    assert any(type(m).__name__ == "AttentionCore" for m in merged.modules())
+    loaded = fxzip.load(fxzip.save(merged, tmp_path / "swin"))
+    for batch in (2, 5):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            assert all(torch.equal(a, b) for a, b in zip(loaded(x), merged(x)))
