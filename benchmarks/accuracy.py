@@ -1,6 +1,6 @@
 """The ZipIt! paper's accuracy protocol on offline data.
 
-    python benchmarks/accuracy.py [--settings a,b,c,d] [--pairs 5] [--epochs N] [--width W]
+    python benchmarks/accuracy.py [--settings a,b,c,d,e] [--pairs 5] [--epochs N] [--width W]
                                   [--quick] [--out benchmarks/results]
 
 Settings (every model pair: one architecture, two DIFFERENT initialisations, trained on
@@ -16,6 +16,8 @@ disjoint class halves: task A = classes 0–4, task B = classes 5–9):
      model's own 5 classes. Split-head stops as in (a), plus "shared": `shared_output=True`
      zips every layer into ONE model with ONE output (the output layer averaged) — the paper's
      ZipIt!20/20 row.
+  e  digits 5+5, the `DigitsVGG` of (b) without BatchNorm (norm-free: the BN reset repairs
+     nothing there); stops as in (b).
 
 Protocol, per setting:
   * `--pairs` P model pairs are trained (seeds 0..P-1). Pair 0 is the held-out pair, used only
@@ -166,13 +168,17 @@ POOL_NOTE = ("'{last}' and 'full' zip the same layers (only parameter-free globa
 
 
 def make_settings(width: int) -> dict[str, Setting]:
-    """The four settings; `width` is the ResNet-20 width multiplier of (a) and (d)."""
+    """The five settings; `width` is the ResNet-20 width multiplier of (a) and (d)."""
     return {
         "a": Setting("a", f"digits 5+5, ResNet-20x{width}, cross-entropy heads", load_digits,
                      lambda: ResNet20(width=width), RESNET_STOPS, epochs=20,
                      note=POOL_NOTE.format(last="layer3")),
         "b": Setting("b", "digits 5+5, VGG-style CNN with a flatten(C*2*2) classifier",
                      load_digits, lambda: DigitsVGG(width=32, hidden=128),
+                     [Stop("stage1", "stage1"), Stop("stage2", "stage2"), Stop("full", None)],
+                     epochs=30),
+        "e": Setting("e", "digits 5+5, the VGG-style CNN of (b) without BatchNorm (norm-free)",
+                     load_digits, lambda: DigitsVGG(width=32, hidden=128, norm=False),
                      [Stop("stage1", "stage1"), Stop("stage2", "stage2"), Stop("full", None)],
                      epochs=30),
         "c": Setting("c", "mnist1d 5+5, 1-D CNN", load_mnist1d, lambda: Conv1dNet(width=32),
@@ -567,7 +573,7 @@ def plot(result: SettingResult, path: Path) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
+    parser.add_argument("--settings", default="a,b,c,d", help="comma-separated subset of a,b,c,d,e")
     parser.add_argument("--pairs", type=int, default=None,
                         help="model pairs per setting INCLUDING the held-out pair 0 (default 5; "
                              "--quick: 3); at least 2")

@@ -10,8 +10,10 @@ import torch
 import torch.nn as nn
 
 
-def conv_bn_relu_2d(width_in: int, width_out: int) -> list[nn.Module]:
-    """A 3×3 conv (no bias), BatchNorm and ReLU."""
+def conv_bn_relu_2d(width_in: int, width_out: int, norm: bool = True) -> list[nn.Module]:
+    """A 3×3 conv (no bias), BatchNorm and ReLU; without `norm`, a conv with a bias and ReLU."""
+    if not norm:
+        return [nn.Conv2d(width_in, width_out, 3, padding=1), nn.ReLU()]
     return [nn.Conv2d(width_in, width_out, 3, padding=1, bias=False), nn.BatchNorm2d(width_out),
             nn.ReLU()]
 
@@ -28,14 +30,16 @@ class DigitsVGG(nn.Module):
     stage1: (conv-BN-ReLU)×2 at `width` channels, max-pool 8×8 → 4×4;
     stage2: (conv-BN-ReLU)×2 at 2·`width` channels, max-pool 4×4 → 2×2;
     classifier: flatten (2·width·2·2) → Linear(`hidden`) → ReLU → Linear(`num_classes`).
+    `norm=False`: no BatchNorm anywhere (a norm-free network: BN reset cannot repair it).
     """
 
-    def __init__(self, width: int = 32, hidden: int = 128, num_classes: int = 5):
+    def __init__(self, width: int = 32, hidden: int = 128, num_classes: int = 5,
+                 norm: bool = True):
         super().__init__()
-        self.stage1 = nn.Sequential(*conv_bn_relu_2d(1, width), *conv_bn_relu_2d(width, width),
-                                    nn.MaxPool2d(2))
-        self.stage2 = nn.Sequential(*conv_bn_relu_2d(width, 2 * width),
-                                    *conv_bn_relu_2d(2 * width, 2 * width), nn.MaxPool2d(2))
+        self.stage1 = nn.Sequential(*conv_bn_relu_2d(1, width, norm),
+                                    *conv_bn_relu_2d(width, width, norm), nn.MaxPool2d(2))
+        self.stage2 = nn.Sequential(*conv_bn_relu_2d(width, 2 * width, norm),
+                                    *conv_bn_relu_2d(2 * width, 2 * width, norm), nn.MaxPool2d(2))
         self.hidden = nn.Sequential(nn.Linear(2 * width * 2 * 2, hidden), nn.ReLU())
         self.fc = nn.Linear(hidden, num_classes)
 
