@@ -41,6 +41,7 @@ def make_vit() -> torch.nn.Module:
                              depth=4, num_heads=4, mlp_ratio=2.0)
 
 
+PAPER = dict(corrections=None, weight_similarity=0.0)  # the paper's merge: no corrections
 GRID = [(alpha, beta) for alpha in (0.1, 0.3, 0.5, 1.0) for beta in (0.0, 0.25, 0.5, 1.0)]
 
 
@@ -55,8 +56,9 @@ def choose_alpha_beta(epochs: int, lr: float) -> dict:
     zipper = fxzip.Zipper(models, held_out.x_train, progress=False)
     chosen = {}
     for stop, label in STOPS:
-        scores = {ab: evaluate(zipper.merge(stop, method="zipit", alpha=ab[0], beta=ab[1]),
-                               held_out.x_test, held_out.y_test).joint for ab in GRID}
+        scores = {ab: evaluate(zipper.merge(stop, method="zipit", alpha=ab[0], beta=ab[1],
+                                            **PAPER), held_out.x_test, held_out.y_test).joint
+                  for ab in GRID}
         chosen[stop] = max(GRID, key=lambda ab: (scores[ab], -GRID.index(ab)))
         print(f"  held-out pair: {label}: alpha={chosen[stop][0]} beta={chosen[stop][1]} "
               f"(validation joint {scores[chosen[stop]]:.3f})", flush=True)
@@ -72,9 +74,12 @@ def run_pair(seed: int, epochs: int, lr: float, chosen: dict) -> list[dict]:
                      joint=ensemble.joint, task_a=ensemble.task_a, task_b=ensemble.task_b))
     zipper = fxzip.Zipper(models, split.x_train, progress=False)
     for stop, label in STOPS:
-        for method in METHOD_NAMES:
-            alpha, beta = chosen[stop] if method == "zipit" else (0.5, 1.0)
-            merged = zipper.merge(stop, method=method, alpha=alpha, beta=beta)
+        for method in ("default",) + METHOD_NAMES:
+            if method == "default":  # fxzip's default merge (zipit with the corrections)
+                merged = zipper.merge(stop)
+            else:  # the paper's algorithms, uncorrected
+                alpha, beta = chosen[stop] if method == "zipit" else (0.5, 1.0)
+                merged = zipper.merge(stop, method=method, alpha=alpha, beta=beta, **PAPER)
             acc = evaluate(merged, split.x_test, split.y_test)
             report = merged.fxzip_report
             rows.append(dict(seed=seed, method=method, stop=label,

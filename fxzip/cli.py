@@ -24,6 +24,7 @@ from .file_commands import add_analyze, add_merge
 from .methods import METHOD_NAMES
 
 DEMO_STOPS = (("layer1", "stage 1"), ("layer2", "stage 2"), (None, "full"))
+DEMO_METHODS = METHOD_NAMES + ("default",)  # the paper's three methods, then fxzip's default merge
 
 
 @dataclass
@@ -56,8 +57,11 @@ def demo(seed: int = 0, width: int = 4, epochs: int = 10, out: Path | str = "fxz
                     sum(count_flops(m, x_one) for m in models), ensemble)]
     zipper = Zipper(models, calibration, progress=progress)
     for stop, label in DEMO_STOPS:
-        for method in METHOD_NAMES:
-            merged = zipper.merge(stop, method=method)
+        for method in DEMO_METHODS:
+            # "default": fxzip's merge (zipit + label-free corrections); the rest: the paper's
+            options = {} if method == "default" else dict(method=method, corrections=None,
+                                                          weight_similarity=0.0)
+            merged = zipper.merge(stop, **options)
             report = merged.fxzip_report
             rows.append(DemoRow(method, label, f"{report.layers_zipped}/{report.layers_total}",
                                 count_parameters(merged), count_flops(merged, x_one),
@@ -88,7 +92,7 @@ def plot(rows: Sequence[DemoRow], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in METHOD_NAMES:
+    for method in DEMO_METHODS:
         points = [(r.flops / 1e6, r.accuracy.joint) for r in rows if r.method == method]
         ax.plot(*zip(*points), marker="o", label=method)
     ensemble = next(r for r in rows if r.method == "ensemble")
