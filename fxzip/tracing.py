@@ -96,6 +96,9 @@ def trace(model: torch.nn.Module, example: Batch, *, leaf_modules: Sequence[type
             failure = failure or exc
             continue
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        if shaped and _holds_meta_tensors(gm):  # constants made while tracing with meta tensors
+            failure, gm = failure or TraceError("meta tensors left in the traced graph"), None
+            continue
         break
     if gm is None:
         raise TraceError(
@@ -115,6 +118,13 @@ class _ShapedTracer(MetaTracer, FxzipTracer):
     """FxzipTracer whose proxies carry meta tensors of the example's shapes
     (`torch.fx.experimental.meta_tracer`), so that `x.shape` is concrete and branches on sizes
     are taken as the example takes them."""
+
+
+def _holds_meta_tensors(gm: fx.GraphModule) -> bool:
+    """Whether a graph traced with meta tensors kept one as a parameter, buffer or constant."""
+    tensors = [t for _, t in gm.named_parameters()] + [t for _, t in gm.named_buffers()]
+    tensors += [v for v in vars(gm).values() if isinstance(v, torch.Tensor)]
+    return any(t.is_meta for t in tensors)
 
 
 def _meta_arguments(model: torch.nn.Module, example: Batch) -> dict[str, torch.Tensor]:
