@@ -63,6 +63,7 @@ from .distributed import all_reduce_sum, is_distributed
 from .errors import InputError
 from .inputs import batch_size, batch_tensors, leading
 from .matching import Match
+from .tracing import is_inplace
 
 if TYPE_CHECKING:  # type hints only: the pass reads `analysis.feat`, `.spaces` and Feat blocks
     from .passes.analysis import Analysis
@@ -191,6 +192,10 @@ class _Runner:
         for name, i in last.items():
             self.frees.setdefault(i, []).append(name)
         self._placeholders = 0
+        # values an in-place op will change: a kept one is read as it was computed (a snapshot)
+        self.mutated = {n.args[0].name for n in self.nodes
+                        if is_inplace(n, gm) and n.args and isinstance(n.args[0], fx.Node)}
+        self.snapshots: dict[str, list[Any]] = {}
 
     @property
     def next_node(self) -> fx.Node | None:
@@ -200,6 +205,9 @@ class _Runner:
         """Compute the next node on every batch."""
         node = self.nodes[self.position]
         self.env[node.name] = self._compute(node)
+        if node.name in self.keep and node.name in self.mutated:
+            self.snapshots[node.name] = [v.clone() if isinstance(v, torch.Tensor) else v
+                                         for v in self.env[node.name]]
         for name in self.frees.get(self.position, ()):
             if name not in self.keep:
                 self.env.pop(name, None)
@@ -212,12 +220,13 @@ class _Runner:
             if self.position >= len(self.nodes):
                 raise KeyError(f"node {name!r} was freed or is not in the graph")
             self.step()
-        return self.env[name]
+        return self.snapshots.get(name, self.env[name])
 
     def take(self, name: str) -> list[Any]:
         """The values of a kept node, released from `keep` (freed if already past its last use)."""
         values = self.run_to(name)
         self.keep.discard(name)
+        self.snapshots.pop(name, None)
         if self.last.get(name, -1) < self.position:
             self.env.pop(name, None)
         return values
