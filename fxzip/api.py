@@ -261,7 +261,7 @@ class Zipper:
         own = self._analyses[k].trunk(None)
         theirs = {a for a in trunk
                   if a in self.pairing.maps[k] and self.pairing.name(k, a) not in own}
-        return trunk - self.analysis._descendants(theirs)
+        return trunk - self.analysis.descendants(theirs)
 
     def merge(self, stop_at: str | int | None = None, *, method: str = "zipit",
               alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,

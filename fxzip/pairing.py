@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from .errors import ArchitectureMismatchError
-from .tracing import tensor_shape
+from .tracing import module_attribute, tensor_shape
 
 
 @dataclass(frozen=True)
@@ -177,12 +177,6 @@ def _equal(a: Any, b: Any) -> bool:
         return a is b
 
 
-def _attr(gm: fx.GraphModule, target: str) -> Any:
-    *path, name = target.split(".")
-    owner = gm.get_submodule(".".join(path)) if path else gm
-    return getattr(owner, name)
-
-
 def _same_op(ga: fx.GraphModule, a: fx.Node, gb: fx.GraphModule, b: fx.Node) -> bool:
     if a.op != b.op:
         return False
@@ -191,7 +185,7 @@ def _same_op(ga: fx.GraphModule, a: fx.Node, gb: fx.GraphModule, b: fx.Node) -> 
         return (type(ma) is type(mb) and ma.extra_repr() == mb.extra_repr()
                 and _parameter_shapes(ma) == _parameter_shapes(mb))
     if a.op == "get_attr":
-        va, vb = _attr(ga, a.target), _attr(gb, b.target)
+        va, vb = module_attribute(ga, a.target), module_attribute(gb, b.target)
         if isinstance(va, torch.Tensor) or isinstance(vb, torch.Tensor):
             return (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)
                     and va.shape == vb.shape and va.dtype == vb.dtype)

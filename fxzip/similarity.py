@@ -26,21 +26,14 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from .tracing import module_attribute
+
 if TYPE_CHECKING:
     from .passes.analysis import Analysis
 
 __all__ = ["feature_signatures", "weight_similarity", "mix"]
 
 QUANTILES = 16
-
-
-def _attr(gm: fx.GraphModule, target: str) -> Any:
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part, None)
-        if value is None:
-            return None
-    return value
 
 
 def _targets_by_graph0(analysis: Analysis, pairing: Any, k: int) -> dict[str, str]:
@@ -87,8 +80,8 @@ def feature_signatures(graphs: Sequence[fx.GraphModule], analysis: Analysis, pai
                 parts = []
                 for k, g in enumerate(graphs):
                     own = maps[k].get(target)
-                    value = None if own is None else _attr(g, f"{own}.{use.param}" if use.param
-                                                          else own)
+                    path = f"{own}.{use.param}" if use.param else own
+                    value = None if own is None else module_attribute(g, path, None)
                     if not isinstance(value, torch.Tensor) or use.axis >= value.dim() \
                             or value.shape[use.axis] < offset + block.width:
                         parts = []

@@ -281,6 +281,22 @@ def _target_name(gm: fx.GraphModule, node: fx.Node) -> str:
                                                                      str(node.target))
 
 
+_MISSING = object()
+
+
+def module_attribute(root: Any, target: str, default: Any = _MISSING) -> Any:
+    """What a dotted `get_attr` target names on `root` (a parameter, buffer, tensor or module);
+    `default` where a name on the path is missing (else AttributeError)."""
+    value = root
+    for part in target.split("."):
+        value = getattr(value, part, _MISSING)
+        if value is _MISSING:
+            if default is _MISSING:
+                raise AttributeError(f"{type(root).__name__} has no attribute {target!r}")
+            return default
+    return value
+
+
 def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
     """The shape ShapeProp recorded for a tensor-valued node, else None."""
     meta = node.meta.get("tensor_meta")

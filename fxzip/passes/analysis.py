@@ -243,7 +243,8 @@ class Analysis:
             stack.extend(n.name for n in by_name[name].all_input_nodes)
         return seen
 
-    def _descendants(self, names: set[str]) -> set[str]:
+    def descendants(self, names: set[str]) -> set[str]:
+        """`names` and every node that reads them, directly or not (graph order)."""
         seen = set(names)
         for node in self.nodes:
             if any(n.name in seen for n in node.all_input_nodes):
@@ -279,7 +280,7 @@ class Analysis:
                       if any(b.space in outputs for b in self.infos[name].blocks)}
             forced |= {n.name for n in self.nodes if self.infos.get(n.name) is BLOCKED}
             while True:  # a tensor split into heads stays on one side: its readers' side
-                head = self._descendants(forced)
+                head = self.descendants(forced)
                 cut = {n.name for n in self.nodes if n.name not in head
                        and _inside_heads(self.infos.get(n.name))
                        and any(u.name in head for u in n.users)}

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..matching import Match
 from ..pairing import Pairing, pair_graphs
-from ..tracing import has_inplace
+from ..tracing import has_inplace, module_attribute
 from .analysis import Analysis
 from .layout import SHARED, Feat
 from .rule_api import ParamUse
@@ -138,12 +138,6 @@ def merge_module(modules: Sequence[nn.Module], uses: Sequence[ParamUse], layouts
     return merged
 
 
-def _get_attr(gm: fx.GraphModule, target: str) -> Any:
-    *path, name = target.split(".")
-    owner = gm.get_submodule(".".join(path)) if path else gm
-    return getattr(owner, name)
-
-
 def _head_prefix(targets: set[str]) -> str:
     prefix = "heads"
     while any(t == prefix or t.startswith(prefix + ".") for t in targets):
@@ -202,7 +196,7 @@ class _Emitter:
         if node.op == "call_module":
             return merge_module([g.get_submodule(t) for g, t in zip(self.graphs, partners)], uses,
                                 self.layouts)
-        values = [_get_attr(g, t) for g, t in zip(self.graphs, partners)]
+        values = [module_attribute(g, t) for g, t in zip(self.graphs, partners)]
         if not isinstance(values[0], torch.Tensor):
             return copy.deepcopy(values[0])
         merged = merge_tensor(values, [u for u in uses if u.param == ""], self.layouts)
@@ -220,7 +214,7 @@ class _Emitter:
             if target not in self.root:
                 source = self.graphs[k]
                 value = source.get_submodule(node.target) if node.op == "call_module" \
-                    else _get_attr(source, node.target)
+                    else module_attribute(source, node.target)
                 self.root[target] = copy.deepcopy(value)
         args = fx.node.map_arg(node.args, lambda n: self.value(n, k))
         kwargs = fx.node.map_arg(node.kwargs, lambda n: self.value(n, k))
