@@ -50,3 +50,25 @@ def permuted_by_analysis(model: torch.nn.Module, x: torch.Tensor, seed: int = 0)
     state = {k: v for k, v in rewritten.state_dict().items() if k in own}
     permuted.load_state_dict(state, strict=True)
     return permuted.eval(), len(matches)
+
+
+def assert_self_merge_exact(model: torch.nn.Module, x: torch.Tensor, has_barrier: bool,
+                            label: str, tol: float = 1e-4) -> None:
+    """Merging `model` with its permuted copy (or, past a barrier, where the oracle cannot permute
+    the whole model, with a plain copy) gives the model's outputs back (relative error < tol)."""
+    import fxzip
+
+    with torch.no_grad():
+        ref = model(x)
+    if has_barrier:
+        other = copy.deepcopy(model)
+    else:
+        other, count = permuted_by_analysis(model, x, seed=1)
+        assert count >= 1
+        with torch.no_grad():
+            torch.testing.assert_close(other(x), ref, rtol=1e-4, atol=1e-5)
+    merged = fxzip.merge(model, other, x, reset_bn=False, progress=False)
+    with torch.no_grad():
+        for out in merged(x):
+            err = ((out - ref).norm() / ref.norm()).item()
+            assert err < tol, (label, err)

@@ -3,14 +3,13 @@ copy whose every space is permuted (heads of attention included) merges back exa
 with a barrier merges with a copy of itself exactly."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 import torch.nn as nn
 
 import fxzip
-from permute_util import permuted_by_analysis
+from permute_util import assert_self_merge_exact
 
 
 def _timm(name: str, **kwargs) -> nn.Module:
@@ -84,19 +83,4 @@ def test_timm_family_merges_its_permuted_copy_exactly(family):
     stops = set(analysis.stop_points)
     assert sum(1 for n in analysis.all_layers if n in stops) >= zippable, analysis
     assert len(analysis.head_groups) == heads
-    if analysis.barriers:  # the oracle permutes whole models: past a barrier, merge a copy
-        merged = fxzip.merge(model, copy.deepcopy(model), x, reset_bn=False, progress=False)
-        with torch.no_grad():
-            ref = model(x)
-            assert all(((out - ref).norm() / ref.norm()).item() < 1e-4 for out in merged(x))
-        return
-    permuted, count = permuted_by_analysis(model, x, seed=1)
-    assert count >= 1
-    with torch.no_grad():
-        ref = model(x)
-        torch.testing.assert_close(permuted(x), ref, rtol=1e-4, atol=1e-5)
-    merged = fxzip.merge(model, permuted, x, reset_bn=False, progress=False)
-    with torch.no_grad():
-        for out in merged(x):
-            err = ((out - ref).norm() / ref.norm()).item()
-            assert err < 1e-4, (family, err)
+    assert_self_merge_exact(model, x, bool(analysis.barriers), family)
