@@ -5,6 +5,7 @@ import math
 import time
 import warnings
 import dataclasses
+import functools
 from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -321,24 +322,32 @@ class Zipper:
         corr = self._moments[space].correlation() if space in self._moments else None
         info = self.analysis.spaces[space]
         nodes = info.producers + info.per_channel
-        order = min((self._node_order().get(n, 0) for n in nodes), default=0)
+        order = min((self._node_order.get(n, 0) for n in nodes), default=0)
         return SpaceReport.of(space, info.size, match, corr, nodes=nodes, order=order)
 
+    @functools.cached_property
     def _node_order(self) -> dict[str, int]:
+        """Graph position of every node of the analysis (the report's graph order)."""
         return {n.name: i for i, n in enumerate(self.analysis.nodes)}
 
+    @functools.cached_property
+    def _ensemble_costs(self) -> dict[str, int]:
+        """Parameters and FLOPs per sample of the ensemble of the inputs (the same for every merge)."""
+        x = self.batches.example
+        return {"ensemble_parameters": sum(count_parameters(g) for g in self.graphs),
+                "ensemble_flops": sum(count_flops(g, x) for g in self.graphs)}
+
     def _barriers(self) -> list[dict[str, Any]]:
-        order = self._node_order()
+        order = self._node_order
         return [{"node": b.node, "op": b.op, "reason": b.reason, "order": order.get(b.node, 0)}
                 for b in self.analysis.barriers]
 
     def _costs(self, merged: nn.Module) -> dict[str, int]:
         """Parameters and FLOPs per sample of the merged model and of the ensemble of the inputs."""
-        x = self.batches.example
         return {"parameters": count_parameters(merged),
-                "ensemble_parameters": sum(count_parameters(g) for g in self.graphs),
-                "flops": count_flops(merged, x),
-                "ensemble_flops": sum(count_flops(g, x) for g in self.graphs)}
+                "ensemble_parameters": self._ensemble_costs["ensemble_parameters"],
+                "flops": count_flops(merged, self.batches.example),
+                "ensemble_flops": self._ensemble_costs["ensemble_flops"]}
 
 
 def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str | int | None = None,
