@@ -13,18 +13,29 @@ Columns:
   max relative error of both outputs against the model's own;
 - two inits: a zipit merge of two instances from different seeds runs end to end with finite
   outputs;
-- s: seconds for all of it.
+- s: seconds for all of it;
+- run: which run measured the row (`--run`, default the UTC date).
+
+`--models a,b` measures only those and updates their rows in the existing `<results_name>.csv`
+(the others are kept, in the script's model order); the `.md` is regenerated from all rows. The
+file is re-read and re-written under a lock after every model, so several runs of different
+subsets at the same time (and an interrupted run) lose nothing.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import csv
+import datetime
+import fcntl
 import json
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -73,8 +84,10 @@ def run_one(name: str, size: int, build: Callable, images: int) -> dict:
     return result
 
 
-def run_all(script: str, models: Models, timeout: int) -> list[dict]:
-    """Each model in a fresh process (`script --one NAME SIZE`), one table row printed each."""
+def run_all(script: str, models: Models, timeout: int,
+            on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
+    """Each model in a fresh process (`script --one NAME SIZE`), one table row printed (and
+    handed to `on_row`) each."""
     rows = []
     for name, size, family in models:
         try:
@@ -88,6 +101,7 @@ def run_all(script: str, models: Models, timeout: int) -> list[dict]:
             row = dict(model=name, size=size, traced=False, error=f"timeout after {timeout}s")
         row["family"] = family
         rows.append(row)
+        on_row(row)
         print(format_row(row), flush=True)
     return rows
 
@@ -99,9 +113,9 @@ def ok(row: dict) -> bool:
 
 
 COLUMNS = ["model", "family", "traced", "zipped", "heads", "first barrier", "self-merge error",
-           "two inits", "ok", "s"]
+           "two inits", "ok", "s", "run"]
 CSV_FIELDS = ["model", "family", "size", "traced", "zipped", "heads", "barrier", "self_merge_error",
-              "two_inits", "seconds", "error"]
+              "two_inits", "seconds", "error", "run"]
 
 
 def cells(row: dict) -> list[str]:
@@ -112,20 +126,87 @@ def cells(row: dict) -> list[str]:
             (row.get("barrier") or "-").replace("|", "/")[:110] if not row.get("error")
             else f"error: {row['error']}".replace("|", "/")[:110],
             "-" if err is None else f"{err:.1e}", "yes" if row.get("two_inits") else "no",
-            "yes" if ok(row) else "no", f"{row.get('seconds', 0):.1f}"]
+            "yes" if ok(row) else "no", f"{row.get('seconds') or 0:.1f}", row.get("run") or "-"]
 
 
 def format_row(row: dict) -> str:
     return "| " + " | ".join(cells(row)) + " |"
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], listed: int | None = None) -> str:
+    """The table with a summary line; `listed`: how many models the script lists (rows not
+    measured yet are counted as such)."""
+    listed = len(rows) if listed is None else listed
     full = sum(1 for r in rows if ok(r) and r.get("barrier") == "-")
     good = sum(1 for r in rows if ok(r))
-    lines = [f"{good}/{len(rows)} architectures merge end to end with an exact self-merge "
-             f"(relative error < {EXACT:g}); {full} of them are zipped completely (no barrier).",
+    runs: dict[str, int] = {}
+    for r in rows:
+        runs[r.get("run") or "-"] = runs.get(r.get("run") or "-", 0) + 1
+    lines = [f"{good}/{listed} architectures merge end to end with an exact self-merge "
+             f"(relative error < {EXACT:g}); {full}/{listed} are zipped completely (no barrier). "
+             f"Rows by run: " + ", ".join(f"{n} {k}" for k, n in runs.items())
+             + f"; {listed - len(rows)} not run yet.",
              "", markdown_table(COLUMNS, [cells(r) for r in rows])]
     return "\n".join(lines)
+
+
+def _parse(record: dict[str, str]) -> dict:
+    """A row read back from the CSV: the raw fields `CSV_FIELDS`, or the older table-cell form
+    (`first_barrier` holding "error: ..." for failures, yes/no, "-" for none)."""
+    def value(key: str) -> str:
+        v = (record.get(key) or "").strip()
+        return "" if v == "-" else v
+
+    barrier = value("barrier") or value("first_barrier")
+    error = value("error")
+    if not error and barrier.startswith("error: "):
+        error, barrier = barrier[len("error: "):], ""
+    err = value("self_merge_error")
+    return dict(model=value("model"), family=value("family"),
+                size=int(value("size")) if value("size") else None,
+                traced=value("traced") in ("yes", "True"), zipped=value("zipped"),
+                heads=int(value("heads")) if value("heads") else 0, barrier=barrier or "-",
+                self_merge_error=float(err) if err else None,
+                two_inits=value("two_inits") in ("yes", "True"),
+                seconds=float(value("seconds")) if value("seconds") else 0.0, error=error,
+                run=value("run"))
+
+
+def read_rows(path: Path) -> dict[str, dict]:
+    """The rows of an existing results CSV by model name (none if there is no file)."""
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        return {r["model"]: r for r in map(_parse, csv.DictReader(f)) if r["model"]}
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock for `path` (runs of different subsets writing the same table), held on a
+    file in the temporary directory so that none appears next to the results."""
+    name = str(path.resolve()).strip("/").replace("/", "+")
+    with open(Path(tempfile.gettempdir()) / f"{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def update_tables(out: Path, results_name: str, models: Models, new: list[dict],
+                  note: str = "") -> str:
+    """Replace `new`'s rows in `<out>/<results_name>.csv` (others kept, in `models`' order; rows
+    of models no longer listed are dropped), regenerate the `.md` from all rows; the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{results_name}.csv"
+    with _locked(path):
+        rows = read_rows(path)
+        rows.update({r["model"]: r for r in new})
+        ordered = [rows[name] for name, _, _ in models if name in rows]
+        text = markdown(ordered, listed=len(models)) + note + "\n"
+        (out / f"{results_name}.md").write_text(text)
+        write_dict_csv(path, ordered, CSV_FIELDS)
+    return text
 
 
 def main(script: str, doc: str, models: Models, build: Callable, results_name: str,
@@ -136,18 +217,26 @@ def main(script: str, doc: str, models: Models, build: Callable, results_name: s
     parser.add_argument("--models", help="comma-separated subset of model names")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per model")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--run", default=datetime.datetime.now(datetime.timezone.utc)
+                        .strftime("%Y-%m-%d"), help="label of this run in the table's run column")
     parser.add_argument("--one", nargs=2, metavar=("NAME", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(args.one[0], int(args.one[1]), build, images)))
         return
+    chosen = models
     if args.models:
         wanted = args.models.split(",")
-        models = [m for m in models if m[0] in wanted]
+        unknown = sorted(set(wanted) - {m[0] for m in models})
+        if unknown:
+            parser.error(f"not in the model list: {', '.join(unknown)}")
+        chosen = [m for m in models if m[0] in wanted]
     start = time.perf_counter()
-    rows = run_all(script, models, args.timeout)
-    text = markdown(rows) + f"\n\nRun time: {time.perf_counter() - start:.0f}s.\n"
-    print("\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{results_name}.md").write_text(text)
-    write_dict_csv(args.out / f"{results_name}.csv", rows, CSV_FIELDS)
+
+    def record(row: dict) -> None:
+        row["run"] = args.run
+        update_tables(args.out, results_name, models, [row])
+
+    rows = run_all(script, chosen, args.timeout, on_row=record)
+    print("\n" + update_tables(args.out, results_name, models, rows))
+    print(f"Run time of these {len(rows)}: {time.perf_counter() - start:.0f}s.")
