@@ -305,15 +305,21 @@ def _check_alpha_beta(alpha: float, beta: float) -> tuple[float, float]:
     return alpha, beta
 
 
-def equal_widths(sizes: list[int], out_size: int, method: str) -> int:
-    """One-to-one methods need equal model widths and out_size equal to that width."""
+def equal_widths(sizes: list[int], out_size: int, method: str, wider: bool = False) -> int:
+    """One-to-one methods need equal model widths and out_size equal to that width (`wider`:
+    at least that width)."""
     n = sizes[0]
     if any(s != n for s in sizes):
         raise MatchingError(
             f"method {method!r} needs all models to have the same width, got sizes={sizes}; "
             "use method='zipit' for different widths"
         )
-    if out_size != n:
+    if wider and out_size < n:
+        raise MatchingError(
+            f"method {method!r} keeps at least one model's width: out_size must be >= {n}, "
+            f"got {out_size}; use method='zipit' to narrow it"
+        )
+    if out_size != n and not wider:
         raise MatchingError(
             f"method {method!r} keeps the width: out_size must be {n}, got {out_size}; "
             "use method='zipit' to change the width"
@@ -326,18 +332,29 @@ def equal_widths(sizes: list[int], out_size: int, method: str) -> int:
 # ---------------------------------------------------------------------------
 
 
-def permutation_match(S: np.ndarray, sizes: list[int]) -> Match:
+def permutation_match(S: np.ndarray, sizes: list[int], out_size: int | None = None) -> Match:
     """Align every model to model 0 with a maximum-correlation one-to-one assignment (checked
-    inputs of equal widths, see `check_inputs` and `equal_widths`)."""
+    inputs of equal widths, see `check_inputs` and `equal_widths`). A wider `out_size` (at most
+    N·n) keeps the out_size − n least correlated aligned features apart: each becomes a merged
+    feature of its own (ties: the lower model, then the lower feature, first)."""
     n = sizes[0]
+    out_size = n if out_size is None else out_size
     assign = [np.arange(n, dtype=np.int64)]
+    scores = []
     for k in range(1, len(sizes)):
         block = S[:n, k * n : (k + 1) * n]
         rows, cols = linear_sum_assignment(block, maximize=True)
         a = np.empty(n, dtype=np.int64)
         a[cols] = rows  # feature cols[i] of model k goes to model-0 feature rows[i]
         assign.append(a)
-    return Match.from_assign(assign, n)
+        scores.append(block[a, np.arange(n)])  # each feature's correlation to its partner
+    extra = out_size - n
+    if extra > 0:
+        flat = np.concatenate(scores)
+        apart = np.argsort(flat, kind="stable")[:extra]  # the least correlated pairs
+        for j, f in enumerate(np.sort(apart)):
+            assign[1 + f // n][f % n] = n + j
+    return Match.from_assign(assign, out_size)
 
 
 # ---------------------------------------------------------------------------

@@ -63,8 +63,8 @@ class Permute(Method):
     summary = "Hungarian matching across models (Git Re-Basin)"
 
     def _solve(self, corr, sizes, out_size, alpha, beta):
-        equal_widths(sizes, out_size, self.name)
-        return permutation_match(corr, sizes)
+        equal_widths(sizes, out_size, self.name, wider=True)
+        return permutation_match(corr, sizes, out_size)
 
 
 class ZipIt(Method):

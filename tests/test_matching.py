@@ -321,6 +321,27 @@ def test_permute_recovers_planted_permutation():
     np.testing.assert_array_equal(c[perms[1]], a)
 
 
+def test_wider_permute_keeps_the_least_correlated_pairs_apart():
+    rng = np.random.default_rng(9)
+    n = 12
+    X = rng.normal(size=(400, n))
+    B = X[:, rng.permutation(n)] + rng.normal(size=(400, n)) * np.linspace(0.1, 2.0, n)
+    corr = np.corrcoef(np.concatenate([X, B], axis=1), rowvar=False)
+    corr = (corr + corr.T) / 2  # partners alike to different degrees
+    narrow = match_features(corr, [n, n], "permute")
+    partner = corr[:n, n:][narrow.assign[1], np.arange(n)]  # each B feature's correlation
+    for extra in (0, 1, 5, n):
+        wide = match_features(corr, [n, n], "permute", out_size=n + extra)
+        check_invariants(wide, [n, n], n + extra)
+        np.testing.assert_array_equal(wide.assign[0], np.arange(n))
+        apart = np.flatnonzero(wide.assign[1] >= n)
+        assert apart.size == extra
+        kept = np.setdiff1d(np.arange(n), apart)
+        np.testing.assert_array_equal(wide.assign[1][kept], narrow.assign[1][kept])
+        if 0 < extra < n:
+            assert partner[apart].max() <= partner[kept].min()
+
+
 def test_average_is_identity():
     rng = np.random.default_rng(8)
     n = 10
@@ -539,7 +560,7 @@ def sym(D: int) -> np.ndarray:
         (sym(8), [3, 5], {"method": "average"}, "same width"),
         (sym(8), [3, 5], {"method": "permute"}, "same width"),
         (sym(8), [4, 4], {"method": "average", "out_size": 5}, "out_size must be 4"),
-        (sym(8), [4, 4], {"method": "permute", "out_size": 3}, "out_size must be 4"),
+        (sym(8), [4, 4], {"method": "permute", "out_size": 3}, "out_size must be >= 4"),
         (np.arange(64.0).reshape(8, 8), [4, 4], {}, "symmetric"),
         (np.where(np.eye(8) > 0, np.inf, sym(8)), [4, 4], {}, "inf"),
     ],
