@@ -27,6 +27,7 @@ from .passes.statistics import SpaceStats, check_taps, collect, resolve_precisio
 from .pipeline import check_models, device_of, is_merged, pair_models, prepare_graphs
 from .report import MergeReport, SpaceReport
 from .similarity import feature_signatures, mix, weight_similarity as signature_similarity
+from .width import Width, check_width, merged_size, space_widths
 
 __all__ = ["Zipper", "merge", "merge_all", "analyze", "MergeReport", "SpaceReport", "Corrections",
            "CORRECTION_NAMES"]
@@ -93,6 +94,18 @@ def check_options(method: Any, alpha: Any, beta: Any, weight_similarity: Any = 0
         if not isinstance(value, bool):
             raise InputError(f"{name} must be True or False, got {value!r}")
     return alpha, beta, weight
+
+
+def check_method_width(method: str, width: Any, num_models: int) -> Width:
+    """A checked `width=` (`fxzip.width.check_width`); a width above 1 needs a method that
+    measures the features (it keeps the least alike apart): InputError for "average"."""
+    width = check_width(width, num_models)
+    widest = max(width.values()) if isinstance(width, dict) else width
+    if widest > 1 and not METHODS[method].needs_statistics:
+        raise InputError(f"width={widest} > 1 keeps the least alike features apart, which method "
+                         f"{method!r} cannot tell; use width=1 or a method among "
+                         f"{', '.join(m for m in METHODS if METHODS[m].needs_statistics)}")
+    return width
 
 
 class Zipper:
@@ -175,14 +188,17 @@ class Zipper:
         return self._similarities[space]
 
     def match(self, space: int, method: str | Method, alpha: float, beta: float,
-              weight_similarity: float = DEFAULT_WEIGHT_SIMILARITY) -> Match:
-        """The Match of a space, cached; the spaces of one head group are matched together.
-        `weight_similarity` mixes the features' weight similarity into their correlation."""
+              weight_similarity: float = DEFAULT_WEIGHT_SIMILARITY, width: float = 1.0) -> Match:
+        """The Match of a space, cached; the spaces of one head group are matched together (at
+        one model's width). `weight_similarity` mixes the features' weight similarity into their
+        correlation; `width` is the merged width as a multiple of one model's (`fxzip.width`)."""
         method = get_method(method)
-        key = (space, method.name, alpha, beta, weight_similarity)
+        group = next((g for g in self.analysis.head_groups if space in g.spaces), None)
+        out_size = None if group is not None else \
+            merged_size(self.analysis.spaces[space].size, width, self.num_models)
+        key = (space, method.name, alpha, beta, weight_similarity, out_size)
         if key in self._matches:
             return self._matches[key]
-        group = next((g for g in self.analysis.head_groups if space in g.spaces), None)
         spaces = list(group.spaces) if group is not None else [space]
         stats = self.statistics(spaces) if method.needs_statistics else {}
         similarities = [self.weight_similarity(s) if stats and weight_similarity else None
@@ -198,9 +214,9 @@ class Zipper:
                                     inner=group.inner_of(spaces))
             else:
                 found = [method.match(corrs[0], [sizes[0]] * self.num_models, alpha=alpha,
-                                      beta=beta)]
+                                      beta=beta, out_size=out_size)]
         for s, m in zip(spaces, found):
-            self._matches[(s, method.name, alpha, beta, weight_similarity)] = m
+            self._matches[(s, method.name, alpha, beta, weight_similarity, out_size)] = m
         return self._matches[key]
 
     def trunk(self, stop_at: str | int | None) -> set[str]:
@@ -268,10 +284,12 @@ class Zipper:
               alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
               reset_bn: bool = True, shared_output: bool = False,
               corrections: str | Corrections | None = "default",
-              weight_similarity: float = DEFAULT_WEIGHT_SIMILARITY) -> fx.GraphModule:
+              weight_similarity: float = DEFAULT_WEIGHT_SIMILARITY,
+              width: Width = 1.0) -> fx.GraphModule:
         """The merged model for one stop point (see `fxzip.merge`)."""
         alpha, beta, weight_similarity = check_options(method, alpha, beta, weight_similarity,
                                                        reset_bn, shared_output)
+        width = check_method_width(method, width, self.num_models)
         options = resolve_corrections(corrections, reset_bn)
         chosen = METHODS[method]
         before = dict(self.seconds)
@@ -290,7 +308,9 @@ class Zipper:
         spaces = [s for s in self.analysis.spaces_of(trunk) if s not in aligned]
         if chosen.needs_statistics:
             self.statistics(spaces)
-        matches = {s: self.match(s, chosen, alpha, beta, weight_similarity) for s in spaces}
+        ratios = space_widths(self.analysis, spaces, width)
+        matches = {s: self.match(s, chosen, alpha, beta, weight_similarity, ratios[s])
+                   for s in spaces}
         matches.update({s: Match.identity(self.analysis.spaces[s].size, self.num_models)
                         for s in aligned})
         with self._timed("rewrite"):
@@ -313,6 +333,7 @@ class Zipper:
             [self._space_report(s, matches[s]) for s in spaces], seconds,
             barriers=self._barriers(), costs=self._costs(merged), corrections=correction_report,
             settings={"alpha": alpha, "beta": beta, "weight_similarity": weight_similarity,
+                      "width": dict(width) if isinstance(width, dict) else width,
                       "reset_bn": reset_bn, "corrections": None if options is None
                       else dataclasses.asdict(options)})
         return merged
@@ -356,7 +377,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
           leaf_modules: Sequence[type] = (), concrete_args: dict | None = None,
           statistics_precision: str = "auto", group: Any = None,
           taps: str = "all", corrections: str | Corrections | None = "default",
-          weight_similarity: float = DEFAULT_WEIGHT_SIMILARITY) -> fx.GraphModule:
+          weight_similarity: float = DEFAULT_WEIGHT_SIMILARITY,
+          width: Width = 1.0) -> fx.GraphModule:
     """Merge two models of one architecture into one GraphModule returning `(out_a, out_b)`.
 
     inputs: calibration data: a tensor batch, a list of batches, or an iterable/DataLoader of
@@ -381,6 +403,11 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
     weight_similarity: in [0, 1], the share of the features' weight similarity mixed into their
         activation correlation for the matching (`fxzip.similarity`; default 0.01: breaks the
         ties of features that look exactly alike on scarce calibration data).
+    width: the merged width as a multiple of one model's width, in [1, number of models]: 1 (the
+        default) merges into one model's width, 2 (two models) keeps every feature apart (the
+        ensemble's function and cost); in between, the features the models agree on least are
+        kept apart. A dict gives a width per stop region, e.g. `{"layer1": 1.0, "*": 1.5}`
+        (`fxzip.width`); "zipit" and "permute" take widths above 1.
     shared_output: for models trained into one aligned output space (e.g. fixed class
         embeddings, CLIP-style): zip every layer, average the output layers without permuting
         them, and return ONE output.
@@ -402,7 +429,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
                      beta=beta, reset_bn=reset_bn, shared_output=shared_output, progress=progress,
                      leaf_modules=leaf_modules, concrete_args=concrete_args,
                      statistics_precision=statistics_precision, group=group, taps=taps,
-                     corrections=corrections, weight_similarity=weight_similarity)
+                     corrections=corrections, weight_similarity=weight_similarity, width=width)
 
 
 def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | None = None,
@@ -411,16 +438,18 @@ def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | 
               leaf_modules: Sequence[type] = (), concrete_args: dict | None = None,
               statistics_precision: str = "auto", group: Any = None,
               taps: str = "all", corrections: str | Corrections | None = "default",
-              weight_similarity: float = DEFAULT_WEIGHT_SIMILARITY) -> fx.GraphModule:
+              weight_similarity: float = DEFAULT_WEIGHT_SIMILARITY,
+              width: Width = 1.0) -> fx.GraphModule:
     """Merge N ≥ 2 models (see `merge`); the merged model returns one output per model."""
     check_options(method, alpha, beta, weight_similarity, reset_bn, shared_output)
+    check_method_width(method, width, len(models) if isinstance(models, Sequence) else 2)
     resolve_corrections(corrections, reset_bn)
     zipper = Zipper(models, inputs, progress=progress, leaf_modules=leaf_modules,
                     concrete_args=concrete_args, statistics_precision=statistics_precision,
                     group=group, taps=taps)
     merged = zipper.merge(stop_at, method=method, alpha=alpha, beta=beta, reset_bn=reset_bn,
                           shared_output=shared_output, corrections=corrections,
-                          weight_similarity=weight_similarity)
+                          weight_similarity=weight_similarity, width=width)
     merged.fxzip_report.seconds = {**{k: zipper.seconds[k] for k in ("trace", "analysis")},
                                    **merged.fxzip_report.seconds}
     return merged
