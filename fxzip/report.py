@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .auto_settings import AutoChoice
 from .corrections import CorrectionReport
 from .matching import Match
 
@@ -61,6 +62,7 @@ class MergeReport:
     costs: dict[str, int] = field(default_factory=dict)  # parameters, flops; ensemble_… of inputs
     corrections: CorrectionReport | None = None  # what the label-free corrections did (None: off)
     settings: dict[str, Any] = field(default_factory=dict)  # alpha, beta, weight_similarity, …
+    auto: AutoChoice | None = None  # settings="auto": every grid point's fidelity and the choice
 
     def __str__(self) -> str:
         lines = [f"fxzip merge ({self.method}), stop_at={self.stop_at!r}: zipped "
@@ -82,6 +84,8 @@ class MergeReport:
         if self.settings:
             lines.append("  settings: " + ", ".join(f"{k}={v!r}" for k, v in self.settings.items()
                                                     if k != "corrections"))
+        if self.auto is not None:
+            lines.extend("  " + line for line in str(self.auto).splitlines())
         if self.corrections is not None:
             lines.extend("  " + line for line in str(self.corrections).splitlines())
         else:
@@ -93,6 +97,7 @@ class MergeReport:
         """Plain data (numbers, strings, lists, dicts) that `json.dumps` takes as is."""
         data = asdict(self)
         data["corrections"] = None if self.corrections is None else self.corrections.to_dict()
+        data["auto"] = None if self.auto is None else self.auto.to_dict()
         return json.loads(json.dumps(data, default=str))
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -108,6 +113,8 @@ class MergeReport:
                             for s in data.get("spaces", [])]
         if isinstance(fields.get("corrections"), dict):
             fields["corrections"] = CorrectionReport.from_dict(fields["corrections"])
+        if isinstance(fields.get("auto"), dict):
+            fields["auto"] = AutoChoice.from_dict(fields["auto"])
         return cls(**fields)
 
     def plot(self, path: str | Path) -> Path:
