@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import torch.fx as fx
 import torch.nn as nn
 
+from .auto_settings import AutoSettings, choose as choose_settings, resolve_settings
 from .bn_reset import reset_bn as reset_batch_norm
 from .corrections import Corrections, correct
 from .costs import count_flops, count_parameters
@@ -285,8 +286,14 @@ class Zipper:
               reset_bn: bool = True, shared_output: bool = False,
               corrections: str | Corrections | None = "default",
               weight_similarity: float = DEFAULT_WEIGHT_SIMILARITY,
-              width: Width = 1.0) -> fx.GraphModule:
+              width: Width = 1.0, settings: str | AutoSettings = "default") -> fx.GraphModule:
         """The merged model for one stop point (see `fxzip.merge`)."""
+        auto = resolve_settings(settings)
+        if auto is not None:
+            return self._merge_auto(stop_at, auto, method=method, alpha=alpha, beta=beta,
+                                    reset_bn=reset_bn, shared_output=shared_output,
+                                    corrections=corrections, weight_similarity=weight_similarity,
+                                    width=width)
         alpha, beta, weight_similarity = check_options(method, alpha, beta, weight_similarity,
                                                        reset_bn, shared_output)
         width = check_method_width(method, width, self.num_models)
@@ -338,6 +345,26 @@ class Zipper:
                       else dataclasses.asdict(options)})
         return merged
 
+    def _merge_auto(self, stop_at: str | int | None, auto: AutoSettings, *, alpha: Any, beta: Any,
+                    corrections: Any, **options: Any) -> fx.GraphModule:
+        """settings="auto": alpha, beta and corrections chosen by fidelity
+        (`fxzip.auto_settings`); the report gets the choice and every trial's scores."""
+        given = [n for n, v, d in (("alpha", alpha, DEFAULT_ALPHA), ("beta", beta, DEFAULT_BETA),
+                                   ("corrections", corrections, "default")) if v != d]
+        if given:
+            raise InputError(f"settings=\"auto\" chooses alpha, beta and corrections itself; "
+                             f"leave {', '.join(given)} at the default, or restrict the grid with "
+                             "fxzip.auto_settings.AutoSettings(alphas=..., betas=..., "
+                             "corrections=...)")
+        check_options(options["method"], DEFAULT_ALPHA, DEFAULT_BETA,
+                      options["weight_similarity"], options["reset_bn"], options["shared_output"])
+        merged, choice = choose_settings(self, stop_at, auto, **options)
+        report = merged.fxzip_report
+        report.auto = choice
+        report.settings["settings"] = "auto"
+        report.seconds["auto"] = choice.seconds["total"]
+        return merged
+
     def _space_report(self, space: int, match: Match) -> SpaceReport:
         """A merged space's report; the mean correlation where its statistics were collected."""
         corr = self._moments[space].correlation() if space in self._moments else None
@@ -378,7 +405,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
           statistics_precision: str = "auto", group: Any = None,
           taps: str = "all", corrections: str | Corrections | None = "default",
           weight_similarity: float = DEFAULT_WEIGHT_SIMILARITY,
-          width: Width = 1.0) -> fx.GraphModule:
+          width: Width = 1.0, settings: str | AutoSettings = "default") -> fx.GraphModule:
     """Merge two models of one architecture into one GraphModule returning `(out_a, out_b)`.
 
     inputs: calibration data: a tensor batch, a list of batches, or an iterable/DataLoader of
@@ -408,6 +435,13 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
         ensemble's function and cost); in between, the features the models agree on least are
         kept apart. A dict gives a width per stop region, e.g. `{"layer1": 1.0, "*": 1.5}`
         (`fxzip.width`); "zipit" and "permute" take widths above 1.
+    settings: "default" (alpha, beta and corrections as given) or "auto": zipit's alpha and beta
+        and corrections on/off chosen for the stop point, without labels, by the merge's
+        fidelity to its parents (the heads' KL divergence from the parents' softmaxes) on the
+        last eighth of `inputs`, over a small grid (`fxzip.auto_settings`: 3 alphas × 2 betas ×
+        corrections on/off, so about 12 merges' cost; statistics collected once); an
+        `AutoSettings(...)` sets the grid, the measure and held-out inputs of their own.
+        The choice and every grid point's scores are in `merged.fxzip_report.auto`.
     shared_output: for models trained into one aligned output space (e.g. fixed class
         embeddings, CLIP-style): zip every layer, average the output layers without permuting
         them, and return ONE output.
@@ -429,7 +463,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
                      beta=beta, reset_bn=reset_bn, shared_output=shared_output, progress=progress,
                      leaf_modules=leaf_modules, concrete_args=concrete_args,
                      statistics_precision=statistics_precision, group=group, taps=taps,
-                     corrections=corrections, weight_similarity=weight_similarity, width=width)
+                     corrections=corrections, weight_similarity=weight_similarity, width=width,
+                     settings=settings)
 
 
 def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | None = None,
@@ -439,17 +474,18 @@ def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | 
               statistics_precision: str = "auto", group: Any = None,
               taps: str = "all", corrections: str | Corrections | None = "default",
               weight_similarity: float = DEFAULT_WEIGHT_SIMILARITY,
-              width: Width = 1.0) -> fx.GraphModule:
+              width: Width = 1.0, settings: str | AutoSettings = "default") -> fx.GraphModule:
     """Merge N ≥ 2 models (see `merge`); the merged model returns one output per model."""
     check_options(method, alpha, beta, weight_similarity, reset_bn, shared_output)
     check_method_width(method, width, len(models) if isinstance(models, Sequence) else 2)
     resolve_corrections(corrections, reset_bn)
+    resolve_settings(settings)
     zipper = Zipper(models, inputs, progress=progress, leaf_modules=leaf_modules,
                     concrete_args=concrete_args, statistics_precision=statistics_precision,
                     group=group, taps=taps)
     merged = zipper.merge(stop_at, method=method, alpha=alpha, beta=beta, reset_bn=reset_bn,
                           shared_output=shared_output, corrections=corrections,
-                          weight_similarity=weight_similarity, width=width)
+                          weight_similarity=weight_similarity, width=width, settings=settings)
     merged.fxzip_report.seconds = {**{k: zipper.seconds[k] for k in ("trace", "analysis")},
                                    **merged.fxzip_report.seconds}
     return merged
