@@ -1,0 +1,255 @@
+"""The capacity knob `width=`: joint accuracy against FLOPs for merged widths between one model's
+and both models'.
+
+    python benchmarks/width.py [--pairs 3] [--epochs 20] [--resnet-width 4]
+                               [--widths 1,1.25,1.5,1.75,2] [--stops layer2,full]
+                               [--methods default,zipit] [--cache out/width_models]
+                               [--out benchmarks/results]
+
+Setting (a) of `benchmarks/accuracy.py` (its data, model, training and evaluation, imported):
+ResNet-20×W on the digits, model A trained on classes 0–4, model B on 5–9, different
+initialisations; pairs of seeds 1..P (accuracy.py's evaluation pairs: no held-out pair is
+needed, nothing is tuned here). Each pair is merged at every width and stop point by
+  * "default": `Zipper.merge(stop, width=w)`, fxzip's default merge (zipit 0.5/1.0, weight
+    similarity 0.01, the label-free corrections);
+  * "zipit": plain ZipIt! as the paper merges (alpha 0.5, beta 1, no corrections, no weight
+    similarity), BatchNorm statistics reset on the calibration data.
+width=1 is today's merge; width=2 keeps every feature of both models apart (the ensemble's
+function). FLOPs (`fxzip.costs.count_flops`, one sample) and parameters are the emitted model's:
+a merged layer is one dense layer over the merged width, so the weights between features that
+only one model has and features that only the other has are zeros that are still computed
+(column "nonzero params": the parameters that are not; the default merge's refit of each
+layer fills most of them in). The trained models are cached in
+`--cache` (state dicts per seed, epochs and width), so a rerun only merges.
+
+Outputs in `--out`: width.csv (one row per pair, method, stop and width), width.md (mean ± std
+table) and width.png (joint accuracy against FLOPs, one line per method and stop through its
+widths, the ensemble and single models as markers).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import fxzip  # noqa: E402
+from fxzip.costs import count_flops, count_parameters  # noqa: E402
+
+from benchmarks import tables  # noqa: E402
+from benchmarks.accuracy import (METRICS, Row, Setting, Stop, Summary, TaskData,  # noqa: E402
+                                 accuracy_of, cell, make_settings, metric, reference_rows,
+                                 train_and_check)
+
+WIDTHS = (1.0, 1.25, 1.5, 1.75, 2.0)
+METHODS = ("default", "zipit")
+
+
+@dataclass
+class WidthRow(Row):
+    """A result row of accuracy.py with the merged width and the nonzero parameters."""
+
+    width: float = 1.0
+    nonzero: int = 0
+
+
+def nonzero_parameters(model: nn.Module) -> int:
+    return int(sum(int((p != 0).sum()) for p in model.parameters()))
+
+
+def cached_pair(setting: Setting, data: TaskData, seed: int, epochs: int, resnet_width: int,
+                cache: Path, log) -> list[nn.Module]:
+    """The trained pair of one seed (accuracy.py's training), from `cache` when it is there."""
+    path = cache / f"a_w{resnet_width}_e{epochs}_seed{seed}.pt"
+    if path.exists():
+        states = torch.load(path)
+        models = [setting.make_model() for _ in states]
+        for model, state in zip(models, states):
+            model.load_state_dict(state)
+        log(f"  pair {seed}: loaded from {path}")
+        return [m.eval() for m in models]
+    models, _ = train_and_check(setting, data, seed, epochs, log)
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save([m.state_dict() for m in models], path)
+    return models
+
+
+def merged(zipper: fxzip.Zipper, stop: Stop, method: str, width: float) -> nn.Module:
+    if method == "default":
+        return zipper.merge(stop.stop_at, width=width)
+    return zipper.merge(stop.stop_at, method="zipit", alpha=0.5, beta=1.0, reset_bn=True,
+                        corrections=None, weight_similarity=0.0, width=width)
+
+
+def pair_rows(setting: Setting, seed: int, models: list[nn.Module], data: TaskData,
+              stops: Sequence[Stop], methods: Sequence[str], widths: Sequence[float],
+              log) -> list[WidthRow]:
+    x, y = data.split.x_test, data.split.y_test
+    zipper = fxzip.Zipper(models, data.calibration, progress=False)
+    total = len(zipper.analysis.all_layers)
+    rows = [WidthRow(**vars(r), width=float("nan"), nonzero=r.params)
+            for r in reference_rows(setting, seed, models, data, total)]
+    for stop in stops:
+        for method in methods:
+            for width in widths:
+                tick = time.perf_counter()
+                model = merged(zipper, stop, method, width)
+                report = model.fxzip_report
+                rows.append(WidthRow(seed, method, stop.label,
+                                     f"{report.layers_zipped}/{report.layers_total}",
+                                     count_parameters(model), count_flops(model, x),
+                                     accuracy_of(setting, model, x, y), width=width,
+                                     nonzero=nonzero_parameters(model)))
+                log(f"  pair {seed} {method} {stop.label} width {width}: joint "
+                    f"{100 * rows[-1].acc.joint:.1f} in {time.perf_counter() - tick:.1f}s")
+    return rows
+
+
+def summarise(rows: Sequence[WidthRow]) -> list[tuple[float, int, Summary]]:
+    """(width, nonzero params, Summary) per (method, stop, width), in order of appearance."""
+    groups: dict[tuple, list[WidthRow]] = {}
+    for r in rows:
+        groups.setdefault((r.method, r.stop, r.width if r.width == r.width else None), []).append(r)
+    out = []
+    for (method, stop, width), group in groups.items():
+        values = {m: np.array([metric(r.acc, m) for r in group]) for m in METRICS}
+        summary = Summary(method, stop, group[0].zipped, group[0].params, group[0].flops,
+                          {m: float(v.mean()) for m, v in values.items()},
+                          {m: float(v.std(ddof=1)) if len(v) > 1 else 0.0
+                           for m, v in values.items()})
+        out.append((width, group[0].nonzero, summary))
+    return out
+
+
+def markdown(setting: Setting, rows: Sequence[WidthRow], seeds: Sequence[int], epochs: int,
+             seconds: float) -> str:
+    table = tables.markdown_table(
+        ["method", "stop", "width", "zipped", "params", "nonzero params", "FLOPs", "joint",
+         "task A", "task B", "avg"],
+        ([s.method, s.stop, "-" if w is None else f"{w:g}", s.zipped, f"{s.params:,}",
+          f"{nz:,}", f"{s.flops / 1e6:.2f}M", *(cell(setting, s, m) for m in METRICS)]
+         for w, nz, s in summarise(rows)), right=range(2, 11))
+    return "\n".join([
+        f"## width=: {setting.title}", "",
+        f"{len(seeds)} pairs (seeds {', '.join(map(str, seeds))}); {epochs} training epochs; "
+        "accuracies in % on the test data, mean ± sample std over the pairs. \"default\": "
+        "fxzip's default merge at that width; \"zipit\": plain ZipIt! (alpha 0.5, beta 1, no "
+        "corrections). width 1 = one model's width (today's merge), 2 = both models' (nothing "
+        "merged). FLOPs and params are the emitted model's (dense merged layers); \"nonzero "
+        "params\" leaves out the zeros between features that only one model has and features "
+        "that only the other has (zipit; the default merge's refit fills most of them). BatchNorm statistics reset on the calibration data for every "
+        "row.", "", table, "",
+        "Model A/B alone: joint = argmax over its own 5 classes on all 10 classes; the other task "
+        "is chance (0.2) by definition; * avg includes that chance value.",
+        f"Run time: {seconds:.0f}s.", ""])
+
+
+def write_csv(rows: Sequence[WidthRow], path: Path) -> None:
+    tables.write_csv(path, ["pair", "method", "stop", "width", "zipped", "params", "nonzero",
+                            "flops", "joint", "task_a", "task_b", "avg"],
+                     ([r.pair, r.method, r.stop, "" if r.width != r.width else r.width, r.zipped,
+                       r.params, r.nonzero, r.flops] + [f"{metric(r.acc, m):.4f}" for m in METRICS]
+                      for r in rows))
+
+
+def plot(setting: Setting, rows: Sequence[WidthRow], path: Path) -> None:
+    """Joint accuracy vs FLOPs: one line per (method, stop) through its widths, each point
+    labelled with its width; the ensemble and the single models as markers."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summaries = summarise(rows)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colours = {"default": "tab:orange", "zipit": "tab:red"}
+    styles = ["-", "--", ":", "-."]
+    stops = list(dict.fromkeys(s.stop for w, _, s in summaries if w is not None))
+    for method, colour in colours.items():
+        for stop, style in zip(stops, styles):
+            points = [(w, s) for w, _, s in summaries
+                      if w is not None and s.method == method and s.stop == stop]
+            if not points:
+                continue
+            ax.errorbar([s.flops / 1e6 for _, s in points],
+                        [100 * s.mean["joint"] for _, s in points],
+                        yerr=[100 * s.std["joint"] for _, s in points], marker="o",
+                        color=colour, linestyle=style, capsize=3, label=f"{method}, stop {stop}")
+            for w, s in points:
+                ax.annotate(f"{w:g}", (s.flops / 1e6, 100 * s.mean["joint"]), fontsize=7,
+                            textcoords="offset points", xytext=(4, -10 if method == "zipit" else 4))
+    markers = {"ensemble": ("*", "black"), "model A": ("^", "tab:green"),
+               "model B": ("v", "tab:olive")}
+    for _, _, s in summaries:
+        if s.method in markers:
+            marker, colour = markers[s.method]
+            ax.errorbar([s.flops / 1e6], [100 * s.mean["joint"]], yerr=[100 * s.std["joint"]],
+                        marker=marker, markersize=11, color=colour, linestyle="none",
+                        label=s.method)
+    ax.set_xlabel("FLOPs per sample (M)")
+    ax.set_ylabel("joint accuracy (%)")
+    ax.set_title(f"width= (labels: merged width / one model's): {setting.title}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=3, help="model pairs (seeds 1..P)")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--resnet-width", type=int, default=4, help="ResNet-20 width multiplier")
+    parser.add_argument("--widths", default=",".join(f"{w:g}" for w in WIDTHS))
+    parser.add_argument("--stops", default="layer2,full",
+                        help="stop points of setting (a) (layer1, layer2, layer3, full)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--cache", type=Path, default=ROOT / "out" / "width_models")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    setting = make_settings(args.resnet_width)["a"]
+    by_label = {s.label: s for s in setting.stops}
+    stops = [by_label[s] for s in args.stops.split(",")]
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        print(f"unknown methods {unknown}; choose from {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    widths = [float(w) for w in args.widths.split(",")]
+    data = setting.load()
+    seeds = list(range(1, args.pairs + 1))
+    rows: list[WidthRow] = []
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    args.out.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        models = cached_pair(setting, data, seed, args.epochs, args.resnet_width, args.cache, log)
+        rows += pair_rows(setting, seed, models, data, stops, methods, widths, log)
+        done = seeds[:seeds.index(seed) + 1]  # write after every pair: partial results survive
+        write_csv(rows, args.out / "width.csv")
+        (args.out / "width.md").write_text(markdown(setting, rows, done, args.epochs,
+                                                    time.perf_counter() - start))
+        plot(setting, rows, args.out / "width.png")
+    print((args.out / "width.md").read_text(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
