@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import head_rules
-from .layout import MIXED, SHARED, UNTRACKED, Feat, Lazy, LazyCat, Stacked
+from .layout import MIXED, SHARED, UNTRACKED, Feat, Flat, Lazy, LazyCat, Stacked
 from .rule_api import (Barrier, Context, ParamHandle, arg, headed, nodes_in, norm_dim,
                        passthrough, register, split_layout)
 
@@ -91,13 +91,26 @@ def _pointwise_without_features(ctx: Context, operands: list[fx.Node], out_ndim:
     """Shared values stay shared; one parameter combined with shared values or scalars stays a
     (derived) parameter, its axes aligned from the right; anything else is untracked."""
     infos = [ctx.info(op) for op in operands]
-    lazies = [(op, i) for op, i in zip(operands, infos) if isinstance(i, Lazy)]
+    lazies = [i for i in infos if isinstance(i, Lazy)]
     if all(i is SHARED or i is None for i in infos):
         return SHARED
-    if len(lazies) == 1 and all(i is SHARED or i is None or isinstance(i, Lazy) for i in infos):
-        op, lazy = lazies[0]
-        return lazy.remapped([None] * (out_ndim - len(lazy.axes)) + list(lazy.axes))
+    if lazies and all(i is SHARED or i is None or isinstance(i, Lazy) for i in infos):
+        return combined_parameters(lazies, out_ndim)
     return UNTRACKED
+
+
+def combined_parameters(lazies: list[Lazy], out_ndim: int) -> Lazy:
+    """Parameters combined elementwise, their axes aligned from the right: the first one, with
+    the others (and theirs) following it wherever its axes turn out to run."""
+    def aligned(labels: tuple) -> tuple:
+        return (None,) * (out_ndim - len(labels)) + tuple(labels)
+
+    first = lazies[0]
+    others = [(source, aligned(labels)) for source, labels in first.others]
+    for lazy in lazies[1:]:
+        others.append((lazy.source, aligned(lazy.axes)))
+        others.extend((source, aligned(labels)) for source, labels in lazy.others)
+    return Lazy(first.source, aligned(first.axes), tuple(others))
 
 
 def first_operand(ctx: Context, node: fx.Node) -> Any:
@@ -329,10 +342,31 @@ def batch_norm(ctx: Context, node: fx.Node) -> Feat:
     """BatchNorm: per-channel on axis 1; affine parameters and running statistics are merged."""
     call = layer_call(ctx, node, {"weight": 3, "bias": 4, "running_mean": 1, "running_var": 2},
                       {}, "batch_norm")
+    if isinstance(ctx.info(call.x), Lazy):
+        return _standardised_parameter(ctx, node, call)
     feat = _input_feat(ctx, node, 1, call.what)
     for param in call.params.values():
         ctx.tie(param, 0, feat)
     return feat
+
+
+def _standardised_parameter(ctx: Context, node: fx.Node, call: LayerCall) -> Lazy:
+    """batch_norm over a parameter (timm's weight standardisation: a conv weight reshaped to
+    (1, out, in·k·k), standardised per output channel, scaled by a per-channel gain): a value
+    computed from parameters. Its axes keep the weight's labels — the statistics of a row are
+    the same whatever order its elements come in, so a permutation of the input channels
+    commutes with it — and the per-channel parameters follow axis 1 (the weight's rows)."""
+    x = ctx.info(call.x)
+    ndim = len(ctx.shape(call.x))
+    per_channel = []
+    for name, param in call.params.items():
+        info = ctx.info(param.node) if param.node is not None else None
+        if not isinstance(info, Lazy) or len(info.axes) != 1:
+            raise Barrier(f"{call.what} standardises a parameter with a {name} fxzip cannot "
+                          "follow per channel")
+        per_channel.append(info.through(lambda axes: (None,) + tuple(axes)
+                                        + (None,) * (ndim - 2)))
+    return combined_parameters([x, *per_channel], ndim)
 
 
 @register(nn.LayerNorm, F.layer_norm, heads=True)
@@ -558,28 +592,38 @@ def _merged_from_before(info: Feat, shape_in: tuple, shape_out: tuple) -> Feat |
 
 
 def reshape_axes(axes, shape_in, shape_out) -> list:
-    """Axis labels through a (contiguous) reshape: an output axis that is an input axis whole
-    keeps its label, a size-1 axis is None, and an axis made by merging or splitting input axes is
-    MIXED if any of them carries a label (else None: merged new axes stay new)."""
-    def spans(shape):
-        out, at = [], 1
-        for n in shape:
-            out.append((at, at * n))
-            at *= n
-        return out
-
-    spans_in, labels = spans(shape_in), []
-    for (lo, hi), n in zip(spans(shape_out), shape_out):
+    """Axis labels through a (contiguous) reshape. The input is read as a row of atoms (its
+    axes, a `Flat` axis as its parts; size-1 axes left out): an output axis that spans atoms
+    whole gets the one atom's label, or a `Flat` of several (None if none carries a label, and
+    for size-1 axes); an axis that cuts an atom is MIXED if any atom it touches carries a label
+    (else None)."""
+    atoms: list[tuple[Any, int]] = []
+    for label, n in zip(axes, shape_in):
+        if isinstance(label, Flat) and math.prod(size for _, size in label.parts) == n:
+            atoms.extend(label.parts)
+        elif n != 1:
+            atoms.append((label, n))
+    bounds, at = [1], 1  # the element stride at which each atom starts, and the total
+    for _, n in atoms:
+        at *= n
+        bounds.append(at)
+    labels, lo = [], 1
+    for n in shape_out:
+        hi = lo * n
         if n == 1:
             labels.append(None)
             continue
-        whole = [a for a, span in zip(axes, spans_in) if span == (lo, hi)]
-        if whole:
-            labels.append(whole[0])
-            continue
-        parts = [a for a, (l, h), m in zip(axes, spans_in, shape_in)
-                 if m != 1 and l < hi and lo < h]
-        labels.append(MIXED if any(a is not None for a in parts) else None)
+        if lo in bounds and hi in bounds:
+            inside = atoms[bounds.index(lo):bounds.index(hi)]
+            if all(label is None for label, _ in inside):
+                labels.append(None)
+            else:
+                labels.append(inside[0][0] if len(inside) == 1 else Flat(tuple(inside)))
+        else:
+            touched = [label for (label, m), start in zip(atoms, bounds)
+                       if start < hi and lo < start * m]
+            labels.append(MIXED if any(a is not None for a in touched) else None)
+        lo = hi
     return labels
 
 

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from collections import ChainMap
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -77,18 +78,49 @@ class Feat:
 
 
 @dataclass(frozen=True)
+class Flat:
+    """An axis label: the axis is the row-major flattening of consecutive axes, `parts` their
+    (label, size) pairs (size-1 axes left out). A reshape that cuts it again at the same
+    boundaries gives the parts' labels back (a weight reshaped to (1, out, in·k·k) for weight
+    standardisation and back to (out, in, k, k))."""
+
+    parts: tuple[tuple[Any, int], ...]
+
+
+@dataclass(frozen=True)
 class Lazy:
     """A parameter read by get_attr (node `source`), or a value computed from it alone, whose
     channel axis is not known yet. `axes[i]` is the parameter axis that axis i comes from (None:
     a new or broadcast axis; `MIXED`: an axis made by indexing, merging or splitting the
-    parameter's axes, which no single parameter axis runs along). The first op that combines it
-    with features fixes its space."""
+    parameter's axes, which no single parameter axis runs along; a `Flat`: several parameter
+    axes flattened). The first op that combines it with features fixes its space.
+
+    `others`: further parameters combined with it elementwise or per row (weight
+    standardisation's gain), each as (get_attr node name, axis labels in this tensor's axes);
+    whatever space an axis of the value turns out to run along, theirs runs along too."""
 
     source: str
-    axes: tuple[int | None, ...]
+    axes: tuple[Any, ...]
+    others: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
-    def remapped(self, axes: "list[int | None] | tuple[int | None, ...]") -> "Lazy":
-        return Lazy(self.source, tuple(axes))
+    def remapped(self, axes: "list | tuple") -> "Lazy":
+        """The same parameter with new axis labels (the others' labels kept: use `through` when
+        the axes move)."""
+        return Lazy(self.source, tuple(axes), self.others)
+
+    def through(self, remap: "Callable[[tuple], list | tuple | None]") -> "Lazy | None":
+        """The value after an op that moves axes as `remap` (old labels -> new labels, None if
+        it cannot say) moves them, for the parameter and every other one alike."""
+        axes = remap(self.axes)
+        if axes is None:
+            return None
+        others = []
+        for source, labels in self.others:
+            moved = remap(labels)
+            if moved is None:
+                return None
+            others.append((source, tuple(moved)))
+        return Lazy(self.source, tuple(axes), tuple(others))
 
 
 @dataclass(frozen=True)

@@ -128,8 +128,8 @@ def passthrough(info: Any, remap: Callable | None = None) -> Any:
     if info is SHARED or info is None:
         return info
     if isinstance(info, Lazy) and remap is not None:
-        axes = remap(info.axes)
-        return UNTRACKED if axes is None else info.remapped(axes)
+        moved = info.through(remap)
+        return UNTRACKED if moved is None else moved
     return UNTRACKED
 
 
@@ -443,6 +443,15 @@ class Context:
             raise Barrier(f"uses parameter '{source.target}' per channel through a reshape fxzip "
                           "cannot follow")
         self._record(source.target, "", source_axis, feat, role, groups)
+        for name, labels in lazy.others:  # parameters combined with it run along feat too
+            other = next(n for n in self.gm.graph.nodes if n.name == name)
+            label = labels[axis] if axis < len(labels) else None
+            if label is None:
+                continue  # constant along this axis
+            if not isinstance(label, int) or tensor_shape(other)[label] * groups != feat.width:
+                raise Barrier(f"uses parameter '{other.target}' per channel through a reshape "
+                              "fxzip cannot follow")
+            self._record(other.target, "", label, feat, role, groups)
         if lazy.axes == tuple(range(len(lazy.axes))) and value is source and groups == 1:
             self.infos[source.name] = feat.moved(axis)
 
