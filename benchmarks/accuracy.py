@@ -43,6 +43,18 @@ Protocol, per setting:
         similarities; task A uses head A, task B head B. A single model (or the shared-output
         merge) is evaluated on both tasks with its one embedding, so model A's task B accuracy
         is measured, not defined.
+  * Rows "default" = `Zipper.merge` with every default (zipit, alpha 0.5, beta 1, weight
+    similarity 0.01, the label-free corrections); "auto" = `settings="auto"` (alpha, beta and
+    corrections on/off chosen per stop point and pair by fidelity to the BN-reset parents on the
+    last eighth of the calibration batches: no labels; `fxzip.auto_settings`).
+  * Fidelity study (the section under each table): on the held-out pair, the Spearman rank
+    correlation between each zipit (alpha, beta) grid point's fidelity (KL of the heads'
+    softmaxes from the parents', or relative error of the outputs; on the calibration slice
+    that "auto" uses and on the validation inputs) and its validation joint accuracy; on the
+    evaluation pairs, over the "auto" grid, its correlation with test joint accuracy, and the
+    test joint accuracy of the fidelity choice ("auto") against the grid point chosen by
+    validation labels and the best one by test labels (oracle). Extra rows in
+    `accuracy_<setting>_fidelity.csv`.
   * params: `fxzip.costs.count_parameters`; FLOPs: `fxzip.costs.count_flops` (torch's
     FlopCounterMode: convolutions and matrix products) on ONE sample; the ensemble counts both
     models.
@@ -75,6 +87,9 @@ import fxzip  # noqa: E402
 from fxzip.costs import count_flops, count_parameters  # noqa: E402
 from fxzip.digits import (TASK_CLASSES, Accuracy, DigitsSplit, ResNet20,  # noqa: E402
                           evaluate_heads, load_digits_split, train_classifier, train_task_pair)
+from fxzip.auto_settings import (AutoSettings, Trial, choose as choose_settings,  # noqa: E402
+                                  held_out_batches, reference_parents)
+from fxzip.fidelity import Fidelity, fidelity, parent_outputs  # noqa: E402
 from fxzip.methods import METHOD_NAMES  # noqa: E402
 
 from benchmarks.models import Conv1dNet, DigitsVGG  # noqa: E402
@@ -289,6 +304,27 @@ class Row:
     acc: Accuracy
     alpha: float | None = None
     beta: float | None = None
+    corrections: str = ""
+
+
+@dataclass
+class FidelityPoint:
+    """One grid point of the fidelity study: its settings, its fidelity (on the calibration slice
+    that settings="auto" scores on, and on the validation inputs) and its accuracies."""
+
+    pair: int
+    stop: str
+    alpha: float
+    beta: float
+    corrections: str
+    kl: float  # calibration slice
+    rel: float
+    kl_val: float  # validation inputs (no labels used)
+    rel_val: float
+    val: Accuracy
+    test: Accuracy | None = None
+    chosen: bool = False  # the fidelity (KL) choice of settings="auto"
+    seconds: float = 0.0
 
 
 @dataclass
@@ -314,21 +350,83 @@ def default_merge(zipper: fxzip.Zipper, stop: Stop) -> nn.Module:
     return zipper.merge(stop.stop_at, shared_output=stop.shared_output)
 
 
-def grid_search(setting: Setting, zipper: fxzip.Zipper, data: TaskData,
-                grid: Grid) -> dict[str, Choice]:
+class FidelityProbe:
+    """The parents' reference outputs for fidelity, once per pair: on the calibration slice that
+    settings="auto" scores on, and on the validation inputs (their labels unused)."""
+
+    def __init__(self, zipper: fxzip.Zipper, data: TaskData):
+        parents = reference_parents(zipper, True)  # BN-reset parents, as the merges reset BN
+        self.cal = held_out_batches(zipper, AutoSettings())
+        self.val = [data.x_val]
+        self.refs_cal = parent_outputs(parents, self.cal)
+        self.refs_val = parent_outputs(parents, self.val)
+
+    def __call__(self, merged: nn.Module) -> tuple[Fidelity, Fidelity]:
+        return (fidelity(merged, [], self.cal, references=self.refs_cal),
+                fidelity(merged, [], self.val, references=self.refs_val))
+
+
+def grid_search(setting: Setting, zipper: fxzip.Zipper, data: TaskData, grid: Grid,
+                study: list[FidelityPoint] | None = None) -> dict[str, Choice]:
     """For each stop point the (alpha, beta) maximising zipit's joint accuracy on the validation
-    split (ties: higher avg, then the earlier grid point)."""
+    split (ties: higher avg, then the earlier grid point). With `study`, every grid point's
+    fidelity is appended to it."""
+    probe = FidelityProbe(zipper, data) if study is not None else None
     choices: dict[str, Choice] = {}
     for stop in setting.stops:
         best: tuple[tuple[float, float], Choice] | None = None
         for alpha in grid[0]:
             for beta in grid[1]:
-                acc = accuracy_of(setting, merge(zipper, stop, "zipit", alpha, beta),
-                                  data.x_val, data.y_val)
+                merged = merge(zipper, stop, "zipit", alpha, beta)
+                acc = accuracy_of(setting, merged, data.x_val, data.y_val)
+                if probe is not None:
+                    cal, val = probe(merged)
+                    study.append(FidelityPoint(0, stop.label, alpha, beta, "none", cal.mean_kl,
+                                               cal.mean_relative_error, val.mean_kl,
+                                               val.mean_relative_error, acc))
                 if best is None or (acc.joint, acc.avg) > best[0]:
                     best = ((acc.joint, acc.avg), Choice(alpha, beta, acc))
         choices[stop.label] = best[1]
     return choices
+
+
+def auto_rows(setting: Setting, pair: int, zipper: fxzip.Zipper, data: TaskData,
+              study: list[FidelityPoint], seconds: dict[str, float]) -> list[Row]:
+    """The "auto" row of every stop point: `fxzip.auto_settings.choose` — what
+    `Zipper.merge(settings="auto")` runs — with each trial's model also evaluated (validation and
+    test accuracy, fidelity on the validation inputs) for the study. `seconds` gets the time of
+    the choice and of one default merge per stop point."""
+    x, y = data.split.x_test, data.split.y_test
+    probe = FidelityProbe(zipper, data)
+    rows = []
+    for stop in setting.stops:
+        points: list[FidelityPoint] = []
+
+        def evaluate(trial: Trial, merged: nn.Module) -> None:
+            _, val = probe(merged)
+            points.append(FidelityPoint(pair, stop.label, trial.alpha, trial.beta,
+                                        trial.corrections, float(np.mean(trial.kl)),
+                                        float(np.mean(trial.relative_error)), val.mean_kl,
+                                        val.mean_relative_error,
+                                        accuracy_of(setting, merged, data.x_val, data.y_val),
+                                        accuracy_of(setting, merged, x, y), seconds=trial.seconds))
+
+        tick = time.perf_counter()
+        default_merge(zipper, stop)  # statistics are cached by now: the default merge's own cost
+        seconds[f"default {stop.label}"] = seconds.get(f"default {stop.label}", 0.0) \
+            + time.perf_counter() - tick
+        merged, choice = choose_settings(zipper, stop.stop_at, AutoSettings(),
+                                         shared_output=stop.shared_output, on_trial=evaluate)
+        seconds[f"auto {stop.label}"] = seconds.get(f"auto {stop.label}", 0.0) \
+            + choice.seconds["total"]
+        points[choice.best].chosen = True
+        study.extend(points)
+        report = merged.fxzip_report
+        c = choice.chosen
+        rows.append(Row(pair, "auto", stop.label, f"{report.layers_zipped}/{report.layers_total}",
+                        count_parameters(merged), count_flops(merged, x), points[choice.best].test,
+                        c.alpha, c.beta, c.corrections))
+    return rows
 
 
 def reference_rows(setting: Setting, pair: int, models: list[nn.Module], data: TaskData,
@@ -359,7 +457,7 @@ def merged_rows(setting: Setting, pair: int, zipper: fxzip.Zipper, data: TaskDat
         report = merged.fxzip_report
         rows.append(Row(pair, "default", stop.label, f"{report.layers_zipped}/{report.layers_total}",
                         count_parameters(merged), count_flops(merged, x),
-                        accuracy_of(setting, merged, x, y), 0.5, 1.0))
+                        accuracy_of(setting, merged, x, y), 0.5, 1.0, "default"))
         for method in METHOD_NAMES:
             chosen = choices[stop.label] if method == "zipit" else None
             alpha, beta = (chosen.alpha, chosen.beta) if chosen else (None, None)
@@ -382,6 +480,8 @@ class SettingResult:
     seconds: dict[str, float] = field(default_factory=dict)
     epochs: int = 0
     pairs: int = 0
+    study: list[FidelityPoint] = field(default_factory=list)  # the fidelity study's grid points
+    merge_seconds: dict[str, float] = field(default_factory=dict)  # "default <stop>", "auto <stop>"
 
 
 def train_and_check(setting: Setting, data: TaskData, pair: int, epochs: int,
@@ -404,7 +504,7 @@ def format_choices(choices: dict[str, Choice]) -> str:
 def run_setting(setting: Setting, *, pairs: int, epochs: int, grid: Grid,
                 log: Callable[[str], None]) -> SettingResult:
     """Train `pairs` pairs, grid-search on pair 0, evaluate pairs 1..pairs-1."""
-    seconds = {"data": 0.0, "train": 0.0, "grid": 0.0, "evaluate": 0.0}
+    seconds = {"data": 0.0, "train": 0.0, "grid": 0.0, "evaluate": 0.0, "auto": 0.0}
     start = time.perf_counter()
     data = setting.load()
     seconds["data"] = time.perf_counter() - start
@@ -417,14 +517,20 @@ def run_setting(setting: Setting, *, pairs: int, epochs: int, grid: Grid,
         tick = time.perf_counter()
         zipper = fxzip.Zipper(models, data.calibration, progress=False)
         if pair == 0:
-            result.choices = grid_search(setting, zipper, data, grid)
+            result.choices = grid_search(setting, zipper, data, grid, result.study)
             seconds["grid"] += time.perf_counter() - tick
             log(f"  [{setting.key}] held-out choices: {format_choices(result.choices)}")
             continue
         layers_total = len(zipper.analysis.all_layers)
         result.rows += reference_rows(setting, pair, models, data, layers_total)
-        result.rows += merged_rows(setting, pair, zipper, data, result.choices)
+        merged = merged_rows(setting, pair, zipper, data, result.choices)
         seconds["evaluate"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        merged += auto_rows(setting, pair, zipper, data, result.study, result.merge_seconds)
+        seconds["auto"] += time.perf_counter() - tick
+        stops = {stop.label: i for i, stop in enumerate(setting.stops)}
+        first = {"default": 0, "auto": 1}  # per stop point: default, auto, then the paper's methods
+        result.rows += sorted(merged, key=lambda r: (stops[r.stop], first.get(r.method, 2)))
     seconds["total"] = time.perf_counter() - start
     return result
 
@@ -517,16 +623,142 @@ def markdown(result: SettingResult) -> str:
                  f"A {100 * own[:, 0].mean():.1f} (min {100 * own[:, 0].min():.1f}), "
                  f"B {100 * own[:, 1].mean():.1f} (min {100 * own[:, 1].min():.1f}).")
     lines.append("Run time: " + ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items()) + ".")
+    if result.study:
+        lines += ["", study_markdown(result)]
     return "\n".join(lines) + "\n"
+
+
+# -- fidelity study ---------------------------------------------------------------------------------
+def _ranks(values: Sequence[float]) -> np.ndarray:
+    """Ranks 0..n-1, ties given their mean rank."""
+    v = np.asarray(values, dtype=float)
+    ranks = np.empty(len(v))
+    ranks[v.argsort(kind="stable")] = np.arange(len(v))
+    for value in np.unique(v):
+        ranks[v == value] = ranks[v == value].mean()
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation (NaN where either side is constant)."""
+    ra, rb = _ranks(a), _ranks(b)
+    if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _first_best(points: Sequence[FidelityPoint], key: Callable[[FidelityPoint], Any]) -> FidelityPoint:
+    """The point with the highest key, the earliest one on ties."""
+    best = points[0]
+    for p in points[1:]:
+        if key(p) > key(best):
+            best = p
+    return best
+
+
+def _pm(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
+    v = np.asarray(values, dtype=float) * scale
+    v = v[~np.isnan(v)]
+    if not len(v):
+        return "-"
+    std = v.std(ddof=1) if len(v) > 1 else 0.0
+    return f"{v.mean():.{digits}f} ± {std:.{digits}f}"
+
+
+def study_markdown(result: SettingResult) -> str:
+    """The fidelity study: rank correlations between fidelity and joint accuracy, and the
+    fidelity choice against the choices by labels, per stop point; the cost of settings="auto"."""
+    stops = [s.label for s in result.setting.stops]
+    held = [p for p in result.study if p.pair == 0]
+    lines = ["### Fidelity (no labels) vs joint accuracy", "",
+             "rho = Spearman rank correlation between MINUS a fidelity measure and joint accuracy "
+             "(1: fidelity ranks the settings exactly as accuracy does). KL = mean over heads of "
+             "KL(softmax(parent) || softmax(head)); rel.err = relative error of the outputs; "
+             "'cal' = on the calibration slice that settings=\"auto\" scores on (the last "
+             "eighth of the calibration batches), 'val' = on the validation inputs (labels unused). "
+             "Parents: the BN-reset originals.", ""]
+    if held:
+        n = len({(p.alpha, p.beta) for p in held})
+        lines += [f"Held-out pair (seed 0), the paper's zipit (alpha, beta) grid ({n} points, no "
+                  "corrections, no weight similarity) against VALIDATION joint accuracy:", ""]
+        rows = []
+        for stop in stops:
+            pts = [p for p in held if p.stop == stop]
+            joint = [p.val.joint for p in pts]
+            fid_choice = _first_best(pts, lambda p: -p.kl)
+            label_choice = _first_best(pts, lambda p: (p.val.joint, p.val.avg))
+            rows.append([stop] + [f"{spearman([-getattr(p, m) for p in pts], joint):.2f}"
+                                  for m in ("kl", "rel", "kl_val", "rel_val")]
+                        + [f"({fid_choice.alpha}, {fid_choice.beta}) {100 * fid_choice.val.joint:.1f}",
+                           f"({label_choice.alpha}, {label_choice.beta}) "
+                           f"{100 * label_choice.val.joint:.1f}"])
+        lines += [tables.markdown_table(["stop", "rho KL cal", "rho rel.err cal", "rho KL val",
+                                         "rho rel.err val", "choice by KL cal: val joint",
+                                         "best by val labels: val joint"], rows, right=range(1, 7)),
+                  ""]
+    evals = [p for p in result.study if p.pair != 0]
+    if evals:
+        pairs = sorted({p.pair for p in evals})
+        n = len({(p.alpha, p.beta, p.corrections) for p in evals})
+        lines += [f"Evaluation pairs (seeds {pairs[0]}..{pairs[-1]}), the settings=\"auto\" grid "
+                  f"({n} points: alpha x beta x corrections default/none) against TEST joint "
+                  "accuracy, mean ± std over the pairs; 'auto' = the KL choice (what "
+                  "settings=\"auto\" returns), 'by rel.err' = the choice by relative error, 'by "
+                  "val labels' = the grid point with the best validation joint accuracy, "
+                  "'oracle' = the best test joint accuracy of the grid. Cost: seconds per merge "
+                  "(statistics already collected) of settings=\"auto\" and of one default merge.",
+                  ""]
+        rows = []
+        for stop in stops:
+            rho_kl, rho_rel, auto, by_rel, by_val, oracle, on = [], [], [], [], [], [], 0
+            for pair in pairs:
+                pts = [p for p in evals if p.pair == pair and p.stop == stop]
+                if not pts:
+                    continue
+                joint = [p.test.joint for p in pts]
+                rho_kl.append(spearman([-p.kl for p in pts], joint))
+                rho_rel.append(spearman([-p.rel for p in pts], joint))
+                chosen = next(p for p in pts if p.chosen)
+                on += chosen.corrections == "default"
+                auto.append(chosen.test.joint)
+                by_rel.append(_first_best(pts, lambda p: -p.rel).test.joint)
+                by_val.append(_first_best(pts, lambda p: (p.val.joint, p.val.avg)).test.joint)
+                oracle.append(max(joint))
+            k = len(auto)
+            delta = np.array(auto) - np.array(by_val)
+            cost = [result.merge_seconds.get(f"{w} {stop}", float("nan")) / max(k, 1)
+                    for w in ("auto", "default")]
+            rows.append([stop, _pm(rho_kl), _pm(rho_rel), _pm(auto, 100, 1), _pm(by_rel, 100, 1),
+                         _pm(by_val, 100, 1), _pm(oracle, 100, 1), _pm(delta, 100, 1),
+                         f"{on}/{k}", f"{cost[0]:.1f} / {cost[1]:.1f}"])
+        lines += [tables.markdown_table(["stop", "rho KL cal", "rho rel.err cal", "auto (KL)",
+                                         "by rel.err", "by val labels", "oracle",
+                                         "auto - by val labels", "corrections chosen",
+                                         "seconds auto / default"], rows, right=range(1, 10))]
+    return "\n".join(lines)
+
+
+def write_study_csv(result: SettingResult, path: Path) -> None:
+    """One line per grid point of the fidelity study."""
+    tables.write_csv(path, ["setting", "pair", "stop", "alpha", "beta", "corrections", "kl_cal",
+                            "rel_err_cal", "kl_val", "rel_err_val", "val_joint", "val_avg",
+                            "test_joint", "test_avg", "auto_choice", "seconds"],
+                     ([result.setting.key, p.pair, p.stop, p.alpha, p.beta, p.corrections,
+                       f"{p.kl:.6g}", f"{p.rel:.6g}", f"{p.kl_val:.6g}", f"{p.rel_val:.6g}",
+                       f"{p.val.joint:.4f}", f"{p.val.avg:.4f}",
+                       "" if p.test is None else f"{p.test.joint:.4f}",
+                       "" if p.test is None else f"{p.test.avg:.4f}", int(p.chosen),
+                       f"{p.seconds:.3f}"] for p in result.study))
 
 
 def write_csv(result: SettingResult, path: Path) -> None:
     """One line per evaluation pair, method and stop point."""
     tables.write_csv(path, ["setting", "pair", "method", "stop", "zipped", "params", "flops",
-                            "joint", "task_a", "task_b", "avg", "alpha", "beta"],
+                            "joint", "task_a", "task_b", "avg", "alpha", "beta", "corrections"],
                      ([result.setting.key, r.pair, r.method, r.stop, r.zipped, r.params, r.flops]
                       + [f"{metric(r.acc, m):.4f}" for m in METRICS]
-                      + ["" if r.alpha is None else r.alpha, "" if r.beta is None else r.beta]
+                      + ["" if r.alpha is None else r.alpha, "" if r.beta is None else r.beta,
+                         r.corrections]
                       for r in result.rows))
 
 
@@ -539,7 +771,8 @@ def plot(result: SettingResult, path: Path) -> None:
 
     summaries = summarise(result.rows)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = {"average": "tab:gray", "permute": "tab:blue", "zipit": "tab:red", "default": "tab:orange"}
+    colours = {"average": "tab:gray", "permute": "tab:blue", "zipit": "tab:red", "default": "tab:orange",
+               "auto": "tab:brown"}
     for method, colour in colours.items():
         points = sorted((s for s in summaries if s.method == method), key=lambda s: s.flops)
         ax.errorbar([s.flops / 1e6 for s in points], [100 * s.mean["joint"] for s in points],
@@ -613,6 +846,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_setting(setting, pairs=args.pairs, epochs=epochs, grid=grid,
                              log=lambda line: print(line, flush=True))
         write_csv(result, args.out / f"accuracy_{key}.csv")
+        write_study_csv(result, args.out / f"accuracy_{key}_fidelity.csv")
         table = markdown(result)
         (args.out / f"accuracy_{key}.md").write_text(table)
         plot(result, args.out / f"accuracy_{key}.png")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -187,10 +187,14 @@ def reference_parents(zipper: Any, reset: bool) -> list[nn.Module]:
 
 
 def choose(zipper: Any, stop_at: Any, auto: AutoSettings, *, method: str = "zipit",
-           reset_bn: bool = True, **options: Any) -> tuple[fx.GraphModule, AutoChoice]:
+           reset_bn: bool = True,
+           on_trial: Callable[[Trial, fx.GraphModule], None] | None = None,
+           **options: Any) -> tuple[fx.GraphModule, AutoChoice]:
     """Merge `zipper` at `stop_at` once per grid point of `auto` and return the merge with the
     best (lowest) fidelity score and the table of every trial. Ties go to the earlier grid point.
-    `options` (shared_output, weight_similarity, width, …) go to every `zipper.merge` as given."""
+    `options` (shared_output, weight_similarity, width, …) go to every `zipper.merge` as given.
+    `on_trial(trial, merged)` sees every trial's model (e.g. a benchmark that also measures
+    accuracy); its time is not counted in the choice's seconds."""
     if method != "zipit":
         raise InputError(f"settings=\"auto\" chooses zipit's alpha and beta; method={method!r} has "
                          "none: use method=\"zipit\" or settings=\"default\"")
@@ -202,7 +206,7 @@ def choose(zipper: Any, stop_at: Any, auto: AutoSettings, *, method: str = "zipi
     refs = parent_outputs(reference_parents(zipper, reset_bn), inputs)
     seconds = {"references": time.perf_counter() - start}
     trials: list[Trial] = []
-    best_model, best = None, -1
+    best_model, best, hooks = None, -1, 0.0
     for corrections in auto.corrections:
         for alpha in auto.alphas:
             for beta in auto.betas:
@@ -216,7 +220,11 @@ def choose(zipper: Any, stop_at: Any, auto: AutoSettings, *, method: str = "zipi
                                     fid.agreement, time.perf_counter() - tick))
                 if best < 0 or score < trials[best].score:
                     best, best_model = len(trials) - 1, merged
+                if on_trial is not None:
+                    tick = time.perf_counter()
+                    on_trial(trials[-1], merged)
+                    hooks += time.perf_counter() - tick
                 del merged
     seconds["trials"] = sum(t.seconds for t in trials)
-    seconds["total"] = time.perf_counter() - start
+    seconds["total"] = time.perf_counter() - start - hooks
     return best_model, AutoChoice(auto.measure, len(inputs), trials, best, seconds)
