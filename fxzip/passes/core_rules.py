@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from . import head_rules
 from .layout import MIXED, SHARED, UNTRACKED, Feat, Flat, Lazy, LazyCat, Stacked
-from .rule_api import (Barrier, Context, ParamHandle, arg, headed, nodes_in, norm_dim,
-                       passthrough, register, split_layout)
+from .rule_api import (Barrier, Context, ParamHandle, SplitRequest, arg, headed, nodes_in,
+                       norm_dim, passthrough, register, split_layout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -35,16 +35,21 @@ def pointwise(ctx: Context, node: fx.Node, operands: list[fx.Node] | None = None
     operands = nodes_in((node.args, node.kwargs)) if operands is None else operands
     out_ndim = len(out_shape)
     infos = [ctx.info(op) for op in operands]
+    stacks: dict[fx.Node, Feat] = {}
     if any(isinstance(i, Stacked) for i in infos):
         if len(operands) == 1:
             return infos[0]
-        raise Barrier("combines a stack of attention parts with other values")
+        if not all(head_rules.plain_stack(i) for i in infos if isinstance(i, Stacked)):
+            raise Barrier("combines a stack of attention parts with other values")
+        # radix groups met element by element (split attention's weighted sum): one space
+        stacks = {op: head_rules.unified_parts(ctx, i, op) for op, i in zip(operands, infos)
+                  if isinstance(i, Stacked)}
     if any(headed(i) for i in infos):
         return head_rules.pointwise_headed(ctx, node, operands)
     feats: list[tuple[fx.Node, Feat, int]] = []
     gates: list[tuple[fx.Node, Feat]] = []
     for op in operands:
-        info = ctx.info(op)
+        info = stacks.get(op) or ctx.info(op)
         if isinstance(info, Feat):
             shape = ctx.shape(op)
             out_axis = info.axis + out_ndim - len(shape)
@@ -70,7 +75,7 @@ def pointwise(ctx: Context, node: fx.Node, operands: list[fx.Node] | None = None
         ctx.unify(result, feat)
     channels = out_shape[out_axis]
     for op in operands:
-        info = ctx.info(op)
+        info = stacks.get(op) or ctx.info(op)
         if isinstance(info, Feat):
             continue
         shape = ctx.shape(op)
@@ -289,6 +294,9 @@ def conv(ctx: Context, node: fx.Node) -> Feat:
     channels opened (M). Depthwise and grouped convolutions: see `depthwise`, `grouped_conv`."""
     call = layer_call(ctx, node, {"weight": 1, "bias": 2}, {"groups": (6, 1)}, "convolution")
     groups = call.options["groups"]
+    info = ctx.info(call.x)
+    if isinstance(info, Feat) and not info.headed and info.axis >= 2:
+        return _slide_over_channels(ctx, node, call, info)
     in_channels, out_channels = ctx.shape(call.x)[1], ctx.param_shape(call.params["weight"])[0]
     if groups != 1 and groups == in_channels:
         return depthwise(ctx, node, call, out_channels // in_channels)
@@ -297,18 +305,47 @@ def conv(ctx: Context, node: fx.Node) -> Feat:
     return _open(ctx, node, call, _input_feat(ctx, node, 1, call.what), axis=1)
 
 
+def _slide_over_channels(ctx: Context, node: fx.Node, call: LayerCall, info: Feat) -> Feat:
+    """A convolution whose kernel slides along the channels (ECA's Conv1d over the pooled channel
+    vector): each output is a fixed mix of neighbouring channels, so the channels must keep their
+    order: the space is pinned (identity matching: merged by averaging feature i with feature i,
+    never permuted). The convolution's own channel axis carries no features; its weights are
+    averaged."""
+    x = call.x
+    if ctx.shape(node)[info.axis] != ctx.shape(x)[info.axis]:
+        raise Barrier(f"{call.what} slides along the channels of '{x.name}' and changes their "
+                      "number")
+    ctx.pin(info)
+    return info
+
+
 def grouped_conv(ctx: Context, node: fx.Node, call: LayerCall, groups: int) -> Feat:
     """Grouped convolution: input and output channels split into `groups` groups, group i of the
-    input feeding group i of the output only. Its input and output spaces are matched group to
-    group (features stay in their group, both spaces pair groups alike), so the merged weight is
-    block-diagonal again."""
+    input feeding group i of the output only. Single spaces in and out are matched group to group
+    (features stay in their group, both spaces pair groups alike), so the merged weight is
+    block-diagonal again. Where either side holds several spaces (split attention's radix
+    groups), every group must be whole spaces on both sides, which keep their places: a cut
+    inside a space asks for it to be opened as pieces."""
     feat_in = _input_feat(ctx, node, 1, f"grouped {call.what}")
-    if len(feat_in.blocks) != 1 or feat_in.blocks[0].expand != 1:
-        raise Barrier(f"grouped convolution (groups={groups}) reads channels of several "
-                      "spaces; only a single space can be split into groups")
+    if any(b.expand != 1 for b in feat_in.blocks):
+        raise Barrier(f"grouped convolution (groups={groups}) reads channels repeated over "
+                      "positions")
     feat_out = _open(ctx, node, call, feat_in, axis=1, groups=groups)
-    ctx.head_group((feat_in.blocks[0].space, feat_out.blocks[0].space), groups,
-                   "grouped convolution")
+    if len(feat_in.blocks) == 1 and len(feat_out.blocks) == 1:
+        ctx.head_group((feat_in.blocks[0].space, feat_out.blocks[0].space), groups,
+                       "grouped convolution")
+        return feat_out
+    cuts: dict[int, set[int]] = {}
+    for feat in (feat_in, feat_out):
+        step = feat.width // groups
+        bounds = set(range(step, feat.width, step))
+        for block, start in zip(feat.blocks, feat.offsets()):
+            inner = {c - start for c in bounds if start < c < start + block.size}
+            if inner:
+                cuts.setdefault(block.space, set()).update(inner)
+    if cuts:
+        raise SplitRequest(f"grouped convolution (groups={groups}) over channels of several "
+                           "spaces: its groups must be whole spaces", cuts)
     return feat_out
 
 
@@ -454,12 +491,20 @@ def _reduce(ctx: Context, node: fx.Node, dim_position: int, what: str) -> Any:
     layer norms) that merged models take over their merged channels, as LayerNorm does."""
     x = node.args[0]
     info = ctx.info(x)
-    if not isinstance(info, Feat):
-        return passthrough(info)
     ndim = len(ctx.shape(x))
     dims = _reduced_dims(node, ndim, dim_position)
     keepdim = bool(arg(node, dim_position + 1, "keepdim", False))
+    if head_rules.plain_stack(info) and dims is not None:
+        if info.axis not in dims:
+            if any(p.axis in dims for p in info.parts):
+                raise Barrier(f"{what} over the channel axis of '{x.name}'")
+            return info if keepdim else head_rules.moved_by(info, _after_reducing(ndim, dims))
+        info = head_rules.unified_parts(ctx, info, x)  # radix groups summed: one space
+    if not isinstance(info, Feat):
+        return passthrough(info)
     if info.headed:
+        if dims is not None and info.head_axis in dims and info.axis not in dims:
+            raise head_rules.radix_request(info, x, what)
         if dims is None or info.head_axis in dims:
             raise Barrier(f"{what} over the heads of '{x.name}'")
         if info.axis in dims:  # a per-head statistic over head_dim (RMS q/k norms)
@@ -472,6 +517,12 @@ def _reduce(ctx: Context, node: fx.Node, dim_position: int, what: str) -> Any:
     if dims is None or info.axis in dims:
         raise Barrier(f"{what} over the channel axis of '{x.name}'")
     return info.moved(info.axis if keepdim else info.axis - sum(d < info.axis for d in dims))
+
+
+def _after_reducing(ndim: int, dims: list[int]) -> dict[int, int]:
+    """Where each axis that a reduction over `dims` (without keepdim) keeps ends up."""
+    kept = [i for i in range(ndim) if i not in dims]
+    return {old: new for new, old in enumerate(kept)}
 
 
 @register(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var,
@@ -524,12 +575,20 @@ def softmax(ctx: Context, node: fx.Node) -> Any:
     (along head_dim it keeps features in place within heads)."""
     x = node.args[0]
     info = ctx.info(x)
+    dim = ctx.module(node).dim if node.op == "call_module" else arg(node, 1, "dim")
+    if head_rules.plain_stack(info) and dim is not None:
+        if norm_dim(dim, len(ctx.shape(x))) != info.axis:
+            if any(p.axis == norm_dim(dim, len(ctx.shape(x))) for p in info.parts):
+                raise Barrier(f"normalises over the channel axis of '{x.name}'")
+            return info
+        return head_rules.unified_parts(ctx, info, x)  # softmax over radix groups: one space
     if not isinstance(info, Feat):
         return passthrough(info, lambda axes: axes)
-    dim = ctx.module(node).dim if node.op == "call_module" else arg(node, 1, "dim")
     if info.headed:
         dim = None if dim is None else norm_dim(dim, len(ctx.shape(x)))
-        if dim is None or dim == info.head_axis:
+        if dim == info.head_axis:
+            raise head_rules.radix_request(info, x, "normalises")
+        if dim is None:
             raise Barrier(f"normalises over the heads of '{x.name}'")
         if dim == info.axis:
             ctx.fix_within(info)
@@ -550,7 +609,9 @@ def reshape_like(ctx: Context, node: fx.Node) -> Any:
     info = ctx.info(x)
     shape_in, shape_out = ctx.shape(x), ctx.shape(node)
     if isinstance(info, Stacked):
-        raise Barrier(f"reshapes '{x.name}', a stack of attention parts")
+        info = head_rules.collapsed(ctx, info)  # parts that are one layout: copies
+        if info is None:
+            raise Barrier(f"reshapes '{x.name}', a stack of attention parts")
     if not isinstance(info, Feat):
         return passthrough(info, lambda axes: reshape_axes(axes, shape_in, shape_out))
     if info.headed:
@@ -568,6 +629,9 @@ def reshape_like(ctx: Context, node: fx.Node) -> Any:
     repeated = _merged_from_before(info, shape_in, shape_out)
     if repeated is not None:
         return repeated
+    parts = head_rules.stack_of_parts(ctx, info, shape_in, shape_out)
+    if parts is not None:
+        return parts
     split = head_rules.split_into_heads(ctx, node, info, shape_in, shape_out)
     if split is not None:
         return split

@@ -27,7 +27,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .layout import SHARED, Block, Feat, Lazy, Stacked
-from .rule_api import Barrier, Context, arg, headed, norm_dim, register, split_layout
+from .rule_api import (Barrier, Context, SplitRequest, arg, headed, norm_dim, register,
+                       split_layout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,9 +167,9 @@ def moved_by(info: Any, where: dict[int, int]) -> Any:
 
 
 def without_axis(info: Feat, dim: int) -> Feat:
-    """A headed layout with axis `dim` (not one of its own) removed."""
-    def shift(x: int) -> int:
-        return x - (dim < x)
+    """A headed (or plain) layout with axis `dim` (not one of its own) removed."""
+    def shift(x: int | None) -> int | None:
+        return None if x is None else x - (dim < x)
     return info.placed(shift(info.axis), shift(info.head_axis))
 
 
@@ -183,6 +184,81 @@ def unbind_stacked(info: Stacked, dim: int, count: int) -> tuple:
     if dim != info.axis:
         raise Barrier("unbinds a stack of attention parts along another axis than the stack's")
     return tuple(without_axis(p, dim) for p in info.parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# radix groups: parts of the channel axis that ops combine element by element
+# ---------------------------------------------------------------------------------------------
+# Split attention (ResNeSt) and selective kernels (SKNet) reshape channels into (R, C) groups and
+# then sum or softmax over R: element j of every group meets element j of the others, so every
+# group must hold the same space. A sum or softmax over the heads of a headed layout asks for its
+# space to be opened as one space per group (a SplitRequest); the reshape of those R blocks gives
+# a stack of R layouts (`Stacked` of plain parts), and the op over the stack axis ties the parts
+# into one space, after which the stack axis is a plain axis of copies.
+
+def radix_request(info: Feat, x: fx.Node, what: str) -> Barrier:
+    """A sum or softmax over the heads of `info`: its groups must hold one space, so its space
+    is asked to be opened as one space per head (then tied by the op over the groups)."""
+    message = f"{what} over the heads of '{x.name}'"
+    if len(info.blocks) != 1 or info.blocks[0].expand != 1 or info.repeat != 1 or info.heads < 2:
+        return Barrier(message)
+    block = info.blocks[0]
+    d = block.size // info.heads
+    return SplitRequest(message + " (radix groups: each must hold the same features)",
+                        {block.space: {d * h for h in range(1, info.heads)}})
+
+
+def plain_stack(info: Any) -> bool:
+    return isinstance(info, Stacked) and not any(p.headed for p in info.parts)
+
+
+def stack_of_parts(ctx: Context, info: Feat, shape_in: tuple, shape_out: tuple) -> Any:
+    """A plain layout of several blocks whose channel axis is reshaped into (P, W), every part
+    whole blocks: a stack of P layouts on the P axis, or, where the parts are one layout
+    already, that layout with the P axis holding copies. None if the reshape is not that."""
+    if len(info.blocks) < 2 or info.headed:
+        return None
+    a, width = info.axis, shape_in[info.axis]
+    before, after = math.prod(shape_in[:a]), math.prod(shape_in[a + 1:])
+    for j in range(len(shape_out) - 1):
+        parts, w = shape_out[j], shape_out[j + 1]
+        if parts < 2 or parts * w != width or math.prod(shape_out[:j]) != before or \
+                math.prod(shape_out[j + 2:]) != after:
+            continue
+        try:
+            pieces = split_layout(info, [w] * parts)
+        except Barrier:  # a part cuts a block: not whole spaces per part
+            return None
+        stack = Stacked(j, tuple(p.moved(j + 1) for p in pieces))
+        return collapsed(ctx, stack) or stack
+    return None
+
+
+def collapsed(ctx: Context, stack: Stacked) -> Feat | None:
+    """A stack of plain parts that are all one layout: that layout (the stack axis holds copies);
+    None if the parts differ."""
+    if not plain_stack(stack):
+        return None
+    first = stack.parts[0]
+    for part in stack.parts[1:]:
+        if part.axis != first.axis or len(part.blocks) != len(first.blocks) or any(
+                ctx.uf.find(x.space) != ctx.uf.find(y.space) or x.size != y.size
+                or x.expand != y.expand for x, y in zip(part.blocks, first.blocks)):
+            return None
+    return first
+
+
+def unified_parts(ctx: Context, stack: Stacked, x: fx.Node) -> Feat:
+    """A stack of plain parts combined element by element across the stack axis: the parts are
+    tied into one space, the stack axis then holds copies."""
+    if not plain_stack(stack):
+        raise Barrier(f"combines the parts of '{x.name}', a stack of attention parts")
+    first = stack.parts[0]
+    for part in stack.parts[1:]:
+        if part.axis != first.axis:
+            raise Barrier(f"combines parts of '{x.name}' whose channels lie on different axes")
+        ctx.unify(first, part)
+    return first
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +386,7 @@ def _single_heads(ctx: Context, values: list[fx.Node], infos: list[Any]) -> list
     ref = next((i for i in infos if isinstance(i, Feat) and i.headed and i.heads == 1 and
                 i.repeat == 1), None)
     if ref is None:
-        return infos
+        return _shared_heads(ctx, values, infos)
     out = []
     for value, info in zip(values, infos):
         shape = ctx.shape(value)
@@ -318,6 +394,25 @@ def _single_heads(ctx: Context, values: list[fx.Node], infos: list[Any]) -> list
                 info.axis >= len(shape) - 2 and len(shape) > ref.head_axis and \
                 shape[ref.head_axis] == 1 and ref.head_axis < len(shape) - 2:
             info = ctx.split_heads(info, info.axis, ref.head_axis, 1)
+        out.append(info)
+    return out
+
+
+def _shared_heads(ctx: Context, values: list[fx.Node], infos: list[Any]) -> list[Any]:
+    """Multi-query attention (timm's MultiQueryAttention2d): where another operand is split into
+    H > 1 heads, a plain layout whose channels are on a matrix axis and that has a size-1 axis
+    where the heads are (broadcast over them) is one key/value head repeated H times."""
+    ref = next((i for i in infos if isinstance(i, Feat) and i.headed and i.heads > 1 and
+                i.repeat == 1), None)
+    if ref is None:
+        return infos
+    out = []
+    for value, info in zip(values, infos):
+        shape = ctx.shape(value)
+        if isinstance(info, Feat) and not info.headed and shape is not None and \
+                info.axis >= len(shape) - 2 and len(shape) > ref.head_axis and \
+                shape[ref.head_axis] == 1 and ref.head_axis < len(shape) - 2:
+            info = replace(ctx.split_heads(info, info.axis, ref.head_axis, 1), repeat=ref.heads)
         out.append(info)
     return out
 
