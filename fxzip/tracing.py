@@ -14,6 +14,7 @@ from torch.fx.experimental.meta_tracer import MetaTracer
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from . import traced_functions
 from .errors import InputError, TraceError
 from .inputs import Batch, describe
 from .value_tracing import ValueTracing
@@ -35,6 +36,12 @@ class FxzipTracer(fx.Tracer):
         if isinstance(m, torch.jit.ScriptModule):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def trace(self, root: Any, concrete_args: dict | None = None) -> fx.Graph:
+        """torch.fx's trace, with some `torch.fx.wrap`-ed library functions traced into or
+        replaced by traceable stand-ins (`fxzip.traced_functions`)."""
+        with traced_functions.patched():
+            return super().trace(root, concrete_args)
 
 
 def _autowrap() -> tuple[tuple, tuple]:
@@ -76,6 +83,7 @@ def trace(model: torch.nn.Module, example: Batch, *, leaf_modules: Sequence[type
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"expected a torch.nn.Module to merge, got {type(model).__name__}")
     fixed = fixed_arguments(model, example, concrete_args)
+    traced_functions.recording(model, lambda: _run(copy.deepcopy(model).eval(), example))
     gm = None
     # plain tracing; then with the example's values on the proxies (control flow on sizes taken
     # as the example takes them, sizes kept symbolic: timm's MobileViT, Twins, LiteMLA); then with
@@ -115,6 +123,7 @@ def trace(model: torch.nn.Module, example: Batch, *, leaf_modules: Sequence[type
     gm.eval()
     _name_fixed_placeholders(gm, fixed)
     _drop_eval_identities(gm)
+    einsums_as_matmuls(gm)
     route_through_inplace_ops(gm)
     propagate_shapes(gm, example, type(model).__name__)
     return gm
@@ -136,6 +145,11 @@ def _example_values(model: torch.nn.Module, example: Batch) -> dict[str, Any]:
     if isinstance(example, dict):
         return dict(example)
     return {next(iter(inspect.signature(model.forward).parameters)): example}
+
+
+def _run(model: torch.nn.Module, example: Batch) -> Any:
+    """The model's output for the example (a tensor: the first argument; a dict: keywords)."""
+    return model(**example) if isinstance(example, dict) else model(example)
 
 
 def _holds_meta_tensors(gm: fx.GraphModule) -> bool:
@@ -220,6 +234,61 @@ def _drop_eval_identities(gm: fx.GraphModule) -> None:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
     gm.recompile()
+
+
+def _matmul_form(equation: str) -> tuple[bool, bool] | None:
+    """For a two-operand einsum that is a batched matrix product, whether the first and the
+    second operand enter it transposed: "…ik,…kj->…ij" is (False, False), "…ik,…jk->…ij"
+    (MaxViT's q·kᵀ) (False, True); None for any other equation."""
+    equation = equation.replace(" ", "")
+    if "->" not in equation or "." in equation:
+        return None
+    inputs, out = equation.split("->")
+    operands = inputs.split(",")
+    if len(operands) != 2:
+        return None
+    a, b = operands
+    n = len(out)
+    if len(a) != n or len(b) != n or n < 2 or len(set(out)) != n or \
+            a[:-2] != out[:-2] or b[:-2] != out[:-2]:
+        return None
+    i, j = out[-2], out[-1]
+    for ta in (False, True):
+        rows_a = a[-2:][::-1] if ta else a[-2:]
+        if rows_a[0] != i or rows_a[1] in out:
+            continue
+        k = rows_a[1]
+        for tb in (False, True):
+            rows_b = b[-2:][::-1] if tb else b[-2:]
+            if rows_b == k + j:
+                return ta, tb
+    return None
+
+
+def einsums_as_matmuls(gm: fx.GraphModule) -> None:
+    """Rewrite `torch.einsum` calls that are batched matrix products (the same batch letters in
+    both operands and the output, one contracted letter) as `torch.matmul` with transposes, the
+    form fxzip's op rules follow (MaxViT's attention is written with einsum)."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.einsum or node.kwargs \
+                or len(node.args) != 3 or not isinstance(node.args[0], str):
+            continue
+        form = _matmul_form(node.args[0])
+        if form is None or not all(isinstance(a, fx.Node) for a in node.args[1:]):
+            continue
+        with gm.graph.inserting_before(node):
+            a, b = node.args[1], node.args[2]
+            if form[0]:
+                a = gm.graph.call_method("transpose", (a, -2, -1))
+            if form[1]:
+                b = gm.graph.call_method("transpose", (b, -2, -1))
+            product = gm.graph.call_function(torch.matmul, (a, b))
+        node.replace_all_uses_with(product)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.recompile()
 
 
 def positional_args(gm: fx.GraphModule, example: Batch) -> list[Any]:
