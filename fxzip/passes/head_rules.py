@@ -413,6 +413,7 @@ def _shared_heads(ctx: Context, values: list[fx.Node], infos: list[Any]) -> list
                 info.axis >= len(shape) - 2 and len(shape) > ref.head_axis and \
                 shape[ref.head_axis] == 1 and ref.head_axis < len(shape) - 2:
             info = replace(ctx.split_heads(info, info.axis, ref.head_axis, 1), repeat=ref.heads)
+            ctx.consume(value, value, replace(info.head_only(), repeat=1))  # the head's tap
         out.append(info)
     return out
 
