@@ -107,9 +107,13 @@ class ValueTracing(fx.Tracer):
         self._example_values = dict(values or {})
         try:
             with torch.no_grad():
-                return super().trace(root, concrete_args)
+                graph = super().trace(root, concrete_args)
         finally:
             self._example_values = {}
+        for node in list(graph.nodes):  # parameters read for Python only (`w.device`, a shape)
+            if node.op == "get_attr" and not node.users:
+                graph.erase_node(node)
+        return graph
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return ValueProxy(node, self)

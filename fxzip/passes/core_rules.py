@@ -239,6 +239,12 @@ def _input_feat(ctx: Context, node: fx.Node, axis: int, what: str) -> Feat:
         return info
     if info is SHARED:
         return ctx.pinned_feat(axis, shape[axis])
+    if isinstance(info, Lazy) and info.axes[axis] not in (None, MIXED):
+        # a layer over a parameter-derived value (ConViT's Linear over relative positions): its
+        # input columns stay in place, the value's axis runs along them
+        feat = ctx.pinned_feat(axis, shape[axis])
+        ctx.tie_param(x, axis, feat)
+        return feat
     raise Barrier(f"{what} reads '{x.name}', a value fxzip cannot follow per channel")
 
 
