@@ -1,6 +1,8 @@
 """Inference costs of a model: parameters and FLOPs (one sample, or a whole batch)."""
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -21,12 +23,22 @@ def count_flops(model: nn.Module, x: Batch, *, per_sample: bool = True) -> int:
     values, e.g. `.item()`) is counted on the real input."""
     x = leading(x, 1) if per_sample else x
     try:
-        return _count_on_fake_tensors(model, x)
+        return _count_on_fake_tensors(_isolated(model), x)
     except Exception:  # noqa: BLE001 - any failure of the fake run: count on the real tensors
         pass
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         call_model(model, x)
     return int(counter.get_total_flops())
+
+
+def _isolated(model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares every parameter and buffer with `model` (only the
+    modules and their plain attributes are copied). A forward under fake tensors must not store
+    anything on the model itself: modules that cache tables in eval mode (TinyViT's and LeViT's
+    attention biases) would keep a fake tensor, and every later real forward of the model would
+    compute fake tensors too (`.item()` on them: DataDependentOutputException)."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def _count_on_fake_tensors(model: nn.Module, x: Batch) -> int:

@@ -129,3 +129,35 @@ def test_reshape_labels_flattened_axes_and_gives_them_back():
     assert flat == [None, 0, Flat(((1, 4), (2, 3), (3, 3)))]
     assert reshape_axes(tuple(flat), (1, 8, 36), (8, 4, 3, 3)) == [0, 1, 2, 3]
     assert reshape_axes(tuple(flat), (1, 8, 36), (8, 6, 6)) == [0, MIXED, MIXED]
+
+
+class _CachesInEval(nn.Module):
+    """As TinyViT's and LeViT's attention: a table computed from a parameter, cached in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(4, 4))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x):
+        if self.training:
+            return x @ self.table.t()
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.table.t() * 1.0
+        return x @ self.cache[key]
+
+
+def test_counting_flops_leaves_no_fake_tensor_in_a_models_cache():
+    """The FLOP count runs on fake tensors; a table the model caches meanwhile must not stay in
+    the model (its later real forwards would give fake tensors: .item() fails)."""
+    from fxzip.costs import count_flops
+
+    torch.manual_seed(0)
+    model = _CachesInEval().eval()
+    x = torch.randn(3, 4)
+    assert count_flops(model, x, per_sample=False) == 2 * 3 * 4 * 4
+    assert not model.cache
+    out = model(x)
+    assert type(out) is torch.Tensor
+    torch.testing.assert_close(out, x @ model.table.t())
