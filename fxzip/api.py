@@ -20,7 +20,7 @@ from .costs import count_flops, count_parameters
 from .errors import CalibrationWarning, InputError, StopPointError
 from .head_matching import match_heads
 from .inputs import Batches, shard_batches
-from .matching import Match
+from .matching import Match, covariance
 from .methods import METHODS, Method, get_method
 from .passes.analysis import Analysis
 from .passes.rewrite import rewrite
@@ -98,14 +98,14 @@ def check_options(method: Any, alpha: Any, beta: Any, weight_similarity: Any = 0
 
 
 def check_method_width(method: str, width: Any, num_models: int) -> Width:
-    """A checked `width=` (`fxzip.width.check_width`); a width above 1 needs a method that
-    measures the features (it keeps the least alike apart): InputError for "average"."""
+    """A checked `width=` (`fxzip.width.check_width`); a width above 1 needs a method that can
+    keep the least alike features apart (`Method.widens`): InputError for "average" and "cca"."""
     width = check_width(width, num_models)
     widest = max(width.values()) if isinstance(width, dict) else width
-    if widest > 1 and not METHODS[method].needs_statistics:
+    if widest > 1 and not METHODS[method].widens:
         raise InputError(f"width={widest} > 1 keeps the least alike features apart, which method "
-                         f"{method!r} cannot tell; use width=1 or a method among "
-                         f"{', '.join(m for m in METHODS if METHODS[m].needs_statistics)}")
+                         f"{method!r} does not do; use width=1 or a method among "
+                         f"{', '.join(m for m in METHODS if METHODS[m].widens)}")
     return width
 
 
@@ -205,8 +205,12 @@ class Zipper:
         similarities = [self.weight_similarity(s) if stats and weight_similarity else None
                         for s in spaces]
         with self._timed("matching"):
-            corrs = [mix(stats[s].correlation(), w, weight_similarity) if stats else None
-                     for s, w in zip(spaces, similarities)]
+            if stats and method.statistic == "covariance":  # "cca": E[x xᵀ], no weight similarity
+                corrs = [covariance(stats[s].correlation(), stats[s].features.variance(),
+                                    stats[s].features.mean.cpu().numpy()) for s in spaces]
+            else:
+                corrs = [mix(stats[s].correlation(), w, weight_similarity) if stats else None
+                         for s, w in zip(spaces, similarities)]
             sizes = [self.analysis.spaces[s].size for s in spaces]
             if group is not None:
                 found = match_heads(corrs, sizes, group.heads, self.num_models, method,
@@ -416,7 +420,9 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
         model keeps its own output layer.
     method: "zipit" (greedy, within and across models; `alpha` in (0, 1], `beta` in [0, 1]: the
         share of merges allowed within a model), "permute" (Hungarian
-        across models: Git Re-Basin activation matching) or "average" (plain weight averaging).
+        across models: Git Re-Basin activation matching), "average" (plain weight averaging) or
+        "cca" (CCA Merge, Horoi et al. 2024: model B aligned to A by an invertible linear map
+        from regularised CCA of their features, then averaged; see `fxzip.methods.CCA`).
     reset_bn: re-estimate the BatchNorm statistics of the merged model on `inputs` (with the
         corrections on, their pass does it, and their targets are the parents with BatchNorm
         statistics of `inputs`; False: no reset anywhere, targets the parents as given).

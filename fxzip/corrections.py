@@ -63,6 +63,7 @@ from .distributed import all_reduce_sum, is_distributed
 from .errors import InputError
 from .inputs import batch_size, batch_tensors, leading
 from .matching import Match
+from .passes.rewrite import Layouts
 from .tracing import is_inplace
 
 if TYPE_CHECKING:  # type hints only: the pass reads `analysis.feat`, `.spaces` and Feat blocks
@@ -566,6 +567,13 @@ def _merge_index(analysis: Analysis, matches: dict[int, Match], feat: Feat, k: i
     return torch.cat(parts), torch.cat(counts), offset
 
 
+def _add(total: Any, part: Any) -> Any:
+    """`part` if `total` is None, else their sum (elementwise for lists)."""
+    if total is None:
+        return part
+    return [a + b for a, b in zip(total, part)] if isinstance(part, list) else total + part
+
+
 # -- the pass -----------------------------------------------------------------------------------------
 class _Pass:
     def __init__(self, merged: fx.GraphModule, graphs: Sequence[fx.GraphModule], analysis: Analysis,
@@ -634,7 +642,18 @@ class _Pass:
         axis = feat.axis % self._dim(0, layer.parent_nodes[0])
         layer.axis = axis
         total, mean_t, std_t = None, None, None
+        layouts = Layouts(self.analysis, self.matches, len(self.graphs))
         for k, values in enumerate(per_model):
+            if layouts.is_dense(feat):  # a dense match ("cca"): Σ_k M_k f_k by matrix products
+                mat = layouts.matrix(feat, k, "M")
+                total = _add(total, [torch.movedim(torch.tensordot(
+                    mat.to(v.device, v.dtype), v, dims=([1], [axis])), 0, axis) for v in values])
+                if layer.repair:
+                    mean, std = _channel_stats(values, axis, mat.shape[1], self.group)
+                    mean_t = _add(mean_t, mat @ mean.cpu().double())
+                    std_t = _add(std_t, mat.abs() @ std.cpu().double())
+                counts = torch.ones(mat.shape[0], dtype=torch.long)  # M_k already averages
+                continue
             index, counts, width = _merge_index(self.analysis, self.matches, feat, k, len(self.graphs))
             index = index.to(values[0].device) if values else index
             scattered = []

@@ -130,7 +130,7 @@ def match_heads(corrs: Sequence[np.ndarray | None], sizes: Sequence[int], heads:
         return _match_grouped(corrs, sizes, heads, num_models, method, alpha, beta, fixed,
                               list(inner))
     if method.needs_statistics:
-        pairs = pair_heads(corrs, sizes, heads, num_models, fixed)
+        pairs = pair_heads(_as_correlations(corrs, method), sizes, heads, num_models, fixed)
     else:
         pairs = np.tile(np.arange(heads), (num_models, 1))
     matches = []
@@ -152,10 +152,27 @@ def match_heads(corrs: Sequence[np.ndarray | None], sizes: Sequence[int], heads:
     return matches
 
 
+def _as_correlations(corrs: Sequence[np.ndarray | None], method: Method) -> list:
+    """Heads are paired by their features' correlations: a method that takes covariances
+    ("cca") has them turned back into correlations for the pairing. Within paired heads such a
+    method's dense map only chooses a permutation (`Match.assign`): a dense map would mix heads."""
+    if method.statistic != "covariance":
+        return list(corrs)
+    out = []
+    for c in corrs:
+        if c is None:
+            out.append(None)
+            continue
+        std = np.sqrt(np.clip(np.diag(c), 0.0, None))
+        inv = np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 0.0)
+        out.append(c * inv[:, None] * inv[None, :])
+    return out
+
+
 def _match_grouped(corrs, sizes, heads, num_models, method, alpha, beta, fixed, inner):
     """match_heads with query heads grouped under key/value heads (see the module's doc)."""
-    pairs, within = _grouped_pairs(corrs, sizes, heads, num_models, fixed, inner,
-                                   method.needs_statistics)
+    pairs, within = _grouped_pairs(_as_correlations(corrs, method), sizes, heads, num_models,
+                                   fixed, inner, method.needs_statistics)
     assigns: dict[int, list[np.ndarray]] = {}
     order = sorted(range(len(sizes)), key=lambda i: (inner[i][0] > 1, i))  # kv spaces first
     for s in order:

@@ -22,7 +22,8 @@ from scipy.optimize import linear_sum_assignment
 
 from .errors import MatchingError
 
-__all__ = ["Match", "check_inputs", "equal_widths", "permutation_match", "zipit_match"]
+__all__ = ["Match", "check_inputs", "equal_widths", "permutation_match", "zipit_match",
+           "cca_match", "covariance"]
 
 _NEG_INF = -np.inf
 
@@ -50,11 +51,18 @@ class Match:
 
     `assign[k][i]` is the merged feature that feature i of model k belongs to;
     `counts[m]` is how many input features (over all models) merged feature m has.
+
+    `maps` (None for the usual selection-and-average match) makes the match DENSE: per model k a
+    pair (M_k, U_k) of float64 matrices, M_k (size × n_k) merging model k's features into the
+    merged ones (merged = Σ_k M_k f_k) and U_k (n_k × size) unmerging them (f_k ≈ U_k merged),
+    e.g. an invertible alignment from CCA ("cca"). `assign` then only describes the match
+    (model k's feature i is reported with the merged feature it weighs most).
     """
 
     assign: tuple[np.ndarray, ...]
     size: int
     counts: np.ndarray
+    maps: tuple[tuple[np.ndarray, np.ndarray], ...] | None = None
 
     def __post_init__(self) -> None:
         """Normalise to read-only int64 arrays and check that counts agree with assign."""
@@ -65,6 +73,31 @@ class Match:
         object.__setattr__(self, "size", size)
         object.__setattr__(self, "assign", assign)
         object.__setattr__(self, "counts", counts)
+        if self.maps is not None:
+            object.__setattr__(self, "maps", _checked_maps(self.maps, size, assign))
+
+    @property
+    def dense(self) -> bool:
+        """Whether the match merges by dense matrices (`maps`) rather than by selection."""
+        return self.maps is not None
+
+    def merge_matrix(self, k: int) -> np.ndarray:
+        """M_k (size × n_k): merged features = Σ_k M_k f_k (a cluster's average for a selection)."""
+        if self.maps is not None:
+            return self.maps[k][0]
+        a = self.assign[k]
+        out = np.zeros((self.size, a.size))
+        out[a, np.arange(a.size)] = 1.0 / self.counts[a]
+        return out
+
+    def unmerge_matrix(self, k: int) -> np.ndarray:
+        """U_k (n_k × size): model k's features read from the merged ones (a selection)."""
+        if self.maps is not None:
+            return self.maps[k][1]
+        a = self.assign[k]
+        out = np.zeros((a.size, self.size))
+        out[np.arange(a.size), a] = 1.0
+        return out
 
     @classmethod
     def identity(cls, n: int, num_models: int) -> "Match":
@@ -134,10 +167,13 @@ class Match:
             self.size == other.size
             and len(self.assign) == len(other.assign)
             and all(np.array_equal(a, b) for a, b in zip(self.assign, other.assign))
+            and (self.maps is None) == (other.maps is None)
+            and (self.maps is None or all(np.array_equal(x, y) for p, q in zip(self.maps, other.maps)
+                                          for x, y in zip(p, q)))
         )
 
     def __hash__(self) -> int:
-        return hash((self.size, tuple(a.tobytes() for a in self.assign)))
+        return hash((self.size, tuple(a.tobytes() for a in self.assign), self.maps is None))
 
     def __repr__(self) -> str:
         return (
@@ -160,6 +196,25 @@ def _checked_assign(assign: Sequence[np.ndarray], size: int) -> tuple[int, tuple
                 f"assign[{k}] has values outside [0, {size}): min {a.min()}, max {a.max()}"
             )
     return size, arrays
+
+
+def _checked_maps(maps, size: int, assign: tuple[np.ndarray, ...]):
+    """One (M_k (size × n_k), U_k (n_k × size)) pair of finite float64 matrices per model."""
+    if len(maps) != len(assign):
+        raise MatchingError(f"maps must hold one (merge, unmerge) pair per model ({len(assign)}), "
+                            f"got {len(maps)}")
+    out = []
+    for k, (pair, a) in enumerate(zip(maps, assign)):
+        merge, unmerge = (np.array(m, dtype=np.float64, copy=True) for m in pair)
+        if merge.shape != (size, a.size) or unmerge.shape != (a.size, size):
+            raise MatchingError(f"maps[{k}] must be ({size}, {a.size}) and ({a.size}, {size}) "
+                                f"matrices, got {merge.shape} and {unmerge.shape}")
+        if not (np.isfinite(merge).all() and np.isfinite(unmerge).all()):
+            raise MatchingError(f"maps[{k}] holds NaN or inf")
+        merge.setflags(write=False)
+        unmerge.setflags(write=False)
+        out.append((merge, unmerge))
+    return tuple(out)
 
 
 def _count_members(assign: Sequence[np.ndarray], size: int) -> np.ndarray:
@@ -663,3 +718,71 @@ class _ZipState:
         """Set every pair of live pure-k clusters to -inf (both orientations)."""
         idx = np.flatnonzero(~self.dead & (self.owner == k))
         self.S[np.ix_(idx, idx)] = _NEG_INF
+
+
+# ---------------------------------------------------------------------------
+# CCA alignment (Horoi et al., ICML 2024)
+# ---------------------------------------------------------------------------
+
+
+def _inverse_sqrt_and_sqrt(C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """C^(-1/2) and C^(1/2) of a symmetric positive definite matrix."""
+    values, vectors = np.linalg.eigh(C)
+    values = np.clip(values, values.max() * 1e-12, None)
+    return (vectors / np.sqrt(values)) @ vectors.T, (vectors * np.sqrt(values)) @ vectors.T
+
+
+def cca_transform(cov: np.ndarray, n: int, k: int, regularization: float,
+                  prior: float = 0.01) -> np.ndarray:
+    """T (n × n) mapping model k's features onto model 0's by regularised CCA of the (N·n)²
+    second-moment matrix `cov`: T = C₀₀^(1/2) U Vᵀ C_kk^(-1/2), where U Σ Vᵀ is the SVD of
+    C₀₀^(-1/2) C₀k C_kk^(-1/2) + prior · P and C_ii = cov_ii + regularization · mean variance · I.
+    P is the best one-to-one match of the features by correlation (Hungarian, as "permute"): it
+    decides the directions the data leave undetermined (no variance: a LayerNorm's constrained
+    direction, dead units), where CCA alone would map them arbitrarily. A copy whose features
+    are a permutation Π of model 0's (x_k = Π x₀) gives T = Πᵀ (up to rounding)."""
+    a, b = slice(0, n), slice(k * n, (k + 1) * n)
+    c00, ckk, c0k = cov[a, a], cov[b, b], cov[a, b]
+    ridge = regularization * max(float(np.trace(c00) + np.trace(ckk)) / (2 * n), 1e-12)
+    inv0, sqrt0 = _inverse_sqrt_and_sqrt(c00 + ridge * np.eye(n))
+    invk, _ = _inverse_sqrt_and_sqrt(ckk + ridge * np.eye(n))
+    std0, stdk = np.sqrt(np.clip(np.diag(c00), 1e-300, None)), np.sqrt(np.clip(np.diag(ckk), 1e-300, None))
+    rows, cols = linear_sum_assignment(c0k / std0[:, None] / stdk[None, :], maximize=True)
+    permutation = np.zeros((n, n))
+    permutation[rows, cols] = 1.0
+    u, _, vt = np.linalg.svd(inv0 @ c0k @ invk + prior * permutation)
+    return sqrt0 @ (u @ vt) @ invk
+
+
+def covariance(corr: np.ndarray, variance: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
+    """The covariance matrix of features from their correlation matrix and variances; with
+    their `mean`, the uncentred second moments E[x xᵀ] instead."""
+    std = np.sqrt(np.clip(np.asarray(variance, dtype=np.float64), 0.0, None))
+    out = np.asarray(corr, dtype=np.float64) * std[:, None] * std[None, :]
+    if mean is not None:
+        mean = np.asarray(mean, dtype=np.float64)
+        out += mean[:, None] * mean[None, :]
+    return out
+
+
+def cca_match(cov: np.ndarray, sizes: list[int], *, regularization: float = 3.0) -> Match:
+    """A dense Match that aligns every model to model 0 by an invertible map from regularised
+    CCA (`cca_transform`) and averages: M₀ = I/N, M_k = T_k/N, U₀ = I, U_k = T_k⁻¹. `cov` is the
+    covariance of the concatenated features (equal widths n). The reported assignment pairs
+    each feature of model k with the model-0 feature it weighs most (Hungarian on |T_k|)."""
+    n, num = sizes[0], len(sizes)
+    maps = [(np.eye(n) / num, np.eye(n))]
+    assign = [np.arange(n, dtype=np.int64)]
+    for k in range(1, num):
+        T = cca_transform(cov, n, k, regularization)
+        try:
+            inverse = np.linalg.inv(T)
+        except np.linalg.LinAlgError as exc:  # T is invertible by construction; rounding aside
+            raise MatchingError(f"the CCA map of model {k} is singular; raise the "
+                                "regularization") from exc
+        maps.append((T / num, inverse))
+        rows, cols = linear_sum_assignment(np.abs(T), maximize=True)
+        a = np.empty(n, dtype=np.int64)
+        a[cols] = rows
+        assign.append(a)
+    return Match(tuple(assign), n, np.full(n, num, dtype=np.int64), maps=tuple(maps))

@@ -4,6 +4,9 @@ one head per model that keeps that model's own weights.
 Trunk weights follow W* = Σ_k M_k W_k U_k: U_k sums the columns of features that share a cluster
 (a scatter-add), M_k averages the rows of a cluster's members. Unmerging at the boundary is
 exact: U_k is a selection, `x.index_select(axis, assign_k)`.
+
+A dense Match (`Match.maps`, e.g. "cca") gives M_k and U_k as matrices: its tensors are merged by
+matrix products along their axes, and the boundary unmerges by a product with U_k.
 """
 from __future__ import annotations
 
@@ -11,10 +14,12 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..errors import MatchingError
 from ..matching import Match
 from ..pairing import Pairing, pair_graphs
 from ..tracing import has_inplace, module_attribute
@@ -54,6 +59,22 @@ class Layouts:
             offset += match.size * b.expand
         return torch.cat(parts).to(device)
 
+    def is_dense(self, feat: Feat) -> bool:
+        """Whether a block of the layout is matched by dense matrices (`Match.maps`)."""
+        return any(self.match(b.space).dense for b in feat.blocks)
+
+    def matrix(self, feat: Feat, k: int, role: str) -> torch.Tensor:
+        """Model k's merge (role "M": merged width × model k's width) or unmerge matrix (role
+        "U": the transpose shape) of a layout, in float64: blocks on the diagonal, each channel
+        repeated `expand` times."""
+        parts = []
+        for b in feat.blocks:
+            match = self.match(b.space)
+            m = torch.from_numpy(np.array(match.merge_matrix(k) if role == "M"
+                                          else match.unmerge_matrix(k)))
+            parts.append(torch.kron(m, torch.eye(b.expand, dtype=m.dtype)) if b.expand > 1 else m)
+        return torch.block_diag(*parts)
+
     def counts(self, feat: Feat, device: torch.device) -> torch.Tensor:
         parts = [torch.tensor(self.match(b.space).counts).repeat_interleave(b.expand)
                  for b in feat.blocks]
@@ -74,6 +95,8 @@ def merge_tensor(tensors: Sequence[torch.Tensor], uses: Sequence[ParamUse], layo
             return torch.stack(tensors).mean(0)
         return tensors[0].clone()
     groups = max(u.groups for u in uses)
+    if any(layouts.is_dense(u.feat) for u in uses):
+        return _merge_dense(tensors, uses, layouts, groups)
     if groups > 1:  # merge the block-diagonal dense weight, then take its diagonal blocks again
         tensors = [_block_diagonal(t, groups) for t in tensors]
     total = None
@@ -89,6 +112,31 @@ def merge_tensor(tensors: Sequence[torch.Tensor], uses: Sequence[ParamUse], layo
     if not merged_axes:
         total = total / len(tensors)
     return _diagonal_blocks(total, groups) if groups > 1 else total
+
+
+def _merge_dense(tensors: Sequence[torch.Tensor], uses: Sequence[ParamUse], layouts: Layouts,
+                 groups: int) -> torch.Tensor:
+    """Σ_k M_k T_k U_k by matrix products along the axes of `uses` (a dense Match somewhere).
+    BatchNorm's running variances are merged by |M_k| (non-negative; the same as M_k for a
+    selection or permutation): the BatchNorm reset re-estimates them anyway."""
+    if groups > 1:
+        raise MatchingError("a dense match (method \"cca\") cannot merge a grouped or depthwise "
+                            "convolution: its map would mix the groups; use a selection method "
+                            "(\"zipit\", \"permute\")")
+    total = None
+    for k, t in enumerate(tensors):
+        t = t.double()
+        for use in uses:
+            mat = layouts.matrix(use.feat, k, use.role).to(t.device)
+            if use.role == "U":  # columns: W_k U_k
+                mat = mat.T
+            elif use.param == "running_var":
+                mat = mat.abs()
+            t = torch.movedim(torch.tensordot(mat, t, dims=([1], [use.axis])), 0, use.axis)
+        total = t if total is None else total + t
+    if not any(u.role == "M" for u in uses):
+        total = total / len(tensors)
+    return total.to(tensors[0].dtype)
 
 
 def _block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -258,9 +306,19 @@ class _Emitter:
         if isinstance(info, Feat) and not self.layouts.is_identity(info):
             unmerge = self._fresh(f"fxzip_rezip_{name}" if self.spread[k]
                                   else f"fxzip_unmerge_{k + self.offset}_{name}")
-            self.root[unmerge] = self.layouts.index(info, k, self.device)
-            index = self.graph.get_attr(unmerge)
-            value = self.graph.call_function(torch.index_select, (trunk_value, info.axis, index))
+            if self.layouts.is_dense(info):  # x_k = U_k x along the channel axis
+                dtype = trunk_value.meta.get("tensor_meta")
+                matrix = self.layouts.matrix(info, k, "U")
+                self.root[unmerge] = matrix.to(self.device, getattr(dtype, "dtype", torch.float32))
+                product = self.graph.call_function(
+                    torch.tensordot, (self.graph.get_attr(unmerge), trunk_value),
+                    {"dims": ([1], [info.axis])})
+                value = self.graph.call_function(torch.movedim, (product, 0, info.axis))
+            else:
+                self.root[unmerge] = self.layouts.index(info, k, self.device)
+                index = self.graph.get_attr(unmerge)
+                value = self.graph.call_function(torch.index_select,
+                                                 (trunk_value, info.axis, index))
         elif self.fresh_copies:  # a head's in-place op must not reach the other heads
             value = self.graph.call_method("clone", (trunk_value,))
         else:
