@@ -3,7 +3,8 @@ and both models'.
 
     python benchmarks/width.py [--pairs 3] [--epochs 20] [--resnet-width 4]
                                [--widths 1,1.25,1.5,1.75,2] [--stops layer2,full]
-                               [--methods default,zipit] [--cache out/width_models]
+                               [--methods default,zipit] [--seeds 1,2] [--name width]
+                               [--cache out/width_models]
                                [--out benchmarks/results]
 
 Setting (a) of `benchmarks/accuracy.py` (its data, model, training and evaluation, imported):
@@ -13,7 +14,9 @@ needed, nothing is tuned here). Each pair is merged at every width and stop poin
   * "default": `Zipper.merge(stop, width=w)`, fxzip's default merge (zipit 0.5/1.0, weight
     similarity 0.01, the label-free corrections);
   * "zipit": plain ZipIt! as the paper merges (alpha 0.5, beta 1, no corrections, no weight
-    similarity), BatchNorm statistics reset on the calibration data.
+    similarity), BatchNorm statistics reset on the calibration data;
+  * "cca" / "cca+corrections" (`--methods`, width 1 only): `method="cca"` (CCA Merge, Horoi et
+    al. 2024) with the corrections off / fxzip's default corrections.
 width=1 is today's merge; width=2 keeps every feature of both models apart (the ensemble's
 function). FLOPs (`fxzip.costs.count_flops`, one sample) and parameters are the emitted model's:
 a merged layer is one dense layer over the merged width, so the weights between features that
@@ -22,7 +25,7 @@ only one model has and features that only the other has are zeros that are still
 layer fills most of them in). The trained models are cached in
 `--cache` (state dicts per seed, epochs and width), so a rerun only merges.
 
-Outputs in `--out`: width.csv (one row per pair, method, stop and width), width.md (mean ± std
+Outputs in `--out` (basename `--name`, default "width"): width.csv (one row per pair, method, stop and width), width.md (mean ± std
 table) and width.png (joint accuracy against FLOPs, one line per method and stop through its
 widths, the ensemble and single models as markers).
 """
@@ -52,7 +55,10 @@ from benchmarks.accuracy import (METRICS, Row, Setting, Stop, Summary, TaskData,
                                  train_and_check)
 
 WIDTHS = (1.0, 1.25, 1.5, 1.75, 2.0)
-METHODS = ("default", "zipit")
+# "cca" and "cca+corrections" (`method="cca"`, corrections off / the default ones) keep one
+# model's width: they are merged at width 1 only
+METHODS = ("default", "zipit", "cca", "cca+corrections")
+ONE_WIDTH = ("cca", "cca+corrections")
 
 
 @dataclass
@@ -87,6 +93,10 @@ def cached_pair(setting: Setting, data: TaskData, seed: int, epochs: int, resnet
 def merged(zipper: fxzip.Zipper, stop: Stop, method: str, width: float) -> nn.Module:
     if method == "default":
         return zipper.merge(stop.stop_at, width=width)
+    if method == "cca+corrections":
+        return zipper.merge(stop.stop_at, method="cca")
+    if method == "cca":
+        return zipper.merge(stop.stop_at, method="cca", corrections=None)
     return zipper.merge(stop.stop_at, method="zipit", alpha=0.5, beta=1.0, reset_bn=True,
                         corrections=None, weight_similarity=0.0, width=width)
 
@@ -101,7 +111,7 @@ def pair_rows(setting: Setting, seed: int, models: list[nn.Module], data: TaskDa
             for r in reference_rows(setting, seed, models, data, total)]
     for stop in stops:
         for method in methods:
-            for width in widths:
+            for width in ([1.0] if method in ONE_WIDTH else widths):
                 tick = time.perf_counter()
                 model = merged(zipper, stop, method, width)
                 report = model.fxzip_report
@@ -144,7 +154,8 @@ def markdown(setting: Setting, rows: Sequence[WidthRow], seeds: Sequence[int], e
         f"{len(seeds)} pairs (seeds {', '.join(map(str, seeds))}); {epochs} training epochs; "
         "accuracies in % on the test data, mean ± sample std over the pairs. \"default\": "
         "fxzip's default merge at that width; \"zipit\": plain ZipIt! (alpha 0.5, beta 1, no "
-        "corrections). width 1 = one model's width (today's merge), 2 = both models' (nothing "
+        "corrections); \"cca\" / \"cca+corrections\": method=\"cca\" (CCA Merge) with the "
+        "corrections off / on (one model's width only). width 1 = one model's width (today's merge), 2 = both models' (nothing "
         "merged). FLOPs and params are the emitted model's (dense merged layers); \"nonzero "
         "params\" leaves out the zeros between features that only one model has and features "
         "that only the other has (zipit; the default merge's refit fills most of them). BatchNorm statistics reset on the calibration data for every "
@@ -171,7 +182,8 @@ def plot(setting: Setting, rows: Sequence[WidthRow], path: Path) -> None:
 
     summaries = summarise(rows)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    colours = {"default": "tab:orange", "zipit": "tab:red"}
+    colours = {"default": "tab:orange", "zipit": "tab:red", "cca": "tab:blue",
+               "cca+corrections": "tab:purple"}
     styles = ["-", "--", ":", "-."]
     stops = list(dict.fromkeys(s.stop for w, _, s in summaries if w is not None))
     for method, colour in colours.items():
@@ -209,6 +221,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=3, help="model pairs (seeds 1..P)")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds instead of 1..P")
+    parser.add_argument("--name", default="width", help="basename of the result files")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--resnet-width", type=int, default=4, help="ResNet-20 width multiplier")
     parser.add_argument("--widths", default=",".join(f"{w:g}" for w in WIDTHS))
@@ -235,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     widths = [float(w) for w in args.widths.split(",")]
     data = setting.load()
-    seeds = list(range(1, args.pairs + 1))
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else \
+        list(range(1, args.pairs + 1))
     rows: list[WidthRow] = []
     log = lambda line: print(line, flush=True)  # noqa: E731
     args.out.mkdir(parents=True, exist_ok=True)
@@ -243,11 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         models = cached_pair(setting, data, seed, args.epochs, args.resnet_width, args.cache, log)
         rows += pair_rows(setting, seed, models, data, stops, methods, widths, log)
         done = seeds[:seeds.index(seed) + 1]  # write after every pair: partial results survive
-        write_csv(rows, args.out / "width.csv")
-        (args.out / "width.md").write_text(markdown(setting, rows, done, args.epochs,
-                                                    time.perf_counter() - start))
-        plot(setting, rows, args.out / "width.png")
-    print((args.out / "width.md").read_text(), flush=True)
+        write_csv(rows, args.out / f"{args.name}.csv")
+        (args.out / f"{args.name}.md").write_text(markdown(setting, rows, done, args.epochs,
+                                                           time.perf_counter() - start))
+        plot(setting, rows, args.out / f"{args.name}.png")
+    print((args.out / f"{args.name}.md").read_text(), flush=True)
     return 0
 
 
