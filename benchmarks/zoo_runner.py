@@ -28,6 +28,7 @@ import copy
 import csv
 import datetime
 import fcntl
+import gc
 import json
 import subprocess
 import sys
@@ -70,11 +71,14 @@ def run_one(name: str, size: int, build: Callable, images: int) -> dict:
         if analysis.barriers:
             first = analysis.barriers[0]
             result["barrier"] = f"{first.node} ({first.op}): {first.reason}"
+        del analysis  # one model's worth of memory at a time (VGG's head: 100M weights)
         merged = fxzip.merge(a, copy.deepcopy(a), x, reset_bn=False, progress=False)
         with torch.no_grad():
             ref = a(x)
             result["self_merge_error"] = max(
                 ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item() for out in merged(x))
+        del merged
+        gc.collect()
         two = fxzip.merge(a, b, x, progress=False)
         with torch.no_grad():
             result["two_inits"] = all(bool(torch.isfinite(o).all()) for o in two(x))

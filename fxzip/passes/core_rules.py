@@ -615,7 +615,10 @@ def reshape_like(ctx: Context, node: fx.Node) -> Any:
     info = ctx.info(x)
     shape_in, shape_out = ctx.shape(x), ctx.shape(node)
     if isinstance(info, Stacked):
-        info = head_rules.collapsed(ctx, info)  # parts that are one layout: copies
+        stack, info = info, head_rules.collapsed(ctx, info)  # parts that are one layout: copies
+        if info is None and head_rules.plain_stack(stack):
+            raise Barrier(f"reshapes '{x.name}', {len(stack.parts)} groups of channels of "
+                          "different spaces, across its groups (e.g. a channel shuffle)")
         if info is None:
             raise Barrier(f"reshapes '{x.name}', a stack of attention parts")
     if not isinstance(info, Feat):
