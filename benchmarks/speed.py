@@ -60,6 +60,7 @@ from fxzip.reference_matching import reference_zipit  # noqa: E402
 from benchmarks.tables import Table  # noqa: E402
 
 DEFAULT_THREADS = 2
+DEFAULT_TAPS = "all"  # fxzip's default `taps`
 DIGITS_BATCH = 128
 INFERENCE_BATCH = 128
 DIGITS_STOPS: tuple[Any, ...] = (0, "layer1", "layer2", "layer3", None)
@@ -398,14 +399,19 @@ def gram_flops(zipper: fxzip.Zipper, spaces: Sequence[int], batches: Sequence[to
     samples = sum(x.shape[0] for x in batches)
     total = 0.0
     order = {node.name: i for i, node in enumerate(analysis.nodes)}
+    nodes = {node.name: node for node in analysis.nodes}
     for s in spaces:
         read = analysis.spaces[s].taps
         if taps == "last" and read:
             read = [max(read, key=lambda t: order[t.node])]
-        for tap in read:
-            shape = tensor_shape(next(node for node in analysis.nodes if node.name == tap.node))
+        rates = [1.0] * len(read)
+        if taps == "spread":
+            rates = [1.0 / max(1, round(1.0 / r.rate))
+                     for r in statistics.spread_reads(read, None, nodes)]
+        for tap, rate in zip(read, rates):
+            shape = tensor_shape(nodes[tap.node])
             rows = math.prod(shape) // shape[tap.axis] * tap.expand * samples / example
-            total += 2 * rows * (n * tap.size) ** 2
+            total += 2 * rows * rate * (n * tap.size) ** 2
     return total
 
 
@@ -553,54 +559,71 @@ def inference_per_stop(case: Case, x: torch.Tensor, stops: Sequence[Any], repeat
 # ---------------------------------------------------------------------------------------------
 
 
-TAPS_CHOICES = ("all", "last")
-FLOOR_PHASES = ("trace", "analysis", "statistics", "matching", "rewrite", "bn_reset")
+TAPS_CHOICES = ("all", "spread", "last")
+FLOOR_PHASES = ("trace", "analysis", "statistics", "matching", "rewrite", "bn_reset",
+                "corrections")
 
 
 def floor_ratios(case: Case, repeats: int) -> dict[str, Any]:
     """In this (fresh) process: plain forwards of both models, the statistics of every space a
-    full zip needs and the whole merge (`fxzip.merge`, stop_at=None, BN reset) for each `taps`
-    choice, interleaved over `repeats` rounds after a warm-up; minima, the phases of the fastest
-    merge, the Gram FLOPs read, and peak RSS (VmHWM, reset before each) above the RSS before."""
+    full zip needs and the paper's whole merge (`fxzip.merge`, stop_at=None, corrections=None,
+    its BN reset) for each `taps` choice, interleaved over `repeats` rounds after a warm-up;
+    then fxzip's default merge (corrections on) once per round beside another plain forward.
+    Minima, the phases of the fastest merge, the Gram FLOPs read, and peak RSS (VmHWM, reset
+    before each warm-up) above the RSS before (models and data resident)."""
     def statistics_of(taps: str) -> Callable[[], Any]:
         zipper = fxzip.Zipper(case.models, case.batches, progress=False, taps=taps)
         spaces = zipper.analysis.spaces_of(zipper.analysis.trunk(None))
         return lambda: zipper.statistics(spaces)
 
-    def merge_with(taps: str) -> Any:
+    def merge_with(taps: str, corrections: Any = None) -> Any:
         return fxzip.merge(*case.models, case.batches, progress=False, taps=taps,
-                           corrections=None)
+                           corrections=corrections)
 
+    loads = [load_average()]
     plain_forward(case.models, case.batches)  # warm-up
     peaks: dict[str, float] = {}
     reports: dict[str, Any] = {}
     best: dict[str, float] = defaultdict(lambda: math.inf)
-    for taps in TAPS_CHOICES:  # warm-up of each; its peak memory
+
+    def measure_peak(label: str, fn: Callable[[], Any]) -> None:
         base = _current_rss_mib()
         reset_peak_rss()
-        merge_with(taps)
-        peaks[f"merge {taps}"] = peak_rss_mib() - base
-    base = _current_rss_mib()
-    reset_peak_rss()
-    plain_forward(case.models, case.batches)
-    peaks["plain"] = peak_rss_mib() - base
+        fn()
+        peaks[label] = peak_rss_mib() - base
+
+    for taps in TAPS_CHOICES:  # warm-up of each; its peak memory
+        measure_peak(f"statistics {taps}", statistics_of(taps))
+        measure_peak(f"merge {taps}", lambda: merge_with(taps))
+    measure_peak("default", lambda: merge_with(DEFAULT_TAPS, "default"))
+    measure_peak("plain", lambda: plain_forward(case.models, case.batches))
+
+    def keep(label: str, seconds: float, report: Any = None) -> None:
+        if seconds < best[label]:
+            best[label] = seconds
+            if report is not None:
+                reports[label] = dict(report.fxzip_report.seconds)
+
     for _ in range(repeats):
-        best["plain"] = min(best["plain"], timed(lambda: plain_forward(case.models, case.batches)))
+        keep("plain", timed(lambda: plain_forward(case.models, case.batches)))
         for taps in TAPS_CHOICES:
             run = statistics_of(taps)  # the Zipper (trace) untimed
-            best[f"statistics {taps}"] = min(best[f"statistics {taps}"], timed(run))
+            keep(f"statistics {taps}", timed(run))
             start = time.perf_counter()
             merged = merge_with(taps)
-            seconds = time.perf_counter() - start
-            if seconds < best[f"merge {taps}"]:
-                best[f"merge {taps}"] = seconds
-                reports[taps] = dict(merged.fxzip_report.seconds)
+            keep(f"merge {taps}", time.perf_counter() - start, merged)
+        keep("plain", timed(lambda: plain_forward(case.models, case.batches)))
+        start = time.perf_counter()
+        merged = merge_with(DEFAULT_TAPS, "default")
+        keep("default", time.perf_counter() - start, merged)
+    loads.append(load_average())
     zipper = fxzip.Zipper(case.models, case.batches[:1], progress=False)
     spaces = zipper.analysis.spaces_of(zipper.analysis.trunk(None))
     flops = {t: gram_flops(zipper, spaces, case.batches, taps=t) for t in TAPS_CHOICES}
     forward = sum(count_flops(m, x, per_sample=False) for m in case.models for x in case.batches)
     return {"best": dict(best), "phases": reports, "peaks_mib": peaks, "gram_flops": flops,
-            "forward_flops": forward, "spaces": len(spaces),
+            "forward_flops": forward, "spaces": len(spaces), "loads": loads,
+            "batch_mib": case.batches[0].numel() * case.batches[0].element_size() / 2**20,
             "params": sum(count_parameters(m) for m in case.models)}
 
 
@@ -615,33 +638,41 @@ def floor_table(specs: Sequence[CaseSpec], repeats: int) -> Table:
     """Section 6: each case in a fresh subprocess (`floor_ratios`)."""
     table = Table("6_floor", "6. Cost against the floor: statistics and the whole merge (full zip, "
                   "BN reset) ÷ plain forwards of both models over the same batches, per `taps`",
-                  ["case", "taps", "plain fwd s", "statistics s", "statistics/plain (≤ 1.5)",
-                   "merge s", "merge/plain (≤ 3)", *FLOOR_PHASES, "other",
-                   "Gram/fwd FLOPs", "merge peak MiB", "peak/param MiB", "plain peak MiB"])
+                  ["case", "merge", "taps", "plain fwd s", "statistics s",
+                   "statistics/plain (≤ 1.5)", "merge s", "merge/plain (≤ 3)", *FLOOR_PHASES,
+                   "other", "Gram/fwd FLOPs", "statistics peak MiB", "merge peak MiB",
+                   "peak/param MiB", "plain peak MiB", "load avg (start; end)"])
     for spec in specs:
         r = run_child(f"ratios:{repeats}", spec)
         plain = r["best"]["plain"]
         param_mib = r["params"] * 4 / 2**20
-        for taps in TAPS_CHOICES:
-            phases = r["phases"][taps]
-            merge = r["best"][f"merge {taps}"]
+        loads = "; ".join(r["loads"])
+        rows = [("paper (corrections=None)", taps, f"merge {taps}") for taps in TAPS_CHOICES]
+        rows.append(("default (corrections)", DEFAULT_TAPS, "default"))
+        for kind, taps, key in rows:
+            phases = r["phases"][key]
+            merge = r["best"][key]
             stats = r["best"][f"statistics {taps}"]
             parts = [phases.get(p, 0.0) for p in FLOOR_PHASES]
-            peak = r["peaks_mib"][f"merge {taps}"]
-            table.add(spec.label, taps, plain, stats, stats / plain, merge, merge / plain, *parts,
-                      merge - sum(parts), r["gram_flops"][taps] / r["forward_flops"], peak,
-                      peak / param_mib, r["peaks_mib"]["plain"])
+            peak = r["peaks_mib"][key]
+            table.add(spec.label, kind, taps, plain, stats, stats / plain, merge, merge / plain,
+                      *parts, merge - sum(parts), r["gram_flops"][taps] / r["forward_flops"],
+                      r["peaks_mib"][f"statistics {taps}"], peak, peak / param_mib,
+                      r["peaks_mib"]["plain"], loads)
     table.notes += [
         f"one fresh process per case; minimum over {repeats} interleaved rounds (plain forwards, "
         "then per taps choice: statistics on a fresh Zipper, trace untimed, then the whole "
-        "`fxzip.merge(a, b, batches, taps=..., corrections=None)`: the paper's zip with its BN reset, "
-        "without the default refit, which adds a pass) after a warm-up of each",
+        "`fxzip.merge(a, b, batches, taps=..., corrections=None)`: the paper's zip with its BN "
+        "reset; then plain forwards again and fxzip's default merge, corrections on: the "
+        "label-free refit, one more pass that also resets the BatchNorms) after a warm-up of each",
         "phases: `merged.fxzip_report.seconds` of the fastest merge; other = merge - phases "
         "(the report's parameter and FLOP counts, input checks)",
         "Gram/fwd FLOPs: the Gram products of the taps read, as full products (fxzip computes "
-        "the upper triangles, about 0.55 of this), ÷ the forward FLOPs of both models",
+        "the upper triangles, about 0.55 of this), ÷ the forward FLOPs of both models; "
+        "'spread' counts each tap's kept share of positions",
         "peak MiB: VmHWM reset before the warm-up run and read after it, minus the RSS before "
-        "(models and data already resident); param MiB: float32 parameters of both models"]
+        "(models and one process's batches already resident); param MiB: float32 parameters "
+        "of both models"]
     return table
 
 
@@ -675,16 +706,17 @@ def environment(argv: Sequence[str]) -> str:
             f"{os.cpu_count()} CPUs, {platform.machine()}")
 
 
-def floor_specs(config: Settings) -> list[CaseSpec]:
+def floor_specs(config: Settings, kinds: Sequence[str] = ("resnet50", "vit")) -> list[CaseSpec]:
     images, size = (16, 128) if config.quick else (32, 224)
-    return [CaseSpec("resnet50", images, size, 16), CaseSpec("vit", images, size, 16)]
+    return [CaseSpec(kind, images, size, 16) for kind in kinds]
 
 
-def run_floor(config: Settings, out: Path, argv: Sequence[str]) -> None:
+def run_floor(config: Settings, out: Path, argv: Sequence[str],
+              kinds: Sequence[str] = ("resnet50", "vit")) -> None:
     """`--ratios`: section 6 alone, written to 6_floor.md/csv."""
     header = [environment(argv), f"load average at start: {load_average()}"]
     print("\n".join(header), flush=True)
-    table = floor_table(floor_specs(config), 1 if config.quick else 2)
+    table = floor_table(floor_specs(config, kinds), 1 if config.quick else 2)
     table.notes.append(f"load average at end: {load_average()}")
     print("\n" + table.text() + "\n", flush=True)
     table.write(out)
@@ -739,6 +771,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="torch.set_num_threads for every measurement (default %(default)s)")
     parser.add_argument("--ratios", action="store_true",
                         help="only section 6 (cost against the floor, resnet50 and ViT-S/16)")
+    parser.add_argument("--ratio-cases", default="resnet50,vit",
+                        help="with --ratios: the cases, comma-separated (default %(default)s)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-case", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -753,7 +787,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     if args.ratios:
-        run_floor(settings(args.quick), args.out, argv)
+        run_floor(settings(args.quick), args.out, argv, args.ratio_cases.split(","))
         return
     run_benchmarks(settings(args.quick), args.out, argv)
 

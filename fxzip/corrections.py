@@ -64,6 +64,7 @@ from .errors import InputError
 from .inputs import batch_size, batch_tensors, leading
 from .matching import Match
 from .passes.rewrite import Layouts
+from .sampling import kept_rows, sample_keys
 from .tracing import is_inplace
 
 if TYPE_CHECKING:  # type hints only: the pass reads `analysis.feat`, `.spaces` and Feat blocks
@@ -271,33 +272,6 @@ class _Runner:
             else:  # pragma: no cover - fx has no other ops
                 raise RuntimeError(f"unexpected node op {node.op}")
         return out
-
-
-# -- row subsets --------------------------------------------------------------------------------
-_GOLDEN = 0.6180339887498949
-
-
-def _sample_keys(batch: Any, seed: int) -> torch.Tensor:
-    """One number in [0, 1) per sample, computed from the sample's own values (a fixed random
-    projection), so that which rows of a sample enter a fit does not depend on how the
-    calibration data are batched or sharded over ranks."""
-    n = batch_size(batch)
-    tensors = [t.reshape(n, -1).double().cpu() for t in batch_tensors(batch)
-               if t.dim() and t.shape[0] == n]
-    flat = torch.cat(tensors, 1)
-    generator = torch.Generator().manual_seed(seed)
-    projection = torch.rand(flat.shape[1], generator=generator, dtype=torch.float64) + 0.5
-    # rounded, so that summation order (which may differ with the batch) cannot move a key
-    return torch.frac(torch.round((flat * projection).sum(1) * 2.0 ** 20) * _GOLDEN)
-
-
-def _kept_rows(keys: torch.Tensor, rows: int, keep: float) -> torch.Tensor:
-    """Mask of the rows (samples × positions, sample-major) kept for a fit: row p of sample i is
-    kept where the Weyl sequence frac(key_i + p·φ) falls below `keep`."""
-    per_sample = rows // max(len(keys), 1)
-    position = torch.arange(per_sample, dtype=torch.float64)
-    u = torch.frac(keys[:, None] + (position[None, :] + 1.0) * _GOLDEN)
-    return (u < keep).reshape(-1)
 
 
 # -- layers -----------------------------------------------------------------------------------------
@@ -591,7 +565,7 @@ class _Pass:
         self.runner = _Runner(merged, batches)
         self.parents = [_Runner(g, batches, keep=needed[k], reset_bn=options.reset_bn, group=group)
                         for k, g in enumerate(graphs)]
-        self.sample_keys = [_sample_keys(b, options.seed) for b in batches]
+        self.sample_keys = [sample_keys(b, options.seed) for b in batches]
         self.report = CorrectionReport(skipped=skipped)
 
     def _dim(self, k: int, name: str) -> int:
@@ -715,7 +689,7 @@ class _Pass:
         for x, y, t, keys in zip(inputs, y0, layer.targets, self.sample_keys):
             patches, residual = _patches(module, x), _rows(module, t - y)
             if keep < 1.0:
-                rows = _kept_rows(keys, patches.shape[0], keep).to(x.device)
+                rows = kept_rows(keys, patches.shape[0], keep).to(x.device)
                 patches, residual = patches[rows], residual[rows]
             patches = torch.cat([patches, patches.new_ones(patches.shape[0], 1)], 1)
             gram += (patches.T @ patches).double().cpu()

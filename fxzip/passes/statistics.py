@@ -12,6 +12,7 @@ diagonal only.
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -28,6 +29,7 @@ from ..distributed import all_reduce_moments
 from ..errors import InputError, NonFiniteError
 from ..inputs import Batches, call_model, describe
 from ..pairing import Pairing, pair_graphs
+from ..sampling import sample_keys
 from .analysis import Analysis, Tap
 
 
@@ -43,15 +45,65 @@ class Moments:
     the work of full products); `correlation` mirrors it. With `rows` (indices into
     the features) only those rows of the second-moment matrix are kept, plus every feature's
     variance: what a correlation needs for a few features only.
+
+    The per-batch work is the Gram product of the batch centred on its own mean, added by the
+    product itself (`addmm_`) into a float32 buffer that is moved into the float64 `m2` at the
+    end of each calibration batch (`end_batch`: the taps of one batch summed in float32, so the
+    float64 sums do not depend on how batches are sharded over ranks) or after `FLUSH_EVERY`
+    products; the scatter of the batch means about the overall mean (the between-
+    batch part of the moments: Chan et al.'s parallel update) is added in float64 when the
+    moments are read, in one product over all batches' means since the last read, instead of a
+    rank-1 update of the whole matrix per batch. `count`, `mean` and `m2` are exact on every read.
     """
 
+    FLUSH_EVERY = 16  # float32 sums of at most this many products: relative error ≲ 16·2^-24
+    MAX_PENDING = 256  # batch means kept before they are folded into `m2`
+
     def __init__(self, dim: int, device: torch.device, rows: Sequence[int] | None = None):
-        self.count = 0
         self.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long, device=device)
-        self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
+        self._count = 0
+        self._mean = torch.zeros(dim, dtype=torch.float64, device=device)
         height = dim if rows is None else len(rows)
-        self.m2 = torch.zeros(height, dim, dtype=torch.float64, device=device)
-        self.sq = None if rows is None else torch.zeros(dim, dtype=torch.float64, device=device)
+        # the full matrix is made by the first flush (a float64 copy of the float32 products)
+        self._m2 = torch.zeros(height, dim, dtype=torch.float64, device=device) \
+            if rows is not None else None
+        self._shape, self._device = (height, dim), device
+        self._sq = None if rows is None else torch.zeros(dim, dtype=torch.float64, device=device)
+        self._buffer: torch.Tensor | None = None  # float32 Gram products not yet in _m2
+        self._buffered = 0  # products in the buffer (0: its upper triangle is stale)
+        self._pending: list[tuple[int, torch.Tensor]] = []  # (count, float64 mean) per batch
+
+    # exact views: every read folds what is pending first ---------------------------------------
+    @property
+    def count(self) -> int:
+        return self._count + sum(n for n, _ in self._pending)
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self.settle()
+        self._count = int(value)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        self.settle()
+        return self._mean
+
+    @mean.setter
+    def mean(self, value: torch.Tensor) -> None:
+        self.settle()
+        self._mean = value
+
+    @property
+    def m2(self) -> torch.Tensor:
+        self.settle()
+        if self._m2 is None:
+            self._m2 = torch.zeros(self._shape, dtype=torch.float64, device=self._device)
+        return self._m2
+
+    @property
+    def sq(self) -> torch.Tensor | None:
+        self.settle()
+        return self._sq
 
     def update(self, columns: Sequence[torch.Tensor]) -> None:
         """Fold in one batch given as each model's raw (channels × samples) matrix; the channel
@@ -68,20 +120,58 @@ class Moments:
         if n == 0:
             return
         if self.rows is None:
-            add_upper_gram(self.m2, joint)
+            if self._buffer is None:
+                self._buffer = torch.zeros(self._shape, dtype=torch.float32, device=self._device)
+            add_upper_product(self._buffer, joint, overwrite=self._buffered == 0)
+            self._buffered += 1
+            if self._buffered >= self.FLUSH_EVERY:
+                self._flush()
         else:
-            self.m2 += (joint[self.rows] @ joint.T).double()
-            self.sq += joint.square().sum(1, dtype=torch.float64)
-        total = self.count + n
-        delta = means.double() - self.mean
-        weight = self.count * n / total
+            self._m2 += (joint[self.rows] @ joint.T).double()
+            self._sq += joint.square().sum(1, dtype=torch.float64)
+        self._pending.append((n, means.detach().double()))
+        if len(self._pending) >= self.MAX_PENDING:
+            self.settle()
+
+    def end_batch(self) -> None:
+        """Called after each calibration batch: its products move into the float64 sums."""
+        self._flush()
+
+    def _flush(self) -> None:
+        """Move the float32 products into the float64 sums; the next product overwrites the
+        buffer's upper triangle (its lower one stays zero)."""
+        if self._buffer is not None and self._buffered:
+            if self._m2 is None:
+                self._m2 = self._buffer.double()
+            else:
+                self._m2 += self._buffer
+        self._buffered = 0
+
+    def settle(self) -> None:
+        """Fold the buffered products and the pending batch means into count, mean and m2: the
+        scatter of the batch means (and of the earlier data as one group) about the new mean,
+        Σ n_b (μ_b − μ)(μ_b − μ)ᵀ, in float64."""
+        self._flush()
+        self._buffer = None  # freed between passes; made again by the next update
+        if not self._pending:
+            return
+        counts = [self._count] + [n for n, _ in self._pending]
+        means = torch.stack([self._mean] + [m for _, m in self._pending], 1)  # (dim, groups)
+        weights = torch.tensor(counts, dtype=torch.float64, device=means.device)
+        total = float(sum(counts))
+        mean = means @ (weights / total)
+        deltas = means - mean[:, None]
+        scaled = deltas * weights
+        if self._m2 is None:
+            self._m2 = torch.zeros(self._shape, dtype=torch.float64, device=self._device)
         if self.rows is None:
-            self.m2.addr_(delta, delta, alpha=weight)
+            self._m2.addmm_(scaled, deltas.T)
         else:
-            self.m2.addr_(delta[self.rows], delta, alpha=weight)
-            self.sq.addcmul_(delta, delta, value=weight)
-        self.mean.add_(delta, alpha=n / total)
-        self.count = total
+            self._m2.addmm_(scaled[self.rows], deltas.T)
+            self._sq += (scaled * deltas).sum(1)
+        self._mean = mean
+        self._count = int(total)
+        self._pending = []
 
     def _sums_of_squares(self) -> torch.Tensor:
         """Every feature's centred sum of squares."""
@@ -225,6 +315,18 @@ def add_upper_gram(m2: torch.Tensor, joint: torch.Tensor) -> None:
         m2[start:start + step, start:] += rows @ joint[start:].T
 
 
+def add_upper_product(buffer: torch.Tensor, joint: torch.Tensor, overwrite: bool = False) -> None:
+    """buffer += joint @ joint.T on and above the diagonal (buffer = ... with `overwrite`), as
+    `add_upper_gram` but for a `buffer` of the same dtype as `joint`: each block's product is
+    added by the matrix product itself (no temporary product, no separate addition pass)."""
+    dim = joint.shape[0]
+    step = GRAM_BLOCK_ROWS if dim > 2 * GRAM_BLOCK_ROWS else max(1, (dim + 1) // 2)
+    beta = 0.0 if overwrite else 1.0
+    for start in range(0, dim, step):
+        buffer[start:start + step, start:].addmm_(joint[start:start + step], joint[start:].T,
+                                                  beta=beta)
+
+
 def tap_view(tensor: torch.Tensor, tap: Tap) -> torch.Tensor:
     """A tap's channels moved to the front (a view): positions and expanded copies are samples."""
     return tensor.movedim(tap.axis, 0)[tap.offset: tap.offset + tap.size * tap.expand]
@@ -241,28 +343,89 @@ def centre_into(x: torch.Tensor, tap: Tap, out: torch.Tensor) -> torch.Tensor:
     return mean
 
 
+SPREAD_SEED = 0  # the seed of the sample keys that choose a spread tap's positions
+_SALT = 0.7548776662466927  # tap j of a space starts its Weyl sequence at frac(j·salt)
+
+
+class Read:
+    """One tap read into one space's moments: at `rate` < 1 only about that share of each
+    sample's positions enters (every round(1/rate)-th, from an offset chosen per sample from its
+    key and the `salt`, so that the taps of one space read different positions)."""
+
+    __slots__ = ("tap", "moments", "rate", "salt")
+
+    def __init__(self, tap: Tap, moments: Moments, rate: float = 1.0, salt: float = 0.0):
+        self.tap, self.moments, self.rate, self.salt = tap, moments, rate, salt
+
+    def __iter__(self):  # unpacks as (tap, moments), as the plain pairs it generalises
+        return iter((self.tap, self.moments))
+
+
+def kept_counts(offsets: Sequence[int], positions: int, stride: int) -> list[int]:
+    """How many positions each sample keeps: offset, offset + stride, ... below `positions`."""
+    return [len(range(o, positions, stride)) for o in offsets]
+
+
+def centre_kept_into(x: torch.Tensor, tap: Tap, offsets: Sequence[int], counts: Sequence[int],
+                     stride: int, out: torch.Tensor) -> torch.Tensor:
+    """As `centre_into`, for the positions a spread read keeps: sample i's positions
+    offsets[i], offsets[i] + stride, ... (flat order) of the tap view `x` (channels, samples,
+    *positions) are copied into `out` (size × kept, float32), one strided copy per sample, then
+    centred in place on their mean; return that mean. Raises _NonFiniteRows on NaN/Inf."""
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    cols = out.view(x.shape[0], -1)
+    start = 0
+    for i, (offset, count) in enumerate(zip(offsets, counts)):
+        if count:
+            cols[:, start:start + count].copy_(flat[:, i, offset::stride])
+            start += count
+    mean = _finite_mean(cols.mean(1).reshape(tap.size, tap.expand).mean(1), cols)
+    cols.sub_(mean.repeat_interleave(tap.expand)[:, None])
+    return mean
+
+
 class Observer(nn.Module):
     """Called in the lockstep graph with every model's tensor at one tapped node: folds the
-    concatenated features [f_A, f_B, ...] of each of the node's taps into its moments."""
+    concatenated features [f_A, f_B, ...] of each of the node's taps into its moments.
 
-    def __init__(self, taps: dict[str, list[tuple[Tap, Moments]]], precision: str = "float32"):
+    `taps` maps a node to its reads: `Read`s, or (Tap, Moments) pairs (read in full). A read at a
+    rate < 1 takes a subset of positions chosen from `keys` (one per sample of the current batch,
+    set by the caller before each batch), the same subset for every model."""
+
+    def __init__(self, taps: dict[str, list], precision: str = "float32"):
         super().__init__()
-        self.taps = taps
+        self.taps = {name: [r if isinstance(r, Read) else Read(*r) for r in reads]
+                     for name, reads in taps.items()}
         self.precision = precision
         self.position = 0
+        self.keys: torch.Tensor | None = None
 
     def forward(self, name: str, *tensors: torch.Tensor) -> None:
         with product_precision(self.precision):
             self._observe(name, tensors)
 
     def _observe(self, name: str, tensors: Sequence[torch.Tensor]) -> None:
-        for tap, moments in self.taps[name]:
+        for read in self.taps[name]:
+            tap, moments = read.tap, read.moments
             try:
                 views = [tap_view(t, tap) for t in tensors]
-                joint = torch.empty(len(views) * tap.size, views[0].numel() // tap.size,
-                                    dtype=torch.float32, device=views[0].device)
-                blocks = joint.split(tap.size)
-                means = torch.cat([centre_into(x, tap, out) for x, out in zip(views, blocks)])
+                spread = self._spread(views[0], read)
+                if spread is not None:  # a share of the positions
+                    offsets, counts, stride = spread
+                    kept = sum(counts)
+                    if kept == 0:
+                        continue
+                    joint = torch.empty(len(views) * tap.size, kept * tap.expand,
+                                        dtype=torch.float32, device=views[0].device)
+                    means = torch.cat([centre_kept_into(x, tap, offsets, counts, stride, out)
+                                       for x, out in zip(views, joint.split(tap.size))])
+                else:
+                    if views[0].numel() == 0:
+                        continue
+                    joint = torch.empty(len(views) * tap.size, views[0].numel() // tap.size,
+                                        dtype=torch.float32, device=views[0].device)
+                    means = torch.cat([centre_into(x, tap, out)
+                                       for x, out in zip(views, joint.split(tap.size))])
                 moments.update_centred(joint, means)
             except _NonFiniteRows:
                 k = next(k for k, t in enumerate(tensors) if not torch.isfinite(t).all())
@@ -270,6 +433,19 @@ class Observer(nn.Module):
                     f"model {k} produced NaN/Inf activations at node '{name}' on calibration "
                     f"batch {self.position}; check the model's weights and the input scaling"
                 ) from None
+
+    def _spread(self, x: torch.Tensor, read: Read) -> tuple[list[int], list[int], int] | None:
+        """For a read at a rate < 1: each sample's first kept position (chosen from its key and
+        the read's salt), its number of kept positions and the stride between them (round(1 /
+        rate)); None to read every position (rate 1, no keys, or a view whose second axis is
+        not the batch)."""
+        stride = max(1, round(1.0 / read.rate))
+        keys = self.keys
+        if stride == 1 or keys is None or x.dim() < 2 or x.shape[1] != keys.shape[0]:
+            return None
+        positions = x[0, 0].numel()
+        offsets = (torch.frac(keys + read.salt) * stride).long().clamp_(0, stride - 1).tolist()
+        return offsets, kept_counts(offsets, positions, stride), stride
 
 
 def lockstep_module(graphs: Sequence[fx.GraphModule], observer: Observer,
@@ -330,7 +506,7 @@ def producer_taps(analysis: Analysis, space: int) -> list[Tap]:
     return [] if taps == s.taps else taps
 
 
-TAPS = ("all", "last")
+TAPS = ("all", "last", "spread")
 
 
 def check_taps(taps: str) -> str:
@@ -344,7 +520,7 @@ def shared_taps(analysis: Analysis, space: int, shared: set[str], which: str = "
                 order: dict[str, int] | None = None) -> list[Tap]:
     """A space's taps at nodes every model has (its consumers past the point where the models
     part are left out); its producers' outputs where no tap is left. `which="last"` keeps only
-    the tap latest in graph order (`order`: node name -> position)."""
+    the tap latest in graph order (`order`: node name -> position); "all" and "spread" keep all."""
     taps = [t for t in analysis.spaces[space].taps if t.node in shared]
     if taps and which == "last":
         order = order if order is not None else {n.name: i for i, n in enumerate(analysis.nodes)}
@@ -357,6 +533,30 @@ def shared_taps(analysis: Analysis, space: int, shared: set[str], which: str = "
     return taps
 
 
+def _positions(node: fx.Node | None, tap: Tap) -> int | None:
+    """Positions per sample of a tap's tensor (elements per sample and channel; expanded copies
+    count), from the traced shapes; None where unknown."""
+    meta = None if node is None else node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    if shape is None or len(shape) < 2 or tap.axis % len(shape) == 0:
+        return None
+    return math.prod(shape) // (shape[0] * shape[tap.axis])
+
+
+def spread_reads(taps: list[Tap], moments: Moments, nodes: dict[str, fx.Node]) -> list[Read]:
+    """A space's taps read as `taps="spread"`: each at the share max(P) / sum(P) of its
+    positions (P: positions per sample of each tap), so that all reads together cost about one
+    read of the largest and every tap still contributes its share of the pooled samples."""
+    positions = [_positions(nodes.get(t.node), t) for t in taps]
+    if len(taps) < 2:
+        return [Read(t, moments) for t in taps]
+    if any(p is None for p in positions):
+        rate = 1.0 / len(taps)
+    else:
+        rate = max(positions) / sum(positions)
+    return [Read(t, moments, rate, math.modf(j * _SALT)[0]) for j, t in enumerate(taps)]
+
+
 def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterable[int],
             batches: Batches, *, progress: bool = True, precision: str = "float32",
             timings: dict[str, float] | None = None, group: Any = None,
@@ -367,7 +567,11 @@ def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterab
     `taps` says where a space is read: "all" at every tensor its consumers read (a residual
     stream at every block's input: the samples of all those reads are pooled), "last" only at
     the read latest in the graph (a residual stream at the end of its segment, where the ZipIt!
-    paper's code reads it), which is cheaper where spaces are read many times.
+    paper's code reads it), which is cheaper where spaces are read many times; "spread" at every
+    tensor as "all", but a space read at k taps takes each at a share of its positions (about
+    1/k: `spread_reads`), a subset chosen per sample from the sample's input values (fixed, and
+    the same however the data are batched or sharded): an unbiased estimate of "all"'s pooled
+    moments from about as many samples as one read, at about the cost of one read.
 
     A second, smaller pass reads the producers' outputs only for spaces that have constant
     (dead) features at their consumers, where the correlation needs a fallback (those spaces'
@@ -391,9 +595,13 @@ def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterab
     stats = {s: SpaceStats(len(graphs) * analysis.spaces[s].size, device) for s in spaces}
     timings = {} if timings is None else timings
     start = time.perf_counter()
-    _run_pass(graphs, {s: (shared_taps(analysis, s, shared, taps, order), stats[s].features)
-                       for s in spaces},
-              batches, progress, "fxzip statistics", precision, pairing)
+    nodes = {n.name: n for n in analysis.nodes}
+    reads = []
+    for s in spaces:
+        chosen = shared_taps(analysis, s, shared, taps, order)
+        reads += spread_reads(chosen, stats[s].features, nodes) if taps == "spread" \
+            else [Read(t, stats[s].features) for t in chosen]
+    _run_pass(graphs, reads, batches, progress, "fxzip statistics", precision, pairing)
     all_reduce_moments([stats[s].features for s in spaces], group)
     timings["consumer taps"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -403,28 +611,30 @@ def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterab
     for s in retry:
         stats[s].fallback = Moments(stats[s].features.mean.numel(), device, rows=dead[s])
     if retry:
-        _run_pass(graphs, {s: (taps, stats[s].fallback) for s, taps in retry.items()},
+        _run_pass(graphs, [Read(t, stats[s].fallback) for s, taps in retry.items() for t in taps],
                   batches, progress, "fxzip statistics (dead units)", precision, pairing)
         all_reduce_moments([stats[s].fallback for s in retry], group)
     timings["dead units"] = time.perf_counter() - start
     return stats
 
 
-def _run_pass(graphs: Sequence[fx.GraphModule], targets: dict[int, tuple[list[Tap], Moments]],
-              batches: Batches, progress: bool, desc: str, precision: str = "float32",
+def _run_pass(graphs: Sequence[fx.GraphModule], reads: list[Read], batches: Batches,
+              progress: bool, desc: str, precision: str = "float32",
               pairing: Pairing | None = None) -> None:
-    """Stream all batches through the lockstep graph, folding each target's taps into its moments."""
-    by_node: dict[str, list[tuple[Tap, Moments]]] = defaultdict(list)
-    for taps, moments in targets.values():
-        for tap in taps:
-            by_node[tap.node].append((tap, moments))
+    """Stream all batches through the lockstep graph, folding each read into its moments."""
+    by_node: dict[str, list[Read]] = defaultdict(list)
+    for read in reads:
+        by_node[read.tap.node].append(read)
     observer = Observer(dict(by_node), precision)
+    keyed = any(read.rate < 1.0 for read in reads)
+    targets = list({id(read.moments): read.moments for read in reads}.values())
     module = lockstep_module(graphs, observer, pairing)
     bar = tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)
     with torch.no_grad():
         for position, x in enumerate(bar):
             batches.check_shape(x, position)
             observer.position = position
+            observer.keys = sample_keys(x, SPREAD_SEED) if keyed else None
             try:
                 call_model(module, x)
             except NonFiniteError:
@@ -432,3 +642,5 @@ def _run_pass(graphs: Sequence[fx.GraphModule], targets: dict[int, tuple[list[Ta
             except Exception as exc:
                 raise InputError(f"the models failed on calibration batch {position} ("
                                  f"{describe(x)}): {type(exc).__name__}: {exc}") from exc
+            for moments in targets:
+                moments.end_batch()
