@@ -57,7 +57,7 @@ class ValueProxy(fx.Proxy):
     _value: Any = _UNKNOWN
 
     def __getattr__(self, k: str) -> Any:
-        if k.startswith("__") or k == "_value":
+        if k.startswith("_"):  # the proxy's own bookkeeping (`_value`, `_source`), not the tensor's
             raise AttributeError(k)
         value = self.__dict__.get("_value", _UNKNOWN)
         if k in _CONSTANT_ATTRIBUTES and isinstance(value, torch.Tensor):

@@ -1,6 +1,7 @@
 """timm modules that timm marks as not traceable (shape-dependent Python in forward), traced
-through with the example's values (fxzip.value_tracing) and zipped completely: a permuted copy
-merges back exactly. Tiny configurations; each test asserts the zip reaches the output."""
+through with the example's values (fxzip.value_tracing), and multi-query attention: zipped
+completely, a permuted copy merges back exactly. Tiny configurations; each test asserts the zip
+reaches the output."""
 from __future__ import annotations
 
 import pytest
@@ -27,10 +28,42 @@ def _twins() -> nn.Module:  # LocallyGroupedAttn: windows padded where the size 
                  mlp_ratios=(2, 2), depths=(2, 1), wss=(4, 4), sr_ratios=(2, 1), num_classes=3)
 
 
+def _convit() -> nn.Module:  # GPSA: relative positions built for N patches, a Linear over them
+    from timm.models.convit import ConVit
+    model = ConVit(img_size=32, patch_size=8, embed_dim=24, num_heads=4, depth=3,
+                   local_up_to_layer=2, num_classes=3)
+    with torch.no_grad():
+        for block in model.blocks[:2]:
+            block.attn.gating_param.normal_()  # as after training: both attentions matter
+    return model
+
+
+class _MultiQuery(nn.Module):
+    """A conv stem and timm's MultiQueryAttention2d (MobileNet-v4's hybrid blocks: H query heads,
+    one key/value head with a size-1 head axis, keys and values downsampled) in a residual."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers.attention2d import MultiQueryAttention2d
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.attn = MultiQueryAttention2d(16, num_heads=4, key_dim=8, value_dim=8, kv_stride=2)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.attn(x)
+        return self.head(x.mean((2, 3)))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+
 # name: (builder, input size, attentions merged head-aware at least)
 FAMILIES = {
     "mobilevitv2 (MobileVitV2Block)": (_mobilevitv2, 20, 0),
     "twins (LocallyGroupedAttn, padded windows)": (_twins, 40, 3),
+    "convit (GPSA)": (_convit, 32, 3),
+    "multi-query attention (MobileNet-v4)": (_MultiQuery, 16, 1),
 }
 
 
@@ -53,7 +86,7 @@ def test_not_traceable_module_is_traced_through_and_zips(family):
     gm = trace(model, x)
     leaves = {type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes
               if n.op == "call_module"}
-    assert not leaves & {"MobileVitV2Block", "LocallyGroupedAttn"}, leaves
+    assert not leaves & {"MobileVitV2Block", "LocallyGroupedAttn", "GPSA"}, leaves
     analysis = fxzip.analyze(model, x)
     assert not analysis.barriers, analysis.barriers[:1]
     assert len(analysis.head_groups) >= heads
