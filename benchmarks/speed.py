@@ -577,8 +577,10 @@ def floor_ratios(case: Case, repeats: int) -> dict[str, Any]:
         return lambda: zipper.statistics(spaces)
 
     def merge_with(taps: str, corrections: Any = None) -> Any:
+        # the paper's zipit: no corrections and no weight similarity; the default: both on
         return fxzip.merge(*case.models, case.batches, progress=False, taps=taps,
-                           corrections=corrections)
+                           corrections=corrections,
+                           **({} if corrections else {"weight_similarity": 0.0}))
 
     loads = [load_average()]
     plain_forward(case.models, case.batches)  # warm-up
@@ -586,36 +588,30 @@ def floor_ratios(case: Case, repeats: int) -> dict[str, Any]:
     reports: dict[str, Any] = {}
     best: dict[str, float] = defaultdict(lambda: math.inf)
 
-    def measure_peak(label: str, fn: Callable[[], Any]) -> None:
+    def keep(label: str, fn: Callable[[], Any], first: bool) -> None:
+        """Time fn; the first round also records its peak RSS above the RSS before."""
         base = _current_rss_mib()
-        reset_peak_rss()
-        fn()
-        peaks[label] = peak_rss_mib() - base
-
-    for taps in TAPS_CHOICES:  # warm-up of each; its peak memory
-        measure_peak(f"statistics {taps}", statistics_of(taps))
-        measure_peak(f"merge {taps}", lambda: merge_with(taps))
-    measure_peak("default", lambda: merge_with(DEFAULT_TAPS, "default"))
-    measure_peak("plain", lambda: plain_forward(case.models, case.batches))
-
-    def keep(label: str, seconds: float, report: Any = None) -> None:
+        if first:
+            reset_peak_rss()
+        start = time.perf_counter()
+        value = fn()
+        seconds = time.perf_counter() - start
+        if first:
+            peaks[label] = peak_rss_mib() - base
         if seconds < best[label]:
             best[label] = seconds
-            if report is not None:
-                reports[label] = dict(report.fxzip_report.seconds)
+            if isinstance(value, nn.Module) and hasattr(value, "fxzip_report"):
+                reports[label] = dict(value.fxzip_report.seconds)
 
-    for _ in range(repeats):
-        keep("plain", timed(lambda: plain_forward(case.models, case.batches)))
+    for round_ in range(repeats):
+        first = round_ == 0
+        keep("plain", lambda: plain_forward(case.models, case.batches), first)
         for taps in TAPS_CHOICES:
             run = statistics_of(taps)  # the Zipper (trace) untimed
-            keep(f"statistics {taps}", timed(run))
-            start = time.perf_counter()
-            merged = merge_with(taps)
-            keep(f"merge {taps}", time.perf_counter() - start, merged)
-        keep("plain", timed(lambda: plain_forward(case.models, case.batches)))
-        start = time.perf_counter()
-        merged = merge_with(DEFAULT_TAPS, "default")
-        keep("default", time.perf_counter() - start, merged)
+            keep(f"statistics {taps}", run, first)
+            keep(f"merge {taps}", lambda: merge_with(taps), first)
+        keep("plain", lambda: plain_forward(case.models, case.batches), False)
+        keep("default", lambda: merge_with(DEFAULT_TAPS, "default"), first)
     loads.append(load_average())
     zipper = fxzip.Zipper(case.models, case.batches[:1], progress=False)
     spaces = zipper.analysis.spaces_of(zipper.analysis.trunk(None))
@@ -662,16 +658,18 @@ def floor_table(specs: Sequence[CaseSpec], repeats: int) -> Table:
     table.notes += [
         f"one fresh process per case; minimum over {repeats} interleaved rounds (plain forwards, "
         "then per taps choice: statistics on a fresh Zipper, trace untimed, then the whole "
-        "`fxzip.merge(a, b, batches, taps=..., corrections=None)`: the paper's zip with its BN "
-        "reset; then plain forwards again and fxzip's default merge, corrections on: the "
-        "label-free refit, one more pass that also resets the BatchNorms) after a warm-up of each",
+        "`fxzip.merge(a, b, batches, taps=..., corrections=None, weight_similarity=0)`: the "
+        "paper's zip with its BN reset; then plain forwards again and fxzip's default merge "
+        "(corrections and weight similarity on: the label-free refit is one more pass that also "
+        "resets the BatchNorms)), after one plain forward as warm-up: the first round's times "
+        "include first-call costs, so with 2 rounds the minimum is mostly the second's",
         "phases: `merged.fxzip_report.seconds` of the fastest merge; other = merge - phases "
         "(the report's parameter and FLOP counts, input checks)",
         "Gram/fwd FLOPs: the Gram products of the taps read, as full products (fxzip computes "
         "the upper triangles, about 0.55 of this), ÷ the forward FLOPs of both models; "
         "'spread' counts each tap's kept share of positions",
-        "peak MiB: VmHWM reset before the warm-up run and read after it, minus the RSS before "
-        "(models and one process's batches already resident); param MiB: float32 parameters "
+        "peak MiB: VmHWM reset before the first round's run and read after it, minus the RSS "
+        "before (models and all batches already resident); param MiB: float32 parameters "
         "of both models"]
     return table
 

@@ -217,3 +217,82 @@ def test_taps_last_reads_a_stream_once_and_self_merges_exactly():
         assert torch.allclose(out_a, a(x), atol=1e-5) and torch.allclose(out_b, b(x), atol=1e-5)
     with pytest.raises(InputError, match="taps must be one of"):
         fxzip.merge(a, b, x, progress=False, taps="some")
+
+
+def test_moments_fold_buffered_products_and_pending_means_exactly(monkeypatch):
+    """Products buffered in float32 for a few batches and batch means folded in groups (small
+    FLUSH_EVERY / MAX_PENDING here) give numpy's moments, away from zero mean too; reads in the
+    middle of the stream settle what is pending and the stream goes on."""
+    monkeypatch.setattr(Moments, "FLUSH_EVERY", 3)
+    monkeypatch.setattr(Moments, "MAX_PENDING", 4)
+    rng = np.random.default_rng(5)
+    batches = [_columns(rng, [4, 3], n, 50.0) for n in (5, 12, 1, 30, 8, 17, 9, 40, 2, 11)]
+    moments = Moments(7, torch.device("cpu"))
+    for i, cols in enumerate(batches):
+        moments.update(cols)
+        if i % 2:
+            moments.end_batch()
+        if i == 5:
+            seen = np.concatenate([torch.cat(c).double().numpy() for c in batches[:6]], axis=1)
+            assert moments.count == seen.shape[1]
+            np.testing.assert_allclose(moments.mean.numpy(), seen.mean(1), rtol=1e-6)  # float32 batch means
+    data = np.concatenate([torch.cat(cols).double().numpy() for cols in batches], axis=1)
+    assert moments.count == data.shape[1]
+    np.testing.assert_allclose(moments.mean.numpy(), data.mean(1), rtol=1e-6)
+    centred = data - data.mean(1, keepdims=True)
+    np.testing.assert_allclose(torch.triu(moments.m2).numpy(), np.triu(centred @ centred.T),
+                               rtol=2e-5, atol=1e-3)
+    np.testing.assert_allclose(moments.correlation()[0], np.corrcoef(data), atol=2e-5)
+
+
+class _ConvStream(nn.Module):
+    """A convolutional stream read by three blocks and the pooled head: four taps of one space,
+    three of them with 36 positions per image and the pooled one with 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(8, 12, 1), nn.ReLU(),
+                                                  nn.Conv2d(12, 8, 3, padding=1))
+                                    for _ in range(3))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h.mean((2, 3)))
+
+
+def test_taps_spread_reads_a_share_of_positions_that_does_not_depend_on_batching():
+    """taps="spread" reads a stream at every tap but each at about max(P)/sum(P) of its
+    positions (here 36/(3·36 + 1): every 3rd position from an offset per image), so the stream's
+    samples are about those of one read; which positions are kept depends on each image alone,
+    so other batch sizes give the same samples and moments; the correlations estimate those of
+    taps="all"; a model merged with a permuted copy of itself is still exact."""
+    from permute_util import permuted_by_analysis
+
+    torch.manual_seed(0)
+    a, other = _ConvStream().eval(), _ConvStream().eval()
+    x = torch.randn(48, 3, 6, 6)
+    one = fxzip.Zipper([a, other], [x], progress=False, taps="spread")
+    analysis = one.analysis
+    stream = max(analysis.mergeable_spaces(), key=lambda s: len(analysis.spaces[s].taps))
+    assert len(analysis.spaces[stream].taps) == 4
+    spread = one.statistics([stream])[stream].features
+    full = fxzip.Zipper([a, other], [x], progress=False).statistics([stream])[stream].features
+    assert full.count == 48 * (3 * 36 + 1)
+    assert abs(spread.count - full.count / 3) <= 48 * 2  # every 3rd position, the pooled 1/3
+    split = fxzip.Zipper([a, other], list(x.split([7, 25, 16])), progress=False, taps="spread")
+    moved = split.statistics([stream])[stream].features
+    assert moved.count == spread.count
+    np.testing.assert_allclose(moved.mean.numpy(), spread.mean.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(moved.correlation()[0], spread.correlation()[0], atol=1e-5)
+    difference = np.abs(spread.correlation()[0] - full.correlation()[0])
+    assert 0 < difference.max() < 0.2 and difference.mean() < 0.03
+    b, _ = permuted_by_analysis(a, x[:8], seed=1)
+    merged = fxzip.merge(a, b, x, progress=False, taps="spread", reset_bn=False,
+                         corrections=None)
+    with torch.no_grad():
+        out_a, out_b = merged(x)
+        assert torch.allclose(out_a, a(x), atol=1e-5) and torch.allclose(out_b, b(x), atol=1e-5)
