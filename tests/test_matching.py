@@ -494,8 +494,11 @@ def test_across_pairs_name_each_feature_with_the_first_of_a_later_model():
 
 
 def test_methods_registry():
-    assert METHOD_NAMES == ("average", "permute", "zipit") == tuple(METHODS)
-    assert [METHODS[name].needs_statistics for name in METHOD_NAMES] == [False, True, True]
+    assert METHOD_NAMES == ("average", "permute", "zipit")  # the paper's, which the demo compares
+    assert tuple(METHODS) == METHOD_NAMES + ("cca",)
+    assert [METHODS[name].needs_statistics for name in METHODS] == [False, True, True, True]
+    assert [METHODS[name].widens for name in METHODS] == [False, True, True, False]
+    assert METHODS["cca"].statistic == "covariance"
     assert METHODS["average"].match(None, [3, 3]) == Match.identity(3, 2)
     with pytest.raises(MatchingError, match="needs the correlation matrix"):
         METHODS["zipit"].match(None, [3, 3])
