@@ -275,19 +275,46 @@ class _Runner:
 
 
 # -- layers -----------------------------------------------------------------------------------------
-def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The (rows, d) matrix of a layer's inputs, one row per output position (im2col)."""
+def _patches(module: nn.Module, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The (rows, d) matrix of a layer's inputs, one row per output position (im2col); with
+    `rows` (a mask over all of them, sample-major) only those rows, gathered straight from the
+    input without unfolding the rest (the same values in the same order)."""
     if isinstance(module, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
+        flat = x.reshape(-1, x.shape[-1])
+        return flat if rows is None else flat[rows]
     padding = 0 if isinstance(module.padding, str) else module.padding
     if isinstance(module, nn.Conv1d):
-        cols = F.unfold(x.unsqueeze(2), (1, module.kernel_size[0]), dilation=(1, module.dilation[0]),
-                        padding=(0, padding if isinstance(padding, int) else padding[0]),
-                        stride=(1, module.stride[0]))
+        pad = padding if isinstance(padding, int) else padding[0]
+        args = ((1, module.kernel_size[0]), (1, module.dilation[0]), (0, pad), (1, module.stride[0]))
+        x = x.unsqueeze(2)
     else:
-        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding,
-                        stride=module.stride)
+        args = (module.kernel_size, module.dilation, padding, module.stride)
+    if rows is not None:
+        return _gathered_patches(x, rows, *args)
+    cols = F.unfold(x, args[0], dilation=args[1], padding=args[2], stride=args[3])
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _gathered_patches(x: torch.Tensor, rows: torch.Tensor, kernel: Any, dilation: Any,
+                      padding: Any, stride: Any) -> torch.Tensor:
+    """The rows of `F.unfold(x, ...)`'s patch matrix (sample-major, (C·kh·kw) columns in unfold's
+    order) selected by the mask `rows`, by indexing the zero-padded input at the kept positions."""
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = map(_pair, (kernel, dilation, padding, stride))
+    n, c, h, w = x.shape
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    index = rows.nonzero().flatten().to(x.device)
+    sample, position = index // (oh * ow), index % (oh * ow)
+    top, left = (position // ow) * sh, (position % ow) * sw
+    padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    i = top[:, None, None] + (torch.arange(kh, device=x.device) * dh)[None, :, None]
+    j = left[:, None, None] + (torch.arange(kw, device=x.device) * dw)[None, None, :]
+    patches = padded[sample[:, None, None], :, i, j]  # (kept, kh, kw, C)
+    return patches.permute(0, 3, 1, 2).reshape(len(index), c * kh * kw)
 
 
 def _rows(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
@@ -415,8 +442,18 @@ def _fit_point(graph: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return None
 
 
+# A refit solves a (d+1)² float64 system (d = in-features × kernel size): three such matrices at
+# once. Above this d (0.5 GB each) a layer is left as merged: VGG's 7×7 ConvMlp and torchvision's
+# 25088-input classifier would need 5 GB each (and are fitted on far fewer rows than d).
+MAX_REFIT_INPUTS = 8192
+
+
 def _why_not(module: nn.Module) -> str | None:
     """Why a Linear/Conv module cannot be corrected (None: it can; "" : not a layer kind at all)."""
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and \
+            module.weight[0].numel() > MAX_REFIT_INPUTS:
+        return (f"{module.weight[0].numel()} inputs per output (in-features × kernel): its "
+                f"least-squares system would be too large (limit {MAX_REFIT_INPUTS})")
     if isinstance(module, nn.Linear):
         return None
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
@@ -687,10 +724,12 @@ class _Pass:
         keep = 1.0 if self.options.max_rows is None \
             else min(1.0, self.options.max_rows / max(total_rows, 1.0))
         for x, y, t, keys in zip(inputs, y0, layer.targets, self.sample_keys):
-            patches, residual = _patches(module, x), _rows(module, t - y)
+            residual = _rows(module, t - y)
             if keep < 1.0:
-                rows = kept_rows(keys, patches.shape[0], keep).to(x.device)
-                patches, residual = patches[rows], residual[rows]
+                rows = kept_rows(keys, residual.shape[0], keep).to(x.device)
+                patches, residual = _patches(module, x, rows), residual[rows]
+            else:
+                patches = _patches(module, x)
             patches = torch.cat([patches, patches.new_ones(patches.shape[0], 1)], 1)
             gram += (patches.T @ patches).double().cpu()
             cross += (patches.T @ residual).double().cpu()
