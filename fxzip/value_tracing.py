@@ -51,6 +51,17 @@ def value_of(obj: Any) -> Any:
     return _UNKNOWN if unknown else out
 
 
+def _mutates_parameter(kind: str, target: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether an op is in place (`x.add_(y)`, `operator.iadd`, `inplace=True`) on a value read
+    straight from a parameter or buffer (a get_attr node)."""
+    first = args[0] if args else None
+    if not (isinstance(first, fx.Proxy) and first.node.op == "get_attr"):
+        return False
+    name = target if kind == "call_method" else getattr(target, "__name__", "")
+    return kwargs.get("inplace") is True or (name.endswith("_") and not name.endswith("__")) or \
+        name in {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow"}
+
+
 class ValueProxy(fx.Proxy):
     """A proxy with the example's value (`_value`) that answers control flow with it."""
 
@@ -131,7 +142,8 @@ class ValueTracing(fx.Tracer):
 
     def _compute(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
         """The op's value on the example's values (`_UNKNOWN` where an input is unknown or the op
-        fails). Parameters are cloned: an in-place op while tracing must not change the model."""
+        fails). Parameters are read as they are (a copy of VGG's 400 MB head would double the
+        memory); an in-place op on one is not run (it must not change the model)."""
         if kind == "placeholder":
             return self._example_values.get(target, _UNKNOWN)
         try:
@@ -143,9 +155,10 @@ class ValueTracing(fx.Tracer):
                         value = getattr(value, part)
                 finally:
                     self._running = False
-                return value.detach().clone() if isinstance(value, torch.Tensor) else value
+                return value.detach() if isinstance(value, torch.Tensor) else value
             args_v, kwargs_v = value_of(args), value_of(kwargs)
-            if args_v is _UNKNOWN or kwargs_v is _UNKNOWN:
+            if args_v is _UNKNOWN or kwargs_v is _UNKNOWN or _mutates_parameter(kind, target, args,
+                                                                               kwargs):
                 return _UNKNOWN
             if kind == "call_function":
                 return target(*args_v, **kwargs_v)
@@ -168,9 +181,11 @@ class ValueTracing(fx.Tracer):
         if isinstance(proxy, ValueProxy) and proxy.node.op == "get_attr" \
                 and getattr(proxy, "_source", attr_val) is not attr_val:
             # forward assigned a new tensor to the buffer (ConViT caches its relative positions
-            # for the example's size): read it anew
-            del parameter_proxy_cache[proxy.node.target]
-            proxy = super().getattr(attr, attr_val, parameter_proxy_cache)
+            # for the example's size): the same graph node (it reads the attribute when run),
+            # with the new value; so a model whose buffer was filled before gets the same graph
+            proxy = self.proxy(proxy.node)
+            proxy._value = attr_val.detach() if isinstance(attr_val, torch.Tensor) else attr_val
+            parameter_proxy_cache[proxy.node.target] = proxy
         if isinstance(proxy, ValueProxy) and proxy.node.op == "get_attr":
             proxy._source = attr_val
         return proxy

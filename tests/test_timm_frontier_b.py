@@ -101,3 +101,20 @@ def test_traced_with_values_keeps_the_batch_size_symbolic():
     y = x[:3]
     with torch.no_grad():
         torch.testing.assert_close(gm(y), model(y), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::fxzip.errors.CalibrationWarning")
+def test_buffer_filled_in_forward_traces_alike_whether_filled_or_not():
+    """ConViT fills its relative positions in forward: a model that ran already (buffer filled)
+    and a fresh copy (filled while traced) get one graph, and merge back to the model exactly."""
+    import copy
+
+    model, x = _prepared(_convit, 32)
+    fresh = copy.deepcopy(model)
+    with torch.no_grad():
+        ref = model(x)  # fills model's buffers; fresh keeps the placeholder
+    assert model.blocks[0].attn.rel_indices.shape != fresh.blocks[0].attn.rel_indices.shape
+    merged = fxzip.merge(model, fresh, x, reset_bn=False, progress=False)
+    with torch.no_grad():
+        for out in merged(x):
+            assert ((out - ref).norm() / ref.norm()).item() < 1e-4
