@@ -460,9 +460,11 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
         returns the same merged model as a one-process merge over the union of the shards.
         Every rank of the group must make the same call.
     taps: where a feature space is read for its statistics: "all" (every tensor its consumers
-        read: a residual stream at every block's input) or "last" (only the read latest in the
+        read: a residual stream at every block's input), "last" (only the read latest in the
         graph: a residual stream once, at the end of its segment, as the ZipIt! paper's code
-        does; cheaper where streams are wide and read often, see the README's Speed).
+        does; cheaper where streams are wide and read often, see the README's Speed) or
+        "spread" (every read as "all", each at a share of its positions chosen per sample, about
+        1/k for a stream read k times: an unbiased estimate of "all" at about one read's cost).
     The input models are never modified. The report is in `merged.fxzip_report`.
     """
     return merge_all([model_a, model_b], inputs, stop_at=stop_at, method=method, alpha=alpha,
