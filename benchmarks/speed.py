@@ -211,7 +211,8 @@ def child_main(task: str, spec: CaseSpec) -> dict[str, Any]:
     case = build_case(spec)
     result: dict[str, Any] = {"task": task}
     if task.startswith("ratios"):
-        result.update(floor_ratios(case, repeats=int(task.split(":")[1])))
+        _, repeats, choices = (task.split(":") + [",".join(TAPS_CHOICES)])[:3]
+        result.update(floor_ratios(case, repeats=int(repeats), choices=choices.split(",")))
     elif task == "forward":
         plain_forward(case.models, case.batches[:1])  # warm-up
         result["seconds"] = {"forward": timed(lambda: plain_forward(case.models, case.batches))}
@@ -564,7 +565,7 @@ FLOOR_PHASES = ("trace", "analysis", "statistics", "matching", "rewrite", "bn_re
                 "corrections")
 
 
-def floor_ratios(case: Case, repeats: int) -> dict[str, Any]:
+def floor_ratios(case: Case, repeats: int, choices: Sequence[str] = TAPS_CHOICES) -> dict[str, Any]:
     """In this (fresh) process: plain forwards of both models, the statistics of every space a
     full zip needs and the paper's whole merge (`fxzip.merge`, stop_at=None, corrections=None,
     its BN reset) for each `taps` choice, interleaved over `repeats` rounds after a warm-up;
@@ -606,12 +607,13 @@ def floor_ratios(case: Case, repeats: int) -> dict[str, Any]:
     for round_ in range(repeats):
         first = round_ == 0
         keep("plain", lambda: plain_forward(case.models, case.batches), first)
-        for taps in TAPS_CHOICES:
+        for taps in choices:
             run = statistics_of(taps)  # the Zipper (trace) untimed
             keep(f"statistics {taps}", run, first)
             keep(f"merge {taps}", lambda: merge_with(taps), first)
-        keep("plain", lambda: plain_forward(case.models, case.batches), False)
-        keep("default", lambda: merge_with(DEFAULT_TAPS, "default"), first)
+        if first:  # the default merge once (its ratio is far from the floor: see the notes)
+            keep("plain", lambda: plain_forward(case.models, case.batches), False)
+            keep("default", lambda: merge_with(DEFAULT_TAPS, "default"), first)
     loads.append(load_average())
     zipper = fxzip.Zipper(case.models, case.batches[:1], progress=False)
     spaces = zipper.analysis.spaces_of(zipper.analysis.trunk(None))
@@ -630,7 +632,8 @@ def _current_rss_mib() -> float:
     return float("nan")
 
 
-def floor_table(specs: Sequence[CaseSpec], repeats: int) -> Table:
+def floor_table(specs: Sequence[CaseSpec], repeats: int,
+                choices: Sequence[str] = TAPS_CHOICES) -> Table:
     """Section 6: each case in a fresh subprocess (`floor_ratios`)."""
     table = Table("6_floor", "6. Cost against the floor: statistics and the whole merge (full zip, "
                   "BN reset) ÷ plain forwards of both models over the same batches, per `taps`",
@@ -639,11 +642,11 @@ def floor_table(specs: Sequence[CaseSpec], repeats: int) -> Table:
                    "other", "Gram/fwd FLOPs", "statistics peak MiB", "merge peak MiB",
                    "peak/param MiB", "plain peak MiB", "load avg (start; end)"])
     for spec in specs:
-        r = run_child(f"ratios:{repeats}", spec)
+        r = run_child(f"ratios:{repeats}:{','.join(choices)}", spec)
         plain = r["best"]["plain"]
         param_mib = r["params"] * 4 / 2**20
         loads = "; ".join(r["loads"])
-        rows = [("paper (corrections=None)", taps, f"merge {taps}") for taps in TAPS_CHOICES]
+        rows = [("paper (corrections=None)", taps, f"merge {taps}") for taps in choices]
         rows.append(("default (corrections)", DEFAULT_TAPS, "default"))
         for kind, taps, key in rows:
             phases = r["phases"][key]
@@ -659,10 +662,10 @@ def floor_table(specs: Sequence[CaseSpec], repeats: int) -> Table:
         f"one fresh process per case; minimum over {repeats} interleaved rounds (plain forwards, "
         "then per taps choice: statistics on a fresh Zipper, trace untimed, then the whole "
         "`fxzip.merge(a, b, batches, taps=..., corrections=None, weight_similarity=0)`: the "
-        "paper's zip with its BN reset; then plain forwards again and fxzip's default merge "
-        "(corrections and weight similarity on: the label-free refit is one more pass that also "
-        "resets the BatchNorms)), after one plain forward as warm-up: the first round's times "
-        "include first-call costs, so with 2 rounds the minimum is mostly the second's",
+        "paper's zip with its BN reset), after one plain forward as warm-up: the first round's "
+        "times include first-call costs; in the first round only, plain forwards again and "
+        "fxzip's default merge (corrections and weight similarity on: the label-free refit is "
+        "one more pass that also resets the BatchNorms), a single run",
         "phases: `merged.fxzip_report.seconds` of the fastest merge; other = merge - phases "
         "(the report's parameter and FLOP counts, input checks)",
         "Gram/fwd FLOPs: the Gram products of the taps read, as full products (fxzip computes "
@@ -704,17 +707,22 @@ def environment(argv: Sequence[str]) -> str:
             f"{os.cpu_count()} CPUs, {platform.machine()}")
 
 
-def floor_specs(config: Settings, kinds: Sequence[str] = ("resnet50", "vit")) -> list[CaseSpec]:
-    images, size = (16, 128) if config.quick else (32, 224)
+def floor_specs(config: Settings, kinds: Sequence[str] = ("resnet50", "vit"),
+                images: int | None = None, size: int | None = None) -> list[CaseSpec]:
+    default_images, default_size = (16, 128) if config.quick else (32, 224)
+    images, size = images or default_images, size or default_size
     return [CaseSpec(kind, images, size, 16) for kind in kinds]
 
 
 def run_floor(config: Settings, out: Path, argv: Sequence[str],
-              kinds: Sequence[str] = ("resnet50", "vit")) -> None:
+              kinds: Sequence[str] = ("resnet50", "vit"), choices: Sequence[str] = TAPS_CHOICES,
+              images: int | None = None, size: int | None = None,
+              repeats: int | None = None) -> None:
     """`--ratios`: section 6 alone, written to 6_floor.md/csv."""
     header = [environment(argv), f"load average at start: {load_average()}"]
     print("\n".join(header), flush=True)
-    table = floor_table(floor_specs(config, kinds), 1 if config.quick else 2)
+    table = floor_table(floor_specs(config, kinds, images, size),
+                        repeats or (1 if config.quick else 2), choices)
     table.notes.append(f"load average at end: {load_average()}")
     print("\n" + table.text() + "\n", flush=True)
     table.write(out)
@@ -771,6 +779,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="only section 6 (cost against the floor, resnet50 and ViT-S/16)")
     parser.add_argument("--ratio-cases", default="resnet50,vit",
                         help="with --ratios: the cases, comma-separated (default %(default)s)")
+    parser.add_argument("--ratio-taps", default=",".join(TAPS_CHOICES),
+                        help="with --ratios: the taps choices (default %(default)s)")
+    parser.add_argument("--ratio-images", type=int, help="with --ratios: calibration images "
+                        "(default 32; --quick 16), in batches of 16")
+    parser.add_argument("--ratio-size", type=int, help="with --ratios: image size (default 224; "
+                        "--quick 128)")
+    parser.add_argument("--ratio-repeats", type=int, help="with --ratios: interleaved rounds "
+                        "(default 2; --quick 1)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-case", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -785,7 +801,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     if args.ratios:
-        run_floor(settings(args.quick), args.out, argv, args.ratio_cases.split(","))
+        run_floor(settings(args.quick), args.out, argv, args.ratio_cases.split(","),
+                  args.ratio_taps.split(","), args.ratio_images, args.ratio_size,
+                  args.ratio_repeats)
         return
     run_benchmarks(settings(args.quick), args.out, argv)
 
