@@ -13,9 +13,10 @@ device); made leaves, they are barriers to zipping. Traced with values they beco
 - `dtype`, `device`, `ndim` and `is_cuda` of a tensor are the example's (constants), and so is a
   tensor constructed from sizes (`torch.zeros(1, N, N, 3)`).
 
-A value that cannot be computed (an op that fails on the example) is unknown; control flow on it
-fails as in plain torch.fx. The module is a mixin over `torch.fx.Tracer` that imports nothing of
-fxzip, so `tracing` can combine it with its own tracer.
+A value that cannot be computed (an op that fails on the example) is unknown, and so is a Python
+number read from tensor data (`.item()`); control flow on an unknown value or on a tensor (data-
+dependent control flow) fails as in plain torch.fx. The module is a mixin over `torch.fx.Tracer`
+that imports nothing of fxzip, so `tracing` can combine it with its own tracer.
 """
 from __future__ import annotations
 
@@ -49,6 +50,25 @@ def value_of(obj: Any) -> Any:
 
     out = map_aggregate(obj, one)
     return _UNKNOWN if unknown else out
+
+
+_DATA_TO_PYTHON = frozenset({"item", "tolist", "numpy", "__bool__", "__int__", "__float__"})
+
+
+def _size_like(value: Any) -> bool:
+    """Whether control flow may follow a value: known, and a Python value (sizes, flags,
+    arithmetic on them), not a tensor (data: the graph would silently keep one branch)."""
+    if value is _UNKNOWN:
+        return False
+    found = False
+
+    def check(v: Any) -> Any:
+        nonlocal found
+        found = found or isinstance(v, torch.Tensor)
+        return v
+
+    map_aggregate(value, check)
+    return not found
 
 
 def _mutates_parameter(kind: str, target: Any, args: tuple, kwargs: dict) -> bool:
@@ -90,8 +110,9 @@ class ValueProxy(fx.Proxy):
         return float(self._concrete("float"))
 
     def _concrete(self, what: str) -> Any:
-        if self._value is _UNKNOWN:
-            raise fx.proxy.TraceError(f"{what}() of a traced value whose example value is unknown")
+        if not _size_like(self._value):
+            raise fx.proxy.TraceError(f"{what}() of a traced value that depends on tensor data "
+                                      "(data-dependent control flow)")
         return self._value
 
 
@@ -163,6 +184,8 @@ class ValueTracing(fx.Tracer):
             if kind == "call_function":
                 return target(*args_v, **kwargs_v)
             if kind == "call_method":
+                if target in _DATA_TO_PYTHON:  # a Python number from tensor data: not followed
+                    return _UNKNOWN
                 return getattr(args_v[0], target)(*args_v[1:], **kwargs_v)
             if kind == "call_module":
                 self._running = True  # the leaf runs as it is (its submodules are not traced)
@@ -197,7 +220,7 @@ class ValueTracing(fx.Tracer):
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         value = getattr(obj, "_value", _UNKNOWN)
-        if value is _UNKNOWN:
+        if not _size_like(value):  # a branch on tensor data stays an error
             return super().to_bool(obj)
         return bool(value)
 

@@ -118,3 +118,19 @@ def test_buffer_filled_in_forward_traces_alike_whether_filled_or_not():
     with torch.no_grad():
         for out in merged(x):
             assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+
+
+class _BranchOnData(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        if x.mean().item() > 0:  # a branch on data: tracing must not keep one side silently
+            return self.fc(x)
+        return -self.fc(x)
+
+
+def test_control_flow_on_tensor_data_is_still_refused():
+    with pytest.raises(fxzip.TraceError, match="data-dependent control flow"):
+        trace(_BranchOnData(), torch.randn(8, 4))
