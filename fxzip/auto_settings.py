@@ -27,6 +27,7 @@ import torch.nn as nn
 from .bn_reset import reset_bn
 from .errors import InputError
 from .fidelity import MEASURES, Fidelity, fidelity, parent_outputs
+from .inputs import Batches
 
 __all__ = ["AutoSettings", "AutoChoice", "Trial", "SETTINGS_NAMES", "resolve_settings", "choose"]
 
@@ -167,8 +168,6 @@ def _mean(values: Sequence[float]) -> float:
 def held_out_batches(zipper: Any, auto: AutoSettings) -> list[Any]:
     """The inputs fidelity is measured on: `auto.held_out` (as batches), or the last ⌈n/8⌉ of the
     Zipper's n calibration batches."""
-    from .inputs import Batches
-
     if auto.held_out is not None:
         return list(Batches(auto.held_out, zipper.batches.device))
     batches = zipper.batches
