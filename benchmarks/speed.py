@@ -118,7 +118,7 @@ def load_average() -> str:
 class CaseSpec:
     """What to build; plain data so that a subprocess can build the same case."""
 
-    kind: str  # "digits", "resnet50" or "vit" (timm vit_small_patch16_224)
+    kind: str  # "digits", "resnet50", "vit" (timm vit_small_patch16_224) or "vit_tiny"
     images: int = 0
     size: int = 0
     batch: int = 0
@@ -127,7 +127,7 @@ class CaseSpec:
     def label(self) -> str:
         if self.kind == "digits":
             return "ResNet20x4 digits"
-        name = "ViT-S/16" if self.kind == "vit" else "resnet50"
+        name = {"vit": "ViT-S/16", "vit_tiny": "ViT-Ti/16"}.get(self.kind, "resnet50")
         return f"{name} {self.images}x{self.size}² (bs {self.batch})"
 
 
@@ -170,25 +170,27 @@ def resnet50_case(images: int, size: int, batch: int) -> Case:
     return Case(CaseSpec("resnet50", images, size, batch), models, batches)
 
 
-def vit_case(images: int, size: int, batch: int) -> Case:
-    """Two timm vit_small_patch16_224 (10 classes) from seeds 0 and 1, and random images."""
+def vit_case(images: int, size: int, batch: int, kind: str = "vit") -> Case:
+    """Two timm vit_small_patch16_224 (or vit_tiny_patch16_224 for kind "vit_tiny"; 10 classes)
+    from seeds 0 and 1, and random images."""
     import timm
 
+    name = "vit_tiny_patch16_224" if kind == "vit_tiny" else "vit_small_patch16_224"
     models = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        models.append(timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10,
+        models.append(timm.create_model(name, pretrained=False, num_classes=10,
                                         img_size=size).eval())
     generator = torch.Generator().manual_seed(0)
     batches = list(torch.randn(images, 3, size, size, generator=generator).split(batch))
-    return Case(CaseSpec("vit", images, size, batch), models, batches)
+    return Case(CaseSpec(kind, images, size, batch), models, batches)
 
 
 def build_case(spec: CaseSpec) -> Case:
     if spec.kind == "digits":
         return digits_case()
-    if spec.kind == "vit":
-        return vit_case(spec.images, spec.size, spec.batch)
+    if spec.kind in ("vit", "vit_tiny"):
+        return vit_case(spec.images, spec.size, spec.batch, spec.kind)
     return resnet50_case(spec.images, spec.size, spec.batch)
 
 
@@ -589,16 +591,20 @@ def floor_ratios(case: Case, repeats: int, choices: Sequence[str] = TAPS_CHOICES
     reports: dict[str, Any] = {}
     best: dict[str, float] = defaultdict(lambda: math.inf)
 
+    cpu: dict[str, float] = defaultdict(lambda: math.inf)
+
     def keep(label: str, fn: Callable[[], Any], first: bool) -> None:
-        """Time fn; the first round also records its peak RSS above the RSS before."""
+        """Time fn (wall and this process's CPU seconds); the first round also records its peak
+        RSS above the RSS before."""
         base = _current_rss_mib()
         if first:
             reset_peak_rss()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         value = fn()
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
         if first:
             peaks[label] = peak_rss_mib() - base
+        cpu[label] = min(cpu[label], cpu_seconds)
         if seconds < best[label]:
             best[label] = seconds
             if isinstance(value, nn.Module) and hasattr(value, "fxzip_report"):
@@ -608,8 +614,8 @@ def floor_ratios(case: Case, repeats: int, choices: Sequence[str] = TAPS_CHOICES
         first = round_ == 0
         keep("plain", lambda: plain_forward(case.models, case.batches), first)
         for taps in choices:
-            run = statistics_of(taps)  # the Zipper (trace) untimed
-            keep(f"statistics {taps}", run, first)
+            # the Zipper (trace) untimed; freed after the statistics
+            keep(f"statistics {taps}", statistics_of(taps), first)
             keep(f"merge {taps}", lambda: merge_with(taps), first)
         if first:  # the default merge once (its ratio is far from the floor: see the notes)
             keep("plain", lambda: plain_forward(case.models, case.batches), False)
@@ -619,7 +625,8 @@ def floor_ratios(case: Case, repeats: int, choices: Sequence[str] = TAPS_CHOICES
     spaces = zipper.analysis.spaces_of(zipper.analysis.trunk(None))
     flops = {t: gram_flops(zipper, spaces, case.batches, taps=t) for t in TAPS_CHOICES}
     forward = sum(count_flops(m, x, per_sample=False) for m in case.models for x in case.batches)
-    return {"best": dict(best), "phases": reports, "peaks_mib": peaks, "gram_flops": flops,
+    return {"best": dict(best), "cpu": dict(cpu), "phases": reports, "peaks_mib": peaks,
+            "gram_flops": flops,
             "forward_flops": forward, "spaces": len(spaces), "loads": loads,
             "batch_mib": case.batches[0].numel() * case.batches[0].element_size() / 2**20,
             "params": sum(count_parameters(m) for m in case.models)}
@@ -637,8 +644,9 @@ def floor_table(specs: Sequence[CaseSpec], repeats: int,
     """Section 6: each case in a fresh subprocess (`floor_ratios`)."""
     table = Table("6_floor", "6. Cost against the floor: statistics and the whole merge (full zip, "
                   "BN reset) ÷ plain forwards of both models over the same batches, per `taps`",
-                  ["case", "merge", "taps", "plain fwd s", "statistics s",
-                   "statistics/plain (≤ 1.5)", "merge s", "merge/plain (≤ 3)", *FLOOR_PHASES,
+                  ["case", "merge", "taps", "plain fwd CPU s", "statistics CPU s",
+                   "statistics/plain CPU (≤ 1.5)", "merge CPU s", "merge/plain CPU (≤ 3)",
+                   "plain fwd s", "statistics/plain wall", "merge/plain wall", *FLOOR_PHASES,
                    "other", "Gram/fwd FLOPs", "statistics peak MiB", "merge peak MiB",
                    "peak/param MiB", "plain peak MiB", "load avg (start; end)"])
     for spec in specs:
@@ -654,8 +662,10 @@ def floor_table(specs: Sequence[CaseSpec], repeats: int,
             stats = r["best"][f"statistics {taps}"]
             parts = [phases.get(p, 0.0) for p in FLOOR_PHASES]
             peak = r["peaks_mib"][key]
-            table.add(spec.label, kind, taps, plain, stats, stats / plain, merge, merge / plain,
-                      *parts, merge - sum(parts), r["gram_flops"][taps] / r["forward_flops"],
+            cpu = r["cpu"]
+            table.add(spec.label, kind, taps, cpu["plain"], cpu[f"statistics {taps}"],
+                      cpu[f"statistics {taps}"] / cpu["plain"], cpu[key], cpu[key] / cpu["plain"],
+                      plain, stats / plain, merge / plain, *parts, merge - sum(parts), r["gram_flops"][taps] / r["forward_flops"],
                       r["peaks_mib"][f"statistics {taps}"], peak, peak / param_mib,
                       r["peaks_mib"]["plain"], loads)
     table.notes += [
@@ -666,7 +676,10 @@ def floor_table(specs: Sequence[CaseSpec], repeats: int,
         "times include first-call costs; in the first round only, plain forwards again and "
         "fxzip's default merge (corrections and weight similarity on: the label-free refit is "
         "one more pass that also resets the BatchNorms), a single run",
-        "phases: `merged.fxzip_report.seconds` of the fastest merge; other = merge - phases "
+        "CPU s: this process's CPU time (time.process_time, 1 thread), minimum over the rounds: "
+        "on a machine loaded by other processes it moves far less than wall time; the wall "
+        "ratios (minimum wall times) are given beside them",
+        "phases: `merged.fxzip_report.seconds` (wall) of the fastest merge; other = merge - phases "
         "(the report's parameter and FLOP counts, input checks)",
         "Gram/fwd FLOPs: the Gram products of the taps read, as full products (fxzip computes "
         "the upper triangles, about 0.55 of this), ÷ the forward FLOPs of both models; "

@@ -69,8 +69,10 @@ class Moments:
             if rows is not None else None
         self._shape, self._device = (height, dim), device
         self._sq = None if rows is None else torch.zeros(dim, dtype=torch.float64, device=device)
-        self._buffer: torch.Tensor | None = None  # float32 Gram products not yet in _m2
-        self._buffered = 0  # products in the buffer (0: its upper triangle is stale)
+        # float32 Gram products not yet in _m2: one block of rows per `upper_blocks` entry, each
+        # from its diagonal on (the upper triangle: about half the matrix)
+        self._buffer: list[torch.Tensor] | None = None
+        self._buffered = 0  # products in the buffer (0: stale, the next product overwrites it)
         self._pending: list[tuple[int, torch.Tensor]] = []  # (count, float64 mean) per batch
 
     # exact views: every read folds what is pending first ---------------------------------------
@@ -121,7 +123,10 @@ class Moments:
             return
         if self.rows is None:
             if self._buffer is None:
-                self._buffer = torch.zeros(self._shape, dtype=torch.float32, device=self._device)
+                dim = self._shape[1]
+                self._buffer = [torch.empty(stop - start, dim - start, dtype=torch.float32,
+                                            device=self._device)
+                                for start, stop in upper_blocks(dim)]
             add_upper_product(self._buffer, joint, overwrite=self._buffered == 0)
             self._buffered += 1
             if self._buffered >= self.FLUSH_EVERY:
@@ -139,12 +144,12 @@ class Moments:
 
     def _flush(self) -> None:
         """Move the float32 products into the float64 sums; the next product overwrites the
-        buffer's upper triangle (its lower one stays zero)."""
+        buffer."""
         if self._buffer is not None and self._buffered:
             if self._m2 is None:
-                self._m2 = self._buffer.double()
-            else:
-                self._m2 += self._buffer
+                self._m2 = torch.zeros(self._shape, dtype=torch.float64, device=self._device)
+            for (start, stop), block in zip(upper_blocks(self._shape[1]), self._buffer):
+                self._m2[start:stop, start:] += block
         self._buffered = 0
 
     def settle(self) -> None:
@@ -315,16 +320,23 @@ def add_upper_gram(m2: torch.Tensor, joint: torch.Tensor) -> None:
         m2[start:start + step, start:] += rows @ joint[start:].T
 
 
-def add_upper_product(buffer: torch.Tensor, joint: torch.Tensor, overwrite: bool = False) -> None:
-    """buffer += joint @ joint.T on and above the diagonal (buffer = ... with `overwrite`), as
-    `add_upper_gram` but for a `buffer` of the same dtype as `joint`: each block's product is
-    added by the matrix product itself (no temporary product, no separate addition pass)."""
-    dim = joint.shape[0]
+def upper_blocks(dim: int) -> list[tuple[int, int]]:
+    """The row blocks (start, stop) in which the upper triangle of a dim × dim Gram matrix is
+    accumulated: GRAM_BLOCK_ROWS rows each (two halves for small matrices)."""
     step = GRAM_BLOCK_ROWS if dim > 2 * GRAM_BLOCK_ROWS else max(1, (dim + 1) // 2)
+    return [(start, min(start + step, dim)) for start in range(0, dim, step)]
+
+
+def add_upper_product(blocks: Sequence[torch.Tensor], joint: torch.Tensor,
+                      overwrite: bool = False) -> None:
+    """blocks[b] += joint[start:stop] @ joint[start:].T for the row blocks of `upper_blocks`
+    (blocks[b] = ... with `overwrite`): the upper triangle of joint @ joint.T as
+    `add_upper_gram` computes it, each block's product added by the matrix product itself into
+    a float32 block of the rows from their diagonal on (no temporary product, no separate
+    addition, half the memory of the square matrix)."""
     beta = 0.0 if overwrite else 1.0
-    for start in range(0, dim, step):
-        buffer[start:start + step, start:].addmm_(joint[start:start + step], joint[start:].T,
-                                                  beta=beta)
+    for (start, stop), block in zip(upper_blocks(joint.shape[0]), blocks):
+        block.addmm_(joint[start:stop], joint[start:].T, beta=beta)
 
 
 def tap_view(tensor: torch.Tensor, tap: Tap) -> torch.Tensor:
