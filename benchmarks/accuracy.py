@@ -517,9 +517,11 @@ def format_choices(choices: dict[str, Choice]) -> str:
 
 
 def run_setting(setting: Setting, *, pairs: int, epochs: int, grid: Grid,
-                log: Callable[[str], None]) -> SettingResult:
+                log: Callable[[str], None], auto: bool = True) -> SettingResult:
     """Train `pairs` pairs, grid-search on pair 0, evaluate pairs 1..pairs-1."""
-    seconds = {"data": 0.0, "train": 0.0, "grid": 0.0, "evaluate": 0.0, "auto": 0.0}
+    seconds = {"data": 0.0, "train": 0.0, "grid": 0.0, "evaluate": 0.0}
+    if auto:
+        seconds["auto"] = 0.0
     start = time.perf_counter()
     data = setting.load()
     seconds["data"] = time.perf_counter() - start
@@ -532,7 +534,8 @@ def run_setting(setting: Setting, *, pairs: int, epochs: int, grid: Grid,
         tick = time.perf_counter()
         zipper = fxzip.Zipper(models, data.calibration, progress=False)
         if pair == 0:
-            result.choices = grid_search(setting, zipper, data, grid, result.study)
+            result.choices = grid_search(setting, zipper, data, grid,
+                                         result.study if auto else None)
             seconds["grid"] += time.perf_counter() - tick
             log(f"  [{setting.key}] held-out choices: {format_choices(result.choices)}")
             continue
@@ -540,9 +543,10 @@ def run_setting(setting: Setting, *, pairs: int, epochs: int, grid: Grid,
         result.rows += reference_rows(setting, pair, models, data, layers_total)
         merged = merged_rows(setting, pair, zipper, data, result.choices)
         seconds["evaluate"] += time.perf_counter() - tick
-        tick = time.perf_counter()
-        merged += auto_rows(setting, pair, zipper, data, result.study, result.merge_seconds)
-        seconds["auto"] += time.perf_counter() - tick
+        if auto:
+            tick = time.perf_counter()
+            merged += auto_rows(setting, pair, zipper, data, result.study, result.merge_seconds)
+            seconds["auto"] += time.perf_counter() - tick
         stops = {stop.label: i for i, stop in enumerate(setting.stops)}
         first = {"default": 0, "auto": 1}  # per stop point: default, auto, then the paper's methods
         result.rows += sorted(merged, key=lambda r: (stops[r.stop], first.get(r.method, 2)))
@@ -838,6 +842,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="ResNet-20 width multiplier of (a) and (d) (default 4, as in the paper; --quick: 1)")
     parser.add_argument("--quick", action="store_true",
                         help="2 evaluation pairs + 1 held-out, 10 epochs, a 3x2 grid, width 1")
+    parser.add_argument("--no-auto", dest="auto", action="store_false",
+                        help="leave out the 'auto' rows and the fidelity study (about half the time)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
@@ -865,9 +871,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         epochs = args.epochs or (setting.quick_epochs if args.quick else setting.epochs)
         print(f"setting ({key}): {setting.title}; {args.pairs} pairs, {epochs} epochs", flush=True)
         result = run_setting(setting, pairs=args.pairs, epochs=epochs, grid=grid,
-                             log=lambda line: print(line, flush=True))
+                             log=lambda line: print(line, flush=True), auto=args.auto)
         write_csv(result, args.out / f"accuracy_{key}.csv")
-        write_study_csv(result, args.out / f"accuracy_{key}_fidelity.csv")
+        if result.study:
+            write_study_csv(result, args.out / f"accuracy_{key}_fidelity.csv")
         table = markdown(result)
         (args.out / f"accuracy_{key}.md").write_text(table)
         plot(result, args.out / f"accuracy_{key}.png")
