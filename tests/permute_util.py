@@ -6,6 +6,7 @@ import copy
 import numpy as np
 import torch
 
+from fxzip.digits import ResNet20
 from fxzip.matching import Match
 from fxzip.passes.analysis import Analysis
 from fxzip.passes.rewrite import rewrite
@@ -72,3 +73,19 @@ def assert_self_merge_exact(model: torch.nn.Module, x: torch.Tensor, has_barrier
         for out in merged(x):
             err = ((out - ref).norm() / ref.norm()).item()
             assert err < tol, (label, err)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative error ||out - ref|| / ||ref|| of a merged model's output against a reference."""
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+
+def small_resnet(seed: int) -> torch.nn.Module:
+    """A small ResNet (one block per stage) whose BatchNorm statistics come from a random batch,
+    so that they are not the trivial initial ones."""
+    torch.manual_seed(seed)
+    model = ResNet20(width=1, blocks_per_stage=1)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(128, 1, 8, 8, generator=torch.Generator().manual_seed(seed + 100)))
+    return model.eval()

@@ -15,35 +15,21 @@ import torch
 import torch.nn as nn
 
 import fxzip
-from fxzip.digits import ResNet20
 from fxzip.errors import InputError, MatchingError
 from fxzip.matching import Match, cca_match, cca_transform
 from fxzip.methods import METHODS
 
 try:
-    from permute_util import permuted_by_analysis
+    from permute_util import permuted_by_analysis, rel_err, small_resnet
 except ImportError:  # tests/ made a package
-    from tests.permute_util import permuted_by_analysis
+    from tests.permute_util import permuted_by_analysis, rel_err, small_resnet
 
 pytestmark = pytest.mark.filterwarnings("ignore::fxzip.errors.CalibrationWarning")
 
 
-def resnet(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    model = ResNet20(width=1, blocks_per_stage=1)
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(128, 1, 8, 8, generator=torch.Generator().manual_seed(seed + 100)))
-    return model.eval()
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).norm() / ref.norm()).item()
-
-
 @pytest.fixture(scope="module")
 def data():
-    return resnet(0), torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    return small_resnet(0), torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(5))
 
 
 def test_cca_map_of_a_permuted_copy_is_the_permutation():
@@ -106,7 +92,7 @@ def test_vit_with_permuted_heads_merges_exactly():
 
 def test_two_models_merge_into_a_new_function(data):
     model, x = data
-    other = resnet(1)
+    other = small_resnet(1)
     merged = fxzip.merge(model, other, x, method="cca", corrections=None, progress=False)
     assert merged.fxzip_report.method == "cca"
     with torch.no_grad():
@@ -121,7 +107,7 @@ def test_two_models_merge_into_a_new_function(data):
 def test_cca_keeps_one_models_width(data):
     model, x = data
     with pytest.raises(InputError, match="zipit"):
-        fxzip.merge(model, resnet(1), x, method="cca", width=1.5, progress=False)
+        fxzip.merge(model, small_resnet(1), x, method="cca", width=1.5, progress=False)
     with pytest.raises(MatchingError, match="out_size must be 4"):
         METHODS["cca"].match(np.eye(8), [4, 4], out_size=5)
 

@@ -23,9 +23,9 @@ from fxzip.digits import ResNet20, evaluate, load_digits_split, train_classifier
 from fxzip.fidelity import fidelity
 
 try:
-    from permute_util import permuted_by_analysis
+    from permute_util import permuted_by_analysis, rel_err
 except ImportError:  # tests/ made a package
-    from tests.permute_util import permuted_by_analysis
+    from tests.permute_util import permuted_by_analysis, rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore::fxzip.errors.CalibrationWarning")
 
@@ -46,9 +46,6 @@ def corrected_merge(models, inputs, stop_at, options: Corrections | None, *, met
                                            zipper.batches, options)
     return merged
 
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 # -- tiny models --------------------------------------------------------------------------------

@@ -15,43 +15,28 @@ import pytest
 import torch
 
 import fxzip
-from fxzip.digits import ResNet20
 from fxzip.errors import InputError
 from fxzip.width import check_width, merged_size
 
 try:
-    from permute_util import permuted_by_analysis
+    from permute_util import permuted_by_analysis, rel_err, small_resnet
 except ImportError:  # tests/ made a package
-    from tests.permute_util import permuted_by_analysis
+    from tests.permute_util import permuted_by_analysis, rel_err, small_resnet
 
 pytestmark = pytest.mark.filterwarnings("ignore::fxzip.errors.CalibrationWarning")
 WIDTHS = (1.0, 1.25, 1.5, 1.75, 2.0)
 
 
-def resnet(seed: int) -> torch.nn.Module:
-    """A small ResNet (one block per stage) with non-trivial BatchNorm statistics."""
-    torch.manual_seed(seed)
-    model = ResNet20(width=1, blocks_per_stage=1)
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(128, 1, 8, 8, generator=torch.Generator().manual_seed(seed + 100)))
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def pair():
     x = torch.randn(96, 1, 8, 8, generator=torch.Generator().manual_seed(7))
-    return resnet(0), resnet(1), x
+    return small_resnet(0), small_resnet(1), x
 
 
 @pytest.fixture(scope="module")
 def zipper(pair):
     a, b, x = pair
     return fxzip.Zipper([a, b], x, progress=False)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 @pytest.mark.parametrize("stop_at", [None, "layer2"])
@@ -139,7 +124,7 @@ def test_average_cannot_widen(zipper):
 
 def test_three_models_allow_width_three(pair):
     a, b, x = pair
-    c = resnet(2)
+    c = small_resnet(2)
     merged = fxzip.merge_all([a, b, c], x, width=3.0, corrections=None, reset_bn=False,
                              progress=False)
     with torch.no_grad():

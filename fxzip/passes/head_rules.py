@@ -379,6 +379,14 @@ def _role(ctx: Context, value: fx.Node, info: Any, out_ndim: int, rows: int) -> 
     return {}
 
 
+def _broadcast_over_heads(shape: Any, info: Any, ref: Feat) -> bool:
+    """Whether a plain layout with its channels on a matrix axis has a size-1 axis where the
+    headed operand `ref` has its heads (so it is broadcast over them)."""
+    return (isinstance(info, Feat) and not info.headed and shape is not None and
+            info.axis >= len(shape) - 2 and len(shape) > ref.head_axis and
+            shape[ref.head_axis] == 1 and ref.head_axis < len(shape) - 2)
+
+
 def _single_heads(ctx: Context, values: list[fx.Node], infos: list[Any]) -> list[Any]:
     """Attention with one head: where another operand is split into a single head, a plain
     layout whose channels are on a matrix axis (a reshape to (…, 1, N, d) merged the size-1
@@ -389,10 +397,7 @@ def _single_heads(ctx: Context, values: list[fx.Node], infos: list[Any]) -> list
         return _shared_heads(ctx, values, infos)
     out = []
     for value, info in zip(values, infos):
-        shape = ctx.shape(value)
-        if isinstance(info, Feat) and not info.headed and shape is not None and \
-                info.axis >= len(shape) - 2 and len(shape) > ref.head_axis and \
-                shape[ref.head_axis] == 1 and ref.head_axis < len(shape) - 2:
+        if _broadcast_over_heads(ctx.shape(value), info, ref):
             info = ctx.split_heads(info, info.axis, ref.head_axis, 1)
         out.append(info)
     return out
@@ -408,10 +413,7 @@ def _shared_heads(ctx: Context, values: list[fx.Node], infos: list[Any]) -> list
         return infos
     out = []
     for value, info in zip(values, infos):
-        shape = ctx.shape(value)
-        if isinstance(info, Feat) and not info.headed and shape is not None and \
-                info.axis >= len(shape) - 2 and len(shape) > ref.head_axis and \
-                shape[ref.head_axis] == 1 and ref.head_axis < len(shape) - 2:
+        if _broadcast_over_heads(ctx.shape(value), info, ref):
             info = replace(ctx.split_heads(info, info.axis, ref.head_axis, 1), repeat=ref.heads)
             ctx.consume(value, value, replace(info.head_only(), repeat=1))  # the head's tap
         out.append(info)
