@@ -74,6 +74,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -810,18 +811,29 @@ def plot(result: SettingResult, path: Path) -> None:
             for xy, names in labels.items():
                 ax.annotate("/".join(names), xy, fontsize=7, textcoords="offset points",
                             xytext=(4, 4))
-    markers = {"ensemble": ("*", "black"), "ensemble (mean emb)": ("P", "tab:purple"),
-               "model A": ("^", "tab:green"), "model B": ("v", "tab:olive")}
+    finish_plot(fig, ax, summaries, f"({result.setting.key}) {result.setting.title}", path)
+
+
+REFERENCE_MARKERS = {"ensemble": ("*", "black"), "ensemble (mean emb)": ("P", "tab:purple"),
+                     "model A": ("^", "tab:green"), "model B": ("v", "tab:olive")}
+
+
+def finish_plot(fig: Any, ax: Any, summaries: Sequence[Summary], title: str, path: Path,
+                legend: dict | None = None) -> None:
+    """The rest of a joint-accuracy-vs-FLOPs plot (shared with benchmarks/width.py): the
+    ensemble and the single models as reference markers, axes, title, legend; saved and closed."""
+    import matplotlib.pyplot as plt
+
     for s in summaries:
-        if s.method in markers:
-            marker, colour = markers[s.method]
+        if s.method in REFERENCE_MARKERS:
+            marker, colour = REFERENCE_MARKERS[s.method]
             ax.errorbar([s.flops / 1e6], [100 * s.mean["joint"]], yerr=[100 * s.std["joint"]],
                         marker=marker, markersize=11, color=colour, linestyle="none", label=s.method)
     ax.set_xlabel("FLOPs per sample (M)")
     ax.set_ylabel("joint accuracy (%)")
-    ax.set_title(f"({result.setting.key}) {result.setting.title}", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(**(legend or dict(fontsize=8, loc="best")))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -51,8 +51,8 @@ from fxzip.costs import count_flops, count_parameters  # noqa: E402
 
 from benchmarks import tables  # noqa: E402
 from benchmarks.accuracy import (METRICS, Row, Setting, Stop, Summary, TaskData,  # noqa: E402
-                                 accuracy_of, cell, make_settings, metric, reference_rows,
-                                 train_and_check)
+                                 accuracy_of, cell, finish_plot, make_settings, metric,
+                                 reference_rows, train_and_check)
 
 WIDTHS = (1.0, 1.25, 1.5, 1.75, 2.0)
 # "cca" and "cca+corrections" (`method="cca"`, corrections off / the default ones) keep one
@@ -199,22 +199,9 @@ def plot(setting: Setting, rows: Sequence[WidthRow], path: Path) -> None:
             for w, s in points:
                 ax.annotate(f"{w:g}", (s.flops / 1e6, 100 * s.mean["joint"]), fontsize=7,
                             textcoords="offset points", xytext=(4, -10 if method == "zipit" else 4))
-    markers = {"ensemble": ("*", "black"), "model A": ("^", "tab:green"),
-               "model B": ("v", "tab:olive")}
-    for _, _, s in summaries:
-        if s.method in markers:
-            marker, colour = markers[s.method]
-            ax.errorbar([s.flops / 1e6], [100 * s.mean["joint"]], yerr=[100 * s.std["joint"]],
-                        marker=marker, markersize=11, color=colour, linestyle="none",
-                        label=s.method)
-    ax.set_xlabel("FLOPs per sample (M)")
-    ax.set_ylabel("joint accuracy (%)")
-    ax.set_title(f"width= (labels: merged width / one model's): {setting.title}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_plot(fig, ax, [s for _, _, s in summaries],
+                f"width= (labels: merged width / one model's): {setting.title}", path,
+                legend=dict(fontsize=7, loc="lower right"))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
