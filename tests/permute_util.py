@@ -1,11 +1,13 @@
 """A second permutation oracle: permute every hidden space that fxzip's analysis finds, by
 rewriting one model with permutation matches, and load the result into a copy of the model.
-If the analysis missed a tie, the permuted copy computes a different function (tests check)."""
+If the analysis missed a tie, the permuted copy computes a different function (tests check).
+Also the helpers several test files share: `rel_err`, `small_resnet`, `as_trained_timm`."""
 import copy
 
 import numpy as np
 import torch
 
+import fxzip
 from fxzip.digits import ResNet20
 from fxzip.matching import Match
 from fxzip.passes.analysis import Analysis
@@ -89,3 +91,16 @@ def small_resnet(seed: int) -> torch.nn.Module:
     with torch.no_grad():
         model(torch.randn(128, 1, 8, 8, generator=torch.Generator().manual_seed(seed + 100)))
     return model.eval()
+
+
+def as_trained_timm(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    """A timm model made to look trained: BatchNorm statistics estimated on `x`, and the
+    classifier weights timm zero-initialises re-drawn (a zero head makes every output 0)."""
+    import fxzip
+
+    model = fxzip.reset_bn(model, x, progress=False)
+    with torch.no_grad():
+        for p in model.get_classifier().parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(0.0, 0.1)
+    return model

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import fxzip
-from permute_util import assert_self_merge_exact
+from permute_util import as_trained_timm, assert_self_merge_exact
 
 
 def _timm(name: str, **kwargs) -> nn.Module:
@@ -71,11 +71,8 @@ def test_timm_family_merges_its_permuted_copy_exactly(family):
     build, size, zippable, heads = FAMILIES[family]
     torch.manual_seed(0)
     x = torch.randn(48, 3, size, size)
-    model = fxzip.reset_bn(build(), x, progress=False)  # BN statistics as after training
+    model = as_trained_timm(build(), x)
     with torch.no_grad():
-        for p in model.get_classifier().parameters():
-            if p.dim() > 1 and not p.any():  # timm zero-initialises some heads
-                p.normal_(0.0, 0.1)
         for name, p in model.named_parameters():
             if "relative_position_bias" in name:  # as after training: heads differ clearly
                 p.normal_(0.0, 1.0)

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import fxzip
 from fxzip.tracing import trace
-from permute_util import assert_self_merge_exact
+from permute_util import as_trained_timm, assert_self_merge_exact
 
 
 def _mobilevitv2() -> nn.Module:  # MobileVitV2Block: unfold with math.ceil and a size branch
@@ -70,12 +70,7 @@ FAMILIES = {
 def _prepared(build, size: int) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     x = torch.randn(16, 3, size, size)
-    model = fxzip.reset_bn(build(), x, progress=False)  # BN statistics as after training
-    with torch.no_grad():
-        for p in model.get_classifier().parameters():
-            if p.dim() > 1 and not p.any():  # timm zero-initialises some heads
-                p.normal_(0.0, 0.1)
-    return model, x
+    return as_trained_timm(build(), x), x
 
 
 @pytest.mark.filterwarnings("ignore::fxzip.errors.CalibrationWarning")  # tiny inputs, on purpose
