@@ -296,3 +296,68 @@ def test_taps_spread_reads_a_share_of_positions_that_does_not_depend_on_batching
     with torch.no_grad():
         out_a, out_b = merged(x)
         assert torch.allclose(out_a, a(x), atol=1e-5) and torch.allclose(out_b, b(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("expand", [1, 3])
+@pytest.mark.parametrize("layout", ["tokens", "channels_last", "channels_first"])
+def test_centring_a_tap_is_the_same_in_every_memory_layout(layout, expand):
+    """A tap whose channels are innermost in memory (token features (B, N, C), channels-last
+    images) is copied into the channel-major matrix by one 2-D transpose; the centred matrix and
+    the mean equal those of the plain channels-first layout."""
+    from fxzip.passes.analysis import Tap
+
+    torch.manual_seed(3)
+    if layout == "tokens":
+        tensor, axis = torch.randn(4, 7, 6) * 3 + 1, 2
+    else:
+        tensor, axis = torch.randn(4, 6, 3, 5) * 3 + 1, 1
+        if layout == "channels_last":
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+    if expand == 3:  # 2 features, each spread over 3 channels (as a flatten's positions)
+        tensor = torch.cat([tensor, tensor.narrow(axis, 0, 3)], axis)  # 9 channels
+    size = 4 if expand == 1 else 2
+    tap = Tap("x", axis, 1, size, expand)  # channels 1..4 of 6, or 1..6 of 9
+    view = statistics.tap_view(tensor, tap)
+    assert (statistics.channels_innermost(view) is not None) == (layout != "channels_first")
+    out = torch.empty(size, view[0].numel() * expand)
+    mean = statistics.centre_into(view, tap, out)
+    rows = tensor.movedim(axis, 0)[1:1 + size * expand].double()  # feature f: rows f·e..f·e+e-1
+    reference = rows.reshape(size, -1)  # row-major: a feature's copies are its samples
+    np.testing.assert_allclose(mean.numpy(), reference.mean(1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(out.numpy(), (reference - reference.mean(1, keepdim=True)).numpy(),
+                               atol=1e-5)
+
+
+def test_positions_read_a_share_of_each_images_positions():
+    """positions=0.25 reads every 4th position of each image (an offset per image, from the
+    image's own values) at every tap with positions, and the pooled tap (1 position) whole; the
+    samples do not depend on the batching; the correlations estimate the full read's; a model
+    merged with a permuted copy of itself is still exact; bad values are refused."""
+    from permute_util import permuted_by_analysis
+
+    torch.manual_seed(0)
+    a, other = _ConvStream().eval(), _ConvStream().eval()
+    x = torch.randn(48, 3, 6, 6)
+    one = fxzip.Zipper([a, other], [x], progress=False, positions=0.25)
+    analysis = one.analysis
+    stream = max(analysis.mergeable_spaces(), key=lambda s: len(analysis.spaces[s].taps))
+    thinned = one.statistics([stream])[stream].features
+    full = fxzip.Zipper([a, other], [x], progress=False).statistics([stream])[stream].features
+    assert full.count == 48 * (3 * 36 + 1)
+    assert thinned.count == 48 * (3 * 9 + 1)  # 36 positions: exactly 9 per image and tap
+    split = fxzip.Zipper([a, other], list(x.split([5, 30, 13])), progress=False, positions=0.25)
+    moved = split.statistics([stream])[stream].features
+    assert moved.count == thinned.count
+    np.testing.assert_allclose(moved.mean.numpy(), thinned.mean.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(moved.correlation()[0], thinned.correlation()[0], atol=1e-5)
+    difference = np.abs(thinned.correlation()[0] - full.correlation()[0])
+    assert 0 < difference.max() < 0.2 and difference.mean() < 0.03
+    b, _ = permuted_by_analysis(a, x[:8], seed=1)
+    merged = fxzip.merge(a, b, x, progress=False, positions=0.25, reset_bn=False,
+                         corrections=None)
+    with torch.no_grad():
+        out_a, out_b = merged(x)
+        assert torch.allclose(out_a, a(x), atol=1e-5) and torch.allclose(out_b, b(x), atol=1e-5)
+    for bad in (0, 0.0, 1.5, -0.25, True, "half", float("nan")):
+        with pytest.raises(InputError, match="positions"):
+            fxzip.merge(a, b, x, progress=False, positions=bad)

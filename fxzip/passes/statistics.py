@@ -139,7 +139,9 @@ class Moments:
             self.settle()
 
     def end_batch(self) -> None:
-        """Called after each calibration batch: its products move into the float64 sums."""
+        """Called after each calibration batch: its products move into the float64 sums (so the
+        sums do not depend on how batches are grouped, e.g. over ranks, beyond float64
+        rounding)."""
         self._flush()
 
     def _flush(self) -> None:
@@ -347,12 +349,33 @@ def tap_view(tensor: torch.Tensor, tap: Tap) -> torch.Tensor:
 def centre_into(x: torch.Tensor, tap: Tap, out: torch.Tensor) -> torch.Tensor:
     """Write a tap's view `x` (from `tap_view`) into `out` (size × samples, float32), centred on
     its batch mean, in one pass; return that mean. Raises _NonFiniteRows on NaN/Inf."""
+    flat = channels_innermost(x)
+    if flat is not None:  # one 2-D transposing copy, then centred in place
+        rows = out.view(flat.shape)  # (size·expand, samples): expanded copies are samples too
+        rows.copy_(flat)
+        mean = _finite_mean(rows.mean(1).reshape(tap.size, tap.expand).mean(1), rows)
+        rows.sub_(mean.repeat_interleave(tap.expand)[:, None])
+        return mean
     rest = tuple(range(1, x.dim()))
     mean = x.float().mean(rest) if rest else x.float()
     mean = _finite_mean(mean.reshape(tap.size, tap.expand).mean(1), x.float())
     torch.sub(x, mean.repeat_interleave(tap.expand).view(-1, *([1] * len(rest))),
               out=out.view(x.shape))
     return mean
+
+
+def channels_innermost(x: torch.Tensor) -> torch.Tensor | None:
+    """A tap view `x` (channels first) as a (channels, samples) view when its channels are the
+    innermost axis in memory (token features (B, N, C), channels-last images), else None. Copying
+    such a view into a channel-major matrix is one blocked 2-D transpose; an elementwise op with
+    an output of the other layout walks memory with a stride of C, about 15× slower."""
+    if x.dim() < 2 or x.stride(0) != 1 or x.shape[0] < 2:
+        return None
+    try:
+        flat = x.view(x.shape[0], -1)
+    except RuntimeError:  # the sample axes cannot be merged without a copy
+        return None
+    return flat if flat.dim() == 2 and flat.stride(0) == 1 else None
 
 
 SPREAD_SEED = 0  # the seed of the sample keys that choose a spread tap's positions
@@ -362,12 +385,16 @@ _SALT = 0.7548776662466927  # tap j of a space starts its Weyl sequence at frac(
 class Read:
     """One tap read into one space's moments: at `rate` < 1 only about that share of each
     sample's positions enters (every round(1/rate)-th, from an offset chosen per sample from its
-    key and the `salt`, so that the taps of one space read different positions)."""
+    key and the `salt`, so that the taps of one space read different positions). `positions` < 1
+    thins the positions further, by about that share but never below one position per sample
+    (a tensor without positions, e.g. pooled features, is read whole)."""
 
-    __slots__ = ("tap", "moments", "rate", "salt")
+    __slots__ = ("tap", "moments", "rate", "salt", "positions")
 
-    def __init__(self, tap: Tap, moments: Moments, rate: float = 1.0, salt: float = 0.0):
+    def __init__(self, tap: Tap, moments: Moments, rate: float = 1.0, salt: float = 0.0,
+                 positions: float = 1.0):
         self.tap, self.moments, self.rate, self.salt = tap, moments, rate, salt
+        self.positions = positions
 
     def __iter__(self):  # unpacks as (tap, moments), as the plain pairs it generalises
         return iter((self.tap, self.moments))
@@ -453,9 +480,12 @@ class Observer(nn.Module):
         not the batch)."""
         stride = max(1, round(1.0 / read.rate))
         keys = self.keys
-        if stride == 1 or keys is None or x.dim() < 2 or x.shape[1] != keys.shape[0]:
+        if keys is None or x.dim() < 2 or x.shape[1] != keys.shape[0]:
             return None
         positions = x[0, 0].numel()
+        stride *= max(1, min(round(1.0 / read.positions), positions))
+        if stride == 1:
+            return None
         offsets = (torch.frac(keys + read.salt) * stride).long().clamp_(0, stride - 1).tolist()
         return offsets, kept_counts(offsets, positions, stride), stride
 
@@ -521,6 +551,15 @@ def producer_taps(analysis: Analysis, space: int) -> list[Tap]:
 TAPS = ("all", "last", "spread")
 
 
+def check_positions(positions: float) -> float:
+    """`positions` if it is a share of positions to read in (0, 1], else an InputError."""
+    if isinstance(positions, bool) or not isinstance(positions, (int, float)) \
+            or not math.isfinite(positions) or not 0 < positions <= 1:
+        raise InputError(f"positions must be a share of each tensor's positions in (0, 1] (1: "
+                         f"read every position), got {positions!r}")
+    return float(positions)
+
+
 def check_taps(taps: str) -> str:
     """`taps` if it names a choice of taps (see `collect`), else an InputError."""
     if taps not in TAPS:
@@ -572,7 +611,8 @@ def spread_reads(taps: list[Tap], moments: Moments, nodes: dict[str, fx.Node]) -
 def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterable[int],
             batches: Batches, *, progress: bool = True, precision: str = "float32",
             timings: dict[str, float] | None = None, group: Any = None,
-            pairing: Pairing | None = None, taps: str = "all") -> dict[int, SpaceStats]:
+            pairing: Pairing | None = None, taps: str = "all",
+            positions: float = 1.0) -> dict[int, SpaceStats]:
     """Statistics of every requested space over all batches, for all models at once; `precision`
     is that of the Gram products ("float32" or "bfloat16", see `resolve_precision`).
 
@@ -584,6 +624,11 @@ def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterab
     1/k: `spread_reads`), a subset chosen per sample from the sample's input values (fixed, and
     the same however the data are batched or sharded): an unbiased estimate of "all"'s pooled
     moments from about as many samples as one read, at about the cost of one read.
+
+    `positions` < 1 reads every tap at about that share of each sample's positions (spatial
+    positions, tokens; every round(1/positions)-th, from an offset chosen per sample as "spread"
+    does, at least one per sample): the Gram products, which grow with the positions read, cost
+    that share (see `check_positions`).
 
     A second, smaller pass reads the producers' outputs only for spaces that have constant
     (dead) features at their consumers, where the correlation needs a fallback (those spaces'
@@ -611,8 +656,12 @@ def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterab
     reads = []
     for s in spaces:
         chosen = shared_taps(analysis, s, shared, taps, order)
-        reads += spread_reads(chosen, stats[s].features, nodes) if taps == "spread" \
-            else [Read(t, stats[s].features) for t in chosen]
+        found = spread_reads(chosen, stats[s].features, nodes) if taps == "spread" \
+            else [Read(t, stats[s].features, 1.0, math.modf(j * _SALT)[0])
+                  for j, t in enumerate(chosen)]
+        for read in found:
+            read.positions = positions
+        reads += found
     _run_pass(graphs, reads, batches, progress, "fxzip statistics", precision, pairing)
     all_reduce_moments([stats[s].features for s in spaces], group)
     timings["consumer taps"] = time.perf_counter() - start
@@ -638,7 +687,7 @@ def _run_pass(graphs: Sequence[fx.GraphModule], reads: list[Read], batches: Batc
     for read in reads:
         by_node[read.tap.node].append(read)
     observer = Observer(dict(by_node), precision)
-    keyed = any(read.rate < 1.0 for read in reads)
+    keyed = any(read.rate < 1.0 or read.positions < 1.0 for read in reads)
     targets = list({id(read.moments): read.moments for read in reads}.values())
     module = lockstep_module(graphs, observer, pairing)
     bar = tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)
