@@ -392,7 +392,7 @@ def statistics_vs_forward(cases: Sequence[Case], repeats: dict[str, int]) -> tup
 
 
 def gram_flops(zipper: fxzip.Zipper, spaces: Sequence[int], batches: Sequence[torch.Tensor],
-               taps: str = "all") -> float:
+               taps: str = "all", positions: float = 1.0) -> float:
     """Multiply-adds ×2 of the Gram products of all taps (`taps="last"`: each space's last) as
     full products: per tap and batch, samples × (N·size)², the features of the N models stacked."""
     from fxzip.tracing import tensor_shape
@@ -413,7 +413,9 @@ def gram_flops(zipper: fxzip.Zipper, spaces: Sequence[int], batches: Sequence[to
                      for r in statistics.spread_reads(read, None, nodes)]
         for tap, rate in zip(read, rates):
             shape = tensor_shape(nodes[tap.node])
-            rows = math.prod(shape) // shape[tap.axis] * tap.expand * samples / example
+            per_sample = math.prod(shape) // shape[tap.axis] * tap.expand // example
+            rows = per_sample * samples
+            rate /= max(1, min(round(1.0 / positions), per_sample))
             total += 2 * rows * rate * (n * tap.size) ** 2
     return total
 
@@ -563,6 +565,12 @@ def inference_per_stop(case: Case, x: torch.Tensor, stops: Sequence[Any], repeat
 
 
 TAPS_CHOICES = ("all", "spread", "last")
+
+
+def read_choice(choice: str) -> tuple[str, float]:
+    """A `--ratio-taps` entry as (taps, positions): "spread" or "all@0.25" (positions 0.25)."""
+    taps, _, positions = choice.partition("@")
+    return taps, float(positions) if positions else 1.0
 FLOOR_PHASES = ("trace", "analysis", "statistics", "matching", "rewrite", "bn_reset",
                 "corrections")
 
@@ -574,15 +582,18 @@ def floor_ratios(case: Case, repeats: int, choices: Sequence[str] = TAPS_CHOICES
     then fxzip's default merge (corrections on) once per round beside another plain forward.
     Minima, the phases of the fastest merge, the Gram FLOPs read, and peak RSS (VmHWM, reset
     before each warm-up) above the RSS before (models and data resident)."""
-    def statistics_of(taps: str) -> Callable[[], Any]:
-        zipper = fxzip.Zipper(case.models, case.batches, progress=False, taps=taps)
+    def statistics_of(read: str) -> Callable[[], Any]:
+        taps, positions = read_choice(read)
+        zipper = fxzip.Zipper(case.models, case.batches, progress=False, taps=taps,
+                              positions=positions)
         spaces = zipper.analysis.spaces_of(zipper.analysis.trunk(None))
         return lambda: zipper.statistics(spaces)
 
-    def merge_with(taps: str, corrections: Any = None) -> Any:
+    def merge_with(read: str, corrections: Any = None) -> Any:
         # the paper's zipit: no corrections and no weight similarity; the default: both on
+        taps, positions = read_choice(read)
         return fxzip.merge(*case.models, case.batches, progress=False, taps=taps,
-                           corrections=corrections,
+                           positions=positions, corrections=corrections,
                            **({} if corrections else {"weight_similarity": 0.0}))
 
     loads = [load_average()]
@@ -623,7 +634,8 @@ def floor_ratios(case: Case, repeats: int, choices: Sequence[str] = TAPS_CHOICES
     loads.append(load_average())
     zipper = fxzip.Zipper(case.models, case.batches[:1], progress=False)
     spaces = zipper.analysis.spaces_of(zipper.analysis.trunk(None))
-    flops = {t: gram_flops(zipper, spaces, case.batches, taps=t) for t in TAPS_CHOICES}
+    flops = {t: gram_flops(zipper, spaces, case.batches, *read_choice(t))
+             for t in {*TAPS_CHOICES, *choices}}
     forward = sum(count_flops(m, x, per_sample=False) for m in case.models for x in case.batches)
     return {"best": dict(best), "cpu": dict(cpu), "phases": reports, "peaks_mib": peaks,
             "gram_flops": flops,
@@ -793,7 +805,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--ratio-cases", default="resnet50,vit",
                         help="with --ratios: the cases, comma-separated (default %(default)s)")
     parser.add_argument("--ratio-taps", default=",".join(TAPS_CHOICES),
-                        help="with --ratios: the taps choices (default %(default)s)")
+                        help="with --ratios: the taps choices, each optionally @positions, e.g. "
+                        "all@0.25 (default %(default)s)")
     parser.add_argument("--ratio-images", type=int, help="with --ratios: calibration images "
                         "(default 32; --quick 16), in batches of 16")
     parser.add_argument("--ratio-size", type=int, help="with --ratios: image size (default 224; "

@@ -24,7 +24,8 @@ from .matching import Match, covariance
 from .methods import METHODS, Method, get_method
 from .passes.analysis import Analysis
 from .passes.rewrite import rewrite
-from .passes.statistics import SpaceStats, check_taps, collect, resolve_precision
+from .passes.statistics import (SpaceStats, check_positions, check_taps, collect,
+                                resolve_precision)
 from .pipeline import check_models, device_of, is_merged, pair_models, prepare_graphs
 from .report import MergeReport, SpaceReport
 from .similarity import feature_signatures, mix, weight_similarity as signature_similarity
@@ -116,9 +117,11 @@ class Zipper:
 
     def __init__(self, models: Sequence[nn.Module], inputs: Any, *, progress: bool = True,
                  leaf_modules: Sequence[type] = (), concrete_args: dict | None = None,
-                 statistics_precision: str = "auto", group: Any = None, taps: str = "all"):
+                 statistics_precision: str = "auto", group: Any = None, taps: str = "all",
+                 positions: float = 1.0):
         models = list(models)
         self.taps = check_taps(taps)
+        self.positions = check_positions(positions)
         device = check_models(models)
         self.progress = progress
         self.seconds: dict[str, float] = {}
@@ -158,7 +161,7 @@ class Zipper:
                                              progress=self.progress,
                                              precision=self.statistics_precision,
                                              pairing=self.pairing, group=self.group,
-                                             taps=self.taps))
+                                             taps=self.taps, positions=self.positions))
             self._warn_if_too_few_samples(missing)
         return {s: self._moments[s] for s in spaces}
 
@@ -407,7 +410,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
           reset_bn: bool = True, shared_output: bool = False, progress: bool = True,
           leaf_modules: Sequence[type] = (), concrete_args: dict | None = None,
           statistics_precision: str = "auto", group: Any = None,
-          taps: str = "all", corrections: str | Corrections | None = "default",
+          taps: str = "all", positions: float = 1.0,
+          corrections: str | Corrections | None = "default",
           weight_similarity: float = DEFAULT_WEIGHT_SIMILARITY,
           width: Width = 1.0, settings: str | AutoSettings = "default") -> fx.GraphModule:
     """Merge two models of one architecture into one GraphModule returning `(out_a, out_b)`.
@@ -429,8 +433,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
     corrections: "default" (the default): after the rewrite, a label-free least-squares refit
         of every zipped layer and of each head's first and last layers toward the parents
         (`fxzip.Corrections()`, see `fxzip.corrections`: one more pass over `inputs`, which holds
-        their activations at once: pass a calibration set of moderate size, or a
-        `Corrections(max_rows=...)` and fewer batches). None or "none": plain ZipIt! as in the
+        their activations at once, so it corrects on the first samples whose activations fit
+        `Corrections.memory_gib`, 4 GiB by default). None or "none": plain ZipIt! as in the
         paper (`method="zipit", alpha=0.5, beta=1.0, corrections=None, weight_similarity=0`).
         A `Corrections(...)` chooses refit/REPAIR by hand.
     weight_similarity: in [0, 1], the share of the features' weight similarity mixed into their
@@ -465,13 +469,18 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
         does; cheaper where streams are wide and read often, see the README's Speed) or
         "spread" (every read as "all", each at a share of its positions chosen per sample, about
         1/k for a stream read k times: an unbiased estimate of "all" at about one read's cost).
+    positions: in (0, 1], the share of each read tensor's positions (pixels, tokens) that enters
+        the statistics: every round(1/positions)-th per sample, at least one, chosen per sample
+        from its own values (independent of batching and sharding). 1 (the default) reads all;
+        0.25 makes the feature correlations about 4× cheaper where positions are many (ViT
+        tokens, early conv layers): see the README's Speed for what it costs in accuracy.
     The input models are never modified. The report is in `merged.fxzip_report`.
     """
     return merge_all([model_a, model_b], inputs, stop_at=stop_at, method=method, alpha=alpha,
                      beta=beta, reset_bn=reset_bn, shared_output=shared_output, progress=progress,
                      leaf_modules=leaf_modules, concrete_args=concrete_args,
                      statistics_precision=statistics_precision, group=group, taps=taps,
-                     corrections=corrections, weight_similarity=weight_similarity, width=width,
+                     positions=positions, corrections=corrections, weight_similarity=weight_similarity, width=width,
                      settings=settings)
 
 
@@ -480,7 +489,8 @@ def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | 
               reset_bn: bool = True, shared_output: bool = False, progress: bool = True,
               leaf_modules: Sequence[type] = (), concrete_args: dict | None = None,
               statistics_precision: str = "auto", group: Any = None,
-              taps: str = "all", corrections: str | Corrections | None = "default",
+              taps: str = "all", positions: float = 1.0,
+              corrections: str | Corrections | None = "default",
               weight_similarity: float = DEFAULT_WEIGHT_SIMILARITY,
               width: Width = 1.0, settings: str | AutoSettings = "default") -> fx.GraphModule:
     """Merge N ≥ 2 models (see `merge`); the merged model returns one output per model."""
@@ -490,7 +500,7 @@ def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | 
     resolve_settings(settings)
     zipper = Zipper(models, inputs, progress=progress, leaf_modules=leaf_modules,
                     concrete_args=concrete_args, statistics_precision=statistics_precision,
-                    group=group, taps=taps)
+                    group=group, taps=taps, positions=positions)
     merged = zipper.merge(stop_at, method=method, alpha=alpha, beta=beta, reset_bn=reset_bn,
                           shared_output=shared_output, corrections=corrections,
                           weight_similarity=weight_similarity, width=width, settings=settings)
