@@ -23,9 +23,9 @@ from fxzip.digits import ResNet20, evaluate, load_digits_split, train_classifier
 from fxzip.fidelity import fidelity
 
 try:
-    from permute_util import permuted_by_analysis, rel_err
+    from permute_util import permuted_by_analysis, rel_err, small_resnet
 except ImportError:  # tests/ made a package
-    from tests.permute_util import permuted_by_analysis, rel_err
+    from tests.permute_util import permuted_by_analysis, rel_err, small_resnet
 
 pytestmark = pytest.mark.filterwarnings("ignore::fxzip.errors.CalibrationWarning")
 
@@ -367,3 +367,33 @@ def test_scarce_data_self_merge_of_a_timm_resnet_is_exact():
     merged = fxzip.merge(model, copy.deepcopy(model), x, progress=False, reset_bn=False)
     with torch.no_grad():
         assert all(rel_err(o, ref) < 1e-4 for o in merged(x))
+
+
+def test_memory_budget_corrects_on_the_samples_that_fit():
+    """The pass holds every calibration sample's activations at once; `memory_gib` bounds them by
+    the traced shapes: a budget of a few samples' activations corrects on those first samples
+    only (the report says so), None on all, and a permuted self-merge stays exact (BatchNorm
+    statistics kept: the targets are the parents as given)."""
+    from fxzip.corrections import activation_bytes_per_sample
+
+    a = small_resnet(0)
+    b, _ = permuted_by_analysis(a, torch.randn(8, 1, 8, 8), seed=2)
+    x = torch.randn(40, 1, 8, 8)
+    zipper = fxzip.Zipper([a, b], list(x.split(8)), progress=False)
+    per_sample = activation_bytes_per_sample(zipper.graphs[0])
+    # the stem's output (16 channels × 8 × 8 float32) and the block's are alive together
+    assert 16 * 64 * 4 <= per_sample <= 16 * 64 * 4 * 6
+    budget = 10 * 4 * per_sample / 2**30  # 4 per-sample units per sample (2 parents + 2): 10 fit
+    tight = zipper.merge(None, reset_bn=False, corrections=fxzip.Corrections(memory_gib=budget))
+    report = tight.fxzip_report.corrections
+    assert (report.samples, report.offered) == (10, 40)
+    assert "on 10 of 40 (memory_gib) samples" in str(report)
+    loose = zipper.merge(None, reset_bn=False, corrections=fxzip.Corrections(memory_gib=None))
+    assert loose.fxzip_report.corrections.samples == 40
+    with torch.no_grad():
+        for merged in (tight, loose):
+            out_a, out_b = merged(x)
+            assert rel_err(out_a, a(x)) < 1e-5 and rel_err(out_b, b(x)) < 1e-5
+    for bad in (0, -1.0, True, float("inf"), "4"):
+        with pytest.raises(fxzip.InputError, match="memory_gib"):
+            fxzip.Corrections(memory_gib=bad)
