@@ -53,12 +53,18 @@ def _targets_by_graph0(analysis: Analysis, pairing: Any, k: int) -> dict[str, st
 
 
 def _summary(rows: torch.Tensor) -> torch.Tensor:
-    """(features, m) → (features, ≤ QUANTILES): each row sorted, read at evenly spaced points."""
-    rows = rows.double()
-    if rows.shape[1] <= QUANTILES:
-        return rows.sort(dim=1).values
-    q = torch.linspace(0, 1, QUANTILES, dtype=torch.float64)
-    return torch.quantile(rows, q, dim=1).T
+    """(features, m) → (features, ≤ QUANTILES): each row sorted, read at evenly spaced points
+    (float64; the values of `torch.quantile`'s linear interpolation, bit for bit). The rows are
+    sorted by numpy, whose vectorised sort is about ten times faster than torch's on the CPU."""
+    values = rows.detach().cpu()
+    if values.dtype not in (torch.float32, torch.float64):
+        values = values.float()
+    ordered = torch.from_numpy(np.sort(values.numpy(), axis=1)).double()
+    if ordered.shape[1] <= QUANTILES:
+        return ordered
+    ranks = torch.linspace(0, 1, QUANTILES, dtype=torch.float64) * (ordered.shape[1] - 1)
+    below, above = ranks.long(), ranks.ceil().long()
+    return torch.lerp(ordered[:, below], ordered[:, above], ranks - below)
 
 
 def feature_signatures(graphs: Sequence[fx.GraphModule], analysis: Analysis, pairing: Any,
