@@ -817,9 +817,15 @@ class _Pass:
                 patches, residual = _patches(module, x, rows), residual[rows]
             else:
                 patches = _patches(module, x)
-            patches = torch.cat([patches, patches.new_ones(patches.shape[0], 1)], 1)
-            gram += (patches.T @ patches).double().cpu()
-            cross += (patches.T @ residual).double().cpu()
+            # [X 1]ᵀ[X 1] and [X 1]ᵀR by blocks (no copy of X with a column of ones appended),
+            # float32 products added into the float64 sums in place
+            gram[:d, :d].add_((patches.T @ patches).cpu())
+            sums = patches.sum(0).double().cpu()
+            gram[:d, d].add_(sums)
+            gram[d, :d].add_(sums)
+            gram[d, d] += patches.shape[0]
+            cross[:d].add_((patches.T @ residual).cpu())
+            cross[d].add_(residual.sum(0).double().cpu())
         _reduce([gram, cross], self.group)  # the sums of every rank before the solve
         if gram[d, d] == 0:
             return
@@ -830,7 +836,8 @@ class _Pass:
         penalty = torch.full((gram.shape[0],), float(lam), dtype=torch.float64)
         if intercept:
             penalty[d] = lam * 1e-6  # the intercept is (almost) free
-        system = gram + torch.diag(penalty)
+        system = gram  # not needed after the solve: the penalty is added in place
+        system.diagonal().add_(penalty)
         factor, info = torch.linalg.cholesky_ex(system)
         delta = torch.cholesky_solve(cross, factor) if int(info) == 0 \
             else torch.linalg.lstsq(system, cross).solution
