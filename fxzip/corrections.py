@@ -341,6 +341,16 @@ def _rows(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return y.movedim(1, -1).reshape(-1, y.shape[1])
 
 
+def _rows_at(module: nn.Module, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`_rows(module, y)[rows]` (`rows` a mask over all rows, sample-major) gathered straight
+    from `y`, without first copying every row into the channels-last layout."""
+    if isinstance(module, nn.Linear):
+        return y.reshape(-1, y.shape[-1])[rows.to(y.device)]
+    flat = y.reshape(y.shape[0], y.shape[1], -1)
+    index = rows.nonzero().flatten().to(y.device)
+    return flat[index // flat.shape[2], :, index % flat.shape[2]]
+
+
 def _weight_matrix(module: nn.Module) -> torch.Tensor:
     return module.weight.detach().reshape(module.weight.shape[0], -1)
 
@@ -801,22 +811,22 @@ class _Pass:
         d = weight.shape[1]
         gram = torch.zeros(d + 1, d + 1, dtype=torch.float64)
         cross = torch.zeros(d + 1, weight.shape[0], dtype=torch.float64)
-        counts = torch.tensor([float(sum(y.numel() // weight.shape[0] for y in y0)), 0.0, 0.0],
+        counts = torch.tensor([float(sum(y.numel() // weight.shape[0] for y in y0))],
                               dtype=torch.float64)
-        for y, t in zip(y0, layer.targets):
-            counts[1] += _squared_norm(t - y)
-            counts[2] += _squared_norm(t)
-        _reduce([counts], self.group)  # rows, and the error before, over every rank
-        total_rows, before_num, before_den = counts.tolist()
+        _reduce([counts], self.group)  # the rows of every rank
+        total_rows = counts.item()
         keep = 1.0 if self.options.max_rows is None \
             else min(1.0, self.options.max_rows / max(total_rows, 1.0))
+        errors = torch.zeros(2, dtype=torch.float64)  # Σ (t - y)², Σ t²: the error before
         for x, y, t, keys in zip(inputs, y0, layer.targets, self.sample_keys):
-            residual = _rows(module, t - y)
-            if keep < 1.0:
-                rows = kept_rows(keys, residual.shape[0], keep).to(x.device)
-                patches, residual = _patches(module, x, rows), residual[rows]
+            difference = t - y
+            errors[0] += _squared_norm(difference)
+            errors[1] += _squared_norm(t)
+            if keep < 1.0:  # the kept rows only, gathered without copying the others
+                rows = kept_rows(keys, y.numel() // weight.shape[0], keep).to(x.device)
+                patches, residual = _patches(module, x, rows), _rows_at(module, difference, rows)
             else:
-                patches = _patches(module, x)
+                patches, residual = _patches(module, x), _rows(module, difference)
             # [X 1]ᵀ[X 1] and [X 1]ᵀR by blocks (no copy of X with a column of ones appended),
             # float32 products added into the float64 sums in place
             gram[:d, :d].add_((patches.T @ patches).cpu())
@@ -826,7 +836,8 @@ class _Pass:
             gram[d, d] += patches.shape[0]
             cross[:d].add_((patches.T @ residual).cpu())
             cross[d].add_(residual.sum(0).double().cpu())
-        _reduce([gram, cross], self.group)  # the sums of every rank before the solve
+        _reduce([gram, cross, errors], self.group)  # the sums of every rank before the solve
+        before_num, before_den = errors.tolist()
         if gram[d, d] == 0:
             return
         intercept = layer.bn is not None or module.bias is not None
