@@ -18,9 +18,10 @@ Five measurements, each printed as a table and written as markdown and CSV under
    parameter counts and FLOPs;
 6. cost against the floor (`--ratios` runs only this): for two timm resnet50 and two timm ViT-S/16,
    each in a fresh subprocess, the statistics and the whole merge (`fxzip.merge`, full zip, BN
-   reset included) with `taps="all"` and `taps="last"`, divided by plain forwards of both models
-   over the same batches (interleaved repeats in that one process), the merge's phases, and its
-   peak memory above the models and data.
+   reset included) for each `--ratio-taps` choice (`taps`, optionally `@positions`: "all",
+   "spread", "last", "all@0.25"), divided by plain forwards of both models over the same batches
+   (interleaved repeats in that one process), fxzip's default merge (corrections on) once, the
+   merges' phases, and their peak memory above the models and data.
 
 The machine may be shared and noisy: times are the minimum over repeats and ratios are taken
 within one run, with repetitions of the two sides interleaved. Nothing here asserts on time.
@@ -671,14 +672,16 @@ def floor_table(specs: Sequence[CaseSpec], repeats: int,
         for kind, taps, key in rows:
             phases = r["phases"][key]
             merge = r["best"][key]
-            stats = r["best"][f"statistics {taps}"]
+            # the default merge's taps need not be among the choices timed alone: NaN then
+            stats = r["best"].get(f"statistics {taps}", math.nan)
+            stats_cpu = r["cpu"].get(f"statistics {taps}", math.nan)
             parts = [phases.get(p, 0.0) for p in FLOOR_PHASES]
             peak = r["peaks_mib"][key]
             cpu = r["cpu"]
-            table.add(spec.label, kind, taps, cpu["plain"], cpu[f"statistics {taps}"],
-                      cpu[f"statistics {taps}"] / cpu["plain"], cpu[key], cpu[key] / cpu["plain"],
-                      plain, stats / plain, merge / plain, *parts, merge - sum(parts), r["gram_flops"][taps] / r["forward_flops"],
-                      r["peaks_mib"][f"statistics {taps}"], peak, peak / param_mib,
+            table.add(spec.label, kind, taps, cpu["plain"], stats_cpu, stats_cpu / cpu["plain"],
+                      cpu[key], cpu[key] / cpu["plain"], plain, stats / plain, merge / plain,
+                      *parts, merge - sum(parts), r["gram_flops"][taps] / r["forward_flops"],
+                      r["peaks_mib"].get(f"statistics {taps}", math.nan), peak, peak / param_mib,
                       r["peaks_mib"]["plain"], loads)
     table.notes += [
         f"one fresh process per case; minimum over {repeats} interleaved rounds (plain forwards, "
