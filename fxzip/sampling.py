@@ -1,10 +1,10 @@
 """Deterministic row subsets that depend on each sample's own values.
 
-The corrections' regressions and the statistics' spread taps read only a subset of the rows
-(sample × position) of a tensor. Which rows are kept is decided per sample from a key computed
-from that sample's input values, so that the subset does not depend on how the calibration data
-are batched or sharded over ranks (a merge over several ranks equals the one-process merge), and
-is fixed for a seed.
+The corrections' regressions and the statistics' spread and thinned (`positions=`) taps read
+only a subset of the rows (sample × position) of a tensor. Which rows are kept is decided per
+sample from a key computed from that sample's input values, so that the subset does not depend
+on how the calibration data are batched or sharded over ranks (a merge over several ranks equals
+the one-process merge), and is fixed for a seed.
 """
 from __future__ import annotations
 
