@@ -480,8 +480,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
                      beta=beta, reset_bn=reset_bn, shared_output=shared_output, progress=progress,
                      leaf_modules=leaf_modules, concrete_args=concrete_args,
                      statistics_precision=statistics_precision, group=group, taps=taps,
-                     positions=positions, corrections=corrections, weight_similarity=weight_similarity, width=width,
-                     settings=settings)
+                     positions=positions, corrections=corrections,
+                     weight_similarity=weight_similarity, width=width, settings=settings)
 
 
 def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | None = None,
