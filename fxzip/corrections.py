@@ -44,9 +44,10 @@ Memory: the pass runs the merged model and every parent node by node over ALL it
 batches at once, so it keeps the live activations of all of them (and, per layer, the ``(d+1)²``
 Gram matrix of its inputs, ``d`` = in-features × kernel size). `Corrections.memory_gib` bounds
 that: the activations a sample needs are estimated from the traced shapes
-(`activation_bytes_per_sample`), and only the first samples that fit the budget are corrected on
-(4 GiB by default: every sample of a small model, about a hundred 224² images of a ResNet-50
-pair); the report says how many were used. The cost of the pass is then bounded too.
+(`activation_bytes_per_sample`), and only about as many samples as fit the budget are corrected
+on, chosen from every batch by their own values (4 GiB by default: every sample of a small model,
+about a hundred 224² images of a ResNet-50 pair); the report says how many were used. The cost of
+the pass is then bounded too.
 """
 from __future__ import annotations
 
@@ -64,10 +65,10 @@ import torch.nn.functional as F
 
 from .distributed import all_reduce_sum, is_distributed
 from .errors import InputError
-from .inputs import batch_size, batch_tensors, leading
+from .inputs import batch_size, batch_tensors, leading, selected
 from .matching import Match
 from .passes.rewrite import Layouts
-from .sampling import kept_rows, sample_keys
+from .sampling import kept_rows, sample_keys, unit_keys
 from .tracing import is_inplace
 
 if TYPE_CHECKING:  # type hints only: the pass reads `analysis.feat`, `.spaces` and Feat blocks
@@ -99,9 +100,11 @@ class Corrections:
         (as `fxzip.reset_bn`, on the corrected inputs); False leaves them as they are.
     seed: the seed of the row subset.
     memory_gib: the activations the pass may hold at once, in GiB, estimated from the traced
-        shapes: the calibration samples past those that fit are left out of the corrections
-        (the first ones are used; the report says how many); None: every sample. Under
-        torch.distributed the budget is per rank (each rank's first samples).
+        shapes: where the calibration samples do not all fit, about as many as fit are corrected
+        on, chosen from every batch by the samples' own values (not the first ones: data sorted
+        by class keep every class; the report says how many); None: every sample. Under
+        torch.distributed the share is of all ranks' samples: the same samples as in one
+        process.
     """
 
     refit_trunk: bool = True
@@ -476,6 +479,28 @@ def activation_bytes_per_sample(gm: fx.GraphModule) -> float | None:
             if last.get(arg) == i:
                 total -= live.pop(arg, 0)
     return peak / batch if batch else None
+
+
+def _within_budget(batches: list[Any], budget: int | None, seed: int, group: Any) -> list[Any]:
+    """About `budget` samples of `batches` (all if they fit), spread over all of them: sample i is
+    kept where its key (from its own values, `fxzip.sampling`) falls below budget / total, total
+    counted over every rank, so the subset depends neither on the order of the data (a loader
+    sorted by class keeps every class) nor on its batching or sharding; at least one sample in
+    one process. Batches left empty are dropped."""
+    count = torch.tensor([float(sum(batch_size(x) for x in batches))], dtype=torch.float64)
+    _reduce([count], group)
+    total = count.item()
+    if budget is None or total <= budget:
+        return batches
+    share = budget / total
+    kept = []
+    for x in batches:
+        mask = unit_keys(sample_keys(x, seed + 1)) < share  # keys apart from the rows' keys
+        if bool(mask.any()):
+            kept.append(selected(x, mask))
+    if not kept and batches and not is_distributed():  # a budget below one sample's share
+        kept = [leading(batches[0], 1)]
+    return kept
 
 
 def samples_within(graphs: Sequence[fx.GraphModule], memory_gib: float | None) -> int | None:
@@ -947,19 +972,19 @@ def correct(merged: fx.GraphModule, graphs: Sequence[fx.GraphModule], analysis: 
                                     or max_samples < 1):
         raise InputError(f"max_samples must be None or an int >= 1, got {max_samples!r}")
     start = time.perf_counter()
-    budget = samples_within(graphs, options.memory_gib)
-    if budget is not None:
-        max_samples = budget if max_samples is None else min(max_samples, budget)
-    batches, seen, offered = [], 0, 0
+    batches, seen = [], 0
     for x in inputs:
-        n = batch_size(x)
-        offered += n
         if max_samples is not None and seen >= max_samples:
-            continue
+            break
+        n = batch_size(x)
         if max_samples is not None and seen + n > max_samples:
             x, n = leading(x, max_samples - seen), max_samples - seen
         batches.append(x)
         seen += n
+    offered = seen
+    batches = _within_budget(batches, samples_within(graphs, options.memory_gib), options.seed,
+                             group)
+    seen = sum(batch_size(x) for x in batches)
     if not batches and not is_distributed():
         raise InputError("correct() needs at least one calibration batch")
     was_training = merged.training

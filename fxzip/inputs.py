@@ -3,7 +3,7 @@
 A batch is one tensor `x` (the model's first input; `(x, y, ...)` tuples give `x`) or a dict of
 keyword arguments for the model's `forward` (`{"input_ids": ..., "attention_mask": ...}`, also as
 the first item of a tuple). The helpers below treat both alike: `call_model`, `leading`,
-`describe`, `batch_device`."""
+`selected`, `describe`, `batch_device`."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
@@ -79,6 +79,15 @@ def leading(batch: Batch, n: int) -> Batch:
     size = batch_size(batch)
     return {k: v[:n] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == size else v
             for k, v in batch.items()}
+
+
+def selected(batch: Batch, mask: torch.Tensor) -> Batch:
+    """The samples where `mask` (one bool per sample) is set, as `leading` cuts its first ones."""
+    if not isinstance(batch, dict):
+        return batch[mask.to(batch.device)]
+    size = batch_size(batch)
+    return {k: v[mask.to(v.device)] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == size
+            else v for k, v in batch.items()}
 
 
 def to_device(batch: Batch, device: torch.device | None) -> Batch:
