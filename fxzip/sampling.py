@@ -14,13 +14,14 @@ import torch
 
 from .inputs import batch_size, batch_tensors
 
-__all__ = ["GOLDEN", "sample_keys", "kept_rows", "kept_positions"]
+__all__ = ["GOLDEN", "sample_keys", "unit_keys", "kept_rows", "kept_positions"]
 
 GOLDEN = 0.6180339887498949
 
 
 def sample_keys(batch: Any, seed: int) -> torch.Tensor:
-    """One number in [0, 1) per sample, computed from the sample's own values (a fixed random
+    """One number in (-1, 1) per sample (the fractional part keeps the sign of a negative
+    projection: use `unit_keys` for [0, 1)), computed from the sample's own values (a fixed random
     projection), so that which rows of a sample are kept does not depend on how the calibration
     data are batched or sharded over ranks."""
     n = batch_size(batch)
@@ -31,6 +32,11 @@ def sample_keys(batch: Any, seed: int) -> torch.Tensor:
     projection = torch.rand(flat.shape[1], generator=generator, dtype=torch.float64) + 0.5
     # rounded, so that summation order (which may differ with the batch) cannot move a key
     return torch.frac(torch.round((flat * projection).sum(1) * 2.0 ** 20) * GOLDEN)
+
+
+def unit_keys(keys: torch.Tensor) -> torch.Tensor:
+    """`sample_keys` mapped into [0, 1) (x mod 1: a negative key wraps around), equidistributed."""
+    return torch.remainder(keys, 1.0)
 
 
 def kept_positions(keys: torch.Tensor, positions: int, keep: float,

@@ -361,3 +361,17 @@ def test_positions_read_a_share_of_each_images_positions():
     for bad in (0, 0.0, 1.5, -0.25, True, "half", float("nan")):
         with pytest.raises(InputError, match="positions"):
             fxzip.merge(a, b, x, progress=False, positions=bad)
+
+
+def test_spread_offsets_cover_every_position_evenly():
+    """The per-sample keys lie in (-1, 1) (a fractional part keeps the sign); the offsets of
+    spread and thinned reads come from them mapped into [0, 1), so every offset of a stride is
+    about equally likely (clamping negative keys to 0 made offset 0 take half the samples)."""
+    from fxzip.sampling import sample_keys, unit_keys
+
+    keys = sample_keys(torch.randn(4000, 3, 4, 4, generator=torch.Generator().manual_seed(0)), 0)
+    assert (keys < 0).any()
+    unit = unit_keys(keys)
+    assert 0 <= float(unit.min()) and float(unit.max()) < 1
+    shares = torch.bincount((unit * 4).long(), minlength=4).double() / len(unit)
+    assert torch.all((shares > 0.22) & (shares < 0.28)), shares

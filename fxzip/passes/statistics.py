@@ -29,7 +29,7 @@ from ..distributed import all_reduce_moments
 from ..errors import InputError, NonFiniteError
 from ..inputs import Batches, call_model, describe
 from ..pairing import Pairing, pair_graphs
-from ..sampling import sample_keys
+from ..sampling import sample_keys, unit_keys
 from .analysis import Analysis, Tap
 
 
@@ -486,7 +486,7 @@ class Observer(nn.Module):
         stride *= max(1, min(round(1.0 / read.positions), positions))
         if stride == 1:
             return None
-        offsets = (torch.frac(keys + read.salt) * stride).long().clamp_(0, stride - 1).tolist()
+        offsets = (unit_keys(keys + read.salt) * stride).long().clamp_(0, stride - 1).tolist()
         return offsets, kept_counts(offsets, positions, stride), stride
 
 
