@@ -433,8 +433,9 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
     corrections: "default" (the default): after the rewrite, a label-free least-squares refit
         of every zipped layer and of each head's first and last layers toward the parents
         (`fxzip.Corrections()`, see `fxzip.corrections`: one more pass over `inputs`, which holds
-        their activations at once, so it corrects on the first samples whose activations fit
-        `Corrections.memory_gib`, 4 GiB by default). None or "none": plain ZipIt! as in the
+        their activations at once, so it corrects on about as many samples as fit
+        `Corrections.memory_gib`, 4 GiB by default, chosen from every batch by their own
+        values). None or "none": plain ZipIt! as in the
         paper (`method="zipit", alpha=0.5, beta=1.0, corrections=None, weight_similarity=0`).
         A `Corrections(...)` chooses refit/REPAIR by hand.
     weight_similarity: in [0, 1], the share of the features' weight similarity mixed into their
