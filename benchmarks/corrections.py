@@ -1,12 +1,13 @@
-"""Label-free corrections of a zipit merge (`fxzip.corrections`), measured on setting (a) of
-`benchmarks/accuracy.py`: ResNet-20×W on the digits halves (0–4 / 5–9), several model pairs.
+"""Label-free corrections of a zipit merge (`fxzip.corrections`), measured on a setting of
+`benchmarks/accuracy.py` (default (a): ResNet-20×W on the digits halves 0–4 / 5–9; also (b), (c),
+(e)), several model pairs.
 
-    python benchmarks/corrections.py [--pairs 4] [--width 4] [--epochs 20] [--quick]
+    python benchmarks/corrections.py [--setting a] [--pairs 4] [--width 4] [--epochs 20] [--quick]
                                      [--variants a,b,...] [--ridge 1e-2] [--out benchmarks/results]
 
 Every variant merges with zipit at alpha=0.5, beta=1 (the defaults) and then applies one set of
-corrections; joint accuracy (%, on the test data) at the stop points layer1 / layer2 / full
-(stop_at=None) is reported as the mean over the evaluation pairs (seeds 1..P), next to the
+corrections; joint accuracy (%, on the test data) at the setting's stop points (for (a): layer1
+/ layer2 / full, stop_at=None) is reported as the mean over the evaluation pairs (seeds 1..P), next to the
 ensemble of the two (BN-reset) models. Pair seeds, training and calibration data are those of
 `benchmarks/accuracy.py` (its functions are imported). Phase times of each merge are measured:
 `merge` = `Zipper.merge` (statistics are collected once per pair before the timing and added
@@ -37,7 +38,18 @@ from fxzip.fidelity import fidelity  # noqa: E402
 
 from benchmarks.accuracy import accuracy_of, make_settings, train_pair  # noqa: E402
 
-STOPS = {"layer1": "layer1", "layer2": "layer2", "full": None}
+STOPS = {"layer1": "layer1", "layer2": "layer2", "full": None}  # setting (a)'s
+
+
+def stops_of(setting) -> dict[str, str | None]:
+    """A setting's stop points (label -> stop_at): (a)'s STOPS, else the setting's own but the
+    last before "full" where the two zip the same layers (its note says so)."""
+    if setting.key == "a":
+        return dict(STOPS)
+    stops = [s for s in setting.stops if not s.shared_output]
+    if "same layers" in setting.note and len(stops) > 1:
+        stops = stops[:-2] + stops[-1:]
+    return {s.label: s.stop_at for s in stops}
 
 # name -> Corrections (None: plain zipit with Zipper's BN reset)
 VARIANTS: dict[str, Corrections | None] = {
@@ -87,7 +99,7 @@ class Result:
 def trained_pair(setting, data, pair: int, epochs: int, width: int, cache: Path | None,
                  log=print) -> list[torch.nn.Module]:
     """`benchmarks.accuracy.train_pair`, with the state dicts kept in `cache` (if given)."""
-    path = None if cache is None else cache / f"a_w{width}_e{epochs}_pair{pair}.pt"
+    path = None if cache is None else cache / f"{setting.key}_w{width}_e{epochs}_pair{pair}.pt"
     models = [setting.make_model(), setting.make_model()]
     if path is not None and path.exists():
         for m, state in zip(models, torch.load(path)):
@@ -112,7 +124,7 @@ def run_pair(setting, data, pair: int, epochs: int, variants: Sequence[str], wid
     zipper = fxzip.Zipper(models, data.calibration, progress=False)
     held_out = [data.x_val]  # fidelity (to the BN-reset parents) on data that no correction saw
     results = []
-    for label, stop_at in STOPS.items():
+    for label, stop_at in stops_of(setting).items():
         tick = time.perf_counter()
         zipper.statistics(zipper.analysis.spaces_of(zipper.analysis.trunk(stop_at)))
         statistics = time.perf_counter() - tick
@@ -129,7 +141,7 @@ def run_pair(setting, data, pair: int, epochs: int, variants: Sequence[str], wid
 
 def table(results: list[Result], ensembles: list[float], variants: Sequence[str]) -> str:
     """Mean joint accuracy per variant and stop, the gap closed, fidelity and time."""
-    stops = list(STOPS)
+    stops = list(dict.fromkeys(r.stop for r in results))
     pairs = sorted({r.pair for r in results})
     ens = 100 * float(np.mean(ensembles))
     mean = {(v, s): 100 * float(np.mean([r.joint for r in results if r.variant == v and r.stop == s]))
@@ -163,7 +175,7 @@ def cost(setting, data, pair: int, epochs: int, width: int, cache: Path | None,
     models = trained_pair(setting, data, pair, epochs, width, cache, log)
     lines = ["| stop | variant | seconds (median) | ratio to zipit | phases |",
              "| --- | --- | ---: | ---: | --- |"]
-    for label, stop_at in STOPS.items():
+    for label, stop_at in stops_of(setting).items():
         times: dict[str, list[float]] = {v: [] for v in variants}
         phases: dict[str, dict[str, float]] = {}
         for _ in range(repeats):
@@ -184,9 +196,12 @@ def cost(setting, data, pair: int, epochs: int, width: int, cache: Path | None,
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setting", default="a", choices=("a", "b", "c", "e"),
+                        help="the benchmarks/accuracy.py setting (default a)")
     parser.add_argument("--pairs", type=int, default=None, help="evaluation pairs (default 4)")
     parser.add_argument("--width", type=int, default=None, help="ResNet-20 width (default 4)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 20)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="training epochs (default: the setting's, 20 for (a))")
     parser.add_argument("--variants", default=None, help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--ridge", type=float, default=None, help="override every variant's ridge")
     parser.add_argument("--quick", action="store_true")
@@ -200,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     pairs = args.pairs or (2 if args.quick else 4)
     width = args.width or (1 if args.quick else 4)
-    epochs = args.epochs or (8 if args.quick else 20)
+    setting = make_settings(width)[args.setting]
+    epochs = args.epochs or (8 if args.quick else setting.epochs)
     variants = args.variants.split(",") if args.variants else \
         list(QUICK_VARIANTS if args.quick else VARIANTS)
     unknown = [v for v in variants if v not in VARIANTS]
@@ -210,11 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, options in VARIANTS.items():
             if options is not None:
                 VARIANTS[name] = Corrections(**{**options.__dict__, "ridge": args.ridge})
-    setting = make_settings(width)["a"]
     data = setting.load()
     if args.cost:
-        text = (f"## Cost on setting (a): ResNet-20x{width}, {len(data.calibration)} calibration "
-                f"batches\n\n" + cost(setting, data, 1, epochs, width, args.cache, variants) + "\n")
+        text = (f"## Cost on setting ({setting.key}): {setting.title}, {len(data.calibration)} "
+                f"calibration batches\n\n" + cost(setting, data, 1, epochs, width, args.cache, variants) + "\n")
         print(text)
         if args.out:
             args.out.write_text(text)
@@ -225,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows, ensemble = run_pair(setting, data, pair, epochs, variants, width, args.cache)
         results += rows
         ensembles.append(ensemble)
-    text = (f"## Corrections on setting (a): digits 5+5, ResNet-20x{width}, {epochs} epochs\n\n"
+    text = (f"## Corrections on setting ({setting.key}): {setting.title}, {epochs} epochs\n\n"
             + table(results, ensembles, variants) + f"\n\nRun time {time.perf_counter() - start:.0f}s.\n")
     print(text)
     if args.out:
