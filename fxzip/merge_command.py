@@ -177,8 +177,13 @@ def process_group(device: torch.device) -> Iterator[None]:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # every rank done with its collectives before any tears the group down (a gloo rank that
+    # destroyed it while its peer was still finishing aborted once, under load, at exit)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def shard(batches: Any, rank: int, world: int) -> Any:
