@@ -325,7 +325,7 @@ class FidelityPoint:
     rel_val: float
     val: Accuracy
     test: Accuracy | None = None
-    chosen: bool = False  # the fidelity (KL) choice of settings="auto"
+    chosen: bool = False  # the choice of settings="auto" (by its measure)
     seconds: float = 0.0
 
 
@@ -722,8 +722,9 @@ def study_markdown(result: SettingResult) -> str:
         n = len({(p.alpha, p.beta, p.corrections) for p in evals})
         lines += [f"Evaluation pairs (seeds {pairs[0]}..{pairs[-1]}), the settings=\"auto\" grid "
                   f"({n} points: alpha x beta x corrections default/none) against TEST joint "
-                  "accuracy, mean ± std over the pairs; 'auto' = the KL choice (what "
-                  "settings=\"auto\" returns), 'by rel.err' = the choice by relative error, 'by "
+                  "accuracy, mean ± std over the pairs; 'auto' = what settings=\"auto\" "
+                  f"returns (measure {AutoSettings().measure}), 'by KL' / 'by rel.err' = the "
+                  "choice by KL / by relative error, 'by "
                   "val labels' = the grid point with the best validation joint accuracy, "
                   "'oracle' = the best test joint accuracy of the grid; 'corrected points only': "
                   "rho over the grid points with corrections on (the corrections on/off gap "
@@ -732,7 +733,8 @@ def study_markdown(result: SettingResult) -> str:
                   ""]
         rows = []
         for stop in stops:
-            rho_kl, rho_rel, rho_on, auto, by_rel, by_val, oracle, on = [], [], [], [], [], [], [], 0
+            rho_kl, rho_rel, rho_on, auto, by_kl, by_rel, by_val, oracle, on = \
+                [], [], [], [], [], [], [], [], 0
             for pair in pairs:
                 pts = [p for p in evals if p.pair == pair and p.stop == stop]
                 if not pts:
@@ -745,6 +747,7 @@ def study_markdown(result: SettingResult) -> str:
                 chosen = next(p for p in pts if p.chosen)
                 on += chosen.corrections == "default"
                 auto.append(chosen.test.joint)
+                by_kl.append(_first_best(pts, lambda p: -p.kl).test.joint)
                 by_rel.append(_first_best(pts, lambda p: -p.rel).test.joint)
                 by_val.append(_first_best(pts, lambda p: (p.val.joint, p.val.avg)).test.joint)
                 oracle.append(max(joint))
@@ -753,14 +756,14 @@ def study_markdown(result: SettingResult) -> str:
             cost = [result.merge_seconds.get(f"{w} {stop}", float("nan")) / max(k, 1)
                     for w in ("auto", "default")]
             rows.append([stop, _pm(rho_kl), _pm(rho_rel), _pm(rho_on), _pm(auto, 100, 1),
-                         _pm(by_rel, 100, 1),
+                         _pm(by_kl, 100, 1), _pm(by_rel, 100, 1),
                          _pm(by_val, 100, 1), _pm(oracle, 100, 1), _pm(delta, 100, 1),
                          f"{on}/{k}", f"{cost[0]:.1f} / {cost[1]:.1f}"])
         lines += [tables.markdown_table(["stop", "rho KL cal", "rho rel.err cal",
-                                         "rho KL cal, corrected points only", "auto (KL)",
-                                         "by rel.err", "by val labels", "oracle",
+                                         "rho KL cal, corrected points only", "auto",
+                                         "by KL", "by rel.err", "by val labels", "oracle",
                                          "auto - by val labels", "corrections chosen",
-                                         "seconds auto / default"], rows, right=range(1, 11))]
+                                         "seconds auto / default"], rows, right=range(1, 12))]
     return "\n".join(lines)
 
 

@@ -448,7 +448,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
         (`fxzip.width`); "zipit" and "permute" take widths above 1.
     settings: "default" (alpha, beta and corrections as given) or "auto": zipit's alpha and beta
         and corrections on/off chosen for the stop point, without labels, by the merge's
-        fidelity to its parents (the heads' KL divergence from the parents' softmaxes) on the
+        fidelity to its parents (the relative error of the heads' outputs to the parents') on the
         last eighth of `inputs`, over a small grid (`fxzip.auto_settings`: 3 alphas × 2 betas ×
         corrections on/off, so about 12 merges' cost; statistics collected once); an
         `AutoSettings(...)` sets the grid, the measure and held-out inputs of their own.
