@@ -264,38 +264,46 @@ class _ConvStream(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
+def _stream_read_in_part(splits: list[int], **read) -> tuple[Moments, Moments]:
+    """The moments of _ConvStream's stream read with the Zipper options `read` (a share of the
+    positions) and read whole, after the checks every partial read must pass: the batching
+    `splits` gives the same samples and moments (positions are chosen per image), the
+    correlations estimate the whole read's, and a permuted self-merge read so is exact."""
+    from permute_util import permuted_by_analysis
+
+    torch.manual_seed(0)
+    a, other = _ConvStream().eval(), _ConvStream().eval()
+    x = torch.randn(48, 3, 6, 6)
+    one = fxzip.Zipper([a, other], [x], progress=False, **read)
+    analysis = one.analysis
+    stream = max(analysis.mergeable_spaces(), key=lambda s: len(analysis.spaces[s].taps))
+    assert len(analysis.spaces[stream].taps) == 4
+    part = one.statistics([stream])[stream].features
+    full = fxzip.Zipper([a, other], [x], progress=False).statistics([stream])[stream].features
+    assert full.count == 48 * (3 * 36 + 1)
+    split = fxzip.Zipper([a, other], list(x.split(splits)), progress=False, **read)
+    moved = split.statistics([stream])[stream].features
+    assert moved.count == part.count
+    np.testing.assert_allclose(moved.mean.numpy(), part.mean.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(moved.correlation()[0], part.correlation()[0], atol=1e-5)
+    difference = np.abs(part.correlation()[0] - full.correlation()[0])
+    assert 0 < difference.max() < 0.2 and difference.mean() < 0.03
+    b, _ = permuted_by_analysis(a, x[:8], seed=1)
+    merged = fxzip.merge(a, b, x, progress=False, reset_bn=False, corrections=None, **read)
+    with torch.no_grad():
+        out_a, out_b = merged(x)
+        assert torch.allclose(out_a, a(x), atol=1e-5) and torch.allclose(out_b, b(x), atol=1e-5)
+    return part, full
+
+
 def test_taps_spread_reads_a_share_of_positions_that_does_not_depend_on_batching():
     """taps="spread" reads a stream at every tap but each at about max(P)/sum(P) of its
     positions (here 36/(3·36 + 1): every 3rd position from an offset per image), so the stream's
     samples are about those of one read; which positions are kept depends on each image alone,
     so other batch sizes give the same samples and moments; the correlations estimate those of
     taps="all"; a model merged with a permuted copy of itself is still exact."""
-    from permute_util import permuted_by_analysis
-
-    torch.manual_seed(0)
-    a, other = _ConvStream().eval(), _ConvStream().eval()
-    x = torch.randn(48, 3, 6, 6)
-    one = fxzip.Zipper([a, other], [x], progress=False, taps="spread")
-    analysis = one.analysis
-    stream = max(analysis.mergeable_spaces(), key=lambda s: len(analysis.spaces[s].taps))
-    assert len(analysis.spaces[stream].taps) == 4
-    spread = one.statistics([stream])[stream].features
-    full = fxzip.Zipper([a, other], [x], progress=False).statistics([stream])[stream].features
-    assert full.count == 48 * (3 * 36 + 1)
+    spread, full = _stream_read_in_part([7, 25, 16], taps="spread")
     assert abs(spread.count - full.count / 3) <= 48 * 2  # every 3rd position, the pooled 1/3
-    split = fxzip.Zipper([a, other], list(x.split([7, 25, 16])), progress=False, taps="spread")
-    moved = split.statistics([stream])[stream].features
-    assert moved.count == spread.count
-    np.testing.assert_allclose(moved.mean.numpy(), spread.mean.numpy(), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(moved.correlation()[0], spread.correlation()[0], atol=1e-5)
-    difference = np.abs(spread.correlation()[0] - full.correlation()[0])
-    assert 0 < difference.max() < 0.2 and difference.mean() < 0.03
-    b, _ = permuted_by_analysis(a, x[:8], seed=1)
-    merged = fxzip.merge(a, b, x, progress=False, taps="spread", reset_bn=False,
-                         corrections=None)
-    with torch.no_grad():
-        out_a, out_b = merged(x)
-        assert torch.allclose(out_a, a(x), atol=1e-5) and torch.allclose(out_b, b(x), atol=1e-5)
 
 
 @pytest.mark.parametrize("expand", [1, 3])
@@ -333,34 +341,13 @@ def test_positions_read_a_share_of_each_images_positions():
     image's own values) at every tap with positions, and the pooled tap (1 position) whole; the
     samples do not depend on the batching; the correlations estimate the full read's; a model
     merged with a permuted copy of itself is still exact; bad values are refused."""
-    from permute_util import permuted_by_analysis
-
-    torch.manual_seed(0)
-    a, other = _ConvStream().eval(), _ConvStream().eval()
-    x = torch.randn(48, 3, 6, 6)
-    one = fxzip.Zipper([a, other], [x], progress=False, positions=0.25)
-    analysis = one.analysis
-    stream = max(analysis.mergeable_spaces(), key=lambda s: len(analysis.spaces[s].taps))
-    thinned = one.statistics([stream])[stream].features
-    full = fxzip.Zipper([a, other], [x], progress=False).statistics([stream])[stream].features
-    assert full.count == 48 * (3 * 36 + 1)
+    thinned, _ = _stream_read_in_part([5, 30, 13], positions=0.25)
     assert thinned.count == 48 * (3 * 9 + 1)  # 36 positions: exactly 9 per image and tap
-    split = fxzip.Zipper([a, other], list(x.split([5, 30, 13])), progress=False, positions=0.25)
-    moved = split.statistics([stream])[stream].features
-    assert moved.count == thinned.count
-    np.testing.assert_allclose(moved.mean.numpy(), thinned.mean.numpy(), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(moved.correlation()[0], thinned.correlation()[0], atol=1e-5)
-    difference = np.abs(thinned.correlation()[0] - full.correlation()[0])
-    assert 0 < difference.max() < 0.2 and difference.mean() < 0.03
-    b, _ = permuted_by_analysis(a, x[:8], seed=1)
-    merged = fxzip.merge(a, b, x, progress=False, positions=0.25, reset_bn=False,
-                         corrections=None)
-    with torch.no_grad():
-        out_a, out_b = merged(x)
-        assert torch.allclose(out_a, a(x), atol=1e-5) and torch.allclose(out_b, b(x), atol=1e-5)
+    a = _ConvStream().eval()
+    x = torch.randn(8, 3, 6, 6)
     for bad in (0, 0.0, 1.5, -0.25, True, "half", float("nan")):
         with pytest.raises(InputError, match="positions"):
-            fxzip.merge(a, b, x, progress=False, positions=bad)
+            fxzip.merge(a, a, x, progress=False, positions=bad)
 
 
 def test_spread_offsets_cover_every_position_evenly():
