@@ -32,7 +32,8 @@ def _worker_module():
 def test_two_ranks_equal_one_process_merge(tmp_path):
     """Rank 0 holds batches 0-2 and rank 1 batches 3-4 ("unequal"), or rank 0 all and rank 1 none
     ("empty"): both ranks return the same model (bitwise), with the one-process merge's matchings,
-    sample counts and dead-unit fallbacks, its correlations to 1e-12 and its outputs to 1e-5."""
+    sample counts and dead-unit fallbacks, its correlations to 1e-6 (each rank sums its own products
+    in float32 before the float64 all-reduce: 6e-8 measured) and its outputs to 1e-5."""
     torchrun = [sys.executable, "-m", "torch.distributed.run"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [str(WORKER.parent.parent), os.environ.get("PYTHONPATH", "")])}
@@ -49,7 +50,7 @@ def test_two_ranks_equal_one_process_merge(tmp_path):
             assert result["counts"] == single["counts"], case
             assert result["fallbacks"] == single["fallbacks"], case
             for s, corr in single["correlations"].items():
-                assert torch.allclose(result["correlations"][s], corr, atol=1e-12, rtol=0), case
+                assert torch.allclose(result["correlations"][s], corr, atol=1e-6, rtol=0), case
             for out, ref in zip(result["outputs"], single["outputs"]):
                 assert torch.allclose(out, ref, atol=1e-5, rtol=0), case
         # the statistics' all-reduce sends the packed upper triangles of the co-moments (plus

@@ -221,17 +221,16 @@ def test_taps_last_reads_a_stream_once_and_self_merges_exactly():
 
 def test_moments_fold_buffered_products_and_pending_means_exactly(monkeypatch):
     """Products buffered in float32 for a few batches and batch means folded in groups (small
-    FLUSH_EVERY / MAX_PENDING here) give numpy's moments, away from zero mean too; reads in the
-    middle of the stream settle what is pending and the stream goes on."""
+    FLUSH_EVERY / FLUSH_ROWS / MAX_PENDING here) give numpy's moments, away from zero mean too;
+    reads in the middle of the stream settle what is pending and the stream goes on."""
     monkeypatch.setattr(Moments, "FLUSH_EVERY", 3)
+    monkeypatch.setattr(Moments, "FLUSH_ROWS", 40)
     monkeypatch.setattr(Moments, "MAX_PENDING", 4)
     rng = np.random.default_rng(5)
     batches = [_columns(rng, [4, 3], n, 50.0) for n in (5, 12, 1, 30, 8, 17, 9, 40, 2, 11)]
     moments = Moments(7, torch.device("cpu"))
     for i, cols in enumerate(batches):
         moments.update(cols)
-        if i % 2:
-            moments.end_batch()
         if i == 5:
             seen = np.concatenate([torch.cat(c).double().numpy() for c in batches[:6]], axis=1)
             assert moments.count == seen.shape[1]

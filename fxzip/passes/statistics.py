@@ -47,16 +47,19 @@ class Moments:
     variance: what a correlation needs for a few features only.
 
     The per-batch work is the Gram product of the batch centred on its own mean, added by the
-    product itself (`addmm_`) into a float32 buffer that is moved into the float64 `m2` at the
-    end of each calibration batch (`end_batch`: the taps of one batch summed in float32, so the
-    float64 sums do not depend on how batches are sharded over ranks) or after `FLUSH_EVERY`
-    products; the scatter of the batch means about the overall mean (the between-
-    batch part of the moments: Chan et al.'s parallel update) is added in float64 when the
-    moments are read, in one product over all batches' means since the last read, instead of a
-    rank-1 update of the whole matrix per batch. `count`, `mean` and `m2` are exact on every read.
+    product itself (`addmm_`) into a float32 buffer that is moved into the float64 `m2` after
+    `FLUSH_EVERY` products or `FLUSH_ROWS` samples, whichever comes first (a float32 sum no
+    longer than one product of FLUSH_ROWS samples; moving it costs a pass over the matrix, as
+    much as a product of a few dozen samples, so it is not done per calibration batch); the
+    scatter of the batch means about the overall mean (the between-batch part of the moments:
+    Chan et al.'s parallel update) is added in float64 when the moments are read, in one product
+    over all batches' means since the last read, instead of a rank-1 update of the whole matrix
+    per batch. `count`, `mean` and `m2` are exact on every read. How the batches are grouped
+    (over ranks, into batches) changes the sums by float32 rounding only.
     """
 
-    FLUSH_EVERY = 16  # float32 sums of at most this many products: relative error ≲ 16·2^-24
+    FLUSH_EVERY = 16  # float32 sums of at most this many products
+    FLUSH_ROWS = 1 << 16  # ... and of at most this many samples (positions included)
     MAX_PENDING = 256  # batch means kept before they are folded into `m2`
 
     def __init__(self, dim: int, device: torch.device, rows: Sequence[int] | None = None):
@@ -64,7 +67,7 @@ class Moments:
         self._count = 0
         self._mean = torch.zeros(dim, dtype=torch.float64, device=device)
         height = dim if rows is None else len(rows)
-        # the full matrix is made by the first flush (a float64 copy of the float32 products)
+        # the square matrix is made by the first flush (a float64 copy of the float32 products)
         self._m2 = torch.zeros(height, dim, dtype=torch.float64, device=device) \
             if rows is not None else None
         self._shape, self._device = (height, dim), device
@@ -73,6 +76,7 @@ class Moments:
         # from its diagonal on (the upper triangle: about half the matrix)
         self._buffer: list[torch.Tensor] | None = None
         self._buffered = 0  # products in the buffer (0: stale, the next product overwrites it)
+        self._buffered_rows = 0  # their samples
         self._pending: list[tuple[int, torch.Tensor]] = []  # (count, float64 mean) per batch
 
     # exact views: every read folds what is pending first ---------------------------------------
@@ -97,6 +101,8 @@ class Moments:
 
     @property
     def m2(self) -> torch.Tensor:
+        """The centred co-moments (float64). Without `rows`, only the upper triangle (diagonal
+        included) is meaningful: the lower one is never read."""
         self.settle()
         if self._m2 is None:
             self._m2 = torch.zeros(self._shape, dtype=torch.float64, device=self._device)
@@ -129,7 +135,8 @@ class Moments:
                                 for start, stop in upper_blocks(dim)]
             add_upper_product(self._buffer, joint, overwrite=self._buffered == 0)
             self._buffered += 1
-            if self._buffered >= self.FLUSH_EVERY:
+            self._buffered_rows += n
+            if self._buffered >= self.FLUSH_EVERY or self._buffered_rows >= self.FLUSH_ROWS:
                 self._flush()
         else:
             self._m2 += (joint[self.rows] @ joint.T).double()
@@ -138,21 +145,20 @@ class Moments:
         if len(self._pending) >= self.MAX_PENDING:
             self.settle()
 
-    def end_batch(self) -> None:
-        """Called after each calibration batch: its products move into the float64 sums (so the
-        sums do not depend on how batches are grouped, e.g. over ranks, beyond float64
-        rounding)."""
-        self._flush()
-
     def _flush(self) -> None:
         """Move the float32 products into the float64 sums; the next product overwrites the
         buffer."""
         if self._buffer is not None and self._buffered:
-            if self._m2 is None:
-                self._m2 = torch.zeros(self._shape, dtype=torch.float64, device=self._device)
+            first = self._m2 is None
+            if first:  # no zeros to add to: the products are copied, the lower triangle zeroed
+                self._m2 = torch.empty(self._shape, dtype=torch.float64, device=self._device)
             for (start, stop), block in zip(upper_blocks(self._shape[1]), self._buffer):
-                self._m2[start:stop, start:] += block
-        self._buffered = 0
+                if first:
+                    self._m2[start:stop, start:].copy_(block)
+                    self._m2[start:stop, :start].zero_()
+                else:
+                    self._m2[start:stop, start:] += block
+        self._buffered = self._buffered_rows = 0
 
     def settle(self) -> None:
         """Fold the buffered products and the pending batch means into count, mean and m2: the
@@ -171,8 +177,9 @@ class Moments:
         scaled = deltas * weights
         if self._m2 is None:
             self._m2 = torch.zeros(self._shape, dtype=torch.float64, device=self._device)
-        if self.rows is None:
-            self._m2.addmm_(scaled, deltas.T)
+        if self.rows is None:  # the upper triangle's row blocks only
+            for start, stop in upper_blocks(self._shape[1]):
+                self._m2[start:stop, start:].addmm_(scaled[start:stop], deltas[start:].T)
         else:
             self._m2.addmm_(scaled[self.rows], deltas.T)
             self._sq += (scaled * deltas).sum(1)
@@ -195,23 +202,29 @@ class Moments:
 
     def correlation(self) -> tuple[np.ndarray, np.ndarray]:
         """Pearson correlation (the kept rows of it), and the mask of constant features (whose
-        correlations are set to 0). Computed in place in torch (float64)."""
-        if self.rows is None:
-            cov = torch.triu(self.m2)
-            cov += cov.T.clone()  # mirror the upper triangle; the diagonal is now doubled
-            cov.diagonal().mul_(0.5)
-            rows = torch.arange(cov.shape[0], device=cov.device)
-        else:
-            cov = self.m2.clone()
-            rows = self.rows
+        correlations are set to 0). Computed in float64 by row blocks of the upper triangle, each
+        scaled and mirrored into the result (one pass over the co-moments, one write of the
+        result; the temporaries are one block)."""
         constant = self.constant()
-        mask = torch.as_tensor(constant, device=cov.device)
+        mask = torch.as_tensor(constant, device=self._device)
         # 1/sqrt of the sums of squares; 0 for constant features (the sums are > 0 otherwise)
         inv = torch.where(mask, 0.0, self._sums_of_squares().clamp_min(1e-300).rsqrt())
-        cov *= inv[rows][:, None]
-        cov *= inv[None, :]
-        cov.clamp_(-1.0, 1.0)
-        return cov.cpu().numpy(), constant
+        if self.rows is not None:
+            cov = self.m2 * inv[self.rows][:, None]
+            cov *= inv[None, :]
+            return cov.clamp_(-1.0, 1.0).cpu().numpy(), constant
+        m2 = self.m2
+        corr = torch.empty_like(m2)
+        for start, stop in upper_blocks(m2.shape[0]):
+            block = m2[start:stop, start:] * inv[start:stop, None]
+            block *= inv[None, start:]
+            block.clamp_(-1.0, 1.0)
+            width = stop - start
+            square = block[:, :width]  # the diagonal block: its upper triangle, mirrored
+            corr[start:stop, start:stop] = square.triu() + square.triu(1).T
+            corr[start:stop, stop:] = block[:, width:]
+            corr[stop:, start:stop] = block[:, width:].T
+        return corr.cpu().numpy(), constant
 
 
 class SpaceStats:
@@ -688,7 +701,6 @@ def _run_pass(graphs: Sequence[fx.GraphModule], reads: list[Read], batches: Batc
         by_node[read.tap.node].append(read)
     observer = Observer(dict(by_node), precision)
     keyed = any(read.rate < 1.0 or read.positions < 1.0 for read in reads)
-    targets = list({id(read.moments): read.moments for read in reads}.values())
     module = lockstep_module(graphs, observer, pairing)
     bar = tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)
     with torch.no_grad():
@@ -703,5 +715,3 @@ def _run_pass(graphs: Sequence[fx.GraphModule], reads: list[Read], batches: Batc
             except Exception as exc:
                 raise InputError(f"the models failed on calibration batch {position} ("
                                  f"{describe(x)}): {type(exc).__name__}: {exc}") from exc
-            for moments in targets:
-                moments.end_batch()
