@@ -161,3 +161,25 @@ def test_counting_flops_leaves_no_fake_tensor_in_a_models_cache():
     out = model(x)
     assert type(out) is torch.Tensor
     torch.testing.assert_close(out, x @ model.table.t())
+
+
+def test_per_sample_flops_run_for_real_only_where_nothing_changes(monkeypatch):
+    """One sample of a model in eval mode is counted on real tensors, a model in training mode on
+    fake ones (a real forward would move its BatchNorm statistics): the same counts either way,
+    and the training-mode model's running statistics and batch count are untouched."""
+    from fxzip import costs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 5))
+    x = torch.randn(4, 3, 6, 6)
+    expected = 2 * (8 * 3 * 9 * 16) + 2 * (8 * 16 * 5)  # conv and linear multiply-adds, 1 sample
+    fake_runs = []
+    fake = costs._count_on_fake_tensors
+    monkeypatch.setattr(costs, "_count_on_fake_tensors",
+                        lambda *args: fake_runs.append(1) or fake(*args))
+    assert costs.count_flops(model.eval(), x) == expected and not fake_runs
+    before = model[1].running_mean.clone(), int(model[1].num_batches_tracked)
+    assert costs.count_flops(model.train(), x) == expected and fake_runs == [1]
+    assert torch.equal(model[1].running_mean, before[0])
+    assert int(model[1].num_batches_tracked) == before[1]
