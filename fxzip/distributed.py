@@ -8,7 +8,9 @@ rank's shard. Every statistic fxzip keeps is a sum over samples or batches, so i
 * moments (count, mean, centred co-moments; `all_reduce_moments`): the counts and count·mean are
   summed to the global count and mean, then each rank's centred moments are shifted to the global
   mean (``m2_r + n_r (mean_r - mean)(mean_r - mean)ᵀ``) and summed: the parallel form of Chan's
-  update, exact up to float64 rounding;
+  update, exact up to float64 rounding (each rank's own co-moments carry the float32 rounding of
+  its Gram products, summed in other groups than one process would: the merged statistics equal
+  the one-process statistics to float32 rounding);
 * BatchNorm running statistics (`all_reduce_batch_norms`): `fxzip.reset_bn` sets each to the
   average over batches of the batch means and unbiased batch variances, so each rank's average is
   weighted by its number of batches and the batch counts are summed.
