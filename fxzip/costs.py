@@ -24,7 +24,7 @@ def count_flops(model: nn.Module, x: Batch, *, per_sample: bool = True) -> int:
     tensors (shapes only, nothing computed); a model that fake tensors cannot run (it reads
     values, e.g. `.item()`) is counted on the real input."""
     x = leading(x, 1) if per_sample else x
-    if per_sample and not any(m.training for m in model.modules()):
+    if per_sample and not _training(model):
         try:
             return _count_on_real_tensors(model, x)
         except Exception:  # noqa: BLE001 - e.g. a graph traced for a fixed batch size
@@ -34,6 +34,11 @@ def count_flops(model: nn.Module, x: Batch, *, per_sample: bool = True) -> int:
     except Exception:  # noqa: BLE001 - any failure of the fake run: count on the real tensors
         pass
     return _count_on_real_tensors(model, x)
+
+
+def _training(model: nn.Module) -> bool:
+    """Whether any module of `model` is in training mode (a forward may update its buffers)."""
+    return any(m.training for m in model.modules())
 
 
 def _count_on_real_tensors(model: nn.Module, x: Batch) -> int:
@@ -50,9 +55,7 @@ def _isolated(model: nn.Module) -> nn.Module:
     compute fake tensors too (`.item()` on them: DataDependentOutputException). A model in
     training mode gets copies of its buffers: its BatchNorms count batches in place, even
     under fake tensors."""
-    shared = [*model.parameters()]
-    if not any(m.training for m in model.modules()):
-        shared += [*model.buffers()]
+    shared = [*model.parameters()] + ([] if _training(model) else [*model.buffers()])
     return copy.deepcopy(model, {id(t): t for t in shared})
 
 
