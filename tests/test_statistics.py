@@ -219,6 +219,26 @@ def test_taps_last_reads_a_stream_once_and_self_merges_exactly():
         fxzip.merge(a, b, x, progress=False, taps="some")
 
 
+def test_moments_move_float32_products_after_a_number_of_products_or_samples(monkeypatch):
+    """The float32 products stay in the buffer across calibration batches and move into the
+    float64 sums once FLUSH_EVERY products or FLUSH_ROWS samples are in it, whichever first."""
+    monkeypatch.setattr(Moments, "FLUSH_EVERY", 4)
+    monkeypatch.setattr(Moments, "FLUSH_ROWS", 50)
+    rng = np.random.default_rng(0)
+    by_rows = Moments(5, torch.device("cpu"))
+    held = []
+    for _ in range(3):  # 20 samples each: the third reaches 60 >= 50
+        by_rows.update(_columns(rng, [2, 3], 20, 0.0))
+        held.append(by_rows._buffered)
+    assert held == [1, 2, 0] and by_rows._m2 is not None
+    by_count = Moments(5, torch.device("cpu"))
+    held = []
+    for _ in range(5):  # 3 samples each: the fourth product moves them
+        by_count.update(_columns(rng, [2, 3], 3, 0.0))
+        held.append(by_count._buffered)
+    assert held == [1, 2, 3, 0, 1]
+
+
 def test_moments_fold_buffered_products_and_pending_means_exactly(monkeypatch):
     """Products buffered in float32 for a few batches and batch means folded in groups (small
     FLUSH_EVERY / FLUSH_ROWS / MAX_PENDING here) give numpy's moments, away from zero mean too;
