@@ -1,12 +1,12 @@
 """Inference costs of a model: parameters and FLOPs (one sample, or a whole batch)."""
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from .fake_tensors import fake_copy
 from .inputs import Batch, call_model, leading
 
 
@@ -30,7 +30,7 @@ def count_flops(model: nn.Module, x: Batch, *, per_sample: bool = True) -> int:
         except Exception:  # noqa: BLE001 - e.g. a graph traced for a fixed batch size
             pass
     try:
-        return _count_on_fake_tensors(_isolated(model), x)
+        return _count_on_fake_tensors(model, x)
     except Exception:  # noqa: BLE001 - any failure of the fake run: count on the real tensors
         pass
     return _count_on_real_tensors(model, x)
@@ -47,24 +47,14 @@ def _count_on_real_tensors(model: nn.Module, x: Batch) -> int:
     return int(counter.get_total_flops())
 
 
-def _isolated(model: nn.Module) -> nn.Module:
-    """A copy of the module tree that shares every parameter and buffer with `model` (only the
-    modules and their plain attributes are copied). A forward under fake tensors must not store
-    anything on the model itself: modules that cache tables in eval mode (TinyViT's and LeViT's
-    attention biases) would keep a fake tensor, and every later real forward of the model would
-    compute fake tensors too (`.item()` on them: DataDependentOutputException). A model in
-    training mode gets copies of its buffers: its BatchNorms count batches in place, even
-    under fake tensors."""
-    shared = [*model.parameters()] + ([] if _training(model) else [*model.buffers()])
-    return copy.deepcopy(model, {id(t): t for t in shared})
-
-
 def _count_on_fake_tensors(model: nn.Module, x: Batch) -> int:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+    """The count on a fake copy of `model` (`fake_copy`: nothing of the model is computed on,
+    changed or left holding a fake tensor)."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_model, _ = fake_copy(model, mode)
+    with mode:
         fake = ({k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v
                  for k, v in x.items()} if isinstance(x, dict) else mode.from_tensor(x))
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            call_model(model, fake)
+            call_model(fake_model, fake)
     return int(counter.get_total_flops())

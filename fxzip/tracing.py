@@ -12,13 +12,14 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.meta_tracer import MetaTracer
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from . import traced_functions
 from .errors import InputError, TraceError
+from .fake_tensors import fake_copy
 from .inputs import Batch, describe
 from .value_tracing import ValueTracing
 
@@ -360,17 +361,6 @@ def _run_for_meta(module: torch.nn.Module, graph: fx.Graph, args: list[Any],
     return prop.found
 
 
-def _fake_copy(gm: fx.GraphModule, mode: FakeTensorMode) -> tuple[fx.GraphModule, dict[int, type]]:
-    """A copy of gm whose every tensor (parameters, buffers, constants) is a fake tensor of `mode`,
-    so that a run on it computes and mutates nothing of gm's and leaves nothing on it (modules that
-    cache tables in eval mode, TinyViT's and LeViT's attention biases, cache on the copy); and the
-    types in gm of the copy's parameters (nn.Parameter), by id."""
-    with FakeCopyMode(mode):
-        fake = copy.deepcopy(gm)
-    pairs = zip(gm.parameters(), fake.parameters())  # deepcopy keeps their order and sharing
-    return fake, {id(f): type(p) for p, f in pairs}
-
-
 def _meta_on_fake_tensors(gm: fx.GraphModule, args: list[Any]
                           ) -> dict[fx.Node, dict[str, Any]] | None:
     """Every node's meta from a run of a fake copy of gm on fake tensors of the example's shapes
@@ -378,7 +368,7 @@ def _meta_on_fake_tensors(gm: fx.GraphModule, args: list[Any]
     `.item()`, or an op has no fake kernel)."""
     try:
         mode = FakeTensorMode(allow_non_fake_inputs=True)
-        module, types = _fake_copy(gm, mode)
+        module, types = fake_copy(gm, mode)
         with _silenced("torch._subclasses.fake_tensor"), mode:
             fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
             return _run_for_meta(module, gm.graph, fake, types)
