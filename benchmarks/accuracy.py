@@ -6,7 +6,7 @@
 Settings (every model pair: one architecture, two DIFFERENT initialisations, trained on
 disjoint class halves: task A = classes 0–4, task B = classes 5–9):
 
-  a  digits 5+5, `fxzip.digits.ResNet20(width=W)`, cross-entropy heads;
+  a  digits 5+5, `fxzip.demo.digits.ResNet20(width=W)`, cross-entropy heads;
      stops: layer1, layer2, layer3, full (stop_at=None: all but the output layers).
   b  digits 5+5, `DigitsVGG` (the classifier flattens C×H×W = C·2·2 maps); stops: stage1,
      stage2, full.
@@ -31,7 +31,7 @@ Protocol, per setting:
     models (and so the ensemble) included.
   * Accuracies (fractions, shown in %):
       - split heads: joint = argmax over both heads' softmaxes over all 10 classes; task A/B =
-        each head on its own classes' test samples (`fxzip.digits.evaluate`).
+        each head on its own classes' test samples (`fxzip.demo.digits.evaluate`).
       - ensemble = the two (BN-reset) original models as two heads, evaluated the same way.
       - model A alone (heads settings): joint = argmax over its 5 classes, counted on all 10
         classes' test samples (so at most ≈ 0.5); task A = its accuracy; task B = 0.2, CHANCE
@@ -46,7 +46,7 @@ Protocol, per setting:
   * Rows "default" = `Zipper.merge` with every default (zipit, alpha 0.5, beta 1, weight
     similarity 0.01, the label-free corrections); "auto" = `settings="auto"` (alpha, beta and
     corrections on/off chosen per stop point and pair by fidelity to the BN-reset parents on the
-    last eighth of the calibration batches: no labels; `fxzip.auto_settings`).
+    last eighth of the calibration batches: no labels; `fxzip.corrections.auto_settings`).
   * Fidelity study (the section under each table): on the held-out pair, the Spearman rank
     correlation between each zipit (alpha, beta) grid point's fidelity (KL of the heads'
     softmaxes from the parents', or relative error of the outputs; on the calibration slice
@@ -55,7 +55,7 @@ Protocol, per setting:
     test joint accuracy of the fidelity choice ("auto") against the grid point chosen by
     validation labels and the best one by test labels (oracle). Extra rows in
     `accuracy_<setting>_fidelity.csv`.
-  * params: `fxzip.costs.count_parameters`; FLOPs: `fxzip.costs.count_flops` (torch's
+  * params: `fxzip.runtime.costs.count_parameters`; FLOPs: `fxzip.runtime.costs.count_flops` (torch's
     FlopCounterMode: convolutions and matrix products) on ONE sample; the ensemble counts both
     models.
 
@@ -86,13 +86,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import fxzip  # noqa: E402
-from fxzip.costs import count_flops, count_parameters  # noqa: E402
-from fxzip.digits import (TASK_CLASSES, Accuracy, DigitsSplit, ResNet20,  # noqa: E402
+from fxzip.runtime.costs import count_flops, count_parameters  # noqa: E402
+from fxzip.demo.digits import (TASK_CLASSES, Accuracy, DigitsSplit, ResNet20,  # noqa: E402
                           evaluate_heads, load_digits_split, train_classifier, train_task_pair)
-from fxzip.auto_settings import (AutoSettings, Trial, choose as choose_settings,  # noqa: E402
+from fxzip.corrections.auto_settings import (AutoSettings, Trial, choose as choose_settings,  # noqa: E402
                                   held_out_batches, reference_parents)
-from fxzip.fidelity import Fidelity, fidelity, parent_outputs  # noqa: E402
-from fxzip.methods import METHOD_NAMES  # noqa: E402
+from fxzip.corrections.fidelity import Fidelity, fidelity, parent_outputs  # noqa: E402
+from fxzip.matching.registry import METHOD_NAMES  # noqa: E402
 
 from benchmarks.models import Conv1dNet, DigitsVGG  # noqa: E402
 from benchmarks import tables  # noqa: E402
@@ -137,7 +137,7 @@ def hold_out_validation(split: DigitsSplit, fraction: float = VAL_FRACTION) -> T
 
 
 def load_digits() -> TaskData:
-    """scikit-learn's digits (N, 1, 8, 8), split by `fxzip.digits.load_digits_split(seed=0)`."""
+    """scikit-learn's digits (N, 1, 8, 8), split by `fxzip.demo.digits.load_digits_split(seed=0)`."""
     return hold_out_validation(load_digits_split(seed=0))
 
 
@@ -289,7 +289,7 @@ def accuracy_of(setting: Setting, model: nn.Module | Sequence[nn.Module], x: tor
         return embedding_accuracy(heads, y)
     if single_task is not None:
         return single_head_accuracy(heads[0], single_task, y)
-    return evaluate_heads(tuple(heads), y)  # = fxzip.digits.evaluate on the model or the pair
+    return evaluate_heads(tuple(heads), y)  # = fxzip.demo.digits.evaluate on the model or the pair
 
 
 # -- one pair -------------------------------------------------------------------------------------
@@ -394,7 +394,7 @@ def grid_search(setting: Setting, zipper: fxzip.Zipper, data: TaskData, grid: Gr
 
 def auto_rows(setting: Setting, pair: int, zipper: fxzip.Zipper, data: TaskData,
               study: list[FidelityPoint], seconds: dict[str, float]) -> list[Row]:
-    """The "auto" row of every stop point: `fxzip.auto_settings.choose` — what
+    """The "auto" row of every stop point: `fxzip.corrections.auto_settings.choose` — what
     `Zipper.merge(settings="auto")` runs — with each trial's model also evaluated (validation and
     test accuracy, fidelity on the validation inputs) for the study. `seconds` gets the time of
     the choice and of one default merge per stop point. A stop point that merges the same spaces

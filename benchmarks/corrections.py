@@ -1,4 +1,4 @@
-"""Label-free corrections of a zipit merge (`fxzip.corrections`), measured on a setting of
+"""Label-free corrections of a zipit merge (`fxzip.corrections.refit`), measured on a setting of
 `benchmarks/accuracy.py` (default (a): ResNet-20×W on the digits halves 0–4 / 5–9; also (b), (c),
 (e)), several model pairs.
 
@@ -11,7 +11,7 @@ corrections; joint accuracy (%, on the test data) at the setting's stop points (
 ensemble of the two (BN-reset) models. Pair seeds, training and calibration data are those of
 `benchmarks/accuracy.py` (its functions are imported). Phase times of each merge are measured:
 `merge` = `Zipper.merge` (statistics are collected once per pair before the timing and added
-back as `statistics`, so every variant is charged the same), `correct` = `fxzip.corrections`.
+back as `statistics`, so every variant is charged the same), `correct` = `fxzip.corrections.refit`.
 
 `--quick`: width 1, 8 epochs, 2 pairs, 3 variants — a smoke test in well under a minute.
 """
@@ -33,8 +33,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import fxzip  # noqa: E402
-from fxzip.corrections import Corrections, correct  # noqa: E402
-from fxzip.fidelity import fidelity  # noqa: E402
+from fxzip.corrections.refit import Corrections, correct  # noqa: E402
+from fxzip.corrections.fidelity import fidelity  # noqa: E402
 
 from benchmarks.accuracy import accuracy_of, make_settings, train_pair  # noqa: E402
 
@@ -70,7 +70,7 @@ QUICK_VARIANTS = ("zipit", "last", "refit")
 def corrected_merge(zipper: fxzip.Zipper, stop_at: str | None, options: Corrections | None, *,
                     method: str = "zipit", alpha: float = 0.5, beta: float = 1.0
                     ) -> tuple[torch.nn.Module, dict[str, float]]:
-    """`Zipper.merge` followed by `fxzip.corrections.correct` (which replaces the BN reset);
+    """`Zipper.merge` followed by `fxzip.corrections.refit.correct` (which replaces the BN reset);
     options None: the plain merge with the BN reset. Returns the model and phase seconds."""
     tick = time.perf_counter()
     merged = zipper.merge(stop_at, method=method, alpha=alpha, beta=beta, reset_bn=options is None,

@@ -2,7 +2,7 @@
 
 Every model is `torch.fx`-traceable and groups its layers into named stages (containers), so that
 a stage name such as ``"stage1"`` is a valid fxzip stop point (the container's output). The
-setting (a) and (d) models come from `fxzip.digits.ResNet20`.
+setting (a) and (d) models come from `fxzip.demo.digits.ResNet20`.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
     python benchmarks/multi_task.py [--quick] [--epochs N] [--width W] [--seed S]
                                     [--out benchmarks/results]
 
-Four models of one architecture (`fxzip.digits.ResNet20(width=W)`; `--quick`: the small
+Four models of one architecture (`fxzip.demo.digits.ResNet20(width=W)`; `--quick`: the small
 `DigitsCNN`), each from its own initialisation, trained on a disjoint subset of scikit-learn's
 digits with its own number of classes: {0,1}, {2,3}, {4,5,6}, {7,8,9} (2, 2, 3, 3 classes; so the
 output layers differ in width). They are merged ALL AT ONCE (`fxzip.merge_all`, zipit and
@@ -12,7 +12,7 @@ merging pairs ({0,1}+{2,3} and {4,5,6}+{7,8,9}, zipit, two trunks with two heads
 
 Reported per row: each head's accuracy on its own task's test samples, their mean, the joint
 accuracy over all 10 classes (argmax over the concatenated per-head softmaxes), parameters and
-FLOPs per sample (`fxzip.costs`). Calibration data (statistics and the BatchNorm reset, done for
+FLOPs per sample (`fxzip.runtime.costs`). Calibration data (statistics and the BatchNorm reset, done for
 every row, the ensemble included) = the training inputs of all four tasks.
 
 Outputs in `--out`: `multi_task.csv`, `multi_task.md` and `multi_task.png` (joint accuracy vs
@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fxzip  # noqa: E402
-from fxzip.costs import count_flops, count_parameters  # noqa: E402
-from fxzip.digits import DigitsCNN, ResNet20, load_digits_split, train_classifier  # noqa: E402
+from fxzip.runtime.costs import count_flops, count_parameters  # noqa: E402
+from fxzip.demo.digits import DigitsCNN, ResNet20, load_digits_split, train_classifier  # noqa: E402
 from tables import markdown_table, write_csv  # noqa: E402
 
 TASKS = ((0, 1), (2, 3), (4, 5, 6), (7, 8, 9))

@@ -36,8 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import fxzip  # noqa: E402
-from fxzip import distributed as fxzip_distributed  # noqa: E402
-from fxzip.methods import get_method  # noqa: E402
+from fxzip.runtime import distributed as fxzip_distributed  # noqa: E402
+from fxzip.matching.registry import get_method  # noqa: E402
 from fxzip.passes import statistics  # noqa: E402
 
 from benchmarks.speed import resnet50_case  # noqa: E402
@@ -172,7 +172,7 @@ def main() -> None:
                        "correlations and ZipIt! matchings (alpha 0.5, beta 1) of the ranks are "
                        "compared with that run's")
     table.notes.append("all-reduce MB: what this rank handed to the all-reduces "
-                       "(`fxzip.distributed.traffic`): the packed upper triangles of the co-moments "
+                       "(`fxzip.runtime.distributed.traffic`): the packed upper triangles of the co-moments "
                        "plus counts, means and dead units' rows; full matrices MB: the square "
                        "float64 co-moment matrices that were sent before")
     table.notes.append(f"host: {os.cpu_count()} CPU cores, load average "

@@ -11,7 +11,7 @@ Five measurements, each printed as a table and written as markdown and CSV under
 2. statistics pass vs plain forward: the statistics of every mergeable space on a fresh Zipper
    divided by plain `no_grad` forwards of both models over the same batches, and how the
    statistics time splits into the tapped forwards and the moment accumulation;
-3. matching alone: the fast ZipIt! greedy against the plain `fxzip.reference_matching`, same
+3. matching alone: the fast ZipIt! greedy against the plain `benchmarks.reference_zipit`, same
    assignment required, and the Hungarian `permute`;
 4. peak memory (max RSS of a fresh subprocess): the models and data alone, plain forwards, merge;
 5. inference of the merged ResNet-20×4 against running both originals, per stop point, with
@@ -52,11 +52,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import fxzip  # noqa: E402
-from fxzip.costs import count_flops, count_parameters  # noqa: E402
-from fxzip.digits import ResNet20, load_digits_split  # noqa: E402
+from fxzip.runtime.costs import count_flops, count_parameters  # noqa: E402
+from fxzip.demo.digits import ResNet20, load_digits_split  # noqa: E402
 from fxzip.passes import statistics  # noqa: E402
 from fxzip.passes.statistics import resolve_precision  # noqa: E402
-from fxzip.reference_matching import reference_zipit  # noqa: E402
+from benchmarks.reference_zipit import reference_zipit  # noqa: E402
 
 from benchmarks.tables import Table  # noqa: E402
 
@@ -396,7 +396,7 @@ def gram_flops(zipper: fxzip.Zipper, spaces: Sequence[int], batches: Sequence[to
                taps: str = "all", positions: float = 1.0) -> float:
     """Multiply-adds ×2 of the Gram products of all taps (`taps="last"`: each space's last) as
     full products: per tap and batch, samples × (N·size)², the features of the N models stacked."""
-    from fxzip.tracing import tensor_shape
+    from fxzip.graph.tracing import tensor_shape
 
     analysis, n = zipper.analysis, zipper.num_models
     example = zipper.batches.example.shape[0]
@@ -486,7 +486,7 @@ def realistic_correlation(n: int, seed: int = 0) -> np.ndarray:
 
 def matching_scaling(sizes: Sequence[int], reference_max: int, alpha: float = 0.5,
                      beta: float = 1.0) -> Table:
-    """Section 3: fast ZipIt! greedy vs `fxzip.reference_matching`, and Hungarian permute."""
+    """Section 3: fast ZipIt! greedy vs `benchmarks.reference_zipit`, and Hungarian permute."""
     table = Table("3_matching", "3. Matching alone: 2 models × n features, zipit "
                   f"(alpha={alpha}, beta={beta}) vs the reference greedy; permute (Hungarian)",
                   ["n per model", "fast zipit s", "reference s", "speed-up", "same assign",

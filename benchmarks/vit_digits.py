@@ -5,7 +5,7 @@
 Each pair: two `timm` VisionTransformers (8×8 digits, 2×2 patches → 16 tokens + a cls token,
 width 64, 4 blocks, 4 heads), different initialisations, trained on classes 0–4 and 5–9. They are
 merged with every method after the first three transformer blocks (`blocks.0` … `blocks.2`)
-and fully (`None`: everything but the heads). Attention is merged head-aware (`fxzip.head_matching`:
+and fully (`None`: everything but the heads). Attention is merged head-aware (`fxzip.matching.heads`:
 heads paired across models, features matched within paired heads; queries and keys share one
 matching, values and the output projection another). zipit's alpha and beta are chosen per stop
 point by a grid search on a held-out pair (seed 0, validated on 20% of its training digits); the
@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fxzip  # noqa: E402
-from fxzip.digits import DigitsSplit, evaluate, load_digits_split, train_task_pair  # noqa: E402
-from fxzip.methods import METHOD_NAMES  # noqa: E402
+from fxzip.demo.digits import DigitsSplit, evaluate, load_digits_split, train_task_pair  # noqa: E402
+from fxzip.matching.registry import METHOD_NAMES  # noqa: E402
 
 from benchmarks.tables import markdown_table, write_dict_csv  # noqa: E402
 

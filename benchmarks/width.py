@@ -18,7 +18,7 @@ needed, nothing is tuned here). Each pair is merged at every width and stop poin
   * "cca" / "cca+corrections" (`--methods`, width 1 only): `method="cca"` (CCA Merge, Horoi et
     al. 2024) with the corrections off / fxzip's default corrections.
 width=1 is today's merge; width=2 keeps every feature of both models apart (the ensemble's
-function). FLOPs (`fxzip.costs.count_flops`, one sample) and parameters are the emitted model's:
+function). FLOPs (`fxzip.runtime.costs.count_flops`, one sample) and parameters are the emitted model's:
 a merged layer is one dense layer over the merged width, so the weights between features that
 only one model has and features that only the other has are zeros that are still computed
 (column "nonzero params": the parameters that are not; the default merge's refit of each
@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import fxzip  # noqa: E402
-from fxzip.costs import count_flops, count_parameters  # noqa: E402
+from fxzip.runtime.costs import count_flops, count_parameters  # noqa: E402
 
 from benchmarks import tables  # noqa: E402
 from benchmarks.accuracy import (METRICS, Row, Setting, Stop, Summary, TaskData,  # noqa: E402

@@ -1,16 +1,16 @@
 """fxzip: merge trained networks of one architecture into one multi-head network, without
 training, by the ZipIt! method, with the merge structure worked out from the torch.fx graph."""
 from .api import Zipper, analyze, merge, merge_all
-from .bn_reset import reset_bn
-from .corrections import CorrectionReport, Corrections
+from .corrections.batch_norm import reset_bn
+from .corrections.refit import CorrectionReport, Corrections
 from .errors import (ArchitectureMismatchError, CalibrationWarning, CheckpointError, ExportError,
                      FxzipError, InputError, MatchingError, NonFiniteError, RecipeError,
                      StopPointError, TraceError)
-from .matching import Match
-from .methods import match_features
+from .matching.core import Match
+from .matching.registry import match_features
 from .passes.analysis import Analysis
 from .report import MergeReport
-from .saving import load, save
+from .io.saving import load, save
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,6 @@
 """`python -m fxzip demo`: the same as the `fxzip` console script."""
 import sys
 
-from .cli import main
+from .cli.main import main
 
 sys.exit(main())

@@ -13,23 +13,23 @@ from typing import Any, Iterator
 import torch.fx as fx
 import torch.nn as nn
 
-from .auto_settings import AutoSettings, choose as choose_settings, resolve_settings
-from .bn_reset import reset_bn as reset_batch_norm
-from .corrections import Corrections, correct
-from .costs import count_flops, count_parameters
+from .corrections.auto_settings import AutoSettings, choose as choose_settings, resolve_settings
+from .corrections.batch_norm import reset_bn as reset_batch_norm
+from .corrections.refit import Corrections, correct
+from .runtime.costs import count_flops, count_parameters
 from .errors import CalibrationWarning, InputError, StopPointError
-from .head_matching import match_heads
-from .inputs import Batches, shard_batches
-from .matching import Match, covariance
-from .methods import METHODS, Method, get_method
+from .matching.heads import match_heads
+from .runtime.inputs import Batches, shard_batches
+from .matching.core import Match, covariance
+from .matching.registry import METHODS, Method, get_method
 from .passes.analysis import Analysis
 from .passes.rewrite import rewrite
 from .passes.statistics import (SpaceStats, check_positions, check_taps, collect,
                                 resolve_precision)
-from .pipeline import check_models, device_of, is_merged, pair_models, prepare_graphs
+from .graph.prepare import check_models, device_of, is_merged, pair_models, prepare_graphs
 from .report import MergeReport, SpaceReport
-from .similarity import feature_signatures, mix, weight_similarity as signature_similarity
-from .width import Width, check_width, merged_size, space_widths
+from .matching.similarity import feature_signatures, mix, weight_similarity as signature_similarity
+from .matching.width import Width, check_width, merged_size, space_widths
 
 __all__ = ["Zipper", "merge", "merge_all", "analyze", "MergeReport", "SpaceReport", "Corrections",
            "CORRECTION_NAMES"]
@@ -99,7 +99,7 @@ def check_options(method: Any, alpha: Any, beta: Any, weight_similarity: Any = 0
 
 
 def check_method_width(method: str, width: Any, num_models: int) -> Width:
-    """A checked `width=` (`fxzip.width.check_width`); a width above 1 needs a method that can
+    """A checked `width=` (`fxzip.matching.width.check_width`); a width above 1 needs a method that can
     keep the least alike features apart (`Method.widens`): InputError for "average" and "cca"."""
     width = check_width(width, num_models)
     widest = max(width.values()) if isinstance(width, dict) else width
@@ -183,7 +183,7 @@ class Zipper:
 
     def weight_similarity(self, space: int) -> Any:
         """The (D, D) similarity of the space's features by their weights (see
-        `fxzip.similarity`), None if no parameter runs along it; cached."""
+        `fxzip.matching.similarity`), None if no parameter runs along it; cached."""
         if space not in self._similarities:
             with self._timed("matching"):
                 signatures = feature_signatures(self.graphs, self.analysis, self.pairing, space)
@@ -195,7 +195,7 @@ class Zipper:
               weight_similarity: float = DEFAULT_WEIGHT_SIMILARITY, width: float = 1.0) -> Match:
         """The Match of a space, cached; the spaces of one head group are matched together (at
         one model's width). `weight_similarity` mixes the features' weight similarity into their
-        correlation; `width` is the merged width as a multiple of one model's (`fxzip.width`)."""
+        correlation; `width` is the merged width as a multiple of one model's (`fxzip.matching.width`)."""
         method = get_method(method)
         group = next((g for g in self.analysis.head_groups if space in g.spaces), None)
         out_size = None if group is not None else \
@@ -355,13 +355,13 @@ class Zipper:
     def _merge_auto(self, stop_at: str | int | None, auto: AutoSettings, *, alpha: Any, beta: Any,
                     corrections: Any, **options: Any) -> fx.GraphModule:
         """settings="auto": alpha, beta and corrections chosen by fidelity
-        (`fxzip.auto_settings`); the report gets the choice and every trial's scores."""
+        (`fxzip.corrections.auto_settings`); the report gets the choice and every trial's scores."""
         given = [n for n, v, d in (("alpha", alpha, DEFAULT_ALPHA), ("beta", beta, DEFAULT_BETA),
                                    ("corrections", corrections, "default")) if v != d]
         if given:
             raise InputError(f"settings=\"auto\" chooses alpha, beta and corrections itself; "
                              f"leave {', '.join(given)} at the default, or restrict the grid with "
-                             "fxzip.auto_settings.AutoSettings(alphas=..., betas=..., "
+                             "fxzip.corrections.auto_settings.AutoSettings(alphas=..., betas=..., "
                              "corrections=...)")
         check_options(options["method"], DEFAULT_ALPHA, DEFAULT_BETA,
                       options["weight_similarity"], options["reset_bn"], options["shared_output"])
@@ -426,30 +426,30 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
         share of merges allowed within a model), "permute" (Hungarian
         across models: Git Re-Basin activation matching), "average" (plain weight averaging) or
         "cca" (CCA Merge, Horoi et al. 2024: model B aligned to A by an invertible linear map
-        from regularised CCA of their features, then averaged; see `fxzip.methods.CCA`).
+        from regularised CCA of their features, then averaged; see `fxzip.matching.registry.CCA`).
     reset_bn: re-estimate the BatchNorm statistics of the merged model on `inputs` (with the
         corrections on, their pass does it, and their targets are the parents with BatchNorm
         statistics of `inputs`; False: no reset anywhere, targets the parents as given).
     corrections: "default" (the default): after the rewrite, a label-free least-squares refit
         of every zipped layer and of each head's first and last layers toward the parents
-        (`fxzip.Corrections()`, see `fxzip.corrections`: one more pass over `inputs`, which holds
+        (`fxzip.Corrections()`, see `fxzip.corrections.refit`: one more pass over `inputs`, which holds
         their activations at once, so it corrects on about as many samples as fit
         `Corrections.memory_gib`, 4 GiB by default, chosen from every batch by their own
         values). None or "none": plain ZipIt! as in the
         paper (`method="zipit", alpha=0.5, beta=1.0, corrections=None, weight_similarity=0`).
         A `Corrections(...)` chooses refit/REPAIR by hand.
     weight_similarity: in [0, 1], the share of the features' weight similarity mixed into their
-        activation correlation for the matching (`fxzip.similarity`; default 0.01: breaks the
+        activation correlation for the matching (`fxzip.matching.similarity`; default 0.01: breaks the
         ties of features that look exactly alike on scarce calibration data).
     width: the merged width as a multiple of one model's width, in [1, number of models]: 1 (the
         default) merges into one model's width, 2 (two models) keeps every feature apart (the
         ensemble's function and cost); in between, the features the models agree on least are
         kept apart. A dict gives a width per stop region, e.g. `{"layer1": 1.0, "*": 1.5}`
-        (`fxzip.width`); "zipit" and "permute" take widths above 1.
+        (`fxzip.matching.width`); "zipit" and "permute" take widths above 1.
     settings: "default" (alpha, beta and corrections as given) or "auto": zipit's alpha and beta
         and corrections on/off chosen for the stop point, without labels, by the merge's
         fidelity to its parents (the relative error of the heads' outputs to the parents') on the
-        last eighth of `inputs`, over a small grid (`fxzip.auto_settings`: 3 alphas × 2 betas ×
+        last eighth of `inputs`, over a small grid (`fxzip.corrections.auto_settings`: 3 alphas × 2 betas ×
         corrections on/off, so about 12 merges' cost; statistics collected once); an
         `AutoSettings(...)` sets the grid, the measure and held-out inputs of their own.
         The choice and every grid point's scores are in `merged.fxzip_report.auto`.

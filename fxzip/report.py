@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from .auto_settings import AutoChoice
-from .corrections import CorrectionReport
-from .matching import Match
+from .corrections.auto_settings import AutoChoice
+from .corrections.refit import CorrectionReport
+from .matching.core import Match
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import fxzip
-from fxzip import distributed
+from fxzip.runtime import distributed
 
 BATCH_SIZES = (6, 4, 5, 3, 7)
 SHARDS = {"unequal": ((0, 1, 2), (3, 4)), "empty": ((0, 1, 2, 3, 4), ())}

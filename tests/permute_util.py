@@ -8,11 +8,11 @@ import numpy as np
 import torch
 
 import fxzip
-from fxzip.digits import ResNet20
-from fxzip.matching import Match
+from fxzip.demo.digits import ResNet20
+from fxzip.matching.core import Match
 from fxzip.passes.analysis import Analysis
 from fxzip.passes.rewrite import rewrite
-from fxzip.pipeline import prepare_graphs
+from fxzip.graph.prepare import prepare_graphs
 
 
 def permuted_by_analysis(model: torch.nn.Module, x: torch.Tensor, seed: int = 0):

@@ -9,9 +9,9 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 import fxzip
-from fxzip.head_matching import match_heads, pair_heads
-from fxzip.passes.attention_fusion import fuse_attention
-from fxzip.tracing import trace
+from fxzip.matching.heads import match_heads, pair_heads
+from fxzip.passes.fuse_attention import fuse_attention
+from fxzip.graph.tracing import trace
 from permute_util import permuted_by_analysis
 
 
@@ -294,7 +294,7 @@ class _FixedBatch(nn.Module):
 
 def test_fused_graph_is_checked_on_the_whole_example_when_the_batch_size_is_fixed():
     import torch.fx as fx
-    from fxzip.passes.attention_fusion import _same_on
+    from fxzip.passes.fuse_attention import _same_on
 
     x = torch.randn(4, 3)
     fixed, scaled = fx.symbolic_trace(_FixedBatch()), fx.symbolic_trace(_FixedBatch(1.5))

@@ -1,4 +1,4 @@
-"""settings="auto" (fxzip.auto_settings): zipit's alpha/beta and corrections on/off chosen per stop
+"""settings="auto" (fxzip.corrections.auto_settings): zipit's alpha/beta and corrections on/off chosen per stop
 point by fidelity to the parents on held-out inputs — deterministic, validated, exact on a
 permuted self-merge, and the chosen trial is the best of its table."""
 import math
@@ -9,9 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxzip
-from fxzip.auto_settings import AutoChoice, AutoSettings, choose, resolve_settings
-from fxzip.digits import ResNet20, load_digits_split
-from fxzip.fidelity import fidelity, parent_outputs
+from fxzip.corrections.auto_settings import AutoChoice, AutoSettings, choose, resolve_settings
+from fxzip.demo.digits import ResNet20, load_digits_split
+from fxzip.corrections.fidelity import fidelity, parent_outputs
 from fxzip.report import MergeReport
 
 from permute_util import permuted_by_analysis

@@ -16,8 +16,8 @@ import torch.nn as nn
 
 import fxzip
 from fxzip.errors import InputError, MatchingError
-from fxzip.matching import Match, cca_match, cca_transform
-from fxzip.methods import METHODS
+from fxzip.matching.core import Match, cca_match, cca_transform
+from fxzip.matching.registry import METHODS
 
 try:
     from permute_util import permuted_by_analysis, rel_err, small_resnet

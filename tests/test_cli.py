@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from fxzip.cli import main
-from fxzip.digits import load_digits_split
+from fxzip.cli.main import main
+from fxzip.demo.digits import load_digits_split
 
 
 def test_demo_writes_table_and_plot(tmp_path, capsys):

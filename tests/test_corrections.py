@@ -1,4 +1,4 @@
-"""Label-free corrections (`fxzip.corrections`): BN reset, REPAIR and ridge refits.
+"""Label-free corrections (`fxzip.corrections.refit`): BN reset, REPAIR and ridge refits.
 
 * A permuted self-merge stays exact with every correction on (they are identities there), for a
   BatchNorm ResNet, a LayerNorm MLP and a norm-free CNN (one conv without bias).
@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxzip
-from fxzip.corrections import Corrections, correct
-from fxzip.digits import ResNet20, evaluate, load_digits_split, train_classifier, TASK_CLASSES
-from fxzip.fidelity import fidelity
+from fxzip.corrections.refit import Corrections, correct
+from fxzip.demo.digits import ResNet20, evaluate, load_digits_split, train_classifier, TASK_CLASSES
+from fxzip.corrections.fidelity import fidelity
 
 try:
     from permute_util import permuted_by_analysis, rel_err, small_resnet
@@ -375,8 +375,8 @@ def test_memory_budget_corrects_on_the_samples_that_fit():
     samples, chosen by their own values (the report says so), so the same samples in any order
     or batching; None corrects on all; permuted self-merges stay exact (BatchNorm statistics kept:
     the targets are the parents as given)."""
-    from fxzip.corrections import activation_bytes_per_sample
-    from fxzip.sampling import sample_keys, unit_keys
+    from fxzip.corrections.refit import activation_bytes_per_sample
+    from fxzip.runtime.sampling import sample_keys, unit_keys
 
     a = small_resnet(0)
     b, _ = permuted_by_analysis(a, torch.randn(8, 1, 8, 8), seed=2)

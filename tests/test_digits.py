@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fxzip
-from fxzip.digits import DigitsCNN, evaluate, load_digits_split, train_task_pair
+from fxzip.demo.digits import DigitsCNN, evaluate, load_digits_split, train_task_pair
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import fxzip
-from fxzip import distributed
+from fxzip.runtime import distributed
 from fxzip.errors import InputError
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -137,7 +137,7 @@ def test_cli_under_torchrun_writes_once(tmp_path):
 
 def test_cli_rank_other_than_0_writes_nothing(tmp_path, monkeypatch):
     """The rank-0 logic on its own: a process that is not rank 0 merges but leaves OUT_DIR alone."""
-    from fxzip.merge_command import run_merge
+    from fxzip.cli.merge import run_merge
 
     recipe = _cli_files(tmp_path)
     monkeypatch.setattr(distributed, "rank", lambda group=None: 1)

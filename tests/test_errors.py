@@ -138,7 +138,7 @@ def test_inputs_are_not_mutated_and_generators_are_read_twice():
 
 
 def test_container_module_stop_point_means_its_output():
-    from fxzip.digits import ResNet20
+    from fxzip.demo.digits import ResNet20
     torch.manual_seed(0)
     model = ResNet20(width=1).eval()
     analysis = fxzip.analyze(model, torch.randn(2, 1, 8, 8))
@@ -193,7 +193,7 @@ def test_the_option_range_edges_are_accepted():
 
 
 def test_corrections_as_a_mapping_and_in_recipes():
-    from fxzip.recipe import check_merge_options
+    from fxzip.io.recipe import check_merge_options
 
     a = mlp()
     merged = fxzip.merge(a, copy.deepcopy(a), X, progress=False,

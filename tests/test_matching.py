@@ -1,4 +1,4 @@
-"""Tests for fxzip.matching: the fast ZipIt! greedy against a plain oracle, plus planted and edge cases."""
+"""Tests for fxzip.matching.core: the fast ZipIt! greedy against a plain oracle, plus planted and edge cases."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fxzip.errors import MatchingError
-from fxzip.matching import Match, _mirror_upper, _zipit_merges, _ZipState
-from fxzip.methods import METHOD_NAMES, METHODS, match_features
+from fxzip.matching.core import Match, _mirror_upper, _zipit_merges, _ZipState
+from fxzip.matching.registry import METHOD_NAMES, METHODS, match_features
 
-from fxzip.reference_matching import reference_zipit
+from benchmarks.reference_zipit import reference_zipit
 
 ALPHAS = (1.0, 0.5, 0.1)
 BETAS = (0.0, 0.25, 0.5, 1.0)

@@ -11,9 +11,9 @@ import timm
 import torch
 
 import fxzip
-from fxzip.cli import main
-from fxzip.merge_command import calibration_batches, load_models
-from fxzip.recipe import load_recipe
+from fxzip.cli.main import main
+from fxzip.cli.merge import calibration_batches, load_models
+from fxzip.io.recipe import load_recipe
 from merge_files import reload_without_fxzip, save_checkpoint, write_digit_images, write_recipe
 from toy_models.nets import TinyNet
 

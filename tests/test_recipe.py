@@ -2,7 +2,7 @@
 import pytest
 
 from fxzip.errors import RecipeError
-from fxzip.recipe import dump, load_recipe, merge_defaults, parse_recipe, resolved
+from fxzip.io.recipe import dump, load_recipe, merge_defaults, parse_recipe, resolved
 
 GOOD = {"models": [{"model": "resnet18", "kwargs": {"num_classes": 3}, "checkpoint": "a.pt"},
                    "toy_models.nets:TinyNet"],

@@ -3,10 +3,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fxzip.passes import rule_api, timm_rules
+from fxzip.rules import api as rule_api, timm as timm_rules
 from fxzip.passes.analysis import Analysis
-from fxzip.passes.rule_api import Barrier, ParamHandle
-from fxzip.tracing import trace
+from fxzip.rules.api import Barrier, ParamHandle
+from fxzip.graph.tracing import trace
 
 
 class Joint(nn.Module):

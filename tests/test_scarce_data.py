@@ -6,7 +6,7 @@ same single image correlate exactly 1, units dead on every image are equal const
 correlation alone then cannot tell a feature's counterpart in the other model from its look-alikes
 in its own model, and the greedy pairs them arbitrarily (the tests show it: without the weight
 similarity the merge is off). fxzip mixes in the weight similarity of the features
-(`fxzip.similarity`, `weight_similarity=0.01`): a feature and its counterpart have equal weight
+(`fxzip.matching.similarity`, `weight_similarity=0.01`): a feature and its counterpart have equal weight
 signatures, look-alikes do not, so the counterpart is the unique best match."""
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def test_torchvision_permuted_self_merge_is_exact_with_32_images(name):
 def test_signature_quantiles_equal_torch_quantile_bit_for_bit(width):
     """The weight signatures sort with numpy (about ten times faster than torch on the CPU) and
     interpolate as `torch.quantile` does: the same float64 values, so matchings do not move."""
-    from fxzip.similarity import QUANTILES, _summary
+    from fxzip.matching.similarity import QUANTILES, _summary
 
     rows = torch.randn(9, width, generator=torch.Generator().manual_seed(width))
     rows[0, : width // 2] = 0.5  # ties

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from fxzip import tracing
+from fxzip.graph import tracing
 
 try:
     from archs import EXAMPLE_SPECS, build

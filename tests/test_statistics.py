@@ -373,7 +373,7 @@ def test_spread_offsets_cover_every_position_evenly():
     """The per-sample keys lie in (-1, 1) (a fractional part keeps the sign); the offsets of
     spread and thinned reads come from them mapped into [0, 1), so every offset of a stride is
     about equally likely (clamping negative keys to 0 made offset 0 take half the samples)."""
-    from fxzip.sampling import sample_keys, unit_keys
+    from fxzip.runtime.sampling import sample_keys, unit_keys
 
     keys = sample_keys(torch.randn(4000, 3, 4, 4, generator=torch.Generator().manual_seed(0)), 0)
     assert (keys < 0).any()

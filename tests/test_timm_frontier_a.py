@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 import fxzip
-from fxzip.passes.core_rules import reshape_axes
-from fxzip.passes.layout import MIXED, Flat
+from fxzip.rules.core import reshape_axes
+from fxzip.rules.layout import MIXED, Flat
 from permute_util import assert_self_merge_exact
 
 timm_layers = pytest.importorskip("timm.layers")
@@ -151,7 +151,7 @@ class _CachesInEval(nn.Module):
 def test_counting_flops_leaves_no_fake_tensor_in_a_models_cache():
     """The FLOP count runs on fake tensors; a table the model caches meanwhile must not stay in
     the model (its later real forwards would give fake tensors: .item() fails)."""
-    from fxzip.costs import count_flops
+    from fxzip.runtime.costs import count_flops
 
     torch.manual_seed(0)
     model = _CachesInEval().eval()
@@ -167,7 +167,7 @@ def test_per_sample_flops_run_for_real_only_where_nothing_changes(monkeypatch):
     """One sample of a model in eval mode is counted on real tensors, a model in training mode on
     fake ones (a real forward would move its BatchNorm statistics): the same counts either way,
     and the training-mode model's running statistics and batch count are untouched."""
-    from fxzip import costs
+    from fxzip.runtime import costs
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),

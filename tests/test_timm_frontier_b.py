@@ -1,5 +1,5 @@
 """timm modules that timm marks as not traceable (shape-dependent Python in forward), traced
-through with the example's values (fxzip.value_tracing), and multi-query attention: zipped
+through with the example's values (fxzip.graph.value_tracing), and multi-query attention: zipped
 completely, a permuted copy merges back exactly. Tiny configurations; each test asserts the zip
 reaches the output."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import fxzip
-from fxzip.tracing import trace
+from fxzip.graph.tracing import trace
 from permute_util import as_trained_timm, assert_self_merge_exact
 
 

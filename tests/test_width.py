@@ -1,4 +1,4 @@
-"""The capacity knob `width=` (fxzip.width): merged width as a multiple of one model's width.
+"""The capacity knob `width=` (fxzip.matching.width): merged width as a multiple of one model's width.
 
 * width = number of models keeps every feature apart: the merge is the ensemble's function
   (corrections off and on), at a stop point and at the full zip.
@@ -16,7 +16,7 @@ import torch
 
 import fxzip
 from fxzip.errors import InputError
-from fxzip.width import check_width, merged_size
+from fxzip.matching.width import check_width, merged_size
 
 try:
     from permute_util import permuted_by_analysis, rel_err, small_resnet

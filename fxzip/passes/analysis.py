@@ -15,10 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import StopPointError
-from ..tracing import tensor_shape
-from . import attention_rules, core_rules, timm_rules  # noqa: F401  the op-rule table
-from .layout import BLOCKED, SHARED, Feat, Lazy, Stacked
-from .rule_api import BLOCKS_META, SPLIT_META, Barrier, Context, ParamUse, SplitRequest, rule_for
+from ..graph.tracing import tensor_shape
+from ..rules import timm as timm_rules  # importing fxzip.rules fills the op-rule table
+from ..rules.layout import BLOCKED, SHARED, Feat, Lazy, Stacked
+from ..rules.api import BLOCKS_META, SPLIT_META, Barrier, Context, ParamUse, SplitRequest, rule_for
 
 MAX_SPLIT_ROUNDS = 64
 

@@ -20,12 +20,12 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import MatchingError
-from ..matching import Match
-from ..pairing import Pairing, pair_graphs
-from ..tracing import has_inplace, module_attribute
+from ..matching.core import Match
+from ..graph.pairing import Pairing, pair_graphs
+from ..graph.tracing import has_inplace, module_attribute
 from .analysis import Analysis
-from .layout import SHARED, Feat
-from .rule_api import ParamUse
+from ..rules.layout import SHARED, Feat
+from ..rules.api import ParamUse
 
 
 class Layouts:

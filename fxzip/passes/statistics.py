@@ -25,11 +25,11 @@ import torch.fx as fx
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..distributed import all_reduce_moments
+from ..runtime.distributed import all_reduce_moments
 from ..errors import InputError, NonFiniteError
-from ..inputs import Batches, call_model, describe
-from ..pairing import Pairing, pair_graphs
-from ..sampling import sample_keys, unit_keys
+from ..runtime.inputs import Batches, call_model, describe
+from ..graph.pairing import Pairing, pair_graphs
+from ..runtime.sampling import sample_keys, unit_keys
 from .analysis import Analysis, Tap
 
 
@@ -507,7 +507,7 @@ def lockstep_module(graphs: Sequence[fx.GraphModule], observer: Observer,
                     pairing: Pairing | None = None) -> fx.GraphModule:
     """One graph that runs all models node by node on the same input and calls the observer
     right after each tapped node (a name of graph 0) with every model's tensor there (graph k's
-    node paired with it, see `fxzip.pairing`); it returns nothing.
+    node paired with it, see `fxzip.graph.pairing`); it returns nothing.
 
     Each model's graph is emitted in its own order, as far as the node paired with graph 0's
     current node: for models of one architecture that is node by node, in lockstep. Model k's
@@ -649,11 +649,11 @@ def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterab
     "consumer taps" (the first pass: lockstep forwards and moment updates) and "dead units"
     (the second pass; 0.0 when no space needs it).
 
-    Under torch.distributed (see `fxzip.distributed`) `batches` are this rank's shard: each pass's
+    Under torch.distributed (see `fxzip.runtime.distributed`) `batches` are this rank's shard: each pass's
     moments are all-reduced over `group` (None: the default group) before they are used, so the
     dead units, the second pass and the result are those of all ranks' batches, on every rank.
 
-    `pairing` (default: the structural one, see `fxzip.pairing`) finds model k's node for each
+    `pairing` (default: the structural one, see `fxzip.graph.pairing`) finds model k's node for each
     tap; taps at nodes that not every model has are left out.
     """
     spaces = list(spaces)

@@ -1,0 +1,1 @@
+"""The `fxzip` command line: one module per command."""

@@ -1,0 +1,488 @@
+"""Tracing: each model becomes a torch.fx GraphModule with shapes on every node."""
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.experimental.meta_tracer import MetaTracer
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from . import traced_functions
+from ..errors import InputError, TraceError
+from .fake_tensors import fake_copy
+from ..runtime.inputs import Batch, describe
+from .value_tracing import ValueTracing
+
+
+class FxzipTracer(fx.Tracer):
+    """A tracer that keeps torch.nn's own modules, TorchScript modules and any user-named module
+    types as leaves, and wraps the functions timm marks as not traceable (plus `math` and
+    `torchvision.ops`) as single calls."""
+
+    def __init__(self, leaf_modules: Sequence[type] = ()):
+        functions, modules = _autowrap()
+        super().__init__(autowrap_modules=modules, autowrap_functions=functions)
+        self.extra_leaves = tuple(leaf_modules)
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        if self.extra_leaves and isinstance(m, self.extra_leaves):
+            return True
+        if isinstance(m, torch.jit.ScriptModule):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def trace(self, root: Any, concrete_args: dict | None = None) -> fx.Graph:
+        """torch.fx's trace, with some `torch.fx.wrap`-ed library functions traced into or
+        replaced by traceable stand-ins (`fxzip.graph.traced_functions`)."""
+        with traced_functions.patched():
+            return super().trace(root, concrete_args)
+
+
+def _autowrap() -> tuple[tuple, tuple]:
+    """timm's not-traceable functions, and the modules whose functions are wrapped as leaves."""
+    modules: list = [math]
+    try:
+        import torchvision.ops
+        modules.append(torchvision.ops)
+    except ImportError:  # torchvision is optional: without it there is nothing to wrap
+        pass
+    try:
+        from timm.layers import get_notrace_functions
+        functions = tuple(get_notrace_functions())
+    except ImportError:  # timm is optional (the "timm" extra)
+        functions = ()
+    return functions, tuple(modules)
+
+
+def _timm_leaf_modules() -> tuple[type, ...]:
+    """Module types timm marks as not traceable (they become leaves, hence barriers)."""
+    try:
+        from timm.layers import get_notrace_modules
+        return tuple(get_notrace_modules())
+    except ImportError:  # pragma: no cover
+        return ()
+
+
+def trace(model: torch.nn.Module, example: Batch, *, leaf_modules: Sequence[type] = (),
+          concrete_args: dict | None = None) -> fx.GraphModule:
+    """Trace a private eval-mode copy of `model` and annotate every node with its shape.
+
+    `example` is the model's first input (a tensor) or a dict of `forward`'s keyword arguments;
+    every other argument of `forward` is fixed to its default (or to `concrete_args`), so that
+    `forward(x, mask=None)` traces with `mask` None. The copy keeps the user's model untouched
+    (tracing and shape propagation run modules; some timm models cache proxies or attach
+    constants when traced). Modules timm marks as not traceable are traced into first and made
+    leaves only if that fails.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"expected a torch.nn.Module to merge, got {type(model).__name__}")
+    fixed = fixed_arguments(model, example, concrete_args)
+    traced_functions.recording(model, lambda: _run(copy.deepcopy(model).eval(), example))
+    gm = None
+    # plain tracing; then with the example's values on the proxies (control flow on sizes taken
+    # as the example takes them, sizes kept symbolic: timm's MobileViT, Twins, LiteMLA); then with
+    # meta tensors (timm's VGG head); then timm's not-traceable modules as leaves
+    tiers = ((tuple(leaf_modules), False), (tuple(leaf_modules), "values"),
+             (tuple(leaf_modules), True), (tuple(leaf_modules) + _timm_leaf_modules(), False))
+    failure: Exception | None = None
+    for leaves, shaped in tiers:
+        private = copy.deepcopy(model).eval()
+        tracer = (_ValueTracer(leaves) if shaped == "values" else
+                  _ShapedTracer(leaves) if shaped else FxzipTracer(leaves))
+        try:
+            if shaped == "values":
+                graph = tracer.trace(private, concrete_args=fixed or None,
+                                     values=_example_values(model, example))
+            elif shaped:
+                with warnings.catch_warnings():  # the meta tracer warns of every value it skips
+                    warnings.simplefilter("ignore")
+                    graph = tracer.trace(private, concrete_args=fixed or None,
+                                         meta_args=_meta_arguments(model, example))
+            else:
+                graph = tracer.trace(private, concrete_args=fixed or None)
+        except Exception as exc:  # torch.fx raises many types here
+            failure = failure or exc
+            continue
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        if shaped and _holds_meta_tensors(gm):  # constants made while tracing with meta tensors
+            failure, gm = failure or TraceError("meta tensors left in the traced graph"), None
+            continue
+        break
+    if gm is None:
+        raise TraceError(
+            f"torch.fx cannot trace {type(model).__name__}: {type(failure).__name__}: {failure}. "
+            "Models with data-dependent control flow cannot be traced; pass the offending module "
+            "types as `leaf_modules=` (they become barriers) or fixed forward arguments as "
+            "`concrete_args=`.") from failure
+    gm.eval()
+    _name_fixed_placeholders(gm, fixed)
+    _drop_eval_identities(gm)
+    einsums_as_matmuls(gm)
+    route_through_inplace_ops(gm)
+    propagate_shapes(gm, example, type(model).__name__)
+    return gm
+
+
+class _ShapedTracer(MetaTracer, FxzipTracer):
+    """FxzipTracer whose proxies carry meta tensors of the example's shapes
+    (`torch.fx.experimental.meta_tracer`), so that `x.shape` is concrete and branches on sizes
+    are taken as the example takes them."""
+
+
+class _ValueTracer(ValueTracing, FxzipTracer):
+    """FxzipTracer whose proxies carry the example's values (`value_tracing`): control flow on
+    sizes follows the example, sizes used in computations stay symbolic."""
+
+
+def _example_values(model: torch.nn.Module, example: Batch) -> dict[str, Any]:
+    """The example by forward's argument names (the values of the graph's placeholders)."""
+    if isinstance(example, dict):
+        return dict(example)
+    return {next(iter(inspect.signature(model.forward).parameters)): example}
+
+
+def _run(model: torch.nn.Module, example: Batch) -> Any:
+    """The model's output for the example (a tensor: the first argument; a dict: keywords)."""
+    return model(**example) if isinstance(example, dict) else model(example)
+
+
+def _holds_meta_tensors(gm: fx.GraphModule) -> bool:
+    """Whether a graph traced with meta tensors kept one as a parameter, buffer or constant."""
+    tensors = [t for _, t in gm.named_parameters()] + [t for _, t in gm.named_buffers()]
+    tensors += [v for v in vars(gm).values() if isinstance(v, torch.Tensor)]
+    return any(t.is_meta for t in tensors)
+
+
+def _meta_arguments(model: torch.nn.Module, example: Batch) -> dict[str, torch.Tensor]:
+    """The example's tensors as meta tensors, by forward's argument names."""
+    if isinstance(example, dict):
+        return {k: v.to("meta") for k, v in example.items() if isinstance(v, torch.Tensor)}
+    name = next(iter(inspect.signature(model.forward).parameters))
+    return {name: example.to("meta")}
+
+
+def fixed_arguments(model: torch.nn.Module, example: Batch,
+                    concrete_args: dict | None = None) -> dict[str, Any]:
+    """`concrete_args` for tracing: every argument of `forward` that the example does not give
+    (the first one for a tensor, the dict's keys for a dict) fixed to its default; `concrete_args`
+    override. A required argument that is not given is an InputError."""
+    fixed = dict(concrete_args or {})
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # no signature to read: trace forward as it is
+        return fixed
+    named = [p for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if isinstance(example, dict):
+        given = set(example)
+        unknown = sorted(given - {p.name for p in named})
+        if unknown and not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            raise InputError(
+                f"the calibration batches give {unknown} but {type(model).__name__}.forward takes "
+                f"{[p.name for p in named]}; a dict batch holds forward's keyword arguments")
+        clash = sorted(given & set(fixed))
+        if clash:
+            raise InputError(f"{clash} are both in the calibration batches and in concrete_args; "
+                             "give each forward argument once")
+    else:
+        given = {named[0].name} if named else set()
+    for p in named:
+        if p.name in given or p.name in fixed:
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise InputError(
+                f"{type(model).__name__}.forward needs the argument {p.name!r} besides "
+                f"{sorted(given)}: give calibration batches as dicts of forward's keyword "
+                f"arguments, e.g. {{{', '.join(repr(q.name) for q in named)}: ...}}, or fix it "
+                "with concrete_args=")
+        fixed[p.name] = p.default
+    return fixed
+
+
+def _name_fixed_placeholders(gm: fx.GraphModule, fixed: dict[str, Any]) -> None:
+    """torch.fx names the placeholder of a fixed argument `mask_1`: give the traced forward the
+    argument's own name again (the traced graph checks the value stays the default)."""
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and isinstance(node.target, str):
+            base, _, count = node.target.rpartition("_")
+            if base in fixed and count.isdigit() and not any(
+                    n.op == "placeholder" and n.target == base for n in gm.graph.nodes):
+                node.target = base
+    gm.recompile()
+
+
+def _is_eval_stochastic_depth(node: fx.Node) -> bool:
+    """torchvision's `stochastic_depth(x, p, mode, training)` with training False: an identity
+    (torchvision marks it `torch.fx.wrap`, so it is a call in every traced graph)."""
+    if node.op != "call_function" or getattr(node.target, "__name__", "") != "stochastic_depth" \
+            or getattr(node.target, "__module__", "") != "torchvision.ops.stochastic_depth":
+        return False
+    training = node.args[3] if len(node.args) > 3 else node.kwargs.get("training", True)
+    return training is False
+
+
+def _drop_eval_identities(gm: fx.GraphModule) -> None:
+    """Remove the calls that are identities in eval mode (the traced copy is in eval mode):
+    their readers read their input."""
+    for node in list(gm.graph.nodes):
+        if _is_eval_stochastic_depth(node) and isinstance(node.args[0], fx.Node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.recompile()
+
+
+def _matmul_form(equation: str) -> tuple[bool, bool] | None:
+    """For a two-operand einsum that is a batched matrix product, whether the first and the
+    second operand enter it transposed: "…ik,…kj->…ij" is (False, False), "…ik,…jk->…ij"
+    (MaxViT's q·kᵀ) (False, True); None for any other equation."""
+    equation = equation.replace(" ", "")
+    if "->" not in equation or "." in equation:
+        return None
+    inputs, out = equation.split("->")
+    operands = inputs.split(",")
+    if len(operands) != 2:
+        return None
+    a, b = operands
+    n = len(out)
+    if len(a) != n or len(b) != n or n < 2 or len(set(out)) != n or \
+            a[:-2] != out[:-2] or b[:-2] != out[:-2]:
+        return None
+    i, j = out[-2], out[-1]
+    for ta in (False, True):
+        rows_a = a[-2:][::-1] if ta else a[-2:]
+        if rows_a[0] != i or rows_a[1] in out:
+            continue
+        k = rows_a[1]
+        for tb in (False, True):
+            rows_b = b[-2:][::-1] if tb else b[-2:]
+            if rows_b == k + j:
+                return ta, tb
+    return None
+
+
+def einsums_as_matmuls(gm: fx.GraphModule) -> None:
+    """Rewrite `torch.einsum` calls that are batched matrix products (the same batch letters in
+    both operands and the output, one contracted letter) as `torch.matmul` with transposes, the
+    form fxzip's op rules follow (MaxViT's attention is written with einsum)."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.einsum or node.kwargs \
+                or len(node.args) != 3 or not isinstance(node.args[0], str):
+            continue
+        form = _matmul_form(node.args[0])
+        if form is None or not all(isinstance(a, fx.Node) for a in node.args[1:]):
+            continue
+        with gm.graph.inserting_before(node):
+            a, b = node.args[1], node.args[2]
+            if form[0]:
+                a = gm.graph.call_method("transpose", (a, -2, -1))
+            if form[1]:
+                b = gm.graph.call_method("transpose", (b, -2, -1))
+            product = gm.graph.call_function(torch.matmul, (a, b))
+        node.replace_all_uses_with(product)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.recompile()
+
+
+def positional_args(gm: fx.GraphModule, example: Batch) -> list[Any]:
+    """The values of a traced graph's placeholders, in order, for an example: a tensor is the
+    first; a dict gives its keys' values; the others take their defaults."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if not isinstance(example, dict):
+        return [example] + [n.args[0] if n.args else None for n in placeholders[1:]]
+    return [example[n.target] if n.target in example else (n.args[0] if n.args else None)
+            for n in placeholders]
+
+
+class _ShapeProp(fx.Interpreter):
+    """torch.fx's ShapeProp (shape and dtype in `node.meta["tensor_meta"]`) without its print-out
+    of tracebacks: a failing node raises `_NodeFailure` naming it. It runs `graph` (by default the
+    module's own) with `module`'s submodules and attributes, and keeps each node's meta in `found`
+    (written by the caller once the whole graph has run); `types` gives the real type of fake
+    tensors that stand for one of another type (by id: a parameter's copy)."""
+
+    def __init__(self, module: torch.nn.Module, graph: fx.Graph | None = None,
+                 types: dict[int, type] | None = None):
+        super().__init__(module, graph=graph)
+        self.extra_traceback = False
+        self.types = types or {}
+        self.found: dict[fx.Node, dict[str, Any]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            raise _NodeFailure(n, exc) from exc
+        self.found[n] = _node_meta(result, self.types)
+        return result
+
+
+def _node_meta(result: Any, types: dict[int, type]) -> dict[str, Any]:
+    """A node's meta for its result: "tensor_meta" (the result with every tensor's metadata, where
+    it holds a tensor) and "type" (a fake tensor's is the real run's: torch.Tensor, or the type in
+    `types`)."""
+    found = False
+
+    def extract(obj: Any) -> Any:
+        nonlocal found
+        if isinstance(obj, torch.Tensor):
+            found = True
+            return _extract_tensor_metadata(obj)
+        return obj
+
+    tensor_meta = map_aggregate(result, extract)
+    kind = types.get(id(result), torch.Tensor) if isinstance(result, FakeTensor) else type(result)
+    return {"tensor_meta": tensor_meta, "type": kind} if found else {"type": kind}
+
+
+class _NodeFailure(Exception):
+    def __init__(self, node: fx.Node, error: Exception):
+        super().__init__(str(error))
+        self.node, self.error = node, error
+
+
+def _run_for_meta(module: torch.nn.Module, graph: fx.Graph, args: list[Any],
+                  types: dict[int, type] | None = None) -> dict[fx.Node, dict[str, Any]]:
+    """Every node's meta from a run of `graph` on `args` (no autograd)."""
+    prop = _ShapeProp(module, graph, types)
+    with torch.no_grad():
+        prop.run(*args)
+    return prop.found
+
+
+def _meta_on_fake_tensors(gm: fx.GraphModule, args: list[Any]
+                          ) -> dict[fx.Node, dict[str, Any]] | None:
+    """Every node's meta from a run of a fake copy of gm on fake tensors of the example's shapes
+    (nothing computed); None where fake tensors cannot run the graph (it reads values, e.g.
+    `.item()`, or an op has no fake kernel)."""
+    try:
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        module, types = fake_copy(gm, mode)
+        with _silenced("torch._subclasses.fake_tensor"), mode:
+            fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            return _run_for_meta(module, gm.graph, fake, types)
+    except Exception:  # noqa: BLE001 - any failure of the fake run: the real run reports or passes
+        return None
+
+
+@contextmanager
+def _silenced(logger: str) -> Iterator[None]:
+    """A logger silenced: fake tensors log the traceback of an op that fails on them (a wrong
+    input shape), a failure that only means the example itself runs next."""
+    log = logging.getLogger(logger)
+    disabled, log.disabled = log.disabled, True
+    try:
+        yield
+    finally:
+        log.disabled = disabled
+
+
+def propagate_shapes(gm: fx.GraphModule, example: Batch, label: str | None = None) -> None:
+    """Write every node's shape and dtype into its meta (as torch.fx's ShapeProp does, without
+    printing tracebacks) from a run of a fake copy of `gm` on fake tensors shaped as the example
+    (a real forward is about a tenth of a merge's time), or, where fake tensors cannot run it, of
+    `gm` on the example. Both write the same meta, but for the strides of size-1 dimensions (no
+    element is reached through them; some fake kernels set them otherwise: layer_norm, view). A
+    failure names the op that failed; where that op reads the input directly, the input's shape is
+    named as the likely cause (InputError), else the op (TraceError)."""
+    label = label or type(gm).__name__
+    args = positional_args(gm, example)
+    found = _meta_on_fake_tensors(gm, args)
+    try:
+        if found is None:
+            found = _run_for_meta(gm, gm.graph, args)
+    except _NodeFailure as failure:
+        node, exc = failure.node, failure.error
+        reads_input = any(a.op == "placeholder" for a in node.all_input_nodes)
+        where = (f"node '{node.name}' ({node.op} {_target_name(gm, node)}) failed: "
+                 f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+        if reads_input:
+            raise InputError(
+                f"running {label} on the example batch ({describe(example)}) failed at its first "
+                f"op on the input: {where}. Check that the inputs have the shape the model "
+                "expects.") from exc
+        raise TraceError(
+            f"running the traced {label} on the example batch ({describe(example)}) failed at "
+            f"{where}. The op may depend on something tracing fixed (an input size, a forward "
+            "argument); pass the module that holds it as `leaf_modules=`.") from exc
+    for node, meta in found.items():
+        node.meta.update(meta)
+
+
+def _target_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"{node.target}: {type(gm.get_submodule(node.target)).__name__}"
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__",
+                                                                     str(node.target))
+
+
+_MISSING = object()
+
+
+def module_attribute(root: Any, target: str, default: Any = _MISSING) -> Any:
+    """What a dotted `get_attr` target names on `root` (a parameter, buffer, tensor or module);
+    `default` where a name on the path is missing (else AttributeError)."""
+    value = root
+    for part in target.split("."):
+        value = getattr(value, part, _MISSING)
+        if value is _MISSING:
+            if default is _MISSING:
+                raise AttributeError(f"{type(root).__name__} has no attribute {target!r}")
+            return default
+    return value
+
+
+def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The shape ShapeProp recorded for a tensor-valued node, else None."""
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+_INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior",
+                      "ixor", "ilshift", "irshift", "imatmul"}
+
+
+def is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether a node may mutate one of its inputs (in-place method, operator or module)."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return (node.kwargs.get("inplace", False) is True or name in _INPLACE_OPERATORS
+                or (name.endswith("_") and not name.endswith("__")))
+    if node.op == "call_module":
+        return getattr(gm.get_submodule(node.target), "inplace", False) is True
+    return False
+
+
+def has_inplace(gm: fx.GraphModule) -> bool:
+    return any(is_inplace(n, gm) for n in gm.graph.nodes)
+
+
+def route_through_inplace_ops(gm: fx.GraphModule) -> None:
+    """Make mutation visible in the graph: after `y = x.add_(z)`, later readers of `x` read `y`.
+
+    torch.fx records `x.add_(z)` without redirecting later uses of `x`, so ancestor sets (the
+    trunk of a stop point) and per-model copies would miss the mutation.
+    """
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        if not is_inplace(node, gm) or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        mutated = node.args[0]
+        for user in list(mutated.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(mutated, node)
+    gm.recompile()

@@ -1,0 +1,1 @@
+"""Files: saved merged models, model and checkpoint loading, calibration data, recipes."""

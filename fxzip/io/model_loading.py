@@ -1,0 +1,195 @@
+"""Build a model from its name and load a checkpoint into it, with errors that name what is wrong.
+
+A model is a timm name (`resnet50`), `torchvision:NAME`, or `package.module:callable` (any
+importable function or class; the recipe's folder and the working directory are searched too).
+Checkpoints are state dicts in `.safetensors` (read by safetensors) or `.pt`/`.pth`/`.bin`
+(`torch.load(weights_only=True)`: no code runs), also nested under `state_dict`/`model`, and
+with the `module.` prefix of DataParallel/DDP stripped.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import CheckpointError
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
+NESTING_KEYS = ("state_dict", "model")
+SHOWN_KEYS = 3
+
+
+def build_model(name: str, kwargs: Mapping[str, Any] | None = None,
+                search_paths: Sequence[str | Path] = ()) -> nn.Module:
+    """A freshly built model (random initialisation unless kwargs ask for more), in eval mode."""
+    kwargs = dict(kwargs or {})
+    if name.startswith("torchvision:"):
+        model = _torchvision_model(name.split(":", 1)[1], kwargs)
+    elif ":" in name:
+        model = _callable_model(name, kwargs, search_paths)
+    else:
+        model = _timm_model(name, kwargs)
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"model {name!r} built a {type(model).__name__}, "
+                              "not a torch.nn.Module")
+    return model.eval()
+
+
+def _timm_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise CheckpointError(f"unknown model name {name!r}: not a timm model (write "
+                              f"torchvision:NAME or package.module:callable for others){hint}")
+    kwargs.setdefault("pretrained", False)
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as e:
+        raise CheckpointError(f"timm model {name!r} rejects the kwargs {kwargs}: {e}") from None
+
+
+def _torchvision_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    import torchvision
+
+    if name not in torchvision.models.list_models():
+        close = difflib.get_close_matches(name, torchvision.models.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise CheckpointError(f"unknown model name 'torchvision:{name}': torchvision has no model "
+                              f"{name!r}{hint}")
+    try:
+        return torchvision.models.get_model(name, **kwargs)
+    except TypeError as e:
+        raise CheckpointError(f"torchvision model {name!r} rejects the kwargs {kwargs}: "
+                              f"{e}") from None
+
+
+def _callable_model(name: str, kwargs: dict[str, Any],
+                    search_paths: Sequence[str | Path]) -> nn.Module:
+    module_name, _, attr = name.partition(":")
+    added = [str(Path(p).resolve()) for p in search_paths if str(Path(p).resolve()) not in sys.path]
+    sys.path[:0] = added
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise CheckpointError(f"unknown model name {name!r}: cannot import {module_name!r} "
+                              f"({e})") from None
+    finally:
+        for p in added:
+            sys.path.remove(p)
+    target: Any = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise CheckpointError(f"unknown model name {name!r}: {module_name} has no {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise CheckpointError(f"model {name!r} is not callable")
+    try:
+        return target(**kwargs)
+    except TypeError as e:
+        raise CheckpointError(f"model {name!r} rejects the kwargs {kwargs}: {e}") from None
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, unnested and without a `module.` prefix, on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found" if not path.exists()
+                              else f"checkpoint {path} is not a file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path), device="cpu")
+        elif suffix in PICKLE_SUFFIXES:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise CheckpointError(f"checkpoint {path}: unknown file type {path.suffix!r}; give "
+                                  "a .safetensors file or a state dict saved as "
+                                  f"{'/'.join(PICKLE_SUFFIXES)}")
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every reader error is the same news for the user
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
+    return _unnest(state, path)
+
+
+def _unnest(state: Any, path: Path) -> dict[str, torch.Tensor]:
+    for _ in range(3):
+        if isinstance(state, Mapping):
+            nested = next((state[k] for k in NESTING_KEYS
+                           if isinstance(state.get(k), Mapping)), None)
+            if nested is not None:
+                state = nested
+                continue
+        break
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict "
+                              "(save model.state_dict())")
+    tensors = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"checkpoint {path} holds no tensors")
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, name: str = "the model") -> nn.Module:
+    """Load a checkpoint into `model`, or say which keys are missing, unexpected or mis-shaped."""
+    state = read_state_dict(path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(v.shape)})"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = [f"{label} {_first(keys)}" for label, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected),
+                 ("mis-shaped", shapes)) if keys]
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not fit {name}: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _first(keys: list[str]) -> str:
+    shown = ", ".join(keys[:SHOWN_KEYS])
+    return shown + (f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else "")
+
+
+def data_config(model: nn.Module, name: str,
+                kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """How the model reads images — input size, interpolation, mean, std, crop_pct — from timm's
+    data config (timm models) or the default weights' transforms (torchvision); {} otherwise.
+    A timm model built with `img_size` reads images of that size."""
+    kwargs = kwargs or {}
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        try:
+            weights = torchvision.models.get_model_weights(name.split(":", 1)[1])
+            transforms = weights.DEFAULT.transforms()
+        except (ValueError, AttributeError):
+            return {}
+        crop, resize = transforms.crop_size[0], transforms.resize_size[0]
+        return {"input_size": (3, crop, crop), "interpolation": transforms.interpolation.value,
+                "mean": tuple(transforms.mean), "std": tuple(transforms.std),
+                "crop_pct": crop / resize}
+    if ":" in name:
+        return {}
+    from timm.data import resolve_data_config
+
+    config = dict(resolve_data_config(model=model))
+    if "img_size" in kwargs:
+        size = kwargs["img_size"]
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        config["input_size"] = (config["input_size"][0], h, w)
+    return config

@@ -1,0 +1,1 @@
+"""Matching: which features of the models become one merged feature; one file per method, and their registry."""

@@ -1,0 +1,569 @@
+"""Attention heads, followed op by op: the rules and helpers for tensors split into heads.
+
+A reshape that splits a channel axis into (heads, head_dim) makes a *headed* layout (`Feat` with a
+head axis, see `layout.Feat`): its spaces are split into heads that are matched head to head (a
+head group), with a head space of one feature per head. Ops over tokens keep it; permutes move
+both axes; a matmul or `scaled_dot_product_attention` that contracts head_dim ties the two
+operands' spaces and leaves the head space (scores), which per-head tables (relative position
+biases) and talking-heads Linears read like any per-channel tensor; scores times values give the
+values' headed layout back, and the reshape that merges heads gives their channels back.
+
+Where values within a head are combined in a fixed way — rotary embeddings, norms over
+head_dim with a weight shared by the heads, attention over channels — the spaces are *fixed*:
+heads may still be paired, but features stay in place within heads (`Context.fix_within`). A
+tensor whose head_dim axis is cut or resized then (rotate-half slices) is left with its head
+space alone. The core rules call the helpers here for headed inputs; this module imports only
+the rule API and the layouts.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .layout import SHARED, Block, Feat, Lazy, Stacked
+from .api import (Barrier, Context, SplitRequest, arg, headed, norm_dim, register,
+                       split_layout)
+
+
+# ---------------------------------------------------------------------------------------------
+# reshapes: split channels into heads, merge them back, keep them
+# ---------------------------------------------------------------------------------------------
+
+def _kept(shape_in: tuple, axis: int, shape_out: tuple) -> int | None:
+    """The output axis that input axis `axis` survives as, whole, through a reshape; None if it
+    is merged with or split into others."""
+    before = math.prod(shape_in[:axis])
+    for j, n in enumerate(shape_out):
+        if n == shape_in[axis] and math.prod(shape_out[:j]) == before:
+            if n == 1 and shape_in[axis] == 1:
+                return None
+            return j
+    return None
+
+
+def split_into_heads(ctx: Context, node: fx.Node, info: Feat, shape_in: tuple,
+                     shape_out: tuple) -> Any:
+    """As `_split`; every head space it opens gets its statistics here (a tap on the head axis),
+    so that it has a tensor that every model computes whatever reads it later."""
+    split = _split(ctx, info, shape_in, shape_out)
+    for part in split.parts if isinstance(split, Stacked) else [split] if split else []:
+        ctx.consume(node, node, part.head_only())
+    return split
+
+
+def _split(ctx: Context, info: Feat, shape_in: tuple, shape_out: tuple) -> Any:
+    """A plain layout's channel axis reshaped into (H, d) — a headed layout — or into (n, H, d)
+    with n equal parts ([q | k | v] of a fused projection) — a stack of headed layouts. None if
+    the reshape is neither."""
+    a, width = info.axis, shape_in[info.axis]
+    before, after = math.prod(shape_in[:a]), math.prod(shape_in[a + 1:])
+    for j in range(len(shape_out) - 1):
+        if math.prod(shape_out[:j]) != before:
+            continue
+        for span in (2, 3):
+            if j + span > len(shape_out) or math.prod(shape_out[j:j + span]) != width \
+                    or math.prod(shape_out[j + span:]) != after:
+                continue
+            if span == 2:
+                heads, d = shape_out[j], shape_out[j + 1]
+                if heads == 1 or d == 1 or len(info.blocks) != 1:
+                    continue
+                return ctx.split_heads(info, j + 1, j, heads)
+            parts, heads, d = shape_out[j:j + 3]
+            if parts == 1 or d == 1:
+                continue
+            pieces = split_layout(info, [heads * d] * parts)
+            if any(len(p.blocks) != 1 for p in pieces):
+                raise Barrier("splits channels into parts that hold several feature spaces")
+            return Stacked(j, tuple(ctx.split_heads(p, j + 2, j + 1, heads) for p in pieces))
+    return None
+
+
+def reshape_headed(ctx: Context, info: Feat, shape_in: tuple, shape_out: tuple,
+                   x: fx.Node | None = None) -> Feat:
+    """A headed layout through a reshape: heads merged back into channels (head axis right before
+    head_dim), or both axes kept whole; a reshape of head_dim alone leaves the head space. Heads
+    merged with a broadcast axis after them (`k[:, :, None].expand(B, K, n, N, d).reshape(B,
+    K·n, N, d)`, transformers' `repeat_kv`) are repeated n times (grouped-query attention)."""
+    a, ha = info.axis, info.head_axis
+    n = _expanded_after_heads(ctx, x, info, shape_in)
+    if n is not None:
+        merged = shape_in[:ha] + (shape_in[ha] * n,) + shape_in[ha + 2:]
+        if tuple(shape_out) == merged:
+            shift = lambda i: i - (i > ha)  # noqa: E731
+            return replace(info.placed(shift(a), ha), repeat=info.repeat * n)
+    if info.repeat > 1:
+        if _kept(shape_in, ha, shape_out) is not None and _kept(shape_in, a, shape_out) is not None:
+            return info.placed(_kept(shape_in, a, shape_out), _kept(shape_in, ha, shape_out))
+        raise Barrier(f"reshapes repeated key/value heads {tuple(shape_in)} -> {tuple(shape_out)}")
+    if ha == a - 1 and len(info.blocks) == 1:
+        before, after = math.prod(shape_in[:ha]), math.prod(shape_in[a + 1:])
+        width = shape_in[ha] * shape_in[a]
+        for j, n in enumerate(shape_out):
+            if n == width and math.prod(shape_out[:j]) == before \
+                    and math.prod(shape_out[j + 1:]) == after:
+                return Feat(j, info.blocks)
+    j_head, j_in = _kept(shape_in, ha, shape_out), _kept(shape_in, a, shape_out)
+    if j_head is not None and j_in is not None:
+        return info.placed(j_in, j_head)
+    if j_head is not None:
+        return ctx.fix_within(info).moved(j_head)
+    raise Barrier(f"reshapes a tensor split into {info.heads} attention heads "
+                  f"{tuple(shape_in)} -> {tuple(shape_out)} across its head axis")
+
+
+def _expanded_after_heads(ctx: Context, x: fx.Node | None, info: Feat,
+                          shape_in: tuple) -> int | None:
+    """n, where `x` is headed values expanded from size 1 to n on the axis right after the head
+    axis (a broadcast copy of every head); None otherwise."""
+    ha = info.head_axis
+    if x is None or ha + 1 >= len(shape_in) or ha + 1 == info.axis or shape_in[ha + 1] < 2:
+        return None
+    while x.op == "call_method" and x.target == "contiguous":
+        x = x.args[0]
+    if not (x.op == "call_method" and x.target == "expand") or not isinstance(x.args[0], fx.Node):
+        return None
+    source = ctx.shape(x.args[0])
+    if source is None or len(source) != len(shape_in) or source[ha + 1] != 1:
+        return None
+    return shape_in[ha + 1]
+
+
+@register("repeat_interleave", torch.repeat_interleave, heads=True)
+def repeat_interleave(ctx: Context, node: fx.Node) -> Any:
+    """Every element repeated n times in a row along an axis: along the head axis, each head
+    serves n query heads (grouped-query attention: a repeated headed layout); along another
+    axis than the channels' (tokens), the layout is kept."""
+    x = node.args[0]
+    info = ctx.info(x)
+    repeats = arg(node, 1, "repeats")
+    dim = arg(node, 2, "dim")
+    shape = ctx.shape(x)
+    if not isinstance(info, Feat) and not isinstance(info, Stacked):
+        if info is SHARED or info is None:
+            return info
+        raise Barrier(f"repeats '{x.name}', a value fxzip cannot follow per channel")
+    if not isinstance(repeats, int) or dim is None or isinstance(info, Stacked):
+        raise Barrier(f"repeats elements of '{x.name}' across its channel axis")
+    dim = norm_dim(dim, len(shape))
+    if dim == info.axis:
+        raise Barrier(f"repeats the channels of '{x.name}' along their own axis")
+    if info.headed and dim == info.head_axis:
+        return replace(info, repeat=info.repeat * repeats)
+    return info
+
+
+def moved_by(info: Any, where: dict[int, int]) -> Any:
+    """A headed layout or stack with every axis moved by `where` (old -> new; others stay)."""
+    if isinstance(info, Stacked):
+        return Stacked(where.get(info.axis, info.axis), tuple(moved_by(p, where) for p in info.parts))
+    return info.placed(where.get(info.axis, info.axis), where.get(info.head_axis, info.head_axis))
+
+
+def without_axis(info: Feat, dim: int) -> Feat:
+    """A headed (or plain) layout with axis `dim` (not one of its own) removed."""
+    def shift(x: int | None) -> int | None:
+        return None if x is None else x - (dim < x)
+    return info.placed(shift(info.axis), shift(info.head_axis))
+
+
+def without_axes(info: Feat, dims: list[int]) -> Feat:
+    """A headed layout with axes `dims` (none of its own) reduced away."""
+    for dim in sorted(dims, reverse=True):
+        info = without_axis(info, dim)
+    return info
+
+
+def unbind_stacked(info: Stacked, dim: int, count: int) -> tuple:
+    if dim != info.axis:
+        raise Barrier("unbinds a stack of attention parts along another axis than the stack's")
+    return tuple(without_axis(p, dim) for p in info.parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# radix groups: parts of the channel axis that ops combine element by element
+# ---------------------------------------------------------------------------------------------
+# Split attention (ResNeSt) and selective kernels (SKNet) reshape channels into (R, C) groups and
+# then sum or softmax over R: element j of every group meets element j of the others, so every
+# group must hold the same space. A sum or softmax over the heads of a headed layout asks for its
+# space to be opened as one space per group (a SplitRequest); the reshape of those R blocks gives
+# a stack of R layouts (`Stacked` of plain parts), and the op over the stack axis ties the parts
+# into one space, after which the stack axis is a plain axis of copies.
+
+def radix_request(info: Feat, x: fx.Node, what: str) -> Barrier:
+    """A sum or softmax over the heads of `info`: its groups must hold one space, so its space
+    is asked to be opened as one space per head (then tied by the op over the groups)."""
+    message = f"{what} over the heads of '{x.name}'"
+    if len(info.blocks) != 1 or info.blocks[0].expand != 1 or info.repeat != 1 or info.heads < 2:
+        return Barrier(message)
+    block = info.blocks[0]
+    d = block.size // info.heads
+    return SplitRequest(message + " (radix groups: each must hold the same features)",
+                        {block.space: {d * h for h in range(1, info.heads)}})
+
+
+def plain_stack(info: Any) -> bool:
+    return isinstance(info, Stacked) and not any(p.headed for p in info.parts)
+
+
+def stack_of_parts(ctx: Context, info: Feat, shape_in: tuple, shape_out: tuple) -> Any:
+    """A plain layout of several blocks whose channel axis is reshaped into (P, W), every part
+    whole blocks: a stack of P layouts on the P axis, or, where the parts are one layout
+    already, that layout with the P axis holding copies. None if the reshape is not that."""
+    if len(info.blocks) < 2 or info.headed:
+        return None
+    a, width = info.axis, shape_in[info.axis]
+    before, after = math.prod(shape_in[:a]), math.prod(shape_in[a + 1:])
+    for j in range(len(shape_out) - 1):
+        parts, w = shape_out[j], shape_out[j + 1]
+        if parts < 2 or parts * w != width or math.prod(shape_out[:j]) != before or \
+                math.prod(shape_out[j + 2:]) != after:
+            continue
+        try:
+            pieces = split_layout(info, [w] * parts)
+        except Barrier:  # a part cuts a block: not whole spaces per part
+            return None
+        stack = Stacked(j, tuple(p.moved(j + 1) for p in pieces))
+        return collapsed(ctx, stack) or stack
+    return None
+
+
+def collapsed(ctx: Context, stack: Stacked) -> Feat | None:
+    """A stack of plain parts that are all one layout: that layout (the stack axis holds copies);
+    None if the parts differ."""
+    if not plain_stack(stack):
+        return None
+    first = stack.parts[0]
+    for part in stack.parts[1:]:
+        if part.axis != first.axis or len(part.blocks) != len(first.blocks) or any(
+                ctx.uf.find(x.space) != ctx.uf.find(y.space) or x.size != y.size
+                or x.expand != y.expand for x, y in zip(part.blocks, first.blocks)):
+            return None
+    return first
+
+
+def unified_parts(ctx: Context, stack: Stacked, x: fx.Node) -> Feat:
+    """A stack of plain parts combined element by element across the stack axis: the parts are
+    tied into one space, the stack axis then holds copies."""
+    if not plain_stack(stack):
+        raise Barrier(f"combines the parts of '{x.name}', a stack of attention parts")
+    first = stack.parts[0]
+    for part in stack.parts[1:]:
+        if part.axis != first.axis:
+            raise Barrier(f"combines parts of '{x.name}' whose channels lie on different axes")
+        ctx.unify(first, part)
+    return first
+
+
+# ---------------------------------------------------------------------------------------------
+# elementwise ops and indexing
+# ---------------------------------------------------------------------------------------------
+
+def pointwise_headed(ctx: Context, node: fx.Node, operands: list[fx.Node]) -> Feat:
+    """Elementwise op with headed operands: all of them aligned, tied together; head-only values
+    (per-head statistics, scores) tie to the head space; parameters that vary over the heads
+    follow the head space; anything that varies along head_dim fixes the features in place."""
+    out_shape = ctx.shape(node)
+    out_ndim = len(out_shape)
+    infos = {op: ctx.info(op) for op in operands}
+    heads = [(op, i) for op, i in infos.items() if headed(i)]
+    first = heads[0][1]
+    shift0 = out_ndim - len(ctx.shape(heads[0][0]))
+    result = first.placed(first.axis + shift0, first.head_axis + shift0)
+    h_pos, d_pos = result.head_axis, result.axis
+    fix = False
+    for op, info in infos.items():
+        shape = ctx.shape(op)
+        if shape is None:
+            continue
+        shift = out_ndim - len(shape)
+        if headed(info):
+            if (info.axis + shift, info.head_axis + shift) != (d_pos, h_pos):
+                raise Barrier("combines tensors split into heads along different axes")
+            ctx.unify(result, info.placed(d_pos, h_pos))
+            continue
+        along = {pos: shape[pos - shift] if pos - shift >= 0 else 1 for pos in (h_pos, d_pos)}
+        if along[d_pos] > 1:
+            fix = True  # varies along head_dim: rotary tables, norm weights, rotated halves
+        if result.repeat > 1 and (isinstance(info, Feat) or along[h_pos] > 1):
+            raise Barrier("combines repeated key/value heads with values per head")
+        if isinstance(info, Feat):
+            if info.axis + shift != h_pos:
+                raise Barrier("combines a tensor split into heads with channels on another axis")
+            ctx.unify(result.head_only().moved(h_pos), info.moved(h_pos))
+        elif along[h_pos] > 1:
+            if isinstance(info, Lazy):
+                ctx.tie_param(op, h_pos - shift, result.head_only().moved(h_pos - shift))
+            else:
+                raise Barrier(f"combines heads with '{op.name}', fixed values per head that cannot "
+                              "follow a pairing of heads")
+    if fix:
+        ctx.fix_within(result)
+    return result
+
+
+def index_headed(ctx: Context, x: fx.Node, info: Feat, index: tuple) -> Feat:
+    """Indexing that keeps the head axis whole; cutting head_dim leaves the head space."""
+    ndim = len(ctx.shape(x))
+    explicit = sum(1 for i in index if i is not None and i is not Ellipsis)
+    where: dict[int, int | None] = {}
+    cut: set[int] = set()
+    in_dim = out_dim = 0
+    for item in index:
+        if item is Ellipsis:
+            for _ in range(ndim - explicit):
+                where[in_dim] = out_dim
+                in_dim, out_dim = in_dim + 1, out_dim + 1
+        elif item is None:
+            out_dim += 1
+        elif isinstance(item, int):
+            where[in_dim] = None
+            cut.add(in_dim)
+            in_dim += 1
+        elif isinstance(item, slice):
+            if item != slice(None):
+                cut.add(in_dim)
+            where[in_dim] = out_dim
+            in_dim, out_dim = in_dim + 1, out_dim + 1
+        else:
+            raise Barrier(f"indexes '{x.name}', split into heads, with {item!r}")
+    while in_dim < ndim:
+        where[in_dim] = out_dim
+        in_dim, out_dim = in_dim + 1, out_dim + 1
+    if info.head_axis in cut:
+        raise Barrier(f"picks or slices attention heads of '{x.name}'")
+    if info.axis in cut:
+        return ctx.fix_within(info).moved(where[info.head_axis])
+    return info.placed(where[info.axis], where[info.head_axis])
+
+
+# ---------------------------------------------------------------------------------------------
+# products: scores and attention outputs
+# ---------------------------------------------------------------------------------------------
+
+_MATMUL = (torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm")
+
+
+@register(*_MATMUL, heads=True)
+def matmul(ctx: Context, node: fx.Node) -> Any:
+    """Batched products of tensors split into heads (q·kᵀ, scores·v, and attention over channels):
+    the head axes are batch axes and pair heads alike; head_dim contracted on both sides ties
+    the operands' spaces; head_dim contracted against anything else, or two head_dim axes left
+    in the product, fixes features within heads. Per-head values (scores) follow the head space."""
+    a, b = node.args[0], node.args[1]
+    return product(ctx, node, a, b, ctx.info(a), ctx.info(b))
+
+
+def _role(ctx: Context, value: fx.Node, info: Any, out_ndim: int, rows: int) -> dict:
+    """Where an operand's head and head_dim axes go in a product: 'batch' positions (aligned to
+    the output's), 'contracted', or 'kept' (the row axis of a, the column axis of b)."""
+    ndim = len(ctx.shape(value))
+    shift = out_ndim - ndim
+
+    def place(axis: int) -> tuple[str, int]:
+        if axis < ndim - 2:
+            return "batch", axis + shift
+        if axis == rows:
+            return "kept", out_ndim - 2 if rows == ndim - 2 else out_ndim - 1
+        return "contracted", -1
+    if headed(info):
+        return {"head": place(info.head_axis), "within": place(info.axis)}
+    if isinstance(info, Feat):
+        return {"head": place(info.axis)}
+    return {}
+
+
+def _broadcast_over_heads(shape: Any, info: Any, ref: Feat) -> bool:
+    """Whether a plain layout with its channels on a matrix axis has a size-1 axis where the
+    headed operand `ref` has its heads (so it is broadcast over them)."""
+    return (isinstance(info, Feat) and not info.headed and shape is not None and
+            info.axis >= len(shape) - 2 and len(shape) > ref.head_axis and
+            shape[ref.head_axis] == 1 and ref.head_axis < len(shape) - 2)
+
+
+def _single_heads(ctx: Context, values: list[fx.Node], infos: list[Any]) -> list[Any]:
+    """Attention with one head: where another operand is split into a single head, a plain
+    layout whose channels are on a matrix axis (a reshape to (…, 1, N, d) merged the size-1
+    head axis away) is split into one head on that size-1 axis too."""
+    ref = next((i for i in infos if isinstance(i, Feat) and i.headed and i.heads == 1 and
+                i.repeat == 1), None)
+    if ref is None:
+        return _shared_heads(ctx, values, infos)
+    out = []
+    for value, info in zip(values, infos):
+        if _broadcast_over_heads(ctx.shape(value), info, ref):
+            info = ctx.split_heads(info, info.axis, ref.head_axis, 1)
+        out.append(info)
+    return out
+
+
+def _shared_heads(ctx: Context, values: list[fx.Node], infos: list[Any]) -> list[Any]:
+    """Multi-query attention (timm's MultiQueryAttention2d): where another operand is split into
+    H > 1 heads, a plain layout whose channels are on a matrix axis and that has a size-1 axis
+    where the heads are (broadcast over them) is one key/value head repeated H times."""
+    ref = next((i for i in infos if isinstance(i, Feat) and i.headed and i.heads > 1 and
+                i.repeat == 1), None)
+    if ref is None:
+        return infos
+    out = []
+    for value, info in zip(values, infos):
+        if _broadcast_over_heads(ctx.shape(value), info, ref):
+            info = replace(ctx.split_heads(info, info.axis, ref.head_axis, 1), repeat=ref.heads)
+            ctx.consume(value, value, replace(info.head_only(), repeat=1))  # the head's tap
+        out.append(info)
+    return out
+
+
+def product(ctx: Context, node: fx.Node, a: fx.Node, b: fx.Node, ia: Any, ib: Any) -> Any:
+    ia, ib = _single_heads(ctx, [a, b], [ia, ib])
+    out_ndim = len(ctx.shape(node))
+    ra = _role(ctx, a, ia, out_ndim, len(ctx.shape(a)) - 2)
+    rb = _role(ctx, b, ib, out_ndim, len(ctx.shape(b)) - 1)
+    if not ra and not rb:
+        if ia is SHARED and ib is SHARED:
+            return SHARED
+        raise Barrier("multiplies matrices whose channels fxzip cannot follow")
+    for r, info in ((ra, ia), (rb, ib)):
+        if r and r["head"][0] != "batch":
+            raise Barrier("multiplies along the channel (head) axis of a tensor")
+        if not r and not (info is SHARED or info is None):
+            raise Barrier("multiplies heads with a value fxzip cannot follow per head")
+    head_pos = (ra or rb)["head"][1]
+    if ra and rb and (getattr(ia, "repeat", 1) > 1 or getattr(ib, "repeat", 1) > 1):
+        return _grouped_product(ctx, node, ia, ib, ra, rb, head_pos)
+    if ra and rb:
+        if ra["head"][1] != rb["head"][1]:
+            raise Barrier("multiplies tensors whose heads are on different axes")
+        ctx.unify(_head_of(ia), _head_of(ib).moved(_head_of(ia).axis))
+    head = _head_of(ia if ra else ib).moved(head_pos)
+    wa, wb = ra.get("within"), rb.get("within")
+    if wa and wb and wa[0] == wb[0] == "contracted":
+        ctx.unify(ia, ib.placed(ia.axis, ia.head_axis))  # q·kᵀ: feature j of q meets feature j of k
+        ctx.consume(node, node, head)  # the scores: statistics of the head space
+        return head
+    kept = [(w, i) for w, i in ((wa, ia), (wb, ib)) if w and w[0] == "kept"]
+    for w, info in ((wa, ia), (wb, ib)):
+        if w and w[0] == "contracted":
+            ctx.fix_within(info)  # head_dim against fixed values or another operand's channels
+    if len(kept) == 2:
+        ctx.fix_within(kept[1][1])  # two head_dim axes in the product: the columns stay in place
+        kept = kept[:1]
+    if kept:
+        (w, info), = kept
+        return info.placed(w[1], head_pos)
+    ctx.consume(node, node, head)
+    return head
+
+
+def _head_of(info: Feat) -> Feat:
+    if info.repeat > 1:
+        raise Barrier("reads the head space of repeated key/value heads")
+    return info.head_only() if info.headed else info
+
+
+def _grouped_product(ctx: Context, node: fx.Node, ia: Feat, ib: Feat, ra: dict, rb: dict,
+                     head_pos: int) -> Any:
+    """Products with repeated key/value heads (grouped-query attention): q·kᵀ ties q's heads
+    and features to k's (two levels, `Context.repeat_tie`) and gives q's head space (scores);
+    scores·v gives the attention outputs, a new space whose heads follow v's."""
+    if ra["head"][1] != rb["head"][1]:
+        raise Barrier("multiplies tensors whose heads are on different axes")
+    if ia.repeat > 1 and ib.repeat > 1:
+        raise Barrier("multiplies two tensors of repeated key/value heads")
+    sub, base = (ia, ib) if ib.repeat > 1 else (ib, ia)
+    rs, rbase = (ra, rb) if ib.repeat > 1 else (rb, ra)
+    ws, wb = rs.get("within"), rbase.get("within")
+    if ws and wb and ws[0] == wb[0] == "contracted":  # q·kᵀ
+        ctx.repeat_tie(sub, base)
+        head = sub.head_only().moved(head_pos)
+        ctx.consume(node, node, head)
+        return head
+    if ws is None and wb and wb[0] == "kept":  # scores·v
+        return attention_output(ctx, node, sub.moved(head_pos), base, wb[1], head_pos)
+    raise Barrier("multiplies repeated key/value heads in a way fxzip cannot follow")
+
+
+def attention_output(ctx: Context, node: fx.Node, scores: Feat, values: Feat, axis: int,
+                     head_pos: int) -> Feat:
+    """Attention outputs of grouped-query attention: per query head, its group's values. A new
+    space (heads·repeat heads of the values' head_dim), tied to the values within heads."""
+    if len(values.blocks) != 1 or values.blocks[0].expand != 1:
+        raise Barrier("grouped-query attention over values that hold several feature spaces")
+    head = scores.blocks[0]
+    width = values.blocks[0].size * values.repeat
+    out = Feat(axis, (Block(ctx.uf.new(width), width),), head_pos, values.heads * values.repeat,
+               head)
+    ctx.head_group((out.blocks[0].space, head.space), out.heads, "attention heads")
+    ctx.repeat_tie(out, values)
+    return out
+
+
+@register(F.scaled_dot_product_attention, heads=True)
+def scaled_dot_product_attention(ctx: Context, node: fx.Node) -> Any:
+    """softmax(q·kᵀ/√d + mask)·v: as the two products; a mask computed from parameters or
+    features that varies over the heads (a position bias) follows the head space."""
+    q, k, v = (arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
+    iq, ik, iv = _single_heads(ctx, [q, k, v], [ctx.info(q), ctx.info(k), ctx.info(v)])
+    n = len(ctx.shape(q))
+    if node.kwargs.get("enable_gqa") and all(isinstance(i, Feat) and i.headed for i in (iq, ik, iv)):
+        ha = iq.head_axis  # key/value heads shared by groups of query heads: as if repeated
+        factor = ctx.shape(q)[ha] // ctx.shape(k)[ha]
+        if factor > 1:
+            ik, iv = replace(ik, repeat=ik.repeat * factor), replace(iv, repeat=iv.repeat * factor)
+    if any(isinstance(i, Feat) and i.repeat > 1 for i in (iq, ik, iv)):
+        return _grouped_sdpa(ctx, node, iq, ik, iv, n)
+    if not all(isinstance(i, Feat) and _head_of(i).axis < n - 2 for i in (iq, ik, iv)) or \
+            any(i.headed and i.axis != n - 1 for i in (iq, ik, iv)) or \
+            len({_head_of(i).axis for i in (iq, ik, iv)}) != 1:
+        raise Barrier("scaled_dot_product_attention reads queries, keys or values that are not "
+                      "split into heads as (…, H, N, d)")
+    if iq.headed and ik.headed:
+        ctx.unify(iq, ik)
+    else:  # a query or key whose features within heads were not followed: the others stay put
+        for i in (iq, ik):
+            if i.headed:
+                ctx.fix_within(i)
+    head = _head_of(iq)
+    ctx.unify(head, _head_of(ik))
+    ctx.unify(head, _head_of(iv))
+    mask = arg(node, 3, "attn_mask")
+    if isinstance(mask, fx.Node):
+        info, shape = ctx.info(mask), ctx.shape(mask)
+        pos = head.axis - (n - len(shape))
+        varies = pos >= 0 and shape[pos] > 1
+        if isinstance(info, Feat) and not info.headed and info.axis == pos:
+            ctx.unify(head.moved(pos), info)
+        elif isinstance(info, Lazy) and varies:
+            ctx.tie_param(mask, pos, head.moved(pos))
+        elif info is not SHARED and info is not None and not isinstance(info, Lazy) or \
+                info is SHARED and varies:
+            raise Barrier(f"attention reads the mask '{mask.name}' in a way fxzip cannot follow "
+                          "per head")
+    ctx.consume(node, node, head)
+    return iv
+
+
+def _grouped_sdpa(ctx: Context, node: fx.Node, iq: Feat, ik: Feat, iv: Feat, n: int) -> Feat:
+    """scaled_dot_product_attention with repeated key/value heads (grouped-query attention)."""
+    if not (iq.headed and ik.headed and iv.headed) or iq.repeat != 1 or \
+            not ik.repeat == iv.repeat > 1 or {i.axis for i in (iq, ik, iv)} != {n - 1} or \
+            len({i.head_axis for i in (iq, ik, iv)}) != 1:
+        raise Barrier("grouped-query attention whose queries, keys and values fxzip cannot follow "
+                      "as (…, H, N, d) with repeated key/value heads")
+    ctx.repeat_tie(iq, ik)
+    head = iq.head_only()
+    mask = arg(node, 3, "attn_mask")
+    if isinstance(mask, fx.Node):
+        info, shape = ctx.info(mask), ctx.shape(mask)
+        pos = head.axis - (n - len(shape))
+        if info is not SHARED and info is not None and not (
+                isinstance(info, Lazy) and not (pos >= 0 and shape[pos] > 1)):
+            raise Barrier(f"grouped-query attention reads the mask '{mask.name}' per head")
+    ctx.consume(node, node, head)
+    return attention_output(ctx, node, head, iv, n - 1, head.axis)

@@ -1,0 +1,1 @@
+"""Running models over calibration data: inputs, torch.distributed, per-sample row choices, costs."""
