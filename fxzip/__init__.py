@@ -1,13 +1,11 @@
 """fxzip: merge trained networks of one architecture into one multi-head network, without
 training, by the ZipIt! method, with the merge structure worked out from the torch.fx graph."""
 from .api import Zipper, analyze, merge, merge_all
-from .corrections.batch_norm import reset_bn
-from .corrections.refit import CorrectionReport, Corrections
+from .corrections import CorrectionReport, Corrections, reset_bn
 from .errors import (ArchitectureMismatchError, CalibrationWarning, CheckpointError, ExportError,
                      FxzipError, InputError, MatchingError, NonFiniteError, RecipeError,
                      StopPointError, TraceError)
-from .matching.core import Match
-from .matching.registry import match_features
+from .matching import Match, match_features
 from .passes.analysis import Analysis
 from .report import MergeReport
 from .io.saving import load, save

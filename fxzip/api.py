@@ -13,23 +13,20 @@ from typing import Any, Iterator
 import torch.fx as fx
 import torch.nn as nn
 
-from .corrections.auto_settings import AutoSettings, choose as choose_settings, resolve_settings
-from .corrections.batch_norm import reset_bn as reset_batch_norm
-from .corrections.refit import Corrections, correct
+from .corrections import AutoSettings, Corrections, choose as choose_settings, correct, \
+    reset_bn as reset_batch_norm, resolve_settings
 from .runtime.costs import count_flops, count_parameters
 from .errors import CalibrationWarning, InputError, StopPointError
-from .matching.heads import match_heads
 from .runtime.inputs import Batches, shard_batches
-from .matching.core import Match, covariance
-from .matching.registry import METHODS, Method, get_method
+from .matching import METHODS, Match, Method, covariance, get_method, match_heads
 from .passes.analysis import Analysis
 from .passes.rewrite import rewrite
 from .passes.statistics import (SpaceStats, check_positions, check_taps, collect,
                                 resolve_precision)
 from .graph.prepare import check_models, device_of, is_merged, pair_models, prepare_graphs
 from .report import MergeReport, SpaceReport
-from .matching.similarity import feature_signatures, mix, weight_similarity as signature_similarity
-from .matching.width import Width, check_width, merged_size, space_widths
+from .matching import feature_signatures, mix, weight_similarity as signature_similarity
+from .matching import Width, check_width, merged_size, space_widths
 
 __all__ = ["Zipper", "merge", "merge_all", "analyze", "MergeReport", "SpaceReport", "Corrections",
            "CORRECTION_NAMES"]

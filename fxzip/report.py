@@ -11,9 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from .corrections.auto_settings import AutoChoice
-from .corrections.refit import CorrectionReport
-from .matching.core import Match
+from .corrections import AutoChoice, CorrectionReport
+from .matching import Match
 
 
 @dataclass

@@ -1,1 +1,11 @@
-"""Matching: which features of the models become one merged feature; one file per method, and their registry."""
+"""Matching: which features of the models become one merged feature. One file per method, their
+registry, head-wise matching of attention, weight similarity and the merged width."""
+from .core import Match, covariance
+from .heads import match_heads
+from .registry import METHOD_NAMES, METHODS, Method, get_method, match_features
+from .similarity import feature_signatures, mix, weight_similarity
+from .width import Width, check_width, merged_size, space_widths
+
+__all__ = ["Match", "covariance", "match_heads", "METHOD_NAMES", "METHODS", "Method", "get_method",
+           "match_features", "feature_signatures", "mix", "weight_similarity", "Width",
+           "check_width", "merged_size", "space_widths"]
