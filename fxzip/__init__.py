@@ -9,6 +9,7 @@ from .matching import Match, match_features
 from .passes.analysis import Analysis
 from .report import MergeReport
 from .io.saving import load, save
+from . import testing  # fxzip.testing.permuted_copy: exactness checks
 
 __version__ = "0.1.0"
 
