@@ -11,7 +11,7 @@ from timm.models.vision_transformer import VisionTransformer
 import fxzip
 from fxzip.matching.heads import match_heads, pair_heads
 from fxzip.passes.fuse_attention import fuse_attention
-from fxzip.graph.tracing import trace
+from fxzip.graph.capture import trace
 from permute_util import permuted_by_analysis
 
 

@@ -6,7 +6,7 @@ import torch.nn as nn
 from fxzip.rules import api as rule_api, timm as timm_rules
 from fxzip.passes.analysis import Analysis
 from fxzip.rules.api import Barrier, ParamHandle
-from fxzip.graph.tracing import trace
+from fxzip.graph.capture import trace
 
 
 class Joint(nn.Module):

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import fxzip
-from fxzip.rules.core import reshape_axes
+from fxzip.rules.shapes import reshape_axes
 from fxzip.rules.layout import MIXED, Flat
 from permute_util import assert_self_merge_exact
 

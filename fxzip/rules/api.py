@@ -6,7 +6,7 @@ mixes channels in a way zipping cannot follow. Its records (unions of spaces, pa
 head groups, productions, consumptions) go into a transaction that the analysis commits only
 when the rule returns, so a rule that gives up half-way leaves no trace.
 
-This module sits at the bottom of `fxzip.passes`: the rule modules and the analysis import it,
+This module sits at the bottom of `fxzip.rules`: the rule modules and the analysis import it,
 it imports none of them.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import torch.fx as fx
 import torch.nn as nn
 
-from ..graph.tracing import tensor_shape
+from ..graph.shapes import tensor_shape
 from .layout import SHARED, UNTRACKED, Block, Feat, Lazy, LazyCat, Stacked, UnionFind
 
 BLOCKS_META = "fxzip_blocks"  # on a projection node: the tags of its output blocks ([q | k | v])

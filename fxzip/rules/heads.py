@@ -6,29 +6,28 @@ head group), with a head space of one feature per head. Ops over tokens keep it;
 both axes; a matmul or `scaled_dot_product_attention` that contracts head_dim ties the two
 operands' spaces and leaves the head space (scores), which per-head tables (relative position
 biases) and talking-heads Linears read like any per-channel tensor; scores times values give the
-values' headed layout back, and the reshape that merges heads gives their channels back.
+values' headed layout back, and the reshape that merges heads gives their channels back. (The
+rules of those products are in `attention`.)
 
 Where values within a head are combined in a fixed way — rotary embeddings, norms over
 head_dim with a weight shared by the heads, attention over channels — the spaces are *fixed*:
 heads may still be paired, but features stay in place within heads (`Context.fix_within`). A
 tensor whose head_dim axis is cut or resized then (rotate-half slices) is left with its head
-space alone. The core rules call the helpers here for headed inputs; this module imports only
-the rule API and the layouts.
+space alone. The rules of elementwise, shape, indexing and reduction ops call the helpers here
+for headed inputs; this module imports only the rule API and the layouts.
 """
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
-from .layout import SHARED, Block, Feat, Lazy, Stacked
 from .api import (Barrier, Context, SplitRequest, arg, headed, norm_dim, register,
-                       split_layout)
+                  split_layout)
+from .layout import SHARED, Feat, Lazy, Stacked
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,229 +340,3 @@ def index_headed(ctx: Context, x: fx.Node, info: Feat, index: tuple) -> Feat:
     if info.axis in cut:
         return ctx.fix_within(info).moved(where[info.head_axis])
     return info.placed(where[info.axis], where[info.head_axis])
-
-
-# ---------------------------------------------------------------------------------------------
-# products: scores and attention outputs
-# ---------------------------------------------------------------------------------------------
-
-_MATMUL = (torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm")
-
-
-@register(*_MATMUL, heads=True)
-def matmul(ctx: Context, node: fx.Node) -> Any:
-    """Batched products of tensors split into heads (q·kᵀ, scores·v, and attention over channels):
-    the head axes are batch axes and pair heads alike; head_dim contracted on both sides ties
-    the operands' spaces; head_dim contracted against anything else, or two head_dim axes left
-    in the product, fixes features within heads. Per-head values (scores) follow the head space."""
-    a, b = node.args[0], node.args[1]
-    return product(ctx, node, a, b, ctx.info(a), ctx.info(b))
-
-
-def _role(ctx: Context, value: fx.Node, info: Any, out_ndim: int, rows: int) -> dict:
-    """Where an operand's head and head_dim axes go in a product: 'batch' positions (aligned to
-    the output's), 'contracted', or 'kept' (the row axis of a, the column axis of b)."""
-    ndim = len(ctx.shape(value))
-    shift = out_ndim - ndim
-
-    def place(axis: int) -> tuple[str, int]:
-        if axis < ndim - 2:
-            return "batch", axis + shift
-        if axis == rows:
-            return "kept", out_ndim - 2 if rows == ndim - 2 else out_ndim - 1
-        return "contracted", -1
-    if headed(info):
-        return {"head": place(info.head_axis), "within": place(info.axis)}
-    if isinstance(info, Feat):
-        return {"head": place(info.axis)}
-    return {}
-
-
-def _broadcast_over_heads(shape: Any, info: Any, ref: Feat) -> bool:
-    """Whether a plain layout with its channels on a matrix axis has a size-1 axis where the
-    headed operand `ref` has its heads (so it is broadcast over them)."""
-    return (isinstance(info, Feat) and not info.headed and shape is not None and
-            info.axis >= len(shape) - 2 and len(shape) > ref.head_axis and
-            shape[ref.head_axis] == 1 and ref.head_axis < len(shape) - 2)
-
-
-def _single_heads(ctx: Context, values: list[fx.Node], infos: list[Any]) -> list[Any]:
-    """Attention with one head: where another operand is split into a single head, a plain
-    layout whose channels are on a matrix axis (a reshape to (…, 1, N, d) merged the size-1
-    head axis away) is split into one head on that size-1 axis too."""
-    ref = next((i for i in infos if isinstance(i, Feat) and i.headed and i.heads == 1 and
-                i.repeat == 1), None)
-    if ref is None:
-        return _shared_heads(ctx, values, infos)
-    out = []
-    for value, info in zip(values, infos):
-        if _broadcast_over_heads(ctx.shape(value), info, ref):
-            info = ctx.split_heads(info, info.axis, ref.head_axis, 1)
-        out.append(info)
-    return out
-
-
-def _shared_heads(ctx: Context, values: list[fx.Node], infos: list[Any]) -> list[Any]:
-    """Multi-query attention (timm's MultiQueryAttention2d): where another operand is split into
-    H > 1 heads, a plain layout whose channels are on a matrix axis and that has a size-1 axis
-    where the heads are (broadcast over them) is one key/value head repeated H times."""
-    ref = next((i for i in infos if isinstance(i, Feat) and i.headed and i.heads > 1 and
-                i.repeat == 1), None)
-    if ref is None:
-        return infos
-    out = []
-    for value, info in zip(values, infos):
-        if _broadcast_over_heads(ctx.shape(value), info, ref):
-            info = replace(ctx.split_heads(info, info.axis, ref.head_axis, 1), repeat=ref.heads)
-            ctx.consume(value, value, replace(info.head_only(), repeat=1))  # the head's tap
-        out.append(info)
-    return out
-
-
-def product(ctx: Context, node: fx.Node, a: fx.Node, b: fx.Node, ia: Any, ib: Any) -> Any:
-    ia, ib = _single_heads(ctx, [a, b], [ia, ib])
-    out_ndim = len(ctx.shape(node))
-    ra = _role(ctx, a, ia, out_ndim, len(ctx.shape(a)) - 2)
-    rb = _role(ctx, b, ib, out_ndim, len(ctx.shape(b)) - 1)
-    if not ra and not rb:
-        if ia is SHARED and ib is SHARED:
-            return SHARED
-        raise Barrier("multiplies matrices whose channels fxzip cannot follow")
-    for r, info in ((ra, ia), (rb, ib)):
-        if r and r["head"][0] != "batch":
-            raise Barrier("multiplies along the channel (head) axis of a tensor")
-        if not r and not (info is SHARED or info is None):
-            raise Barrier("multiplies heads with a value fxzip cannot follow per head")
-    head_pos = (ra or rb)["head"][1]
-    if ra and rb and (getattr(ia, "repeat", 1) > 1 or getattr(ib, "repeat", 1) > 1):
-        return _grouped_product(ctx, node, ia, ib, ra, rb, head_pos)
-    if ra and rb:
-        if ra["head"][1] != rb["head"][1]:
-            raise Barrier("multiplies tensors whose heads are on different axes")
-        ctx.unify(_head_of(ia), _head_of(ib).moved(_head_of(ia).axis))
-    head = _head_of(ia if ra else ib).moved(head_pos)
-    wa, wb = ra.get("within"), rb.get("within")
-    if wa and wb and wa[0] == wb[0] == "contracted":
-        ctx.unify(ia, ib.placed(ia.axis, ia.head_axis))  # q·kᵀ: feature j of q meets feature j of k
-        ctx.consume(node, node, head)  # the scores: statistics of the head space
-        return head
-    kept = [(w, i) for w, i in ((wa, ia), (wb, ib)) if w and w[0] == "kept"]
-    for w, info in ((wa, ia), (wb, ib)):
-        if w and w[0] == "contracted":
-            ctx.fix_within(info)  # head_dim against fixed values or another operand's channels
-    if len(kept) == 2:
-        ctx.fix_within(kept[1][1])  # two head_dim axes in the product: the columns stay in place
-        kept = kept[:1]
-    if kept:
-        (w, info), = kept
-        return info.placed(w[1], head_pos)
-    ctx.consume(node, node, head)
-    return head
-
-
-def _head_of(info: Feat) -> Feat:
-    if info.repeat > 1:
-        raise Barrier("reads the head space of repeated key/value heads")
-    return info.head_only() if info.headed else info
-
-
-def _grouped_product(ctx: Context, node: fx.Node, ia: Feat, ib: Feat, ra: dict, rb: dict,
-                     head_pos: int) -> Any:
-    """Products with repeated key/value heads (grouped-query attention): q·kᵀ ties q's heads
-    and features to k's (two levels, `Context.repeat_tie`) and gives q's head space (scores);
-    scores·v gives the attention outputs, a new space whose heads follow v's."""
-    if ra["head"][1] != rb["head"][1]:
-        raise Barrier("multiplies tensors whose heads are on different axes")
-    if ia.repeat > 1 and ib.repeat > 1:
-        raise Barrier("multiplies two tensors of repeated key/value heads")
-    sub, base = (ia, ib) if ib.repeat > 1 else (ib, ia)
-    rs, rbase = (ra, rb) if ib.repeat > 1 else (rb, ra)
-    ws, wb = rs.get("within"), rbase.get("within")
-    if ws and wb and ws[0] == wb[0] == "contracted":  # q·kᵀ
-        ctx.repeat_tie(sub, base)
-        head = sub.head_only().moved(head_pos)
-        ctx.consume(node, node, head)
-        return head
-    if ws is None and wb and wb[0] == "kept":  # scores·v
-        return attention_output(ctx, node, sub.moved(head_pos), base, wb[1], head_pos)
-    raise Barrier("multiplies repeated key/value heads in a way fxzip cannot follow")
-
-
-def attention_output(ctx: Context, node: fx.Node, scores: Feat, values: Feat, axis: int,
-                     head_pos: int) -> Feat:
-    """Attention outputs of grouped-query attention: per query head, its group's values. A new
-    space (heads·repeat heads of the values' head_dim), tied to the values within heads."""
-    if len(values.blocks) != 1 or values.blocks[0].expand != 1:
-        raise Barrier("grouped-query attention over values that hold several feature spaces")
-    head = scores.blocks[0]
-    width = values.blocks[0].size * values.repeat
-    out = Feat(axis, (Block(ctx.uf.new(width), width),), head_pos, values.heads * values.repeat,
-               head)
-    ctx.head_group((out.blocks[0].space, head.space), out.heads, "attention heads")
-    ctx.repeat_tie(out, values)
-    return out
-
-
-@register(F.scaled_dot_product_attention, heads=True)
-def scaled_dot_product_attention(ctx: Context, node: fx.Node) -> Any:
-    """softmax(q·kᵀ/√d + mask)·v: as the two products; a mask computed from parameters or
-    features that varies over the heads (a position bias) follows the head space."""
-    q, k, v = (arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
-    iq, ik, iv = _single_heads(ctx, [q, k, v], [ctx.info(q), ctx.info(k), ctx.info(v)])
-    n = len(ctx.shape(q))
-    if node.kwargs.get("enable_gqa") and all(isinstance(i, Feat) and i.headed for i in (iq, ik, iv)):
-        ha = iq.head_axis  # key/value heads shared by groups of query heads: as if repeated
-        factor = ctx.shape(q)[ha] // ctx.shape(k)[ha]
-        if factor > 1:
-            ik, iv = replace(ik, repeat=ik.repeat * factor), replace(iv, repeat=iv.repeat * factor)
-    if any(isinstance(i, Feat) and i.repeat > 1 for i in (iq, ik, iv)):
-        return _grouped_sdpa(ctx, node, iq, ik, iv, n)
-    if not all(isinstance(i, Feat) and _head_of(i).axis < n - 2 for i in (iq, ik, iv)) or \
-            any(i.headed and i.axis != n - 1 for i in (iq, ik, iv)) or \
-            len({_head_of(i).axis for i in (iq, ik, iv)}) != 1:
-        raise Barrier("scaled_dot_product_attention reads queries, keys or values that are not "
-                      "split into heads as (…, H, N, d)")
-    if iq.headed and ik.headed:
-        ctx.unify(iq, ik)
-    else:  # a query or key whose features within heads were not followed: the others stay put
-        for i in (iq, ik):
-            if i.headed:
-                ctx.fix_within(i)
-    head = _head_of(iq)
-    ctx.unify(head, _head_of(ik))
-    ctx.unify(head, _head_of(iv))
-    mask = arg(node, 3, "attn_mask")
-    if isinstance(mask, fx.Node):
-        info, shape = ctx.info(mask), ctx.shape(mask)
-        pos = head.axis - (n - len(shape))
-        varies = pos >= 0 and shape[pos] > 1
-        if isinstance(info, Feat) and not info.headed and info.axis == pos:
-            ctx.unify(head.moved(pos), info)
-        elif isinstance(info, Lazy) and varies:
-            ctx.tie_param(mask, pos, head.moved(pos))
-        elif info is not SHARED and info is not None and not isinstance(info, Lazy) or \
-                info is SHARED and varies:
-            raise Barrier(f"attention reads the mask '{mask.name}' in a way fxzip cannot follow "
-                          "per head")
-    ctx.consume(node, node, head)
-    return iv
-
-
-def _grouped_sdpa(ctx: Context, node: fx.Node, iq: Feat, ik: Feat, iv: Feat, n: int) -> Feat:
-    """scaled_dot_product_attention with repeated key/value heads (grouped-query attention)."""
-    if not (iq.headed and ik.headed and iv.headed) or iq.repeat != 1 or \
-            not ik.repeat == iv.repeat > 1 or {i.axis for i in (iq, ik, iv)} != {n - 1} or \
-            len({i.head_axis for i in (iq, ik, iv)}) != 1:
-        raise Barrier("grouped-query attention whose queries, keys and values fxzip cannot follow "
-                      "as (…, H, N, d) with repeated key/value heads")
-    ctx.repeat_tie(iq, ik)
-    head = iq.head_only()
-    mask = arg(node, 3, "attn_mask")
-    if isinstance(mask, fx.Node):
-        info, shape = ctx.info(mask), ctx.shape(mask)
-        pos = head.axis - (n - len(shape))
-        if info is not SHARED and info is not None and not (
-                isinstance(info, Lazy) and not (pos >= 0 and shape[pos] > 1)):
-            raise Barrier(f"grouped-query attention reads the mask '{mask.name}' per head")
-    ctx.consume(node, node, head)
-    return attention_output(ctx, node, head, iv, n - 1, head.axis)
