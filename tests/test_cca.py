@@ -16,7 +16,8 @@ import torch.nn as nn
 
 import fxzip
 from fxzip.errors import InputError, MatchingError
-from fxzip.matching.core import Match, cca_match, cca_transform
+from fxzip.matching.match import Match
+from fxzip.matching.cca import cca_match, cca_transform
 from fxzip.matching.registry import METHODS
 
 try:

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxzip
-from fxzip.graph.tracing import trace
+from fxzip.graph.capture import trace
 from permute_util import permuted_by_analysis
 
 VOCAB, TOKENS = 11, 6

@@ -11,10 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fxzip.errors import MatchingError
-from fxzip.matching.core import Match, _mirror_upper, _zipit_merges, _ZipState
+from fxzip.matching.match import Match
+from fxzip.matching.correlation import _mirror_upper
+from fxzip.matching.zipit import _zipit_merges, _ZipState
 from fxzip.matching.registry import METHOD_NAMES, METHODS, match_features
 
-from benchmarks.reference_zipit import reference_zipit
+from benchmarks.common.reference_zipit import reference_zipit
 
 ALPHAS = (1.0, 0.5, 0.1)
 BETAS = (0.0, 0.25, 0.5, 1.0)

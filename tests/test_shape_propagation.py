@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from fxzip.graph import tracing
+from fxzip.graph import capture, shapes
 
 try:
     from archs import EXAMPLE_SPECS, build
@@ -108,7 +108,7 @@ def _fake_tensors(gm: fx.GraphModule) -> list[str]:
 
 
 def _run_real(gm: fx.GraphModule, example: Any) -> dict[fx.Node, dict[str, Any]]:
-    return tracing._run_for_meta(gm, gm.graph, tracing.positional_args(gm, example))
+    return shapes._run_for_meta(gm, gm.graph, shapes.positional_args(gm, example))
 
 
 def _call(model: nn.Module, example: Any) -> Any:
@@ -120,10 +120,10 @@ def test_fake_propagation_writes_what_the_real_run_writes(name):
     """Every node's tensor_meta and type as the run on the example writes them (a parameter's
     get_attr is an nn.Parameter, a fake tensor a torch.Tensor); gm's state and outputs unchanged."""
     model, example = MODELS[name]()
-    gm = tracing.trace(model, example)  # propagates shapes itself
+    gm = capture.trace(model, example)  # propagates shapes itself
     state = {k: v.clone() for k, v in gm.state_dict().items()}
-    assert tracing._meta_on_fake_tensors(gm, tracing.positional_args(gm, example)) is not None
-    tracing.propagate_shapes(gm, example)
+    assert shapes._meta_on_fake_tensors(gm, shapes.positional_args(gm, example)) is not None
+    shapes.propagate_shapes(gm, example)
     written = {n: _written(n) for n in gm.graph.nodes}
     real = _run_real(gm, example)
     assert set(real) == set(gm.graph.nodes)
@@ -151,9 +151,9 @@ class _ReadsAValue(nn.Module):
 def test_a_model_that_reads_a_value_falls_back_to_the_real_run():
     """`.item()` fails on fake tensors: the run on the example writes the meta."""
     x = torch.randn(5, 4)
-    gm = tracing.trace(_ReadsAValue(), x)
-    assert tracing._meta_on_fake_tensors(gm, tracing.positional_args(gm, x)) is None
-    assert tracing.tensor_shape(next(n for n in gm.graph.nodes if n.op == "output")) == (5, 3, 2)
+    gm = capture.trace(_ReadsAValue(), x)
+    assert shapes._meta_on_fake_tensors(gm, shapes.positional_args(gm, x)) is None
+    assert shapes.tensor_shape(next(n for n in gm.graph.nodes if n.op == "output")) == (5, 3, 2)
     item = next(n for n in gm.graph.nodes if n.target == "item")
     assert item.meta["type"] is float and "tensor_meta" not in item.meta
     assert all(_written(n) == meta for n, meta in _run_real(gm, x).items())
@@ -189,8 +189,8 @@ def test_the_fake_run_leaves_the_graph_module_as_it_was():
     """A module's cache and an in-place update of its buffer stay on the fake copy."""
     model = nn.Sequential(nn.Linear(3, 4), _CachesInEval(), _CountsCalls()).eval()
     x, state = torch.randn(6, 3), {k: v.clone() for k, v in model.state_dict().items()}
-    gm = tracing.trace(model, x, leaf_modules=(_CachesInEval, _CountsCalls))
-    assert tracing.tensor_shape(next(n for n in gm.graph.nodes if n.op == "output")) == (6, 4)
+    gm = capture.trace(model, x, leaf_modules=(_CachesInEval, _CountsCalls))
+    assert shapes.tensor_shape(next(n for n in gm.graph.nodes if n.op == "output")) == (6, 4)
     assert not _fake_tensors(gm) and not gm.get_submodule("1").cache
     assert all(torch.equal(v, state[k]) for k, v in gm.state_dict().items())
     with torch.no_grad():

@@ -10,7 +10,8 @@ import torch.nn as nn
 import fxzip
 from fxzip.errors import InputError, NonFiniteError
 from fxzip.passes import statistics
-from fxzip.passes.statistics import Moments, SpaceStats, resolve_precision
+from fxzip.runtime import moments as runtime_moments
+from fxzip.runtime.moments import Moments, SpaceStats, resolve_precision
 
 
 def _columns(rng: np.random.Generator, widths: list[int], n: int, offset: float) -> list[torch.Tensor]:
@@ -37,7 +38,7 @@ def test_streamed_moments_equal_numpy(widths, offset):
 def test_gram_in_many_row_blocks_equals_numpy(monkeypatch):
     """The upper triangle is accumulated block row by block row; blocks of 3 rows over 11
     features leave a ragged last block."""
-    monkeypatch.setattr(statistics, "GRAM_BLOCK_ROWS", 3)
+    monkeypatch.setattr(runtime_moments, "GRAM_BLOCK_ROWS", 3)
     rng = np.random.default_rng(2)
     batches = [_columns(rng, [5, 6], n, 2.0) for n in (40, 9, 33)]
     moments = Moments(11, torch.device("cpu"))
@@ -157,7 +158,7 @@ def test_bfloat16_products_match_float32_statistics():
         for left, right in zip(*(z.match(s, "zipit", 0.5, 1.0).assign for z in zippers.values())):
             np.testing.assert_array_equal(left, right)
     assert torch.backends.mkldnn.matmul.fp32_precision == before
-    if statistics.cpu_has_fast_bfloat16():  # the rounding did happen
+    if runtime_moments.cpu_has_fast_bfloat16():  # the rounding did happen
         assert max(differences) > 1e-8
 
 

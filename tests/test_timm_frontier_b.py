@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import fxzip
-from fxzip.graph.tracing import trace
+from fxzip.graph.capture import trace
 from permute_util import as_trained_timm, assert_self_merge_exact
 
 

@@ -17,7 +17,7 @@ from torchvision.models.efficientnet import EfficientNet, MBConvConfig  # noqa: 
 from torchvision.models.maxvit import MaxVit  # noqa: E402
 from torchvision.models.swin_transformer import SwinTransformer  # noqa: E402
 
-from fxzip.graph.tracing import _matmul_form  # noqa: E402
+from fxzip.graph.capture import _matmul_form  # noqa: E402
 
 
 def _efficientnet():  # MBConv blocks with squeeze-excitation and stochastic depth
@@ -97,7 +97,7 @@ def test_einsum_rewritten_as_matmul_computes_the_same():
 
     q, k = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 6, 5)
     gm = torch.fx.symbolic_trace(Attn())
-    from fxzip.graph.tracing import einsums_as_matmuls
+    from fxzip.graph.capture import einsums_as_matmuls
     einsums_as_matmuls(gm)
     assert not any(n.target is torch.einsum for n in gm.graph.nodes)
     torch.testing.assert_close(gm(q, k), Attn()(q, k))

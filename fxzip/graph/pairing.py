@@ -18,7 +18,8 @@ import torch
 import torch.fx as fx
 
 from ..errors import ArchitectureMismatchError
-from .tracing import module_attribute, tensor_shape
+from .nodes import module_attribute
+from .shapes import tensor_shape
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..errors import InputError
 from .pairing import Pairing, pair_graphs
 from ..passes.fuse_attention import fuse_attention
-from .tracing import route_through_inplace_ops, trace
+from .capture import trace
+from .nodes import route_through_inplace_ops
 
 
 def device_of(model: nn.Module) -> torch.device:

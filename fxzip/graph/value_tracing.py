@@ -16,7 +16,7 @@ device); made leaves, they are barriers to zipping. Traced with values they beco
 A value that cannot be computed (an op that fails on the example) is unknown, and so is a Python
 number read from tensor data (`.item()`); control flow on an unknown value or on a tensor (data-
 dependent control flow) fails as in plain torch.fx. The module is a mixin over `torch.fx.Tracer`
-that imports nothing of fxzip, so `tracing` can combine it with its own tracer.
+that imports nothing of fxzip, so `capture` can combine it with its own tracer.
 """
 from __future__ import annotations
 

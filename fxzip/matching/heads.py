@@ -6,7 +6,7 @@ apply to that head's values), and features never move between heads. Grouped con
 the same with groups for heads: the input and output groups of a convolution pair alike. So heads
 are paired first, once for all the spaces (Hungarian on how well the heads' features can be
 matched), then each group of paired heads is matched within by the chosen method
-(`fxzip.matching.core.match_features`).
+(`fxzip.matching.registry.match_features`).
 
 Grouped-query attention adds a level: each key/value head serves `factor` query heads in a row.
 The kv heads are paired (the query heads' groups with them), then the query heads within each
@@ -21,7 +21,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from ..errors import MatchingError
-from .core import Match
+from .match import Match
 from .registry import Method, get_method
 
 

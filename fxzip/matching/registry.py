@@ -1,22 +1,27 @@
-"""The merge methods as objects, and the one registry of their names.
+"""The merge methods' base class and their one registry of names.
 
 A method says whether it needs feature statistics (so the caller knows whether to collect them)
-and turns a correlation (or covariance) matrix into a `Match`; the algorithms themselves are in
-`fxzip.matching.core`. The command line and the benchmarks take the paper's methods from
-`METHOD_NAMES`; `METHODS` also holds "cca" (Horoi et al.'s CCA Merge).
+and turns a correlation (or covariance) matrix into a `Match`; each method lives in a module of
+its own, its `Method` subclass beside its algorithm (`average`, `permute`, `zipit`, `cca`). The
+command line and the benchmarks take the paper's methods from `METHOD_NAMES`; `METHODS` also holds
+"cca" (Horoi et al.'s CCA Merge).
+
+To add a method: write a module `fxzip/matching/<name>.py` with a `Method` subclass that sets
+`name` and `needs_statistics` and implements `_solve`, decorate it with `@register_method`, and
+import the module in `fxzip/matching/__init__.py` (the order of the imports is that of `METHODS`).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 
 from ..errors import MatchingError
-from .core import (Match, cca_match, check_inputs, equal_widths, permutation_match,
-                       zipit_match)
+from .match import Match, check_inputs
 
-__all__ = ["Method", "Average", "Permute", "ZipIt", "CCA", "METHODS", "METHOD_NAMES",
-           "get_method", "match_features"]
+__all__ = ["Method", "register_method", "METHODS", "METHOD_NAMES", "get_method",
+           "match_features"]
 
 
 class Method:
@@ -51,63 +56,23 @@ class Method:
         return f"<merge method {self.name!r}>"
 
 
-class Average(Method):
-    """Feature i of every model goes to merged feature i: plain weight averaging."""
-
-    name = "average"
-    needs_statistics = False
-    summary = "plain weight averaging"
-    widens = False
-
-    def _solve(self, corr, sizes, out_size, alpha, beta):
-        return Match.identity(equal_widths(sizes, out_size, self.name), len(sizes))
-
-
-class Permute(Method):
-    """Git Re-Basin activation matching: every model aligned one-to-one to model 0."""
-
-    name = "permute"
-    summary = "Hungarian matching across models (Git Re-Basin)"
-
-    def _solve(self, corr, sizes, out_size, alpha, beta):
-        equal_widths(sizes, out_size, self.name, wider=True)
-        return permutation_match(corr, sizes, out_size)
-
-
-class ZipIt(Method):
-    """The ZipIt! greedy: merges the most correlated features, within or across models."""
-
-    name = "zipit"
-    summary = "ZipIt! greedy, within and across models"
-
-    def _solve(self, corr, sizes, out_size, alpha, beta):
-        return zipit_match(corr, sizes, alpha=alpha, beta=beta, out_size=out_size)
-
-
-class CCA(Method):
-    """CCA Merge (Horoi et al., ICML 2024): every model aligned to model 0 by an invertible linear
-    map from regularised CCA of their features (not a permutation), then averaged: a dense
-    Match (`fxzip.matching.core.cca_match`). Takes the features' covariance; one model's width only.
-    Spaces of attention heads keep a permutation (the one closest to the map: a dense map would
-    mix heads); grouped convolutions cannot be merged by it (MatchingError)."""
-
-    name = "cca"
-    summary = "invertible CCA alignment to model 0, then averaging (Horoi et al.)"
-    statistic = "covariance"
-    widens = False
-    # ridge on each model's second moments, times the mean variance: chosen on the validation
-    # split of benchmark setting (a)'s pair 1 among 0.3, 1, 3, 30 (with the corrections 3 was best,
-    # 30 as good at the layer2 stop; without them 30 led by 1-2 points); small ridges fit noise
-    regularization = 3.0
-
-    def _solve(self, corr, sizes, out_size, alpha, beta):
-        equal_widths(sizes, out_size, self.name)
-        return cca_match(corr, sizes, regularization=self.regularization)
-
-
-METHODS: dict[str, Method] = {m.name: m for m in (Average(), Permute(), ZipIt(), CCA())}
+METHODS: dict[str, Method] = {}
 # the paper's methods, which the demo and the benchmarks compare; "cca" is merged by name too
 METHOD_NAMES: tuple[str, ...] = ("average", "permute", "zipit")
+
+_M = TypeVar("_M", bound=type[Method])
+
+
+def register_method(cls: _M) -> _M:
+    """Class decorator: put one instance of a `Method` subclass into `METHODS` under its `name`
+    (a missing or already registered name is an error)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no `name` to register it by")
+    if cls.name in METHODS:
+        raise ValueError(f"a merge method named {cls.name!r} is already registered "
+                         f"({type(METHODS[cls.name]).__name__})")
+    METHODS[cls.name] = cls()
+    return cls
 
 
 def get_method(method: str | Method) -> Method:

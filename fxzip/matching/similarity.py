@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..graph.tracing import module_attribute
+from ..graph.nodes import module_attribute
 
 if TYPE_CHECKING:
     from ..passes.analysis import Analysis

@@ -20,9 +20,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import MatchingError
-from ..matching.core import Match
+from ..matching.match import Match
 from ..graph.pairing import Pairing, pair_graphs
-from ..graph.tracing import has_inplace, module_attribute
+from ..graph.nodes import has_inplace, module_attribute
 from .analysis import Analysis
 from ..rules.layout import SHARED, Feat
 from ..rules.api import ParamUse
