@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxzip
-from fxzip.corrections.refit import Corrections, correct
+from fxzip.corrections import Corrections, correct
 from fxzip.demo.digits import ResNet20, evaluate, load_digits_split, train_classifier, TASK_CLASSES
 from fxzip.corrections.fidelity import fidelity
 
@@ -375,7 +375,7 @@ def test_memory_budget_corrects_on_the_samples_that_fit():
     samples, chosen by their own values (the report says so), so the same samples in any order
     or batching; None corrects on all; permuted self-merges stay exact (BatchNorm statistics kept:
     the targets are the parents as given)."""
-    from fxzip.corrections.refit import activation_bytes_per_sample
+    from fxzip.corrections.budget import activation_bytes_per_sample
     from fxzip.runtime.sampling import sample_keys, unit_keys
 
     a = small_resnet(0)

@@ -3,7 +3,8 @@ fidelity of a merge to its parents, and settings chosen by it."""
 from .auto_settings import AutoChoice, AutoSettings, choose, resolve_settings
 from .batch_norm import reset_bn
 from .fidelity import Fidelity, fidelity, parent_outputs
-from .refit import CorrectionReport, Corrections, correct
+from .refit import correct
+from .settings import CorrectionReport, Corrections
 
 __all__ = ["AutoChoice", "AutoSettings", "choose", "resolve_settings", "reset_bn", "Fidelity",
            "fidelity", "parent_outputs", "CorrectionReport", "Corrections", "correct"]

@@ -1,46 +1,163 @@
 """Re-estimate BatchNorm running statistics on calibration inputs (the paper does this for every
-method, the original models included)."""
+method, the original models included): ONE accumulator, `BatchNormStatistics`, that both
+`reset_bn` and the corrections pass (`fxzip.corrections.refit`) write BatchNorms with."""
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..runtime.distributed import all_reduce_batch_norms
+from ..runtime.distributed import all_reduce_sum, is_distributed, world_size
 from ..runtime.inputs import Batches, call_model, shard_batches
+
+__all__ = ["BatchNormStatistics", "all_reduce_statistics", "batch_norm_statistics", "reset_bn"]
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+class BatchNormStatistics:
+    """The running statistics one BatchNorm gets from its inputs over calibration batches, as
+    torch's own BatchNorm computes them in train mode with momentum=None: the cumulative average
+    over batches, each batch weighted equally, of the batch's per-channel (axis 1) mean and
+    unbiased variance (the same `F.batch_norm` update, so `reset_bn` gives what torch gives to
+    the last bit), and the number of those batches.
+
+    `add` one batch's input at a time; under torch.distributed `all_reduce_statistics` combines
+    every rank's averages into the average over all ranks' batches (each weighted by its batch
+    count; a rank with no batch contributes nothing); `write` puts running_mean / running_var /
+    num_batches_tracked into the BatchNorm (nothing where no rank had a batch, or the BatchNorm
+    keeps no running statistics). The statistics live on `device` (None: the default device).
+
+    `reset_bn` and the corrections pass differ only in where a BatchNorm's inputs come from: in
+    `reset_bn` from the model run forward with its BatchNorms in train mode (every BatchNorm reads
+    inputs normalised upstream by batch statistics); in the corrections pass from the eval-mode
+    merged model, node by node, on inputs the layers before it already corrected.
+    """
+
+    def __init__(self, num_features: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32):
+        self.mean = torch.zeros(num_features, device=device, dtype=dtype)  # as reset_running_stats
+        self.var = torch.ones(num_features, device=device, dtype=dtype)
+        self.batches = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add one batch: the BatchNorm's input (channels on axis 1)."""
+        self.batches += 1
+        factor = 1.0 / float(self.batches)  # what torch's BatchNorm takes for momentum=None
+        x = x.to(self.mean.device)
+        if x.numel() == x.shape[1]:  # one value per channel: no variance (torch refuses the batch)
+            self.mean.add_((x.reshape(-1).to(self.mean.dtype) - self.mean) * factor)
+            self.var.mul_(1.0 - factor)
+            return
+        F.batch_norm(x, self.mean, self.var, training=True, momentum=factor)  # eps: unused here
+
+    def mean_var(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The running mean and variance; None if no batch was added (on any rank, once
+        all-reduced)."""
+        if self.batches == 0:
+            return None
+        return self.mean, self.var
+
+    def write(self, bn: nn.Module) -> None:
+        """Set `bn`'s running statistics to these (and num_batches_tracked to the batches)."""
+        stats = self.mean_var()
+        if stats is None or getattr(bn, "running_mean", None) is None:
+            return
+        mean, var = stats
+        bn.running_mean.copy_(mean.to(bn.running_mean.device, bn.running_mean.dtype))
+        bn.running_var.copy_(var.to(bn.running_var.device, bn.running_var.dtype))
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.fill_(self.batches)  # every rank's batches
+
+
+def all_reduce_statistics(stats: Sequence[BatchNormStatistics], group: Any = None) -> None:
+    """Combine each accumulator's average over this rank's batches into the average over every
+    rank's batches of `group` (None: the default group): means and variances weighted by batch
+    counts, in one coalesced float64 all-reduce (nothing when not distributed). Every rank must
+    call, with its accumulators in the same order."""
+    stats = list(stats)
+    if not stats or not is_distributed() or world_size(group) == 1:
+        return
+    device = stats[0].mean.device
+    counts = torch.tensor([float(s.batches) for s in stats], dtype=torch.float64, device=device)
+    means = [s.mean.double() * s.batches for s in stats]
+    variances = [s.var.double() * s.batches for s in stats]
+    all_reduce_sum([counts, *means, *variances], group)
+    for s, total, mean, var in zip(stats, counts.tolist(), means, variances):
+        s.batches = int(total)
+        if total:
+            s.mean.copy_(mean / total)
+            s.var.copy_(var / total)
+
+
+def batch_norm_statistics(values: Sequence[torch.Tensor], num_features: int,
+                          group: Any = None) -> BatchNormStatistics:
+    """The statistics of a BatchNorm whose inputs are `values` (one tensor per batch, all on one
+    device), all-reduced over `group`: what the corrections pass reads and writes (its values are
+    all at hand)."""
+    stats = BatchNormStatistics(num_features, values[0].device if values else None)
+    for v in values:
+        stats.add(v)
+    all_reduce_statistics([stats], group)
+    return stats
 
 
 def reset_bn(model: nn.Module, inputs: Any, *, progress: bool = True,
              group: Any = None) -> nn.Module:
     """Recompute the running mean/variance of every BatchNorm in `model` (in place) as exact
     averages over `inputs` (the mean over batches of the batch means and of the unbiased batch
-    variances), then put the model in eval mode. Returns the model.
+    variances: torch's cumulative average, momentum=None), then put the model in eval mode.
+    Returns the model.
+
+    The model runs forward with its BatchNorms in train mode (each later BatchNorm sees inputs
+    normalised by batch statistics, its own running statistics untouched) and a forward pre-hook
+    feeds every BatchNorm's input to its `BatchNormStatistics`: the same accumulator as the
+    corrections pass, which differs only in where a BatchNorm's inputs come from (there: the
+    eval-mode merged model's corrected inputs). BatchNorms without running statistics
+    (`track_running_stats=False`) are left alone.
 
     Under torch.distributed `inputs` are this rank's shard (possibly empty): the averages are
-    all-reduced over `group` (None: the default group) to those over all ranks' batches."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             and m.track_running_stats]
+    all-reduced over `group` (None: the default group) to those over all ranks' batches. A
+    BatchNorm that saw no batch on any rank keeps its reset statistics."""
+    norms = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
     if not norms:
         return model.eval()
     batches = inputs if isinstance(inputs, Batches) else shard_batches(inputs, _device(model), group)
-    momenta = [m.momentum for m in norms]
+    stats = [BatchNormStatistics(m.num_features, m.running_mean.device, m.running_mean.dtype)
+             for m in norms]
     model.eval()
-    for m in norms:
+    hooks = []
+    for m, s in zip(norms, stats):
         m.reset_running_stats()
-        m.momentum = None  # cumulative average over all batches
+        m.track_running_stats = False  # train mode: batch statistics, running ones untouched
         m.train()
+        hooks.append(m.register_forward_pre_hook(_feeder(s), with_kwargs=True))
     try:
         with torch.no_grad():
-            for x in tqdm(batches, desc="fxzip BN reset", unit="batch", disable=not progress, leave=False):
+            for x in tqdm(batches, desc="fxzip BN reset", unit="batch", disable=not progress,
+                          leave=False):
                 call_model(model, x)
-        all_reduce_batch_norms(norms, group)
+        all_reduce_statistics(stats, group)
+        for m, s in zip(norms, stats):
+            s.write(m)
     finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
+        for hook in hooks:
+            hook.remove()
+        for m in norms:
+            m.track_running_stats = True
         model.eval()
     return model
+
+
+def _feeder(stats: BatchNormStatistics) -> Callable[[nn.Module, tuple, dict], None]:
+    """A forward pre-hook that adds the BatchNorm's input to `stats`."""
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        stats.add(args[0] if args else kwargs["input"])
+    return hook
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -11,14 +11,14 @@ rank's shard. Every statistic fxzip keeps is a sum over samples or batches, so i
   update, exact up to float64 rounding (each rank's own co-moments carry the float32 rounding of
   its Gram products, summed in other groups than one process would: the merged statistics equal
   the one-process statistics to float32 rounding);
-* BatchNorm running statistics (`all_reduce_batch_norms`): `fxzip.reset_bn` sets each to the
-  average over batches of the batch means and unbiased batch variances, so each rank's average is
-  weighted by its number of batches and the batch counts are summed.
+* BatchNorm running statistics (`fxzip.corrections.batch_norm.all_reduce_statistics`): each is
+  the average over batches of the batch means and unbiased batch variances, so each rank's sums
+  over its batches and its batch count are summed with `all_reduce_sum`.
 
 Other code that streams its own statistics (e.g. `fxzip.corrections.refit`) reduces them with the same
 hooks: `all_reduce_sum` for plain sums (counts, sums, sums of squares, Gram matrices), and
 `all_reduce_moments` for any object with `count`, `mean` and `m2` (optionally `rows`, `sq`) as
-`fxzip.passes.statistics.Moments` holds them.
+`fxzip.runtime.moments.Moments` holds them.
 
 Collectives run on the tensors' own device: gloo for CPU tensors, nccl for CUDA tensors (the group
 must have the matching backend). Every rank must call the same functions in the same order; all
@@ -32,10 +32,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 __all__ = ["is_distributed", "rank", "world_size", "all_reduce_sum", "all_reduce_moments",
-           "all_reduce_batch_norms", "all_gather_objects", "barrier", "traffic"]
+           "all_gather_objects", "barrier", "traffic"]
 
 # tensors up to this many elements are concatenated into one buffer per dtype and device (one
 # collective for many small tensors); larger ones are reduced on their own, without a copy
@@ -142,27 +141,6 @@ def all_reduce_moments(moments: Sequence[Any], group: Any = None) -> None:
         if sum(t.numel() for t in payload) >= 4 * _COALESCE_ELEMENTS:
             flush()
     flush()
-
-
-def all_reduce_batch_norms(norms: Sequence[nn.Module], group: Any = None) -> None:
-    """Combine BatchNorm running statistics that each rank computed as cumulative averages over its
-    own batches (momentum=None, as `fxzip.reset_bn` does) into the average over all ranks' batches:
-    each rank's means and variances weighted by its batch count, the counts summed. A norm that
-    saw no batch on any rank keeps its reset statistics."""
-    norms = list(norms)
-    if not norms or not is_distributed() or world_size(group) == 1:
-        return
-    device = norms[0].running_mean.device
-    batches = torch.tensor([int(m.num_batches_tracked) for m in norms], dtype=torch.float64,
-                           device=device)
-    means = [m.running_mean.double() * n for m, n in zip(norms, batches.tolist())]
-    variances = [m.running_var.double() * n for m, n in zip(norms, batches.tolist())]
-    all_reduce_sum([batches, *means, *variances], group)
-    for m, total, mean, var in zip(norms, batches.tolist(), means, variances):
-        if total:
-            m.running_mean.copy_(mean / total)
-            m.running_var.copy_(var / total)
-            m.num_batches_tracked.fill_(int(total))
 
 
 def barrier(group: Any = None) -> None:
