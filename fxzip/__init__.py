@@ -1,21 +1,23 @@
 """fxzip: merge trained networks of one architecture into one multi-head network, without
 training, by the ZipIt! method, with the merge structure worked out from the torch.fx graph."""
-from .api import Zipper, analyze, merge, merge_all
-from .corrections import CorrectionReport, Corrections, reset_bn
+from . import testing  # fxzip.testing.permuted_copy: exactness checks
+from .api import analyze, merge, merge_all
+from .corrections import AutoSettings, CorrectionReport, Corrections, reset_bn
 from .errors import (ArchitectureMismatchError, CalibrationWarning, CheckpointError, ExportError,
                      FxzipError, InputError, MatchingError, NonFiniteError, RecipeError,
                      StopPointError, TraceError)
+from .io.saving import load, save
 from .matching import Match, match_features
+from .options import MergeOptions
 from .passes.analysis import Analysis
 from .report import MergeReport
-from .io.saving import load, save
-from . import testing  # fxzip.testing.permuted_copy: exactness checks
+from .zipper import Zipper
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "merge", "merge_all", "analyze", "save", "load", "reset_bn", "Zipper", "MergeReport", "Analysis",
-    "Match", "Corrections", "CorrectionReport",
+    "merge", "merge_all", "analyze", "save", "load", "reset_bn", "Zipper", "MergeOptions",
+    "MergeReport", "Analysis", "Match", "Corrections", "CorrectionReport", "AutoSettings",
     "match_features", "FxzipError", "TraceError", "ArchitectureMismatchError", "StopPointError",
     "InputError", "NonFiniteError", "MatchingError", "RecipeError", "CheckpointError", "ExportError",
     "CalibrationWarning",

@@ -1,6 +1,6 @@
-"""`python -m fxzip demo`: the same as the `fxzip` console script."""
+"""`python -m fxzip ...`: the same as the `fxzip` console script."""
 import sys
 
-from .cli.main import main
+from .cli import main
 
 sys.exit(main())

@@ -11,7 +11,7 @@ import timm
 import torch
 
 import fxzip
-from fxzip.cli.main import main
+from fxzip.cli import main
 from fxzip.cli.merge import calibration_batches, load_models
 from fxzip.io.recipe import load_recipe
 from merge_files import reload_without_fxzip, save_checkpoint, write_digit_images, write_recipe
@@ -76,6 +76,8 @@ def test_merge_writes_a_program_that_loads_anywhere(files, tmp_path, capsys):
             refs = [list(merged(x)) for x in xs]
         loaded = fxzip.load(out / "merged.pt2")
         assert all(torch.equal(a, b) for a, b in zip(loaded(xs[0]), refs[0]))
+        from_folder = fxzip.load(out)  # the folder `fxzip merge` wrote stands for its merged.pt2
+        assert all(torch.equal(a, b) for a, b in zip(from_folder(xs[0]), refs[0]))
         cases.append((out / "merged.pt2", xs, refs))
     assert "ok" in reload_without_fxzip(cases, tmp_path)
     # the resolved recipe runs again and gives the same program
@@ -85,6 +87,29 @@ def test_merge_writes_a_program_that_loads_anywhere(files, tmp_path, capsys):
     assert all(torch.equal(a, b) for a, b in
                zip(fxzip.load(again / "merged.pt2")(tiny_xs[0]), tiny_refs[0]))
     assert capsys.readouterr().err.count("fxzip: error") == 0
+
+
+def test_a_recipe_option_means_what_the_keyword_means(files, tmp_path):
+    """`method: cca` (or any option) in a recipe merges as `method="cca"` does in Python: both go
+    through one MergeOptions."""
+    root, tiny, _ = files
+    recipe = json.loads(json.dumps(tiny))
+    recipe["merge"].update(method="cca", corrections="none", weight_similarity=0.0)
+    write_recipe(root / "tiny_cca.yaml", recipe)
+    out = tmp_path / "cca"
+    assert main(["merge", str(root / "tiny_cca.yaml"), "-o", str(out), "--quiet"]) == 0
+    loaded = fxzip.load(out)
+    assert loaded.fxzip_report.method == "cca"
+    x = torch.randn(3, 3, 32, 32)
+    reference = merge_in_process(root / "tiny_cca.yaml")
+    assert reference.fxzip_report.method == "cca"
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(loaded(x), reference(x)))
+
+
+def test_loading_a_folder_without_a_merged_model_says_so(tmp_path):
+    with pytest.raises(fxzip.ExportError, match="holds no merged.pt2"):
+        fxzip.load(tmp_path)
 
 
 BAD = {

@@ -37,9 +37,9 @@ def test_defaults_and_paths_relative_to_the_recipe(tmp_path):
     ({"calibration": {"data": "x", "interpolation": "cubic"}}, "calibration.interpolation 'cubic'"),
     ({"calibration": {"size": 3}}, "calibration needs the key 'data'"),
     ({"merge": {"stop": "layer2"}}, "unknown key 'stop' in merge (did you mean 'stop_at'?)"),
-    ({"merge": {"method": "ties"}}, "merge.method must be one of"),
-    ({"merge": {"alpha": "high"}}, "merge.alpha must be a number"),
-    ({"merge": {"reset_bn": "yes"}}, "merge.reset_bn must be true or false"),
+    ({"merge": {"method": "ties"}}, "merge.method: unknown method 'ties'; choose one of"),
+    ({"merge": {"alpha": "high"}}, "merge.alpha: alpha must be a finite number"),
+    ({"merge": {"reset_bn": "yes"}}, "merge.reset_bn: reset_bn must be True or False"),
     ({"merge": {"progress": False}}, "unknown key 'progress' in merge"),
     ({"device": "tpu"}, "device 'tpu' is not one of auto, cpu, cuda"),
 ])
@@ -58,3 +58,26 @@ def test_unreadable_recipes(tmp_path):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(RecipeError, match="must be a mapping"):
         load_recipe(tmp_path / "list.yaml")
+
+
+def test_recipes_check_options_as_the_api_does():
+    """One MergeOptions behind both: a bad value in a recipe is refused with the API's own text,
+    the key named; every method the API takes (cca too) is taken."""
+    import fxzip
+    from fxzip.io.recipe import check_merge_options
+
+    for bad in ({"beta": 3.0}, {"alpha": 0.0}, {"method": "zip"}, {"corrections": "refit"},
+                {"weight_similarity": 2.0}, {"taps": "some"}, {"positions": 0},
+                {"settings": "best"}, {"width": 0.5}, {"statistics_precision": "half"},
+                {"stop_at": 2.5}):
+        (key, value), = bad.items()
+        with pytest.raises(fxzip.FxzipError) as api:
+            fxzip.MergeOptions(**bad).checked_width(2)  # the width once the models are known
+        with pytest.raises(RecipeError) as recipe:
+            check_merge_options(bad, num_models=2)
+        assert str(recipe.value) == f"recipe: merge.{key}: {api.value}", (bad, recipe.value)
+    for method in fxzip.matching.METHODS:
+        assert check_merge_options({"method": method}) == {"method": method}
+    with pytest.raises(RecipeError, match="merge.width: width must be"):
+        check_merge_options({"width": 3}, num_models=2)
+    assert check_merge_options({"width": {"layer1": 1.5, "*": 1.0}}, num_models=2)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import inspect
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from ..errors import RecipeError
+from ..errors import FxzipError, RecipeError
+from ..options import MergeOptions
 
 TOP_KEYS = ("models", "calibration", "merge", "device", "seed", "versions")  # versions: a record
 MODEL_KEYS = ("model", "kwargs", "checkpoint", "sha256")
@@ -25,8 +25,6 @@ CALIBRATION_KEYS = ("data", "limit", "batch_size", "size", "mean", "std", "inter
                     "crop_pct")
 DEVICES = ("auto", "cpu", "cuda")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
-# fxzip.merge keywords that hold Python objects, not values a YAML file can give
-NOT_IN_RECIPES = ("models", "inputs", "progress", "leaf_modules", "concrete_args")
 
 
 @dataclass(frozen=True)
@@ -112,7 +110,8 @@ def parse_recipe(data: Any, base: str | Path = ".", *, path: Path | None = None)
     if not _is_int(seed):
         raise RecipeError(f"recipe: seed must be an integer, got {seed!r}")
     return Recipe(specs, _calibration_spec(data["calibration"], base),
-                  check_merge_options(data.get("merge") or {}), device, seed, path)
+                  check_merge_options(data.get("merge") or {}, len(specs)), device, seed,
+                  path)
 
 
 def _model_spec(entry: Any, k: int, base: Path) -> ModelSpec:
@@ -183,40 +182,22 @@ def _calibration_spec(entry: Any, base: Path) -> CalibrationSpec:
 
 
 def merge_defaults() -> dict[str, Any]:
-    """The keywords of `fxzip.merge_all` a recipe may set, with their defaults."""
-    from ..api import merge_all
-
-    params = inspect.signature(merge_all).parameters
-    return {name: p.default for name, p in params.items()
-            if name not in NOT_IN_RECIPES and p.kind is inspect.Parameter.KEYWORD_ONLY}
+    """The options a recipe's `merge:` section may set (those of `fxzip.merge` that are values,
+    not Python objects), with their defaults."""
+    return MergeOptions.recipe_defaults()
 
 
-def check_merge_options(options: Any) -> dict[str, Any]:
-    """Check the `merge:` section against fxzip.merge's keywords and the types of their defaults."""
+def check_merge_options(options: Any, num_models: int | None = None) -> dict[str, Any]:
+    """Check the `merge:` section as `fxzip.merge` checks its keywords (one `MergeOptions`: the
+    same allowed values and error texts, the key named); `width` against `num_models` if given."""
     defaults = merge_defaults()
     _check_keys("merge", options, tuple(defaults), required=())
-    for key, value in options.items():
-        default = defaults[key]
-        if key == "stop_at":
-            ok = value is None or isinstance(value, str) or _is_int(value)
-            hint = "a node or module name, or a number of layers"
-        elif key == "method":
-            from ..matching.registry import METHOD_NAMES
-
-            ok, hint = value in METHOD_NAMES, "one of " + ", ".join(METHOD_NAMES)
-        elif key == "corrections":
-            ok = value is None or value in ("default", "none") or isinstance(value, dict)
-            hint = "default, none (or null) or a mapping of fxzip.Corrections' fields"
-        elif isinstance(default, bool):
-            ok, hint = isinstance(value, bool), "true or false"
-        elif isinstance(default, (int, float)):
-            ok, hint = _is_number(value), "a number"
-        elif isinstance(default, str):
-            ok, hint = isinstance(value, str), "a string"
-        else:
-            ok, hint = True, ""
-        if not ok:
-            raise RecipeError(f"recipe: merge.{key} must be {hint}, got {value!r}")
+    try:
+        checked = MergeOptions(**options)
+        if num_models is not None:
+            checked.checked_width(num_models)
+    except FxzipError as exc:
+        raise RecipeError(f"recipe: merge.{getattr(exc, 'option', '?')}: {exc}") from None
     return dict(options)
 
 

@@ -25,6 +25,7 @@ from ..graph.prepare import device_of
 from ..report import MergeReport
 
 REPORT_FILE = "fxzip_report.json"
+MERGED_FILE = "merged.pt2"  # what `fxzip merge` writes into its output folder
 
 
 def example_input(model: fx.GraphModule) -> tuple[torch.Tensor, ...]:
@@ -91,9 +92,15 @@ def save(merged: nn.Module, path: str | Path, *, example: tuple[torch.Tensor, ..
 
 
 def load(path: str | Path) -> nn.Module:
-    """The module saved by `fxzip.save` (or `fxzip merge`), on the CPU, with its MergeReport in
-    `module.fxzip_report` (None if the archive has none)."""
+    """The module saved by `fxzip.save`, or by `fxzip merge` (its output folder or the
+    `merged.pt2` in it), on the CPU, with its MergeReport in `module.fxzip_report` (None if the
+    archive has none)."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / MERGED_FILE).is_file():
+            raise ExportError(f"folder {path} holds no {MERGED_FILE} (the file `fxzip merge` "
+                              "writes there); pass the path of a saved .pt2 file")
+        path = path / MERGED_FILE
     if not path.is_file():
         raise ExportError(f"saved model {path} not found")
     extra = {REPORT_FILE: ""}

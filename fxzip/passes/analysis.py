@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import StopPointError
-from ..graph.tracing import tensor_shape
+from ..graph.shapes import tensor_shape
 from ..rules import timm as timm_rules  # importing fxzip.rules fills the op-rule table
 from ..rules.layout import BLOCKED, SHARED, Feat, Lazy, Stacked
 from ..rules.api import BLOCKS_META, SPLIT_META, Barrier, Context, ParamUse, SplitRequest, rule_for
@@ -80,6 +80,14 @@ class BarrierInfo:
 
     def __str__(self) -> str:
         return f"{self.node} ({self.op}): {self.reason}"
+
+
+def check_stop_at(stop_at: Any) -> None:
+    """StopPointError unless `stop_at` has the form of a stop point: None, a node or module name,
+    or a number of layers (whether the model has it is `Analysis.trunk`'s to say)."""
+    if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, (int, str))):
+        raise StopPointError(f"stop_at must be None, a node or module name, or a number of "
+                             f"layers; got {stop_at!r}")
 
 
 class Analysis:
@@ -287,9 +295,7 @@ class Analysis:
                 if not cut:
                     return {n.name for n in self.nodes if n.op != "output" and n.name not in head}
                 forced |= cut
-        if isinstance(stop_at, bool) or not isinstance(stop_at, (int, str)):
-            raise StopPointError(f"stop_at must be None, a node or module name, or a number of "
-                                 f"layers; got {stop_at!r}")
+        check_stop_at(stop_at)
         if isinstance(stop_at, int):
             if not 0 <= stop_at <= len(self.all_layers):
                 raise StopPointError(f"stop_at={stop_at} layers, but the model has "

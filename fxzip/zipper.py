@@ -1,0 +1,295 @@
+"""The staged driver: `Zipper` runs the pipeline's stages in order — capture, analysis,
+statistics, matching, rewrite, corrections — and keeps what is shared between merges (graphs,
+analysis, statistics, matches), so many stop points and methods cost one trace and one read of
+the calibration data."""
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch.fx as fx
+import torch.nn as nn
+
+from .corrections import AutoSettings, choose as choose_settings, correct, reset_bn
+from .errors import CalibrationWarning, InputError, StopPointError
+from .graph.prepare import check_models, is_merged, pair_models, prepare_graphs
+from .matching import (Match, Method, covariance, feature_signatures, get_method, match_heads,
+                       merged_size, mix, space_widths, weight_similarity as signature_similarity)
+from .options import DEFAULTS, PREPARE_OPTIONS, MergeOptions
+from .passes.analysis import Analysis
+from .passes.rewrite import rewrite
+from .passes.statistics import SpaceStats, collect, resolve_precision
+from .report_builder import ReportBuilder
+from .runtime.inputs import shard_batches
+
+__all__ = ["Zipper"]
+
+
+class Zipper:
+    """A prepared merge of N models of one architecture: traced graphs, the analysis and (lazily)
+    the feature statistics. `merge()` can then be called for many stop points and methods without
+    tracing or collecting statistics again.
+
+    Options (see `fxzip.merge`) come as keywords or a `MergeOptions`; those that shape the
+    preparation (`PREPARE_OPTIONS`: taps, positions, statistics_precision, progress,
+    leaf_modules, concrete_args, group) are fixed here, the others are the defaults of every
+    `merge()` call, which may change them."""
+
+    def __init__(self, models: Sequence[nn.Module], inputs: Any,
+                 options: MergeOptions | None = None, **keywords: Any):
+        self.options = (options or MergeOptions()).replace(**keywords)
+        models = list(models)
+        device = check_models(models)
+        self.seconds: dict[str, float] = {}
+        self.batches = shard_batches(inputs, device, self.group)
+        self.statistics_precision = resolve_precision(self.options.statistics_precision,
+                                                      self.batches.example_device)
+        with self._timed("trace"):
+            self.graphs = prepare_graphs(models, self.batches.example,
+                                         leaf_modules=self.options.leaf_modules,
+                                         concrete_args=self.options.concrete_args)
+            self.pairing = pair_models(self.graphs)
+        self.options.checked_width(self.num_models)
+        # a merged model first: the new models are zipped into its trunk, its heads kept
+        self.extends = is_merged(models[0])
+        with self._timed("analysis"):
+            self.analysis = Analysis(self.graphs[0])
+        self._analyses: dict[int, Analysis] = {0: self.analysis}
+        self._moments: dict[int, SpaceStats] = {}
+        self._matches: dict[tuple, Match] = {}
+        self._similarities: dict[int, Any] = {}
+        self._reporter = ReportBuilder(self.analysis, self.graphs, self.batches.example)
+
+    @contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    @property
+    def num_models(self) -> int:
+        return len(self.graphs)
+
+    @property
+    def group(self) -> Any:
+        """The torch.distributed group the statistics are all-reduced over (None: one process or
+        the default group)."""
+        return self.options.group
+
+    # -- statistics and matching ---------------------------------------------------------------
+
+    def statistics(self, spaces: Sequence[int]) -> dict[int, SpaceStats]:
+        """Feature statistics of the given spaces, collected once and cached."""
+        missing = [s for s in spaces if s not in self._moments]
+        if missing:
+            with self._timed("statistics"):
+                self._moments.update(collect(self.graphs, self.analysis, missing, self.batches,
+                                             progress=self.options.progress,
+                                             precision=self.statistics_precision,
+                                             pairing=self.pairing, group=self.group,
+                                             taps=self.options.taps,
+                                             positions=self.options.positions))
+            self._warn_if_too_few_samples(missing)
+        return {s: self._moments[s] for s in spaces}
+
+    def _warn_if_too_few_samples(self, spaces: Sequence[int]) -> None:
+        """Correlations of D features from fewer than D samples are rank-deficient: features that
+        differ may look perfectly alike, and the matching cannot tell them apart."""
+        short = [(s, self._moments[s].features.count, self.num_models * self.analysis.spaces[s].size)
+                 for s in spaces if self._moments[s].features.count < self.num_models
+                 * self.analysis.spaces[s].size]
+        if short:
+            s, count, dim = min(short, key=lambda t: t[1] / t[2])
+            where = ", ".join(self.analysis.spaces[s].producers[:2]) or f"space {s}"
+            warnings.warn(
+                f"{len(short)} feature spaces saw fewer calibration samples than they have "
+                f"features, e.g. space {s} ({where}): {count} samples (positions × images) for "
+                f"{dim} features of all models. Their correlations are rank-deficient, so "
+                "features that merely look alike on these inputs may be merged; pass more "
+                "calibration data (more images, or larger ones)", CalibrationWarning, stacklevel=3)
+
+    def weight_similarity(self, space: int) -> Any:
+        """The (D, D) similarity of the space's features by their weights (see
+        `fxzip.matching.similarity`), None if no parameter runs along it; cached."""
+        if space not in self._similarities:
+            with self._timed("matching"):
+                signatures = feature_signatures(self.graphs, self.analysis, self.pairing, space)
+                self._similarities[space] = None if signatures is None \
+                    else signature_similarity(signatures)
+        return self._similarities[space]
+
+    def match(self, space: int, method: str | Method, alpha: float, beta: float,
+              weight_similarity: float = DEFAULTS["weight_similarity"],
+              width: float = 1.0) -> Match:
+        """The Match of a space, cached; the spaces of one head group are matched together (at
+        one model's width). `weight_similarity` mixes the features' weight similarity into their
+        correlation; `width` is the merged width as a multiple of one model's
+        (`fxzip.matching.width`)."""
+        method = get_method(method)
+        group = next((g for g in self.analysis.head_groups if space in g.spaces), None)
+        out_size = None if group is not None else \
+            merged_size(self.analysis.spaces[space].size, width, self.num_models)
+        key = (space, method.name, alpha, beta, weight_similarity, out_size)
+        if key in self._matches:
+            return self._matches[key]
+        spaces = list(group.spaces) if group is not None else [space]
+        stats = self.statistics(spaces) if method.needs_statistics else {}
+        similarities = [self.weight_similarity(s) if stats and weight_similarity else None
+                        for s in spaces]
+        with self._timed("matching"):
+            if stats and method.statistic == "covariance":  # "cca": E[x xᵀ], no weight similarity
+                corrs = [covariance(stats[s].correlation(), stats[s].features.variance(),
+                                    stats[s].features.mean.cpu().numpy()) for s in spaces]
+            else:
+                corrs = [mix(stats[s].correlation(), w, weight_similarity) if stats else None
+                         for s, w in zip(spaces, similarities)]
+            sizes = [self.analysis.spaces[s].size for s in spaces]
+            if group is not None:
+                found = match_heads(corrs, sizes, group.heads, self.num_models, method,
+                                    alpha=alpha, beta=beta,
+                                    fixed=[s in group.fixed for s in spaces],
+                                    inner=group.inner_of(spaces))
+            else:
+                found = [method.match(corrs[0], [sizes[0]] * self.num_models, alpha=alpha,
+                                      beta=beta, out_size=out_size)]
+        for s, m in zip(spaces, found):
+            self._matches[(s, method.name, alpha, beta, weight_similarity, out_size)] = m
+        return self._matches[key]
+
+    # -- the trunk -----------------------------------------------------------------------------
+
+    def trunk(self, stop_at: str | int | None) -> set[str]:
+        """The nodes (graph 0's names) zipped for a stop point, checked to be shared by every
+        model (ArchitectureMismatchError naming the first difference and the last shared stop
+        point otherwise). None: every layer but each model's own output layers."""
+        if self.extends:
+            trunk = self._within_merged_trunk(stop_at)
+        else:
+            trunk = self.analysis.trunk(stop_at)
+        if stop_at is None:
+            for k in range(1, self.num_models):
+                if not self.pairing.is_identity(k):
+                    trunk = self._without_heads_of(k, trunk)
+            label = "stop_at=None (every layer but the output layers)"
+        else:
+            label = f"stop_at={stop_at!r}"
+        trunk = self._without_unshared_values(trunk)
+        self.pairing.check_trunk(trunk, self.analysis.stop_points, label)
+        return trunk
+
+    def _within_merged_trunk(self, stop_at: str | int | None) -> set[str]:
+        """Extending a merged model: its trunk (None), or the part of it up to a stop point."""
+        merged = set(self.graphs[0].fxzip_trunk)
+        if stop_at is None:
+            return merged
+        named = self.analysis.resolve_stop(stop_at) if isinstance(stop_at, str) else None
+        trunk = self.analysis.trunk(stop_at) if named is None or named in merged else {named}
+        outside = [n.name for n in self.analysis.nodes if n.name in trunk - merged]
+        if outside:
+            raise StopPointError(
+                f"stop_at={stop_at!r} reaches past the merged model's trunk (node "
+                f"'{outside[0]}' belongs to its heads); a model added to a merge is zipped into "
+                "that trunk or a part of it: leave stop_at=None or name an earlier stop point")
+        return trunk
+
+    def _without_unshared_values(self, trunk: set[str]) -> set[str]:
+        """The trunk less the nodes that not every model has, carry no features (shapes,
+        parameters, values of the input alone) and that no trunk node reads: each model's head
+        computes its own (e.g. the input size a segmentation model resizes its output to)."""
+        shared = self.pairing.shared()
+        trunk = set(trunk)
+        for node in reversed(self.analysis.nodes):
+            if (node.name in trunk and node.name not in shared and node.op != "placeholder"
+                    and self.analysis.feat(node.name) is None
+                    and not any(u.name in trunk for u in node.users)):
+                trunk.discard(node.name)
+        return trunk
+
+    def _without_heads_of(self, k: int, trunk: set[str]) -> set[str]:
+        """The trunk less the nodes paired with model k's output layers (or anything after them
+        or a barrier in model k's graph), and everything after those."""
+        if k not in self._analyses:
+            with self._timed("analysis"):
+                self._analyses[k] = Analysis(self.graphs[k])
+        own = self._analyses[k].trunk(None)
+        theirs = {a for a in trunk
+                  if a in self.pairing.maps[k] and self.pairing.name(k, a) not in own}
+        return trunk - self.analysis.descendants(theirs)
+
+    # -- a merge -------------------------------------------------------------------------------
+
+    def merge(self, stop_at: str | int | None = None, **keywords: Any) -> fx.GraphModule:
+        """The merged model for one stop point (see `fxzip.merge` for the options; those fixed by
+        the preparation, `PREPARE_OPTIONS`, cannot change here)."""
+        fixed = sorted(set(keywords) & set(PREPARE_OPTIONS))
+        if fixed:
+            raise InputError(f"{', '.join(fixed)} shape(s) the preparation of the Zipper; pass "
+                             "them to Zipper(...), not to merge()")
+        options = self.options.replace(stop_at=stop_at, **keywords)
+        auto = options.auto
+        if auto is not None:
+            return self._merge_auto(options, auto)
+        width = options.checked_width(self.num_models)
+        before = dict(self.seconds)
+        if options.shared_output:
+            if self.extends:
+                raise InputError("a merged model with split heads cannot be extended into one "
+                                 "shared output; leave shared_output=False")
+            if stop_at is not None:
+                raise StopPointError("shared_output=True zips the whole model into one output; "
+                                     "leave stop_at=None")
+            trunk = self.analysis.whole_trunk()
+            self.pairing.check_trunk(trunk, self.analysis.stop_points, "shared_output=True")
+            aligned = self.analysis.output_spaces()
+        else:
+            trunk, aligned = self.trunk(stop_at), set()
+        spaces = [s for s in self.analysis.spaces_of(trunk) if s not in aligned]
+        method = get_method(options.method)
+        if method.needs_statistics:
+            self.statistics(spaces)
+        ratios = space_widths(self.analysis, spaces, width)
+        matches = {s: self.match(s, method, options.alpha, options.beta,
+                                 options.weight_similarity, ratios[s]) for s in spaces}
+        matches.update({s: Match.identity(self.analysis.spaces[s].size, self.num_models)
+                        for s in aligned})
+        with self._timed("rewrite"):
+            merged = rewrite(self.graphs, self.analysis, matches, trunk,
+                             shared_output=options.shared_output, pairing=self.pairing,
+                             spread=[self.extends] + [False] * (self.num_models - 1))
+        corrections = options.correction_options
+        correction_report = None
+        if corrections is not None:  # the pass also re-estimates the BatchNorm statistics
+            with self._timed("corrections"):
+                correction_report = correct(merged, self.graphs, self.analysis, matches,
+                                            self.batches, corrections, pairing=self.pairing,
+                                            group=self.group)
+        elif options.reset_bn:
+            with self._timed("bn_reset"):
+                reset_bn(merged, self.batches, progress=options.progress, group=self.group)
+        seconds = {k: v - before.get(k, 0.0) for k, v in self.seconds.items()}
+        seconds = {k: v for k, v in seconds.items() if v > 0}
+        merged.fxzip_report = self._reporter.build(merged, options, width, trunk, spaces, matches,
+                                                   self._moments, seconds, correction_report)
+        return merged
+
+    def _merge_auto(self, options: MergeOptions, auto: AutoSettings) -> fx.GraphModule:
+        """settings="auto": alpha, beta and corrections chosen by fidelity
+        (`fxzip.corrections.auto_settings`); the report gets the choice and every trial's
+        scores."""
+        given = [n for n in ("alpha", "beta", "corrections") if getattr(options, n) != DEFAULTS[n]]
+        if given:
+            raise InputError(f"settings=\"auto\" chooses alpha, beta and corrections itself; "
+                             f"leave {', '.join(given)} at the default, or restrict the grid with "
+                             "fxzip.AutoSettings(alphas=..., betas=..., corrections=...)")
+        merged, choice = choose_settings(
+            self, options.stop_at, auto, method=options.method, reset_bn=options.reset_bn,
+            shared_output=options.shared_output, weight_similarity=options.weight_similarity,
+            width=options.width, settings="default")
+        report = merged.fxzip_report
+        report.auto = choice
+        report.settings["settings"] = "auto"
+        report.seconds["auto"] = choice.seconds["total"]
+        return merged
