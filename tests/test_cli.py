@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from fxzip.cli.main import main
+from fxzip.cli import main
 from fxzip.demo.digits import load_digits_split
 
 

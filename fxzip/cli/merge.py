@@ -14,6 +14,7 @@ fail too if it could not write.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -30,15 +31,35 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
-from ..runtime import distributed
 from ..api import merge_all
-from ..io.calibration_data import load_calibration
 from ..errors import FxzipError, InputError
+from ..io.calibration_data import load_calibration
 from ..io.model_loading import build_model, data_config, load_checkpoint
 from ..io.recipe import CalibrationSpec, Recipe, dump, load_recipe, resolved
-from ..io.saving import report_dict, save
+from ..io.saving import MERGED_FILE, report_dict, save
+from ..runtime import distributed
+from .guard import guarded
 
-OUTPUT_FILES = ("merged.pt2", "recipe.yaml", "report.json", "report.png", "README.md")
+OUTPUT_FILES = (MERGED_FILE, "recipe.yaml", "report.json", "report.png", "README.md")
+
+
+def add_parser(sub: Any) -> None:
+    """Declare `fxzip merge RECIPE.yaml -o OUT_DIR [--device auto|cpu|cuda] [--quiet]`."""
+    parser = sub.add_parser("merge", help="merge model checkpoints as a YAML recipe says",
+                            description="Merge the models of RECIPE (checkpoints, calibration "
+                            "data, fxzip.merge options) and write OUT_DIR: "
+                            f"{', '.join(OUTPUT_FILES)}.")
+    parser.add_argument("recipe", metavar="RECIPE.yaml")
+    parser.add_argument("-o", "--out", dest="out_dir", metavar="OUT_DIR", required=True,
+                        help="a new folder for the results")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                        help="where to merge (default: the recipe's device, else auto)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return guarded(lambda a: run_merge(a.recipe, a.out_dir, device=a.device, quiet=a.quiet), args)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -144,8 +165,8 @@ def write_output(merged: nn.Module, batches: Any, recipe: Recipe, preprocessing:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
-        say(f"exporting {out_dir / 'merged.pt2'}")
-        save(merged, work / "merged.pt2", example=(example.cpu(),))
+        say(f"exporting {out_dir / MERGED_FILE}")
+        save(merged, work / MERGED_FILE, example=(example.cpu(),))
         report = report_dict(merged.fxzip_report)
         report["inputs"] = {"shape": ["batch", *example.shape[1:]], "dtype": str(example.dtype),
                             "preprocessing": preprocessing}

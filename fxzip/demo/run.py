@@ -1,13 +1,8 @@
-"""Command line: `fxzip demo` trains two ResNet-20-style models on disjoint halves of the digits
-and merges them with every method at every stage boundary, printing the paper-style table and
-plotting joint accuracy against FLOPs (it needs the `demo` extra: `pip install "fxzip[demo]"`).
-
-Each subcommand is a pair of functions: `add_<name>(subparsers)` declares its arguments and
-`run_<name>(args) -> exit status` runs it; `main` dispatches."""
+"""The demo (`fxzip demo`): two ResNet-20-style models trained on disjoint halves of the digits,
+merged with every method at every stage boundary; the paper-style table and a plot of joint
+accuracy against FLOPs (it needs the `demo` extra: `pip install "fxzip[demo]"`)."""
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,13 +10,11 @@ from pathlib import Path
 
 import torch
 
-from ..api import Zipper
-from ..corrections.batch_norm import reset_bn
+from ..corrections import reset_bn
+from ..matching import METHOD_NAMES
 from ..runtime.costs import count_flops, count_parameters
-from ..demo.digits import (Accuracy, ResNet20, evaluate, load_digits_split, require_demo_extra,
-                     train_task_pair)
-from .files import add_analyze, add_merge
-from ..matching.registry import METHOD_NAMES
+from ..zipper import Zipper
+from .digits import Accuracy, ResNet20, evaluate, load_digits_split, train_task_pair
 
 DEMO_STOPS = (("layer1", "stage 1"), ("layer2", "stage 2"), (None, "full"))
 DEMO_METHODS = METHOD_NAMES + ("default",)  # the paper's three methods, then fxzip's default merge
@@ -29,6 +22,9 @@ DEMO_METHODS = METHOD_NAMES + ("default",)  # the paper's three methods, then fx
 
 @dataclass
 class DemoRow:
+    """One row of the demo's table: a method at a stop point (or the ensemble), its costs and
+    accuracies."""
+
     method: str
     stop: str
     zipped: str
@@ -75,6 +71,7 @@ def demo(seed: int = 0, width: int = 4, epochs: int = 10, out: Path | str = "fxz
 
 
 def format_table(rows: Sequence[DemoRow]) -> str:
+    """The demo's markdown table."""
     lines = ["| method | stop | zipped | params | MFLOPs | joint | task A | task B | avg |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -106,38 +103,3 @@ def plot(rows: Sequence[DemoRow], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def add_demo(sub: argparse._SubParsersAction) -> None:
-    run = sub.add_parser("demo", help="merge two ResNet-20s trained on disjoint halves of the digits")
-    run.add_argument("--seed", type=int, default=0, help="data split, initialisations and training")
-    run.add_argument("--width", type=int, default=4, help="ResNet-20 width multiplier (the paper: 4)")
-    run.add_argument("--epochs", type=int, default=10)
-    run.add_argument("--out", default="fxzip-demo", help="folder for demo.md and demo.png")
-    run.add_argument("--no-progress", action="store_true")
-    run.set_defaults(run=run_demo)
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    try:
-        require_demo_extra()
-    except ImportError as exc:
-        print(f"fxzip demo: {exc}", file=sys.stderr)
-        return 1
-    demo(seed=args.seed, width=args.width, epochs=args.epochs, out=args.out,
-         progress=not args.no_progress)
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fxzip", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_demo(sub)
-    add_merge(sub)
-    add_analyze(sub)
-    args = parser.parse_args(argv)
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
