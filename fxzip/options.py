@@ -14,7 +14,7 @@ from .errors import FxzipError, InputError
 from .matching import METHODS, Width, check_width
 from .passes.analysis import check_stop_at
 from .passes.statistics import check_positions, check_taps
-from .runtime.moments import PRECISIONS
+from .runtime.moments import check_precision
 
 __all__ = ["MergeOptions", "PREPARE_OPTIONS", "PYTHON_ONLY_OPTIONS", "resolve_corrections"]
 
@@ -181,12 +181,6 @@ def _settings(value: Any) -> Any:
     return value
 
 
-def _precision(value: Any) -> str:
-    if value not in PRECISIONS:
-        raise InputError(f"statistics_precision must be one of {PRECISIONS}, got {value!r}")
-    return value
-
-
 def _leaf_modules(value: Any) -> tuple[type, ...]:
     if isinstance(value, type) or not isinstance(value, Sequence) \
             or not all(isinstance(t, type) for t in value):
@@ -218,7 +212,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "reset_bn": _boolean("reset_bn"),
     "corrections": _corrections,
     "settings": _settings,
-    "statistics_precision": _precision,
+    "statistics_precision": check_precision,
     "taps": check_taps,
     "positions": check_positions,
     "progress": _boolean("progress"),

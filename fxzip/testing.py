@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch.nn as nn
 
+from .graph.pairing import pair_graphs
 from .graph.prepare import prepare_graphs
 from .matching import Match
 from .passes.analysis import Analysis
@@ -56,7 +57,8 @@ def permuted_copy(model: nn.Module, example: Any, seed: int = 0) -> tuple[nn.Mod
     pinned_or_output = {s.id: Match.identity(s.size, 1) for s in analysis.spaces.values()
                         if s.id in outputs and not s.pinned}
     everything = {n.name for n in analysis.nodes if n.op != "output"}
-    rewritten = rewrite([gm], analysis, {**matches, **pinned_or_output}, everything)
+    rewritten = rewrite([gm], analysis, {**matches, **pinned_or_output}, everything,
+                        pairing=pair_graphs([gm]))
     permuted = copy.deepcopy(model)
     own = permuted.state_dict()
     state = {k: v for k, v in rewritten.state_dict().items() if k in own}

@@ -15,15 +15,17 @@ import torch.nn as nn
 
 from .corrections import AutoSettings, choose as choose_settings, correct, reset_bn
 from .errors import CalibrationWarning, InputError, StopPointError
-from .graph.prepare import check_models, is_merged, pair_models, prepare_graphs
+from .graph.pairing import pair_graphs
+from .graph.prepare import check_models, is_merged, prepare_graphs
 from .matching import (Match, Method, covariance, feature_signatures, get_method, match_heads,
                        merged_size, mix, space_widths, weight_similarity as signature_similarity)
 from .options import DEFAULTS, PREPARE_OPTIONS, MergeOptions
 from .passes.analysis import Analysis
 from .passes.rewrite import rewrite
-from .passes.statistics import SpaceStats, collect, resolve_precision
+from .passes.statistics import collect
 from .report_builder import ReportBuilder
 from .runtime.inputs import shard_batches
+from .runtime.moments import SpaceStats, resolve_precision
 
 __all__ = ["Zipper"]
 
@@ -51,7 +53,7 @@ class Zipper:
             self.graphs = prepare_graphs(models, self.batches.example,
                                          leaf_modules=self.options.leaf_modules,
                                          concrete_args=self.options.concrete_args)
-            self.pairing = pair_models(self.graphs)
+            self.pairing = pair_graphs(self.graphs)
         self.options.checked_width(self.num_models)
         # a merged model first: the new models are zipped into its trunk, its heads kept
         self.extends = is_merged(models[0])

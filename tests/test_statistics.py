@@ -172,7 +172,7 @@ def test_collect_reports_the_seconds_of_each_pass():
     spaces = zipper.analysis.mergeable_spaces()
     timings: dict[str, float] = {}
     stats = statistics.collect(zipper.graphs, zipper.analysis, spaces, zipper.batches,
-                               progress=False, timings=timings)
+                               pairing=zipper.pairing, progress=False, timings=timings)
     assert set(timings) == {"consumer taps", "dead units"}
     assert all(seconds >= 0.0 for seconds in timings.values())
     assert any(stats[s].fallback is not None for s in spaces)

@@ -13,7 +13,6 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import InputError
-from .pairing import Pairing, pair_graphs
 from ..passes.fuse_attention import fuse_attention
 from .capture import trace
 from .nodes import route_through_inplace_ops
@@ -45,7 +44,7 @@ def prepare_graphs(models: Sequence[nn.Module], example: Any, *, leaf_modules: S
                    concrete_args: dict | None = None) -> list[fx.GraphModule]:
     """Trace every model on `example` (shapes on every node) and fuse its attention into single
     nodes; a merged model (see `is_merged`) is taken as the graph it is. The graphs may differ;
-    `pair_models` says where they agree."""
+    `fxzip.graph.pairing.pair_graphs` says where they agree."""
     return [merged_graph(m, example) if is_merged(m) else
             fuse_attention(trace(m, example, leaf_modules=leaf_modules,
                                  concrete_args=concrete_args), example)[0] for m in models]
@@ -70,9 +69,3 @@ def merged_graph(model: fx.GraphModule, example: Any) -> fx.GraphModule:
         raise InputError(f"running the merged model on the example batch of shape "
                          f"{tuple(example.shape)} failed: {type(exc).__name__}: {exc}") from exc
     return gm
-
-
-def pair_models(graphs: Sequence[fx.GraphModule]) -> Pairing:
-    """Which node of each graph plays the part of each node of graph 0 (see `fxzip.graph.pairing`);
-    the merge checks that its trunk is shared (ArchitectureMismatchError otherwise)."""
-    return pair_graphs(graphs)

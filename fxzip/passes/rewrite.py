@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ..errors import MatchingError
 from ..matching.match import Match
-from ..graph.pairing import Pairing, pair_graphs
+from ..graph.pairing import Pairing
 from ..graph.nodes import has_inplace, module_attribute
 from .analysis import Analysis
 from ..rules.layout import SHARED, Feat
@@ -356,13 +356,12 @@ class _Emitter:
 
 
 def rewrite(graphs: Sequence[fx.GraphModule], analysis: Analysis, matches: dict[int, Match],
-            trunk: set[str], *, shared_output: bool = False, pairing: Pairing | None = None,
+            trunk: set[str], *, pairing: Pairing, shared_output: bool = False,
             spread: Sequence[bool] = ()) -> fx.GraphModule:
     """Emit the merged model for one trunk (an ancestor-closed set of graph 0's node names, all
-    paired in every graph; `pairing` defaults to the structural one). With `shared_output` the
+    paired in every graph by `pairing`, `fxzip.graph.pairing.pair_graphs(graphs)`). With `shared_output` the
     trunk is the whole graph and its output is returned once, unchanged. Otherwise the output is
     the tuple of every model's own output; a model whose `spread` is true (a merged model being
     extended) contributes its tuple's items."""
     layouts = Layouts(analysis, matches, len(graphs))
-    pairing = pairing if pairing is not None else pair_graphs(graphs)
     return _Emitter(graphs, analysis, layouts, trunk, shared_output, pairing, spread).run()

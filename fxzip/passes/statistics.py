@@ -26,10 +26,9 @@ from tqdm.auto import tqdm
 from ..runtime.distributed import all_reduce_moments
 from ..errors import InputError, NonFiniteError
 from ..runtime.inputs import Batches, call_model, describe
-# resolve_precision is not used here: fxzip.api imports it from this module
-from ..runtime.moments import (Moments, SpaceStats, _finite_mean, _NonFiniteRows,  # noqa: F401
-                               product_precision, resolve_precision)
-from ..graph.pairing import Pairing, pair_graphs
+from ..runtime.moments import (Moments, NonFiniteRows, SpaceStats, finite_mean,
+                               product_precision)
+from ..graph.pairing import Pairing
 from ..runtime.sampling import sample_keys, unit_keys
 from .analysis import Analysis, Tap
 
@@ -41,17 +40,17 @@ def tap_view(tensor: torch.Tensor, tap: Tap) -> torch.Tensor:
 
 def centre_into(x: torch.Tensor, tap: Tap, out: torch.Tensor) -> torch.Tensor:
     """Write a tap's view `x` (from `tap_view`) into `out` (size × samples, float32), centred on
-    its batch mean, in one pass; return that mean. Raises _NonFiniteRows on NaN/Inf."""
+    its batch mean, in one pass; return that mean. Raises NonFiniteRows on NaN/Inf."""
     flat = channels_innermost(x)
     if flat is not None:  # one 2-D transposing copy, then centred in place
         rows = out.view(flat.shape)  # (size·expand, samples): expanded copies are samples too
         rows.copy_(flat)
-        mean = _finite_mean(rows.mean(1).reshape(tap.size, tap.expand).mean(1), rows)
+        mean = finite_mean(rows.mean(1).reshape(tap.size, tap.expand).mean(1), rows)
         rows.sub_(mean.repeat_interleave(tap.expand)[:, None])
         return mean
     rest = tuple(range(1, x.dim()))
     mean = x.float().mean(rest) if rest else x.float()
-    mean = _finite_mean(mean.reshape(tap.size, tap.expand).mean(1), x.float())
+    mean = finite_mean(mean.reshape(tap.size, tap.expand).mean(1), x.float())
     torch.sub(x, mean.repeat_interleave(tap.expand).view(-1, *([1] * len(rest))),
               out=out.view(x.shape))
     return mean
@@ -103,7 +102,7 @@ def centre_kept_into(x: torch.Tensor, tap: Tap, offsets: Sequence[int], counts: 
     """As `centre_into`, for the positions a spread read keeps: sample i's positions
     offsets[i], offsets[i] + stride, ... (flat order) of the tap view `x` (channels, samples,
     *positions) are copied into `out` (size × kept, float32), one strided copy per sample, then
-    centred in place on their mean; return that mean. Raises _NonFiniteRows on NaN/Inf."""
+    centred in place on their mean; return that mean. Raises NonFiniteRows on NaN/Inf."""
     flat = x.reshape(x.shape[0], x.shape[1], -1)
     cols = out.view(x.shape[0], -1)
     start = 0
@@ -111,7 +110,7 @@ def centre_kept_into(x: torch.Tensor, tap: Tap, offsets: Sequence[int], counts: 
         if count:
             cols[:, start:start + count].copy_(flat[:, i, offset::stride])
             start += count
-    mean = _finite_mean(cols.mean(1).reshape(tap.size, tap.expand).mean(1), cols)
+    mean = finite_mean(cols.mean(1).reshape(tap.size, tap.expand).mean(1), cols)
     cols.sub_(mean.repeat_interleave(tap.expand)[:, None])
     return mean
 
@@ -159,7 +158,7 @@ class Observer(nn.Module):
                     means = torch.cat([centre_into(x, tap, out)
                                        for x, out in zip(views, joint.split(tap.size))])
                 moments.update_centred(joint, means)
-            except _NonFiniteRows:
+            except NonFiniteRows:
                 k = next(k for k, t in enumerate(tensors) if not torch.isfinite(t).all())
                 raise NonFiniteError(
                     f"model {k} produced NaN/Inf activations at node '{name}' on calibration "
@@ -184,7 +183,7 @@ class Observer(nn.Module):
 
 
 def lockstep_module(graphs: Sequence[fx.GraphModule], observer: Observer,
-                    pairing: Pairing | None = None) -> fx.GraphModule:
+                    pairing: Pairing) -> fx.GraphModule:
     """One graph that runs all models node by node on the same input and calls the observer
     right after each tapped node (a name of graph 0) with every model's tensor there (graph k's
     node paired with it, see `fxzip.graph.pairing`); it returns nothing.
@@ -194,7 +193,6 @@ def lockstep_module(graphs: Sequence[fx.GraphModule], observer: Observer,
     submodules and attributes live under `m{k}.`; FX frees every tensor after its last use, so
     only the tensors of the node being computed are alive beside the models' state.
     """
-    pairing = pairing if pairing is not None else pair_graphs(graphs)
     root = nn.Module()
     for k, gm in enumerate(graphs):
         root.add_module(f"m{k}", gm)
@@ -303,9 +301,8 @@ def spread_reads(taps: list[Tap], moments: Moments, nodes: dict[str, fx.Node]) -
 
 def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterable[int],
             batches: Batches, *, progress: bool = True, precision: str = "float32",
-            timings: dict[str, float] | None = None, group: Any = None,
-            pairing: Pairing | None = None, taps: str = "all",
-            positions: float = 1.0) -> dict[int, SpaceStats]:
+            pairing: Pairing, timings: dict[str, float] | None = None, group: Any = None,
+            taps: str = "all", positions: float = 1.0) -> dict[int, SpaceStats]:
     """Statistics of every requested space over all batches, for all models at once; `precision`
     is that of the Gram products ("float32" or "bfloat16", see `resolve_precision`).
 
@@ -333,12 +330,11 @@ def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterab
     moments are all-reduced over `group` (None: the default group) before they are used, so the
     dead units, the second pass and the result are those of all ranks' batches, on every rank.
 
-    `pairing` (default: the structural one, see `fxzip.graph.pairing`) finds model k's node for each
-    tap; taps at nodes that not every model has are left out.
+    `pairing` (`fxzip.graph.pairing.pair_graphs(graphs)`) finds model k's node for each tap; taps
+    at nodes that not every model has are left out.
     """
     spaces = list(spaces)
     check_taps(taps)
-    pairing = pairing if pairing is not None else pair_graphs(graphs)
     shared = pairing.shared()
     order = {n.name: i for i, n in enumerate(analysis.nodes)}
     device = batches.example_device

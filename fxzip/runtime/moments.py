@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ __all__ = ["Moments", "SpaceStats", "GRAM_BLOCK_ROWS", "PRECISIONS", "cpu_has_fa
            "add_upper_product"]
 
 
-class _NonFiniteRows(Exception):
+class NonFiniteRows(Exception):
     """Internal: a batch's rows hold NaN/Inf (the caller says which model and node)."""
 
 
@@ -101,9 +102,9 @@ class Moments:
 
     def update(self, columns: Sequence[torch.Tensor]) -> None:
         """Fold in one batch given as each model's raw (channels × samples) matrix; the channel
-        counts must sum to `dim`. Raises _NonFiniteRows if the batch holds NaN/Inf."""
+        counts must sum to `dim`. Raises NonFiniteRows if the batch holds NaN/Inf."""
         columns = [c.float() for c in columns]
-        means = torch.cat([_finite_mean(c.mean(1), c) for c in columns])
+        means = torch.cat([finite_mean(c.mean(1), c) for c in columns])
         joint = torch.cat(columns)
         self.update_centred(joint - means[:, None], means)
 
@@ -250,13 +251,13 @@ class SpaceStats:
         return corr
 
 
-def _finite_mean(mean: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def finite_mean(mean: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """`mean` if finite; NaN/Inf anywhere in `values` reaches it, so only then are the values
-    checked (raising _NonFiniteRows), else the float32 sum overflowed: recompute in float64."""
+    checked (raising NonFiniteRows), else the float32 sum overflowed: recompute in float64."""
     if bool(torch.isfinite(mean).all()):
         return mean
     if not bool(torch.isfinite(values).all()):
-        raise _NonFiniteRows
+        raise NonFiniteRows
     return values.double().mean(tuple(range(1, values.dim()))).float()
 
 
@@ -273,6 +274,14 @@ def cpu_has_fast_bfloat16() -> bool:
         return False
 
 
+def check_precision(precision: Any) -> str:
+    """`precision` if it names a precision of the Gram products (`PRECISIONS`), else an
+    InputError."""
+    if precision not in PRECISIONS:
+        raise InputError(f"statistics_precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The precision of the Gram products: "float32", or "bfloat16" (CPU only: the float32
     features are rounded to bfloat16 inside oneDNN's product, which accumulates and returns
@@ -281,8 +290,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     so correlations over N samples (positions included) differ from float32's by about
     2.5e-3/sqrt(N) rms, the largest entries 4-5 times that (1.7e-4 at most on a ResNet-20x4's
     spaces); the matchings were the same on every space measured."""
-    if precision not in PRECISIONS:
-        raise InputError(f"statistics_precision must be one of {PRECISIONS}, got {precision!r}")
+    check_precision(precision)
     if precision == "auto":
         return "bfloat16" if device.type == "cpu" and cpu_has_fast_bfloat16() else "float32"
     if precision == "bfloat16" and device.type != "cpu":
