@@ -1,24 +1,27 @@
-"""Label-free corrections of a zipit merge (`fxzip.corrections.refit`), measured on a setting of
-`benchmarks/accuracy.py` (default (a): ResNet-20×W on the digits halves 0–4 / 5–9; also (b), (c),
+"""Label-free corrections of a zipit merge (`fxzip.corrections`), measured on a setting of
+`benchmarks.accuracy` (default (a): ResNet-20×W on the digits halves 0–4 / 5–9; also (b), (c),
 (e)), several model pairs.
 
-    python benchmarks/corrections.py [--setting a] [--pairs 4] [--width 4] [--epochs 20] [--quick]
-                                     [--variants a,b,...] [--ridge 1e-2] [--out benchmarks/results]
+    python -m benchmarks.corrections [--setting a] [--pairs 4] [--width 4] [--epochs 20] [--quick]
+                                     [--variants a,b,...] [--ridge 1e-2] [--cost] [--cache DIR]
+                                     [--out benchmarks/results/corrections_<setting>.md]
 
 Every variant merges with zipit at alpha=0.5, beta=1 (the defaults) and then applies one set of
 corrections; joint accuracy (%, on the test data) at the setting's stop points (for (a): layer1
 / layer2 / full, stop_at=None) is reported as the mean over the evaluation pairs (seeds 1..P), next to the
 ensemble of the two (BN-reset) models. Pair seeds, training and calibration data are those of
-`benchmarks/accuracy.py` (its functions are imported). Phase times of each merge are measured:
+`benchmarks.accuracy` (`benchmarks.common`). Phase times of each merge are measured:
 `merge` = `Zipper.merge` (statistics are collected once per pair before the timing and added
 back as `statistics`, so every variant is charged the same), `correct` = `fxzip.corrections.refit`.
 
 `--quick`: width 1, 8 epochs, 2 pairs, 3 variants — a smoke test in well under a minute.
+`--cost`: the end-to-end cost of a merge from scratch per variant on pair 1 instead. `--out`: the
+markdown file to write (results/corrections_a.md, _c.md and _e.md came from `--setting a`, `c`,
+`e`); without it the table is only printed.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from collections.abc import Sequence
@@ -28,15 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import fxzip
+from fxzip.corrections import Corrections, correct, fidelity
 
-import fxzip  # noqa: E402
-from fxzip.corrections.refit import Corrections, correct  # noqa: E402
-from fxzip.corrections.fidelity import fidelity  # noqa: E402
-
-from benchmarks.accuracy import accuracy_of, make_settings, train_pair  # noqa: E402
+from benchmarks.common.evaluation import accuracy_of
+from benchmarks.common.settings import make_settings
+from benchmarks.common.timing import Stopwatch, timed
+from benchmarks.common.training import cached_pair, reset_copies
 
 STOPS = {"layer1": "layer1", "layer2": "layer2", "full": None}  # setting (a)'s
 
@@ -72,18 +73,17 @@ def corrected_merge(zipper: fxzip.Zipper, stop_at: str | None, options: Correcti
                     ) -> tuple[torch.nn.Module, dict[str, float]]:
     """`Zipper.merge` followed by `fxzip.corrections.refit.correct` (which replaces the BN reset);
     options None: the plain merge with the BN reset. Returns the model and phase seconds."""
-    tick = time.perf_counter()
-    merged = zipper.merge(stop_at, method=method, alpha=alpha, beta=beta, reset_bn=options is None,
-                          corrections=None)
-    seconds = {"merge": time.perf_counter() - tick}
+    watch = Stopwatch()
+    with watch("merge"):
+        merged = zipper.merge(stop_at, method=method, alpha=alpha, beta=beta,
+                              reset_bn=options is None, corrections=None)
     if options is not None:
-        tick = time.perf_counter()
-        trunk = zipper.analysis.trunk(stop_at)
-        matches = {s: zipper.match(s, method, alpha, beta)
-                   for s in zipper.analysis.spaces_of(trunk)}
-        correct(merged, zipper.graphs, zipper.analysis, matches, zipper.batches, options)
-        seconds["correct"] = time.perf_counter() - tick
-    return merged, seconds
+        with watch("correct"):
+            trunk = zipper.analysis.trunk(stop_at)
+            matches = {s: zipper.match(s, method, alpha, beta)
+                       for s in zipper.analysis.spaces_of(trunk)}
+            correct(merged, zipper.graphs, zipper.analysis, matches, zipper.batches, options)
+    return merged, dict(watch.seconds)
 
 
 @dataclass
@@ -96,38 +96,19 @@ class Result:
     seconds: dict[str, float]
 
 
-def trained_pair(setting, data, pair: int, epochs: int, width: int, cache: Path | None,
-                 log=print) -> list[torch.nn.Module]:
-    """`benchmarks.accuracy.train_pair`, with the state dicts kept in `cache` (if given)."""
-    path = None if cache is None else cache / f"{setting.key}_w{width}_e{epochs}_pair{pair}.pt"
-    models = [setting.make_model(), setting.make_model()]
-    if path is not None and path.exists():
-        for m, state in zip(models, torch.load(path)):
-            m.load_state_dict(state)
-        return [m.eval() for m in models]
-    tick = time.perf_counter()
-    models = train_pair(setting, data, seed=pair, epochs=epochs)
-    log(f"pair {pair}: trained in {time.perf_counter() - tick:.1f}s")
-    if path is not None:
-        cache.mkdir(parents=True, exist_ok=True)
-        torch.save([m.state_dict() for m in models], path)
-    return models
-
-
 def run_pair(setting, data, pair: int, epochs: int, variants: Sequence[str], width: int,
              cache: Path | None = None, log=print) -> tuple[list[Result], float]:
     """Train one pair, merge at every stop with every variant; (results, ensemble joint acc)."""
-    models = trained_pair(setting, data, pair, epochs, width, cache, log)
+    models = cached_pair(setting, data, pair, epochs, width, cache, log)
     x, y = data.split.x_test, data.split.y_test
-    reset = [fxzip.reset_bn(copy.deepcopy(m), data.calibration, progress=False) for m in models]
+    reset = reset_copies(models, data.calibration)
     ensemble = accuracy_of(setting, reset, x, y).joint
     zipper = fxzip.Zipper(models, data.calibration, progress=False)
     held_out = [data.x_val]  # fidelity (to the BN-reset parents) on data that no correction saw
     results = []
     for label, stop_at in stops_of(setting).items():
-        tick = time.perf_counter()
-        zipper.statistics(zipper.analysis.spaces_of(zipper.analysis.trunk(stop_at)))
-        statistics = time.perf_counter() - tick
+        statistics = timed(lambda: zipper.statistics(
+            zipper.analysis.spaces_of(zipper.analysis.trunk(stop_at))))
         for name in variants:
             merged, seconds = corrected_merge(zipper, stop_at, VARIANTS[name])
             seconds["statistics"] = statistics
@@ -172,7 +153,7 @@ def cost(setting, data, pair: int, epochs: int, width: int, cache: Path | None,
     """End-to-end cost of a merge from scratch (trace, statistics, matching, rewrite, then the BN
     reset or the corrections) per variant and stop; plain and corrected runs alternate so that a
     loaded machine slows them alike. Median of `repeats`, with the phases."""
-    models = trained_pair(setting, data, pair, epochs, width, cache, log)
+    models = cached_pair(setting, data, pair, epochs, width, cache, log)
     lines = ["| stop | variant | seconds (median) | ratio to zipit | phases |",
              "| --- | --- | ---: | ---: | --- |"]
     for label, stop_at in stops_of(setting).items():
@@ -195,9 +176,10 @@ def cost(setting, data, pair: int, epochs: int, width: int, cache: Path | None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.corrections",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", default="a", choices=("a", "b", "c", "e"),
-                        help="the benchmarks/accuracy.py setting (default a)")
+                        help="the benchmarks.accuracy setting (default a)")
     parser.add_argument("--pairs", type=int, default=None, help="evaluation pairs (default 4)")
     parser.add_argument("--width", type=int, default=None, help="ResNet-20 width (default 4)")
     parser.add_argument("--epochs", type=int, default=None,
@@ -210,7 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="write the table here (markdown)")
     parser.add_argument("--cache", type=Path, default=None,
-                        help="keep the trained pairs' state dicts in this folder and reuse them")
+                        help="keep the trained pairs' state dicts in this folder and reuse them "
+                             "(benchmarks.common.training.cached_pair)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pairs = args.pairs or (2 if args.quick else 4)

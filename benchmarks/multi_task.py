@@ -1,6 +1,6 @@
 """The paper's multi-dataset protocol on offline data: four models, four tasks, one merge.
 
-    python benchmarks/multi_task.py [--quick] [--epochs N] [--width W] [--seed S]
+    python -m benchmarks.multi_task [--quick] [--epochs N] [--width W] [--seed S]
                                     [--out benchmarks/results]
 
 Four models of one architecture (`fxzip.demo.digits.ResNet20(width=W)`; `--quick`: the small
@@ -16,23 +16,24 @@ FLOPs per sample (`fxzip.runtime.costs`). Calibration data (statistics and the B
 every row, the ensemble included) = the training inputs of all four tasks.
 
 Outputs in `--out`: `multi_task.csv`, `multi_task.md` and `multi_task.png` (joint accuracy vs
-FLOPs). `--quick`: the small CNN, few epochs, for a smoke run.
+FLOPs). `--quick`: the small CNN, few epochs, for a smoke run, written as `multi_task_quick.*`.
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fxzip  # noqa: E402
-from fxzip.runtime.costs import count_flops, count_parameters  # noqa: E402
-from fxzip.demo.digits import DigitsCNN, ResNet20, load_digits_split, train_classifier  # noqa: E402
-from tables import markdown_table, write_csv  # noqa: E402
+import fxzip
+from fxzip.demo.digits import DigitsCNN, ResNet20, load_digits_split, train_classifier
+from fxzip.runtime.costs import count_flops, count_parameters
+
+from benchmarks.common.data import calibration_batches
+from benchmarks.common.plots import pyplot
+from benchmarks.common.tables import markdown_table, write_csv
+from benchmarks.common.training import reset_copies
 
 TASKS = ((0, 1), (2, 3), (4, 5, 6), (7, 8, 9))
 PAIRS = ((0, 1), (2, 3))
@@ -51,14 +52,34 @@ def evaluate(outputs, y: torch.Tensor) -> dict[str, float]:
     return row
 
 
+def plot(rows: list[dict], arch: str, path: Path) -> None:
+    """Joint accuracy against FLOPs: one line per method through its stop points, the ensemble
+    (the first row) as a marker."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, marker in (("zipit", "o-"), ("permute", "s--"), ("pairs", "^:")):
+        pts = [(r["flops"] / 1e6, 100 * r["joint"]) for r in rows if r["method"] == method]
+        ax.plot(*zip(*pts), marker, label=method)
+    ens = rows[0]
+    ax.plot([ens["flops"] / 1e6], [100 * ens["joint"]], "k*", markersize=12, label="ensemble")
+    ax.set_xlabel("MFLOPs per sample")
+    ax.set_ylabel("joint accuracy (%)")
+    ax.set_title(f"4 tasks (2+2+3+3 classes), 4 x {arch}")
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.multi_task",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--width", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     epochs = args.epochs or (8 if args.quick else 30)
@@ -71,7 +92,7 @@ def main(argv=None) -> None:
         stops = ["layer1", "layer2", "layer3", None]
         arch = f"ResNet20(width={args.width})"
     split = load_digits_split(seed=args.seed)
-    calibration = list(split.x_train.split(256))
+    calibration = calibration_batches(split.x_train)
     x_test, y_test = split.x_test, split.y_test
     sample = x_test[:1]
 
@@ -82,7 +103,7 @@ def main(argv=None) -> None:
         x, y = split.task(task)
         models.append(train_classifier(make(len(task)), x, y, epochs=epochs,
                                        seed=args.seed * 100 + k))
-    models = [fxzip.reset_bn(copy.deepcopy(m), calibration, progress=False) for m in models]
+    models = reset_copies(models, calibration)
     print(f"trained 4 x {arch} in {time.perf_counter() - started:.0f} s", flush=True)
 
     rows = []
@@ -128,25 +149,7 @@ def main(argv=None) -> None:
               "merged at once (`merge_all`); `pairs`: {0,1}+{2,3} and {4,5,6}+{7,8,9} merged "
               "separately (zipit); stop `None`: every layer but the output layers.\n\n")
     (out / f"{name}.md").write_text(header + table + "\n")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
-    else:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for method, marker in (("zipit", "o-"), ("permute", "s--"), ("pairs", "^:")):
-            pts = [(r["flops"] / 1e6, 100 * r["joint"]) for r in rows if r["method"] == method]
-            ax.plot(*zip(*pts), marker, label=method)
-        ens = rows[0]
-        ax.plot([ens["flops"] / 1e6], [100 * ens["joint"]], "k*", markersize=12, label="ensemble")
-        ax.set_xlabel("MFLOPs per sample")
-        ax.set_ylabel("joint accuracy (%)")
-        ax.set_title(f"4 tasks (2+2+3+3 classes), 4 x {arch}")
-        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
-        fig.tight_layout()
-        fig.savefig(out / f"{name}.png", dpi=120)
+    plot(rows, arch, out / f"{name}.png")
     print(f"wrote {out / name}.md/.csv/.png in {time.perf_counter() - started:.0f} s")
 
 

@@ -1,23 +1,27 @@
 """fxzip statistics on one process against several ranks of torch.distributed.
 
-    python benchmarks/scale.py [--ranks 2] [--images 32] [--size 128] [--batch 8] [--out DIR]
+    python -m benchmarks.scale [--ranks 2] [--images 32] [--size 128] [--batch 8] [--threads 1]
+                               [--out benchmarks/results]
 
 Two timm resnet50 (random weights from seeds 0 and 1, BatchNorm statistics estimated on the
-calibration images first, as `benchmarks/speed.py` builds them). The statistics of every mergeable
-space (`Zipper.statistics`, float32 products by default) are collected (a) in one process over
-all batches with one rank's threads (`--threads`, default 1), (b) the same with all ranks' threads,
-and (c) under `torchrun --standalone --nproc_per_node=<ranks>` (gloo, CPU), each rank with
-`--threads` threads and the batches dealt round-robin (rank r takes batches r, r + ranks, ...).
+calibration images first, as `benchmarks.speed` builds them: `benchmarks.common.cases`). The
+statistics of every mergeable space (`Zipper.statistics`, float32 products by default) are
+collected (a) in one process over all batches with one rank's threads (`--threads`, default 1),
+(b) the same with all ranks' threads, and (c) under `torchrun --standalone
+--nproc_per_node=<ranks> -m benchmarks.scale --worker ...` (gloo, CPU; all three processes are
+started from the repository root), each rank with `--threads` threads and the batches dealt
+round-robin (rank r takes batches r, r + ranks, ...).
 Reported: the wall time of the statistics on each side (rank 0's, from a barrier; the trace is
 not counted), the part of it spent in the all-reduces, and the equality of the result: the largest
 difference of any correlation between (a) and (c), and whether the ZipIt! matching (alpha 0.5,
 beta 1) of every space is the same. Written to `<out>/scale.md` and `scale.csv`.
 
-On GPUs, and across machines, run the worker yourself (see the README's "Scale out"):
+On GPUs, and across machines, run the worker yourself from the repository root (see the
+README's "Scale out"):
 
-    torchrun --nproc_per_node=8 benchmarks/scale.py --worker OUT --backend nccl
+    torchrun --nproc_per_node=8 -m benchmarks.scale --worker OUT --backend nccl
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 \\
-        --rdzv-id=fxzip benchmarks/scale.py --worker OUT --backend nccl
+        --rdzv-id=fxzip -m benchmarks.scale --worker OUT --backend nccl
 """
 from __future__ import annotations
 
@@ -25,23 +29,22 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+import fxzip
+from fxzip.matching import get_method
+from fxzip.passes import statistics
+from fxzip.runtime import distributed as fxzip_distributed
+
+from benchmarks.common.cases import resnet50_case
+from benchmarks.common.tables import Table
+from benchmarks.common.timing import Stopwatch
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import fxzip  # noqa: E402
-from fxzip.runtime import distributed as fxzip_distributed  # noqa: E402
-from fxzip.matching.registry import get_method  # noqa: E402
-from fxzip.passes import statistics  # noqa: E402
-
-from benchmarks.speed import resnet50_case  # noqa: E402
-from benchmarks.tables import Table  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -62,32 +65,31 @@ def worker(args: argparse.Namespace) -> None:
         torch.cuda.set_device(device)
     models = [m.to(device) for m in case.models]
     shard = [x.to(device) for x in case.batches[rank::world]]
-    reduce_seconds = [0.0]
+    watch = Stopwatch("all_reduce", "statistics")
     reduce = statistics.all_reduce_moments
 
     def timed_reduce(*a, **k):
-        start = time.perf_counter()
-        reduce(*a, **k)
-        _sync(device)
-        reduce_seconds[0] += time.perf_counter() - start
+        with watch("all_reduce"):
+            reduce(*a, **k)
+            _sync(device)
 
     statistics.all_reduce_moments = timed_reduce
     zipper = fxzip.Zipper(models, shard, progress=False, statistics_precision=args.precision)
     spaces = zipper.analysis.mergeable_spaces()
     if distributed:
         dist.barrier()
-    start = time.perf_counter()
     sent = fxzip_distributed.traffic["bytes"]
-    stats = zipper.statistics(spaces)
-    _sync(device)
-    seconds = time.perf_counter() - start
+    with watch("statistics"):
+        stats = zipper.statistics(spaces)
+        _sync(device)
+    seconds = watch.seconds["statistics"]
     sent = fxzip_distributed.traffic["bytes"] - sent
     full = sum(stats[s].features.m2.numel() * 8 for s in spaces)  # the square float64 matrices
     if rank == 0:
         out = Path(args.worker)
         np.savez(out / f"correlations-{args.tag}.npz",
                  **{str(s): stats[s].correlation() for s in spaces})
-        torch.save({"seconds": seconds, "all_reduce": reduce_seconds[0], "world": world,
+        torch.save({"seconds": seconds, "all_reduce": watch.seconds["all_reduce"], "world": world,
                     "threads": args.threads, "batches": len(case.batches),
                     "precision": zipper.statistics_precision, "device": str(device),
                     "backend": dist.get_backend() if distributed else "-",
@@ -119,7 +121,7 @@ def compare(out: Path, tags: list[str]) -> tuple[float, int, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--images", type=int, default=32)
@@ -141,15 +143,16 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     scratch = args.out / "scale-scratch"
     scratch.mkdir(exist_ok=True)
-    common = [str(Path(__file__).resolve()), "--worker", str(scratch), "--images", str(args.images),
-              "--size", str(args.size), "--batch", str(args.batch), "--precision", args.precision]
+    common = ["-m", "benchmarks.scale", "--worker", str(scratch.resolve()), "--images",
+              str(args.images), "--size", str(args.size), "--batch", str(args.batch),
+              "--precision", args.precision]
     runs = {"single": args.threads, "single-all-threads": args.threads * args.ranks}
     for tag, threads in runs.items():  # one process: the threads of one rank, and of all ranks
         subprocess.run([sys.executable, *common, "--threads", str(threads), "--tag", tag],
-                       check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+                       check=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                     f"--nproc_per_node={args.ranks}", *common, "--threads", str(args.threads),
-                    "--backend", "gloo", "--tag", "ranks"], check=True,
+                    "--backend", "gloo", "--tag", "ranks"], check=True, cwd=REPO,
                    env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     tags = ["single", "single-all-threads", "ranks"]
     timings = [torch.load(scratch / f"timing-{t}.pt") for t in tags]

@@ -1,9 +1,11 @@
 """fxzip over the timm model zoo: which architectures trace, how far they zip, and whether
-merging a model with itself gives the model back.
+merging a model with a permuted copy of itself gives the model back.
 
-    python benchmarks/timm_zoo.py [--models resnet18,vit_tiny_patch16_224] [--out DIR]
+    python -m benchmarks.timm_zoo [--models resnet18,vit_tiny_patch16_224] [--timeout 300]
+                                  [--run LABEL] [--out benchmarks/results]
 
-(`--models` measures only those and updates their rows in the existing tables.)
+(`--models` measures only those and updates their rows in the existing tables; without it, every
+model: hours of CPU.)
 
 Per architecture (smallest variant, `pretrained=False`, 5 classes, a small input; each in a
 fresh subprocess): two instances from seeds 0 and 1, their BatchNorm statistics estimated on 16
@@ -12,17 +14,14 @@ dead), zero-initialised classifiers re-drawn (timm zero-inits some heads, which 
 output 0). VGG-11 runs at 32 pixels: its ConvMlp head pools any smaller map up to 7×7 anyway,
 and its 7×7 convolution (100M weights) is what costs memory, not the input.
 
-Columns: see `benchmarks/zoo_runner.py`.
+Columns (the self-merge against a permuted copy where one can be built, else a plain copy): see
+`benchmarks.common.zoo`.
 
 Writes `timm_zoo.md` and `timm_zoo.csv` to `--out` (default benchmarks/results).
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import zoo_runner  # noqa: E402
+from benchmarks.common import zoo
 
 # (timm name, input size, family)
 MODELS = [
@@ -84,7 +83,7 @@ def build(name: str, size: int, seed: int):
 
 
 def main(argv: list[str] | None = None) -> None:
-    zoo_runner.main(__file__, __doc__, MODELS, build, "timm_zoo", images=16, argv=argv)
+    zoo.main("benchmarks.timm_zoo", __doc__, MODELS, build, "timm_zoo", images=16, argv=argv)
 
 
 if __name__ == "__main__":

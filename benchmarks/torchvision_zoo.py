@@ -1,7 +1,8 @@
 """fxzip over torchvision's classification models: which trace, how far they zip, and whether
-merging a model with itself gives the model back.
+merging a model with a permuted copy of itself gives the model back.
 
-    python benchmarks/torchvision_zoo.py [--models resnet18,swin_t] [--out DIR]
+    python -m benchmarks.torchvision_zoo [--models resnet18,swin_t] [--timeout 300]
+                                         [--run LABEL] [--out benchmarks/results]
 
 Every family `torchvision.models.list_models(module=torchvision.models)` offers, its smallest
 variant, `weights=None`, 5 classes, a small input where the model allows one (ViT and MaxViT
@@ -10,17 +11,14 @@ are built for it: ViT-B/32 with `image_size=64`, MaxViT-T's configuration with
 instances from seeds 0 and 1, their BatchNorm statistics estimated on 32 random calibration
 images (as after training).
 
-Columns: see `benchmarks/zoo_runner.py`.
+Columns (the self-merge against a permuted copy where one can be built, else a plain copy): see
+`benchmarks.common.zoo`.
 
 Writes `torchvision_zoo.md` and `torchvision_zoo.csv` to `--out` (default benchmarks/results).
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import zoo_runner  # noqa: E402
+from benchmarks.common import zoo
 
 # (torchvision name, input size, family): the smallest variant of each family
 MODELS = [
@@ -54,7 +52,8 @@ def build(name: str, size: int, seed: int):
 
 
 def main(argv: list[str] | None = None) -> None:
-    zoo_runner.main(__file__, __doc__, MODELS, build, "torchvision_zoo", images=32, argv=argv)
+    zoo.main("benchmarks.torchvision_zoo", __doc__, MODELS, build, "torchvision_zoo", images=32,
+             argv=argv)
 
 
 if __name__ == "__main__":

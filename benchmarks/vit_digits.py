@@ -1,44 +1,37 @@
 """A real transformer merge: two small timm ViTs trained on disjoint halves of the digits.
 
-    python benchmarks/vit_digits.py [--pairs 4] [--epochs 40] [--lr 1e-3] [--out benchmarks/results]
+    python -m benchmarks.vit_digits [--pairs 4] [--epochs 40] [--lr 1e-3] [--out benchmarks/results]
 
-Each pair: two `timm` VisionTransformers (8×8 digits, 2×2 patches → 16 tokens + a cls token,
-width 64, 4 blocks, 4 heads), different initialisations, trained on classes 0–4 and 5–9. They are
-merged with every method after the first three transformer blocks (`blocks.0` … `blocks.2`)
-and fully (`None`: everything but the heads). Attention is merged head-aware (`fxzip.matching.heads`:
-heads paired across models, features matched within paired heads; queries and keys share one
-matching, values and the output projection another). zipit's alpha and beta are chosen per stop
-point by a grid search on a held-out pair (seed 0, validated on 20% of its training digits); the
-evaluation pairs are seeds 1..P. Joint accuracy = argmax over both heads' softmaxes over all 10 classes on the test
-digits; mean ± std over the pairs. Writes `vit_digits.md` and `vit_digits.csv` to `--out`.
+Each pair: two `timm` VisionTransformers (`benchmarks.common.models.digits_vit`: 8×8 digits,
+2×2 patches → 16 tokens + a cls token, width 64, 4 blocks, 4 heads), different initialisations,
+trained on classes 0–4 and 5–9. They are merged with every method after the first three
+transformer blocks (`blocks.0` … `blocks.2`) and fully (`None`: everything but the heads).
+Attention is merged head-aware (`fxzip.matching.heads`: heads paired across models, features
+matched within paired heads; queries and keys share one matching, values and the output
+projection another). zipit's alpha and beta are chosen per stop point by a grid search on a
+held-out pair (seed 0, validated on 20% of its training digits); the evaluation pairs are seeds
+1..P. Joint accuracy = argmax over both heads' softmaxes over all 10 classes on the test digits;
+mean ± std over the pairs. Writes `vit_digits.md` and `vit_digits.csv` to `--out`.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import fxzip
+from fxzip.demo.digits import evaluate, load_digits_split, train_task_pair
+from fxzip.matching import METHOD_NAMES
 
-import fxzip  # noqa: E402
-from fxzip.demo.digits import DigitsSplit, evaluate, load_digits_split, train_task_pair  # noqa: E402
-from fxzip.matching.registry import METHOD_NAMES  # noqa: E402
-
-from benchmarks.tables import markdown_table, write_dict_csv  # noqa: E402
+from benchmarks.common.data import validation_as_test
+from benchmarks.common.models import digits_vit
+from benchmarks.common.tables import markdown_table, mean_std, write_dict_csv
 
 STOPS = (("blocks.0", "block 1/4"), ("blocks.1", "block 2/4"), ("blocks.2", "block 3/4"),
          (None, "full"))
-
-
-def make_vit() -> torch.nn.Module:
-    from timm.models.vision_transformer import VisionTransformer
-
-    return VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=5, embed_dim=64,
-                             depth=4, num_heads=4, mlp_ratio=2.0)
 
 
 PAPER = dict(corrections=None, weight_similarity=0.0)  # the paper's merge: no corrections
@@ -48,11 +41,8 @@ GRID = [(alpha, beta) for alpha in (0.1, 0.3, 0.5, 1.0) for beta in (0.0, 0.25, 
 def choose_alpha_beta(epochs: int, lr: float) -> dict:
     """zipit's (alpha, beta) per stop point, chosen on the held-out pair (seed 0): models trained
     on 80% of its training digits, joint accuracy measured on the other 20%."""
-    split = load_digits_split(seed=0)
-    n_val = len(split.y_train) // 5
-    held_out = DigitsSplit(split.x_train[n_val:], split.y_train[n_val:],
-                           split.x_train[:n_val], split.y_train[:n_val])
-    models = train_task_pair(held_out, make_vit, seed=0, epochs=epochs, lr=lr)
+    held_out = validation_as_test(load_digits_split(seed=0))
+    models = train_task_pair(held_out, digits_vit, seed=0, epochs=epochs, lr=lr)
     zipper = fxzip.Zipper(models, held_out.x_train, progress=False)
     chosen = {}
     for stop, label in STOPS:
@@ -67,7 +57,7 @@ def choose_alpha_beta(epochs: int, lr: float) -> dict:
 
 def run_pair(seed: int, epochs: int, lr: float, chosen: dict) -> list[dict]:
     split = load_digits_split(seed=seed)
-    models = train_task_pair(split, make_vit, seed=seed, epochs=epochs, lr=lr)
+    models = train_task_pair(split, digits_vit, seed=seed, epochs=epochs, lr=lr)
     rows = []
     ensemble = evaluate(models, split.x_test, split.y_test)
     rows.append(dict(seed=seed, method="ensemble", stop="-", zipped="0/-",
@@ -96,22 +86,18 @@ def summarise(rows: list[dict], pairs: int) -> str:
     table = []
     for method, stop in keys:
         group = [r for r in rows if (r["method"], r["stop"]) == (method, stop)]
-
-        def stat(values: list[float]) -> str:
-            mean = 100 * statistics.mean(values)
-            std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-            return f"{mean:.1f} ± {std:.1f}"
-
         avg = [(r["task_a"] + r["task_b"]) / 2 for r in group]
-        table.append([method, stop, group[0]["zipped"], stat([r["joint"] for r in group]),
-                      stat([r["task_a"] for r in group]), stat([r["task_b"] for r in group]),
-                      stat(avg)])
+        table.append([method, stop, group[0]["zipped"],
+                      *(mean_std([r[m] for r in group], 100, 1) for m in ("joint", "task_a",
+                                                                         "task_b")),
+                      mean_std(avg, 100, 1)])
     return markdown_table(["method", "stop", "zipped", "joint", "task A", "task B", "avg"], table,
                           right=range(3, 7))
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.vit_digits",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")

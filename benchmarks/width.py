@@ -1,16 +1,16 @@
 """The capacity knob `width=`: joint accuracy against FLOPs for merged widths between one model's
 and both models'.
 
-    python benchmarks/width.py [--pairs 3] [--epochs 20] [--resnet-width 4]
+    python -m benchmarks.width [--pairs 3] [--epochs 20] [--resnet-width 4]
                                [--widths 1,1.25,1.5,1.75,2] [--stops layer2,full]
                                [--methods default,zipit] [--seeds 1,2] [--name width]
                                [--cache out/width_models]
                                [--out benchmarks/results]
 
-Setting (a) of `benchmarks/accuracy.py` (its data, model, training and evaluation, imported):
-ResNet-20×W on the digits, model A trained on classes 0–4, model B on 5–9, different
-initialisations; pairs of seeds 1..P (accuracy.py's evaluation pairs: no held-out pair is
-needed, nothing is tuned here). Each pair is merged at every width and stop point by
+Setting (a) of `benchmarks.accuracy` (its data, model, training and evaluation, from
+`benchmarks.common`): ResNet-20×W on the digits, model A trained on classes 0–4, model B on
+5–9, different initialisations; pairs of seeds 1..P (benchmarks.accuracy's evaluation pairs: no
+held-out pair is needed, nothing is tuned here). Each pair is merged at every width and stop point by
   * "default": `Zipper.merge(stop, width=w)`, fxzip's default merge (zipit 0.5/1.0, weight
     similarity 0.01, the label-free corrections);
   * "zipit": plain ZipIt! as the paper merges (alpha 0.5, beta 1, no corrections, no weight
@@ -25,7 +25,8 @@ only one model has and features that only the other has are zeros that are still
 layer fills most of them in). The trained models are cached in
 `--cache` (state dicts per seed, epochs and width), so a rerun only merges.
 
-Outputs in `--out` (basename `--name`, default "width"): width.csv (one row per pair, method, stop and width), width.md (mean ± std
+Outputs in `--out` (basename `--name`, default "width"; `results/cca.*` came from
+`python -m benchmarks.width --methods cca,cca+corrections --widths 1 --name cca`): width.csv (one row per pair, method, stop and width), width.md (mean ± std
 table) and width.png (joint accuracy against FLOPs, one line per method and stop through its
 widths, the ensemble and single models as markers).
 """
@@ -38,22 +39,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
+import fxzip
+from fxzip.runtime.costs import count_flops, count_parameters
+
+from benchmarks.common import tables
+from benchmarks.common.data import TaskData
+from benchmarks.common.evaluation import accuracy_of
+from benchmarks.common.plots import finish_plot, pyplot
+from benchmarks.common.rows import (METRICS, Row, Summary, cell, metric, reference_rows,
+                                    summary_of)
+from benchmarks.common.settings import Setting, Stop, make_settings
+from benchmarks.common.training import cached_pair
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import fxzip  # noqa: E402
-from fxzip.runtime.costs import count_flops, count_parameters  # noqa: E402
-
-from benchmarks import tables  # noqa: E402
-from benchmarks.accuracy import (METRICS, Row, Setting, Stop, Summary, TaskData,  # noqa: E402
-                                 accuracy_of, cell, finish_plot, make_settings, metric,
-                                 reference_rows, train_and_check)
-
 WIDTHS = (1.0, 1.25, 1.5, 1.75, 2.0)
 # "cca" and "cca+corrections" (`method="cca"`, corrections off / the default ones) keep one
 # model's width: they are merged at width 1 only
@@ -63,7 +64,8 @@ ONE_WIDTH = ("cca", "cca+corrections")
 
 @dataclass
 class WidthRow(Row):
-    """A result row of accuracy.py with the merged width and the nonzero parameters."""
+    """A result row of the accuracy protocol (`benchmarks.common.rows.Row`) with the merged width
+    and the nonzero parameters."""
 
     width: float = 1.0
     nonzero: int = 0
@@ -71,23 +73,6 @@ class WidthRow(Row):
 
 def nonzero_parameters(model: nn.Module) -> int:
     return int(sum(int((p != 0).sum()) for p in model.parameters()))
-
-
-def cached_pair(setting: Setting, data: TaskData, seed: int, epochs: int, resnet_width: int,
-                cache: Path, log) -> list[nn.Module]:
-    """The trained pair of one seed (accuracy.py's training), from `cache` when it is there."""
-    path = cache / f"a_w{resnet_width}_e{epochs}_seed{seed}.pt"
-    if path.exists():
-        states = torch.load(path)
-        models = [setting.make_model() for _ in states]
-        for model, state in zip(models, states):
-            model.load_state_dict(state)
-        log(f"  pair {seed}: loaded from {path}")
-        return [m.eval() for m in models]
-    models, _ = train_and_check(setting, data, seed, epochs, log)
-    cache.mkdir(parents=True, exist_ok=True)
-    torch.save([m.state_dict() for m in models], path)
-    return models
 
 
 def merged(zipper: fxzip.Zipper, stop: Stop, method: str, width: float) -> nn.Module:
@@ -125,20 +110,14 @@ def pair_rows(setting: Setting, seed: int, models: list[nn.Module], data: TaskDa
     return rows
 
 
-def summarise(rows: Sequence[WidthRow]) -> list[tuple[float, int, Summary]]:
-    """(width, nonzero params, Summary) per (method, stop, width), in order of appearance."""
+def summarise(rows: Sequence[WidthRow]) -> list[tuple[float | None, int, Summary]]:
+    """(width, nonzero params, Summary) per (method, stop, width), in order of appearance
+    (width None for the reference rows)."""
     groups: dict[tuple, list[WidthRow]] = {}
     for r in rows:
         groups.setdefault((r.method, r.stop, r.width if r.width == r.width else None), []).append(r)
-    out = []
-    for (method, stop, width), group in groups.items():
-        values = {m: np.array([metric(r.acc, m) for r in group]) for m in METRICS}
-        summary = Summary(method, stop, group[0].zipped, group[0].params, group[0].flops,
-                          {m: float(v.mean()) for m, v in values.items()},
-                          {m: float(v.std(ddof=1)) if len(v) > 1 else 0.0
-                           for m, v in values.items()})
-        out.append((width, group[0].nonzero, summary))
-    return out
+    return [(width, group[0].nonzero, summary_of(group))
+            for (_, _, width), group in groups.items()]
 
 
 def markdown(setting: Setting, rows: Sequence[WidthRow], seeds: Sequence[int], epochs: int,
@@ -176,10 +155,7 @@ def write_csv(rows: Sequence[WidthRow], path: Path) -> None:
 def plot(setting: Setting, rows: Sequence[WidthRow], path: Path) -> None:
     """Joint accuracy vs FLOPs: one line per (method, stop) through its widths, each point
     labelled with its width; the ensemble and the single models as markers."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     summaries = summarise(rows)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     colours = {"default": "tab:orange", "zipit": "tab:red", "cca": "tab:blue",
@@ -205,7 +181,8 @@ def plot(setting: Setting, rows: Sequence[WidthRow], path: Path) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.width",
+                                     description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=3, help="model pairs (seeds 1..P)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds instead of 1..P")

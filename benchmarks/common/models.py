@@ -1,4 +1,4 @@
-"""Small model definitions for `benchmarks/accuracy.py`.
+"""The settings' small model definitions (`benchmarks.common.settings`, `benchmarks.vit_digits`).
 
 Every model is `torch.fx`-traceable and groups its layers into named stages (containers), so that
 a stage name such as ``"stage1"`` is a valid fxzip stop point (the container's output). The
@@ -67,3 +67,12 @@ class Conv1dNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stage3(self.stage2(self.stage1(x)))
         return self.fc(x.mean(dim=-1))
+
+
+def digits_vit(num_classes: int = 5) -> nn.Module:
+    """A small timm VisionTransformer for the 8×8 digits (`benchmarks.vit_digits`): 2×2 patches
+    (16 tokens + a cls token), width 64, 4 blocks of 4 heads, MLP ratio 2."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=num_classes,
+                             embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)

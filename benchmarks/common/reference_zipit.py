@@ -3,10 +3,10 @@
 At every step it takes a full argmax over the whole similarity matrix (the row-major first most
 similar pair), merges that pair, and sets the merged cluster's similarity to every other cluster
 to the minimum over the two, times `alpha`; `beta` caps each model's merges of its own features.
-That is O(D³) for D features in all, but easy to check by eye. `fxzip.matching.core.zipit_match` is
-the fast implementation the library uses; it must give the same assignment (tests/test_matching.py
-checks it on many matrices, benchmarks/speed.py measures the speed-up). Use this one as an oracle,
-not for merging.
+That is O(D³) for D features in all, but easy to check by eye. `fxzip.matching.zipit.zipit_match`
+is the fast implementation the library uses; it must give the same assignment (tests/test_matching.py
+checks it on many matrices; `python -m benchmarks.speed`, section 3, measures the speed-up). Use
+this one as an oracle, not for merging.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fxzip.errors import MatchingError
-from fxzip.matching.core import Match
+from fxzip.matching import Match
 
 
 def reference_zipit(

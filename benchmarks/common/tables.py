@@ -1,5 +1,5 @@
-"""The benchmarks' result tables: markdown for the README and results/, CSV for the raw numbers,
-aligned plain text for the terminal."""
+"""The benchmarks' result tables: markdown for the docs and results/, CSV for the raw numbers,
+aligned plain text for the terminal; `mean_std` formats a mean ± sample std cell."""
 from __future__ import annotations
 
 import csv
@@ -8,6 +8,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]],
@@ -33,6 +35,17 @@ def write_dict_csv(path: Path, rows: Sequence[dict], columns: Sequence[str] | No
     keys are left out, missing ones left empty."""
     columns = list(rows[0]) if columns is None else list(columns)
     write_csv(path, columns, ([row.get(c, "") for c in columns] for row in rows))
+
+
+def mean_std(values: Iterable[float], scale: float = 1.0, digits: int = 2) -> str:
+    """The cell `mean ± std` of `values` × `scale` (sample std, ddof=1; 0 for one value; NaNs
+    left out; "-" for none)."""
+    v = np.asarray(list(values), dtype=float) * scale
+    v = v[~np.isnan(v)]
+    if not len(v):
+        return "-"
+    std = v.std(ddof=1) if len(v) > 1 else 0.0
+    return f"{v.mean():.{digits}f} ± {std:.{digits}f}"
 
 
 def fmt(value: Any) -> str:

@@ -1,23 +1,33 @@
-"""What the model-zoo benchmarks (`timm_zoo.py`, `torchvision_zoo.py`) share: one architecture
+"""The model-zoo runner (`benchmarks.timm_zoo`, `benchmarks.torchvision_zoo`): one architecture
 measured in a fresh process, the table of all of them.
 
-A zoo script gives its model list `[(name, input size, family), ...]` and a `build(name, size,
-seed)` and calls `main(...)`; the script re-runs itself with `--one NAME SIZE` per model.
-Columns:
+A zoo module gives its model list `[(name, input size, family), ...]` and a `build(name, size,
+seed)` and calls `main(...)`; the runner re-runs the module with
+`python -m benchmarks.<zoo> --one NAME SIZE` per model (from the repository root). Columns:
 
 - traced: torch.fx traces it with fxzip's tracer;
 - zipped n/m: parametrised layers in the trunk of a full zip (stop_at=None) of all m;
 - heads: attentions merged head-aware;
 - first barrier: the first op that stops zipping (node, op, reason);
-- self-merge error: a model merged with a copy of itself (zipit, stop_at=None, reset_bn=False):
-  max relative error of both outputs against the model's own;
+- self-merge: what the model was merged with to check that a merge gives it back.
+  "permuted": `fxzip.testing.permuted_copy(model, x, seed=1)`, a copy with every hidden space the
+  analysis finds permuted at random, checked first to compute the same outputs (relative error
+  < 1e-4); the matching has to find the permutation again. "plain copy": `copy.deepcopy`, where
+  no permuted copy can be built (it raises, permutes nothing, or computes another function past
+  a barrier); the matching then only has to pair identical features. The CSV's
+  `permuted_spaces` counts the spaces permuted, `self_merge_note` says why a row fell back (or
+  that a permuted copy without a barrier computed another function: the analysis missed a tie).
+  Rows measured before this column existed were plain copies;
+- self-merge error: that merge (zipit, stop_at=None, reset_bn=False), max relative error of
+  both heads' outputs against the model's own;
 - two inits: a zipit merge of two instances from different seeds runs end to end with finite
   outputs;
-- s: seconds for all of it;
+- ok: traced, self-merge error < 1e-4 and two inits;
+- s: seconds for all of it (one row, in its own process);
 - run: which run measured the row (`--run`, default the UTC date).
 
 `--models a,b` measures only those and updates their rows in the existing `<results_name>.csv`
-(the others are kept, in the script's model order); the `.md` is regenerated from all rows. The
+(the others are kept, in the module's model order); the `.md` is regenerated from all rows. The
 file is re-read and re-written under a lock after every model, so several runs of different
 subsets at the same time (and an interrupted run) lose nothing.
 """
@@ -38,12 +48,50 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.tables import markdown_table, write_dict_csv  # noqa: E402
+from .tables import markdown_table, write_dict_csv
 
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "benchmarks" / "results"
+PERMUTED, PLAIN = "permuted", "plain copy"
 EXACT = 1e-4
 Models = list[tuple[str, int, str]]  # (name, input size, family)
+
+
+def relative_error(out: Any, ref: Any) -> float:
+    """||out - ref|| / ||ref|| (a tuple of outputs: the largest over its tensors)."""
+    if isinstance(out, (tuple, list)):
+        return max(relative_error(o, r) for o, r in zip(out, ref))
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+
+def self_merge_partner(model: Any, x: Any, has_barrier: bool) -> tuple[Any, str, int, str]:
+    """What to merge `model` with to check that the merge gives it back: (partner, "permuted" or
+    "plain copy", spaces permuted, note). A permuted copy where it can be built with the same
+    function (relative error < EXACT); a plain copy where building it raises, permutes nothing,
+    or, past a barrier, changes the function. A permuted copy of a model WITHOUT a barrier whose
+    function changed is kept (and noted): the analysis missed a tie, which the merge will show."""
+    import torch
+
+    import fxzip
+
+    try:
+        permuted, count = fxzip.testing.permuted_copy(model, x, seed=1)
+    except Exception as exc:  # noqa: BLE001 - any failure: the plain copy, with the reason
+        reason = " ".join(str(exc).split())[:120]  # one line
+        return copy.deepcopy(model), PLAIN, 0, f"no permuted copy: {type(exc).__name__}: {reason}"
+    if count == 0:
+        return copy.deepcopy(model), PLAIN, 0, "no space to permute"
+    with torch.no_grad():
+        err = relative_error(permuted(x), model(x))
+    if err < EXACT:
+        return permuted, PERMUTED, count, ""
+    if has_barrier:
+        return (copy.deepcopy(model), PLAIN, 0, f"the permuted copy computes another function "
+                f"past the barrier (relative error {err:.1e})")
+    return (permuted, PERMUTED, count, f"the permuted copy computes another function (relative "
+            f"error {err:.1e}) with no barrier: the analysis missed a tie")
 
 
 def run_one(name: str, size: int, build: Callable, images: int) -> dict:
@@ -57,7 +105,8 @@ def run_one(name: str, size: int, build: Callable, images: int) -> dict:
     torch.set_num_threads(1)
     start = time.perf_counter()
     result = dict(model=name, size=size, traced=False, zipped="", heads=0, barrier="-",
-                  self_merge_error=None, two_inits=False, error="")
+                  self_merge="", permuted_spaces=0, self_merge_error=None, self_merge_note="",
+                  two_inits=False, error="")
     try:
         x = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(0))
         a = fxzip.reset_bn(build(name, size, 0), x, progress=False)
@@ -68,15 +117,18 @@ def run_one(name: str, size: int, build: Callable, images: int) -> dict:
         result["zipped"] = (f"{sum(1 for n in analysis.all_layers if n in stops)}/"
                             f"{len(analysis.all_layers)}")
         result["heads"] = len(analysis.head_groups)
-        if analysis.barriers:
+        has_barrier = bool(analysis.barriers)
+        if has_barrier:
             first = analysis.barriers[0]
             result["barrier"] = f"{first.node} ({first.op}): {first.reason}"
         del analysis  # one model's worth of memory at a time (VGG's head: 100M weights)
-        merged = fxzip.merge(a, copy.deepcopy(a), x, reset_bn=False, progress=False)
+        partner, kind, count, note = self_merge_partner(a, x, has_barrier)
+        result.update(self_merge=kind, permuted_spaces=count, self_merge_note=note)
+        merged = fxzip.merge(a, partner, x, reset_bn=False, progress=False)
+        del partner
         with torch.no_grad():
             ref = a(x)
-            result["self_merge_error"] = max(
-                ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item() for out in merged(x))
+            result["self_merge_error"] = max(relative_error(out, ref) for out in merged(x))
         del merged
         gc.collect()
         two = fxzip.merge(a, b, x, progress=False)
@@ -88,15 +140,15 @@ def run_one(name: str, size: int, build: Callable, images: int) -> dict:
     return result
 
 
-def run_all(script: str, models: Models, timeout: int,
+def run_all(module: str, models: Models, timeout: int,
             on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
-    """Each model in a fresh process (`script --one NAME SIZE`), one table row printed (and
-    handed to `on_row`) each."""
+    """Each model in a fresh process (`python -m <module> --one NAME SIZE`, from the repository
+    root), one table row printed (and handed to `on_row`) each."""
     rows = []
     for name, size, family in models:
         try:
-            done = subprocess.run([sys.executable, script, "--one", name, str(size)],
-                                  capture_output=True, text=True, timeout=timeout)
+            done = subprocess.run([sys.executable, "-m", module, "--one", name, str(size)],
+                                  capture_output=True, text=True, timeout=timeout, cwd=REPO)
             line = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
             row = json.loads(line[-1]) if line else dict(  # e.g. killed for memory: -9
                 model=name, size=size, traced=False,
@@ -111,15 +163,17 @@ def run_all(script: str, models: Models, timeout: int,
 
 
 def ok(row: dict) -> bool:
-    """Traced, merged with itself exactly, and merged across two initialisations."""
+    """Traced, merged back exactly with its self-merge partner (permuted or plain copy), and
+    merged across two initialisations."""
     err = row.get("self_merge_error")
     return bool(row.get("traced")) and err is not None and err < EXACT and bool(row.get("two_inits"))
 
 
-COLUMNS = ["model", "family", "traced", "zipped", "heads", "first barrier", "self-merge error",
-           "two inits", "ok", "s", "run"]
-CSV_FIELDS = ["model", "family", "size", "traced", "zipped", "heads", "barrier", "self_merge_error",
-              "two_inits", "seconds", "error", "run"]
+COLUMNS = ["model", "family", "traced", "zipped", "heads", "first barrier", "self-merge",
+           "self-merge error", "two inits", "ok", "s", "run"]
+CSV_FIELDS = ["model", "family", "size", "traced", "zipped", "heads", "barrier", "self_merge",
+              "permuted_spaces", "self_merge_error", "self_merge_note", "two_inits", "seconds",
+              "error", "run"]
 
 
 def cells(row: dict) -> list[str]:
@@ -129,6 +183,7 @@ def cells(row: dict) -> list[str]:
             row.get("zipped") or "-", str(row.get("heads") or "-"),
             (row.get("barrier") or "-").replace("|", "/")[:110] if not row.get("error")
             else f"error: {row['error']}".replace("|", "/")[:110],
+            row.get("self_merge") or "-",
             "-" if err is None else f"{err:.1e}", "yes" if row.get("two_inits") else "no",
             "yes" if ok(row) else "no", f"{row.get('seconds') or 0:.1f}", row.get("run") or "-"]
 
@@ -142,12 +197,17 @@ def markdown(rows: list[dict], listed: int | None = None) -> str:
     measured yet are counted as such)."""
     listed = len(rows) if listed is None else listed
     full = sum(1 for r in rows if ok(r) and r.get("barrier") == "-")
-    good = sum(1 for r in rows if ok(r))
+    good = [r for r in rows if ok(r)]
+    permuted = sum(1 for r in good if r.get("self_merge") == PERMUTED)
     runs: dict[str, int] = {}
     for r in rows:
         runs[r.get("run") or "-"] = runs.get(r.get("run") or "-", 0) + 1
-    lines = [f"{good}/{listed} architectures merge end to end with an exact self-merge "
-             f"(relative error < {EXACT:g}); {full}/{listed} are zipped completely (no barrier). "
+    lines = [f"{len(good)}/{listed} architectures merge end to end and are given back by a merge "
+             f"with a copy of themselves (relative error < {EXACT:g}): {permuted} with a permuted "
+             f"copy (every hidden space permuted: the matching must find the permutation), "
+             f"{len(good) - permuted} with a plain copy (identical features: no permuted copy "
+             f"with the same function could be built, or the row predates the permuted check); "
+             f"{full}/{listed} are zipped completely (no barrier). "
              f"Rows by run: " + ", ".join(f"{n} {k}" for k, n in runs.items())
              + f"; {listed - len(rows)} not run yet.",
              "", markdown_table(COLUMNS, [cells(r) for r in rows])]
@@ -155,7 +215,8 @@ def markdown(rows: list[dict], listed: int | None = None) -> str:
 
 
 def _parse(record: dict[str, str]) -> dict:
-    """A row read back from the CSV: the raw fields `CSV_FIELDS`, or the older table-cell form
+    """A row read back from the CSV: the raw fields `CSV_FIELDS`, or an older form: without
+    `self_merge` (then every measured self-merge was a plain copy), or table cells
     (`first_barrier` holding "error: ..." for failures, yes/no, "-" for none)."""
     def value(key: str) -> str:
         v = (record.get(key) or "").strip()
@@ -166,11 +227,15 @@ def _parse(record: dict[str, str]) -> dict:
     if not error and barrier.startswith("error: "):
         error, barrier = barrier[len("error: "):], ""
     err = value("self_merge_error")
+    kind = value("self_merge") or (PLAIN if err and "self_merge" not in record else "")
     return dict(model=value("model"), family=value("family"),
                 size=int(value("size")) if value("size") else None,
                 traced=value("traced") in ("yes", "True"), zipped=value("zipped"),
                 heads=int(value("heads")) if value("heads") else 0, barrier=barrier or "-",
+                self_merge=kind,
+                permuted_spaces=int(value("permuted_spaces")) if value("permuted_spaces") else 0,
                 self_merge_error=float(err) if err else None,
+                self_merge_note=value("self_merge_note"),
                 two_inits=value("two_inits") in ("yes", "True"),
                 seconds=float(value("seconds")) if value("seconds") else 0.0, error=error,
                 run=value("run"))
@@ -213,14 +278,15 @@ def update_tables(out: Path, results_name: str, models: Models, new: list[dict],
     return text
 
 
-def main(script: str, doc: str, models: Models, build: Callable, results_name: str,
+def main(module: str, doc: str, models: Models, build: Callable, results_name: str,
          images: int, argv: list[str] | None = None) -> None:
-    """The zoo's command line: all models (or `--models a,b`), the tables written to
-    `--out/<results_name>.md` and `.csv`; `--one NAME SIZE` measures one (the child process)."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    """The zoo's command line (`python -m <module>`): all models (or `--models a,b`), the tables
+    written to `--out/<results_name>.md` and `.csv`; `--one NAME SIZE` measures one (the child
+    process)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
     parser.add_argument("--models", help="comma-separated subset of model names")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per model")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--run", default=datetime.datetime.now(datetime.timezone.utc)
                         .strftime("%Y-%m-%d"), help="label of this run in the table's run column")
     parser.add_argument("--one", nargs=2, metavar=("NAME", "SIZE"), help=argparse.SUPPRESS)
@@ -241,6 +307,6 @@ def main(script: str, doc: str, models: Models, build: Callable, results_name: s
         row["run"] = args.run
         update_tables(args.out, results_name, models, [row])
 
-    rows = run_all(script, chosen, args.timeout, on_row=record)
+    rows = run_all(module, chosen, args.timeout, on_row=record)
     print("\n" + update_tables(args.out, results_name, models, rows))
     print(f"Run time of these {len(rows)}: {time.perf_counter() - start:.0f}s.")
