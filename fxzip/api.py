@@ -121,7 +121,7 @@ def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | 
                            weight_similarity=weight_similarity, width=width, settings=settings)
     options.checked_width(len(models) if isinstance(models, Sequence) else 2)
     zipper = Zipper(models, inputs, options)
-    merged = zipper.merge(stop_at)
+    merged = zipper.merge()
     merged.fxzip_report.seconds = {**{k: zipper.seconds[k] for k in ("trace", "analysis")},
                                    **merged.fxzip_report.seconds}
     return merged

@@ -29,6 +29,8 @@ from .runtime.moments import SpaceStats, resolve_precision
 
 __all__ = ["Zipper"]
 
+_OPTIONS = object()  # `Zipper.merge`'s stop point when none is given: the options' own
+
 
 class Zipper:
     """A prepared merge of N models of one architecture: traced graphs, the analysis and (lazily)
@@ -223,14 +225,19 @@ class Zipper:
 
     # -- a merge -------------------------------------------------------------------------------
 
-    def merge(self, stop_at: str | int | None = None, **keywords: Any) -> fx.GraphModule:
-        """The merged model for one stop point (see `fxzip.merge` for the options; those fixed by
-        the preparation, `PREPARE_OPTIONS`, cannot change here)."""
+    def merge(self, stop_at: str | int | None | object = _OPTIONS, **keywords: Any
+              ) -> fx.GraphModule:
+        """The merged model for one stop point (by default the options' own; see `fxzip.merge`
+        for the options; those fixed by the preparation, `PREPARE_OPTIONS`, cannot change
+        here)."""
         fixed = sorted(set(keywords) & set(PREPARE_OPTIONS))
         if fixed:
             raise InputError(f"{', '.join(fixed)} shape(s) the preparation of the Zipper; pass "
                              "them to Zipper(...), not to merge()")
-        options = self.options.replace(stop_at=stop_at, **keywords)
+        if stop_at is not _OPTIONS:
+            keywords["stop_at"] = stop_at
+        options = self.options.replace(**keywords)
+        stop_at = options.stop_at
         auto = options.auto
         if auto is not None:
             return self._merge_auto(options, auto)
