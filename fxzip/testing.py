@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch.nn as nn
 
+from .errors import InputError
 from .graph.pairing import pair_graphs
 from .graph.prepare import prepare_graphs
 from .matching import Match
@@ -26,7 +27,9 @@ __all__ = ["permuted_copy"]
 def permuted_copy(model: nn.Module, example: Any, seed: int = 0) -> tuple[nn.Module, int]:
     """(copy of `model` with every space but the pinned and output ones permuted, number of spaces
     permuted). Attention heads are permuted as wholes (queries, keys and values alike), and the
-    features within each head; rotary spaces keep their slots. `model` is not modified."""
+    features within each head; rotary spaces keep their slots. `model` is not modified. An
+    InputError where the copy cannot take the permuted weights (state the traced graph does not
+    hold under the model's own names)."""
     (gm,) = prepare_graphs([model], example)
     analysis = Analysis(gm)
     rng = np.random.default_rng(seed)
@@ -62,5 +65,12 @@ def permuted_copy(model: nn.Module, example: Any, seed: int = 0) -> tuple[nn.Mod
     permuted = copy.deepcopy(model)
     own = permuted.state_dict()
     state = {k: v for k, v in rewritten.state_dict().items() if k in own}
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise InputError(
+            f"cannot write the permuted weights back into a copy of {type(model).__name__}: the "
+            f"traced graph does not hold {len(missing)} of its state entries under their names "
+            f"(e.g. {', '.join(missing[:3])}: a module reached from several places, or state "
+            "the graph reads as constants); check this model against a plain copy instead")
     permuted.load_state_dict(state, strict=True)
     return permuted.eval(), len(matches)
