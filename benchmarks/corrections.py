@@ -71,7 +71,7 @@ QUICK_VARIANTS = ("zipit", "last", "refit")
 def corrected_merge(zipper: fxzip.Zipper, stop_at: str | None, options: Corrections | None, *,
                     method: str = "zipit", alpha: float = 0.5, beta: float = 1.0
                     ) -> tuple[torch.nn.Module, dict[str, float]]:
-    """`Zipper.merge` followed by `fxzip.corrections.refit.correct` (which replaces the BN reset);
+    """`Zipper.merge` followed by `fxzip.corrections.correct` (which replaces the BN reset);
     options None: the plain merge with the BN reset. Returns the model and phase seconds."""
     watch = Stopwatch()
     with watch("merge"):

@@ -1,4 +1,4 @@
-"""Tests for fxzip.matching.core: the fast ZipIt! greedy against a plain oracle, plus planted and edge cases."""
+"""Tests for fxzip.matching: the fast ZipIt! greedy against a plain oracle, plus planted and edge cases."""
 
 from __future__ import annotations
 

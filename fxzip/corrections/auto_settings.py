@@ -62,7 +62,7 @@ class AutoSettings:
     """What `settings="auto"` tries: every (alpha, beta, corrections) of the grid, scored by the
     fidelity `measure` ("relative_error", the default: relative error of the outputs; "kl": mean
     KL divergence of the heads' softmaxes from their parents', which presumes class logits and
-    misranked a shared embedding output: benchmarks/accuracy.py setting (d)) on `held_out`
+    misranked a shared embedding output: `benchmarks.accuracy` setting (d)) on `held_out`
     inputs (batches; None: the last ⌈n/8⌉ of the Zipper's n calibration batches, which the
     statistics saw as well — pass inputs of their own for a strict hold-out). `corrections` lists "default" (the label-free
     refits, `fxzip.Corrections()`) and/or "none" (plain zipit with the BatchNorm reset)."""

@@ -37,7 +37,7 @@ come from): the pass replaces `reset_bn`. Nothing is added to the graph
 (a bias parameter is created on a bias-free layer with no BatchNorm after it, when a correction
 needs an intercept).
 
-Measured (benchmarks/corrections.py, setting (a): ResNet-20×4 on the digits halves): the refit of
+Measured (`python -m benchmarks.corrections`, setting (a): ResNet-20×4 on the digits halves): the refit of
 the trunk plus each head's first and last layers (the default `Corrections()`) lifts zipit's
 joint accuracy at every stop point to within about a point of the ensemble of the BN-reset
 parents; REPAIR adds little once BatchNorms are reset or layers refitted, and is off by default.

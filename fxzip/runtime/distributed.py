@@ -41,7 +41,7 @@ __all__ = ["is_distributed", "rank", "world_size", "all_reduce_sum", "all_reduce
 _COALESCE_ELEMENTS = 1 << 22
 
 # bytes this process has handed to all-reduces so far (each rank sends about this much); read it
-# before and after a call to see what the call moved (benchmarks/scale.py does)
+# before and after a call to see what the call moved (`python -m benchmarks.scale` does)
 traffic = {"bytes": 0, "calls": 0}
 
 
