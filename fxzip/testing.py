@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch.nn as nn
 
-from .errors import InputError
 from .graph.pairing import pair_graphs
 from .graph.prepare import prepare_graphs
 from .matching import Match
@@ -27,9 +26,7 @@ __all__ = ["permuted_copy"]
 def permuted_copy(model: nn.Module, example: Any, seed: int = 0) -> tuple[nn.Module, int]:
     """(copy of `model` with every space but the pinned and output ones permuted, number of spaces
     permuted). Attention heads are permuted as wholes (queries, keys and values alike), and the
-    features within each head; rotary spaces keep their slots. `model` is not modified. An
-    InputError where the copy cannot take the permuted weights (state the traced graph does not
-    hold under the model's own names)."""
+    features within each head; rotary spaces keep their slots. `model` is not modified."""
     (gm,) = prepare_graphs([model], example)
     analysis = Analysis(gm)
     rng = np.random.default_rng(seed)
@@ -63,14 +60,10 @@ def permuted_copy(model: nn.Module, example: Any, seed: int = 0) -> tuple[nn.Mod
     rewritten = rewrite([gm], analysis, {**matches, **pinned_or_output}, everything,
                         pairing=pair_graphs([gm]))
     permuted = copy.deepcopy(model)
-    own = permuted.state_dict()
-    state = {k: v for k, v in rewritten.state_dict().items() if k in own}
-    missing = [k for k in own if k not in state]
-    if missing:
-        raise InputError(
-            f"cannot write the permuted weights back into a copy of {type(model).__name__}: the "
-            f"traced graph does not hold {len(missing)} of its state entries under their names "
-            f"(e.g. {', '.join(missing[:3])}: a module reached from several places, or state "
-            "the graph reads as constants); check this model against a plain copy instead")
-    permuted.load_state_dict(state, strict=True)
+    # the copy's own state (its metadata too), with every entry the traced graph holds replaced;
+    # the entries it does not read (a BatchNorm's num_batches_tracked, a module's second name,
+    # which shares the first one's tensors) keep their values: the function does not use them
+    state = permuted.state_dict()
+    state.update((k, v) for k, v in rewritten.state_dict().items() if k in state)
+    permuted.load_state_dict(state)
     return permuted.eval(), len(matches)

@@ -206,19 +206,3 @@ def test_corrections_as_a_mapping_and_in_recipes():
     with pytest.raises(fxzip.RecipeError, match="merge.corrections"):
         check_merge_options({"corrections": 3})
 
-
-def test_permuted_copy_that_cannot_take_its_weights_says_so():
-    """One module registered under two names: the traced graph holds its weights under one, so
-    `fxzip.testing.permuted_copy` cannot fill a copy of the model (an fxzip error, not torch's)."""
-    class Shared(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1 = torch.nn.Linear(4, 8)
-            self.alias = self.fc1
-            self.fc2 = torch.nn.Linear(8, 2)
-
-        def forward(self, x):
-            return self.fc2(torch.relu(self.alias(x)))
-
-    with pytest.raises(fxzip.InputError, match="plain copy"):
-        fxzip.testing.permuted_copy(Shared(), X)

@@ -497,3 +497,37 @@ def test_repeat_over_other_axes_keeps_the_space():
         ref = model(x)
         for out in merged(x):
             assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_permuted_copy_keeps_the_state_the_graph_does_not_read():
+    """`fxzip.testing.permuted_copy` fills the copy's own state: a module registered under two
+    names (the graph reads one) and timm's BatchNormAct2d, whose num_batches_tracked the traced
+    graph never reads, still give a permuted copy that computes the model's function."""
+    import timm
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(4, 8)
+            self.alias = self.fc1
+            self.fc2 = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.alias(x)))
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 4)
+    model = Shared().eval()
+    permuted, count = fxzip.testing.permuted_copy(model, x, seed=1)
+    assert count == 1 and not torch.equal(permuted.fc1.weight, model.fc1.weight)
+    assert permuted.alias is permuted.fc1
+    torch.testing.assert_close(permuted(x), model(x))
+    images = torch.randn(8, 3, 32, 32)
+    net = fxzip.reset_bn(timm.create_model("mobilenetv2_050", num_classes=3), images,
+                         progress=False)
+    copy_, count = fxzip.testing.permuted_copy(net, images, seed=1)
+    assert count > 10
+    with torch.no_grad():  # float32 rounding of a random-init net: exact in float64
+        out, ref = copy_(images), net(images)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+    assert int(copy_.bn1.num_batches_tracked) == int(net.bn1.num_batches_tracked)
