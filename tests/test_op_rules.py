@@ -531,3 +531,34 @@ def test_permuted_copy_keeps_the_state_the_graph_does_not_read():
         out, ref = copy_(images), net(images)
     assert ((out - ref).norm() / ref.norm()).item() < 1e-4
     assert int(copy_.bn1.num_batches_tracked) == int(net.bn1.num_batches_tracked)
+
+
+class ReadsWeightDtype(nn.Module):
+    """A forward that reads a layer's weight for its dtype before calling the layer (as XCiT's
+    Fourier position encoding and Hugging Face's patch embeddings do): the get_attr of the weight
+    and the module call must see one merged tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        dtype = self.b.weight.dtype
+        h = torch.relu(self.a(x))
+        return self.c(torch.relu(self.b(h.to(dtype))))
+
+
+def test_a_weight_read_for_its_dtype_is_the_merged_weight():
+    """Permuted copy (the oracle fills its weights from a rewrite) and permuted self-merge both
+    exact; before, the get_attr's plain copy of the weight replaced the merged module's."""
+    torch.manual_seed(0)
+    model, x = ReadsWeightDtype().eval(), torch.randn(16, 4)
+    permuted, count = fxzip.testing.permuted_copy(model, x, seed=1)
+    assert count == 2 and not torch.equal(permuted.b.weight, model.b.weight)
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(permuted(x), ref)
+        for stop in (None, "b"):
+            merged = fxzip.merge(model, permuted, x, stop_at=stop, reset_bn=False, progress=False)
+            for out in merged(x):
+                torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

@@ -225,6 +225,10 @@ class _Emitter:
                if n.op in ("call_module", "get_attr")}
         self.trunk_targets = {n.target for n in graphs[0].graph.nodes
                               if n.name in trunk and n.op in ("call_module", "get_attr")}
+        # the modules the trunk calls: a get_attr of one of their tensors (a forward that reads
+        # `self.proj.weight.dtype`) must read the merged module's own tensor
+        self.trunk_modules = {n.target: n for n in graphs[0].graph.nodes
+                              if n.name in trunk and n.op == "call_module"}
         self.prefix = _head_prefix((own | self.trunk_targets) if self.spread[0] else self.targets)
         self.device = next((p.device for p in graphs[0].parameters()), torch.device("cpu"))
         self.pending = [[n for n in g.graph.nodes
@@ -239,6 +243,11 @@ class _Emitter:
         self.trunk_env[node.name].meta["fxzip_origin"] = (None, node.name)  # graph 0's node
 
     def _merged(self, node: fx.Node) -> Any:
+        owner, _, attribute = node.target.rpartition(".")
+        if node.op == "get_attr" and owner in self.trunk_modules:
+            if owner not in self.root:  # the same tensor object as the module's: one merge
+                self.root[owner] = self._merged(self.trunk_modules[owner])
+            return getattr(self.root[owner], attribute)
         uses = self.analysis.param_uses.get(node.target, [])
         partners = [self.pairing.node(k, node.name).target for k in range(len(self.graphs))]
         if node.op == "call_module":
