@@ -396,7 +396,8 @@ def _zoo_table(name: str) -> str:
 
 def _zoo_summary(name: str) -> str:
     rows = read_csv(name)
-    complete = sum(1 for r in rows if r["barrier"] == "-" and _zoo_ok(r))
+    complete = sum(1 for r in rows if r["barrier"] == "-" and r["traced"] == "True"
+                   and not r["error"])
     ok = [r for r in rows if _zoo_ok(r)]
     permuted = sum(1 for r in ok if (r.get("self_merge") or "plain copy") == "permuted")
     return (f"{len(ok)}/{len(rows)} architectures merge end to end and give their outputs back "
@@ -405,7 +406,23 @@ def _zoo_summary(name: str) -> str:
             "are zipped completely (no barrier)")
 
 
+def _zoo_notes(name: str) -> str:
+    """One line per row the zoo wrote a note for (why a plain copy, float32 rounding) or that is
+    not ok, with its self-merge error."""
+    lines = []
+    for r in read_csv(name):
+        note = r.get("self_merge_note") or ""
+        if note or not _zoo_ok(r):
+            err = r["self_merge_error"]
+            error = f"self-merge error {float(err):.1e}" if err else "no self-merge"
+            lines.append(f"- {r['model']} ({error}{'' if _zoo_ok(r) else ', not ok'}): "
+                         f"{note or _barrier(r['error']) or 'no note'}")
+    return "\n".join(lines) or "- none"
+
+
 table("timm_zoo", "timm_zoo.csv")(lambda: _zoo_table("timm_zoo.csv"))
+table("timm_zoo_notes", "timm_zoo.csv")(lambda: _zoo_notes("timm_zoo.csv"))
+table("torchvision_zoo_notes", "torchvision_zoo.csv")(lambda: _zoo_notes("torchvision_zoo.csv"))
 table("torchvision_zoo", "torchvision_zoo.csv")(lambda: _zoo_table("torchvision_zoo.csv"))
 value("timm_zoo_summary", "timm_zoo.csv")(lambda: _zoo_summary("timm_zoo.csv"))
 value("torchvision_zoo_summary", "torchvision_zoo.csv")(

@@ -9,7 +9,8 @@ variant, `weights=None`, 5 classes, a small input where the model allows one (Vi
 are built for it: ViT-B/32 with `image_size=64`, MaxViT-T's configuration with
 2 × 2 partitions; Inception-v3 needs 75 pixels or more); each in a fresh subprocess: two
 instances from seeds 0 and 1, their BatchNorm statistics estimated on 32 random calibration
-images (as after training).
+images and zero-initialised Linear layers re-drawn (as after training: ViT's zero head would
+make every output 0, and a merge's error to it meaningless).
 
 Columns (the self-merge against a permuted copy where one can be built, else a plain copy): see
 `benchmarks.common.zoo`.
@@ -43,12 +44,18 @@ def build(name: str, size: int, seed: int):
 
     torch.manual_seed(seed)
     if name == "vit_b_32":  # ViT-B/32 for the small image: 2 × 2 patches
-        return torchvision.models.vit_b_32(weights=None, num_classes=5, image_size=size)
-    if name == "maxvit_t":  # MaxViT-T's configuration with 2 × 2 windows and grids (64 pixels)
-        return MaxVit(input_size=(size, size), stem_channels=64, partition_size=2,
-                      block_channels=[64, 128, 256, 512], block_layers=[2, 2, 5, 2], head_dim=32,
-                      stochastic_depth_prob=0.2, num_classes=5)
-    return torchvision.models.get_model(name, weights=None, num_classes=5)
+        model = torchvision.models.vit_b_32(weights=None, num_classes=5, image_size=size)
+    elif name == "maxvit_t":  # MaxViT-T's configuration with 2 × 2 windows and grids (64 pixels)
+        model = MaxVit(input_size=(size, size), stem_channels=64, partition_size=2,
+                       block_channels=[64, 128, 256, 512], block_layers=[2, 2, 5, 2], head_dim=32,
+                       stochastic_depth_prob=0.2, num_classes=5)
+    else:
+        model = torchvision.models.get_model(name, weights=None, num_classes=5)
+    with torch.no_grad():  # zero-initialised Linear layers (ViT's head) make the outputs 0, which
+        for module in model.modules():  # any merge "gives back": re-drawn, as after training
+            if isinstance(module, torch.nn.Linear) and not module.weight.any():
+                module.weight.normal_(0.0, 0.02)
+    return model
 
 
 def main(argv: list[str] | None = None) -> None:

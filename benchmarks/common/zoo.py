@@ -15,8 +15,9 @@ seed)` and calls `main(...)`; the runner re-runs the module with
   < 1e-4); the matching has to find the permutation again. "plain copy": `copy.deepcopy`, where
   no permuted copy can be built (it raises, permutes nothing, or computes another function past
   a barrier); the matching then only has to pair identical features. The CSV's
-  `permuted_spaces` counts the spaces permuted, `self_merge_note` says why a row fell back (or
-  that a permuted copy without a barrier computed another function: the analysis missed a tie).
+  `permuted_spaces` counts the spaces permuted, `self_merge_note` says why a row fell back, that
+  a permuted copy differs from the model only by float32 rounding (exact in float64), or that a
+  permuted copy without a barrier computed another function (the analysis missed a tie).
   Rows measured before this column existed were plain copies;
 - self-merge error: that merge (zipit, stop_at=None, reset_bn=False), max relative error of
   both heads' outputs against the model's own;
@@ -87,11 +88,28 @@ def self_merge_partner(model: Any, x: Any, has_barrier: bool) -> tuple[Any, str,
         err = relative_error(permuted(x), model(x))
     if err < EXACT:
         return permuted, PERMUTED, count, ""
+    wide = _float64_error(model, permuted, x)
+    if wide is not None and wide < 1e-9:  # the same function: float32 rounding, amplified
+        return (permuted, PERMUTED, count, f"float32 rounding: the permuted copy differs from "
+                f"the model by {err:.1e} in float32, by {wide:.0e} in float64")
     if has_barrier:
         return (copy.deepcopy(model), PLAIN, 0, f"the permuted copy computes another function "
                 f"past the barrier (relative error {err:.1e})")
     return (permuted, PERMUTED, count, f"the permuted copy computes another function (relative "
             f"error {err:.1e}) with no barrier: the analysis missed a tie")
+
+
+def _float64_error(model: Any, permuted: Any, x: Any) -> float | None:
+    """The permuted copy's relative error to the model with both run in float64 (None where the
+    model cannot run in float64)."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            return relative_error(copy.deepcopy(permuted).double()(x.double()),
+                                  copy.deepcopy(model).double()(x.double()))
+    except Exception:  # noqa: BLE001 - e.g. float32 constants inside the model
+        return None
 
 
 def run_one(name: str, size: int, build: Callable, images: int) -> dict:
