@@ -260,6 +260,7 @@ def fidelity() -> str:
 
 table("vit_digits", "vit_digits.md")(lambda: md_table("vit_digits.md").markdown())
 table("multi_task", "multi_task.md")(lambda: md_table("multi_task.md").markdown())
+table("demo", "demo/demo.md")(lambda: md_table("demo/demo.md").markdown())
 
 
 @table("width", "width.md")
