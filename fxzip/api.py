@@ -29,7 +29,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
           taps: str = "all", positions: float = 1.0,
           corrections: str | Corrections | None = "default",
           weight_similarity: float = _DEFAULT.weight_similarity,
-          width: Width = 1.0, settings: str | AutoSettings = "default") -> fx.GraphModule:
+          width: Width = 1.0, settings: str | AutoSettings = "default",
+          capture: str = "auto") -> fx.GraphModule:
     """Merge two models of one architecture into one GraphModule returning `(out_a, out_b)`.
 
     inputs: calibration data: a tensor batch, a list of batches, or an iterable/DataLoader of
@@ -100,7 +101,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
                      leaf_modules=leaf_modules, concrete_args=concrete_args,
                      statistics_precision=statistics_precision, group=group, taps=taps,
                      positions=positions, corrections=corrections,
-                     weight_similarity=weight_similarity, width=width, settings=settings)
+                     weight_similarity=weight_similarity, width=width, settings=settings,
+                     capture=capture)
 
 
 def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | None = None,
@@ -111,14 +113,16 @@ def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | 
               taps: str = "all", positions: float = 1.0,
               corrections: str | Corrections | None = "default",
               weight_similarity: float = _DEFAULT.weight_similarity,
-              width: Width = 1.0, settings: str | AutoSettings = "default") -> fx.GraphModule:
+              width: Width = 1.0, settings: str | AutoSettings = "default",
+              capture: str = "auto") -> fx.GraphModule:
     """Merge N ≥ 2 models (see `merge`); the merged model returns one output per model."""
     options = MergeOptions(stop_at=stop_at, method=method, alpha=alpha, beta=beta,
                            reset_bn=reset_bn, shared_output=shared_output, progress=progress,
                            leaf_modules=leaf_modules, concrete_args=concrete_args,
                            statistics_precision=statistics_precision, group=group, taps=taps,
                            positions=positions, corrections=corrections,
-                           weight_similarity=weight_similarity, width=width, settings=settings)
+                           weight_similarity=weight_similarity, width=width, settings=settings,
+                           capture=capture)
     options.checked_width(len(models) if isinstance(models, Sequence) else 2)
     zipper = Zipper(models, inputs, options)
     merged = zipper.merge()
@@ -128,9 +132,10 @@ def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | 
 
 
 def analyze(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[type] = (),
-            concrete_args: dict | None = None) -> Analysis:
-    """The feature spaces, barriers and valid stop points of a model (printable)."""
+            concrete_args: dict | None = None, capture: str = "auto") -> Analysis:
+    """The feature spaces, barriers and valid stop points of a model (printable); `capture` as
+    `merge` takes it."""
     batches = Batches(example_inputs, device_of(model) if isinstance(model, nn.Module) else None)
     (gm,) = prepare_graphs([model], batches.example, leaf_modules=leaf_modules,
-                           concrete_args=concrete_args)
+                           concrete_args=concrete_args, capture=capture)
     return Analysis(gm)

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from .corrections import AutoSettings, Corrections, resolve_settings
 from .errors import FxzipError, InputError
+from .graph.prepare import CAPTURES
 from .matching import METHODS, Width, check_width
 from .passes.analysis import check_stop_at
 from .passes.statistics import check_positions, check_taps
@@ -21,7 +22,7 @@ __all__ = ["MergeOptions", "PREPARE_OPTIONS", "PYTHON_ONLY_OPTIONS", "resolve_co
 # the options a `Zipper` fixes when it is built (tracing and the statistics it collects); the
 # others may change from one `Zipper.merge` call to the next
 PREPARE_OPTIONS = ("statistics_precision", "taps", "positions", "progress", "leaf_modules",
-                   "concrete_args", "group")
+                   "concrete_args", "group", "capture")
 # options that hold Python objects, not values a recipe (YAML) can give
 PYTHON_ONLY_OPTIONS = ("progress", "leaf_modules", "concrete_args", "group")
 CORRECTION_NAMES = ("default", "none")
@@ -53,7 +54,8 @@ class MergeOptions:
     statistics_precision: str = "auto"
     taps: str = "all"
     positions: float = 1.0
-    # running
+    # capture and running
+    capture: str = "auto"
     progress: bool = True
     leaf_modules: Sequence[type] = ()
     concrete_args: dict | None = field(default=None, compare=False)
@@ -181,6 +183,13 @@ def _settings(value: Any) -> Any:
     return value
 
 
+def _capture(value: Any) -> str:
+    if value not in CAPTURES:
+        raise InputError(f"capture must be one of {', '.join(map(repr, CAPTURES))} (\"auto\": "
+                         f"torch.fx symbolic tracing, torch.export where that fails), got {value!r}")
+    return value
+
+
 def _leaf_modules(value: Any) -> tuple[type, ...]:
     if isinstance(value, type) or not isinstance(value, Sequence) \
             or not all(isinstance(t, type) for t in value):
@@ -215,6 +224,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "statistics_precision": check_precision,
     "taps": check_taps,
     "positions": check_positions,
+    "capture": _capture,
     "progress": _boolean("progress"),
     "leaf_modules": _leaf_modules,
     "concrete_args": _concrete_args,

@@ -44,6 +44,7 @@ class ReportBuilder:
                       "weight_similarity": options.weight_similarity,
                       "width": dict(width) if isinstance(width, dict) else width,
                       "reset_bn": options.reset_bn,
+                      "capture": getattr(self.graphs[0], "fxzip_capture", "fx"),
                       "corrections": None if given is None else dataclasses.asdict(given)})
 
     def space_report(self, space: int, match: Match, stats: Any = None) -> SpaceReport:

@@ -54,7 +54,8 @@ class Zipper:
         with self._timed("trace"):
             self.graphs = prepare_graphs(models, self.batches.example,
                                          leaf_modules=self.options.leaf_modules,
-                                         concrete_args=self.options.concrete_args)
+                                         concrete_args=self.options.concrete_args,
+                                         capture=self.options.capture)
             self.pairing = pair_graphs(self.graphs)
         self.options.checked_width(self.num_models)
         # a merged model first: the new models are zipped into its trunk, its heads kept

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.utils import _pytree as pytree
 from torch.fx.experimental.meta_tracer import MetaTracer
 
 from . import traced_functions
@@ -129,7 +130,27 @@ def trace(model: torch.nn.Module, example: Batch, *, leaf_modules: Sequence[type
     einsums_as_matmuls(gm)
     route_through_inplace_ops(gm)
     propagate_shapes(gm, example, type(model).__name__)
+    _keep_output_type(gm, model, example)
+    gm.fxzip_capture = "fx"
     return gm
+
+
+def _keep_output_type(gm: fx.GraphModule, model: torch.nn.Module, example: Batch) -> None:
+    """A model that returns a dict subclass of tensors (transformers' `ModelOutput`) is traced as
+    returning a plain dict: the graph then returns the tensors flat and `gm.fxzip_out_spec` keeps
+    the model's own structure, which the merged model's heads return (as for exported graphs)."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    value = output.args[0]
+    if not isinstance(value, dict) or not all(isinstance(v, fx.Node) for v in value.values()):
+        return
+    with torch.no_grad():
+        real = _run(copy.deepcopy(model).eval(), example)
+    if type(real) is dict or not isinstance(real, dict) or list(real) != list(value) \
+            or not all(isinstance(v, torch.Tensor) for v in real.values()):
+        return
+    output.args = (tuple(value.values()),)
+    gm.recompile()
+    gm.fxzip_out_spec = pytree.tree_structure(real)
 
 
 class _ShapedTracer(MetaTracer, FxzipTracer):

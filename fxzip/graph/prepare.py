@@ -12,9 +12,10 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..errors import InputError
+from ..errors import InputError, TraceError
 from ..passes.fuse_attention import fuse_attention
 from .capture import trace
+from .export import export
 from .nodes import route_through_inplace_ops
 
 
@@ -40,14 +41,51 @@ def check_models(models: Sequence[Any]) -> torch.device:
     return devices.pop()
 
 
+CAPTURES = ("auto", "fx", "export")  # the front ends `capture=` chooses between
+
+
 def prepare_graphs(models: Sequence[nn.Module], example: Any, *, leaf_modules: Sequence[type] = (),
-                   concrete_args: dict | None = None) -> list[fx.GraphModule]:
-    """Trace every model on `example` (shapes on every node) and fuse its attention into single
-    nodes; a merged model (see `is_merged`) is taken as the graph it is. The graphs may differ;
-    `fxzip.graph.pairing.pair_graphs` says where they agree."""
-    return [merged_graph(m, example) if is_merged(m) else
-            fuse_attention(trace(m, example, leaf_modules=leaf_modules,
-                                 concrete_args=concrete_args), example)[0] for m in models]
+                   concrete_args: dict | None = None, capture: str = "auto"
+                   ) -> list[fx.GraphModule]:
+    """Capture every model on `example` (shapes on every node) and, for symbolic traces, fuse its
+    attention into single nodes; a merged model (see `is_merged`) is taken as the graph it is. The
+    graphs may differ; `fxzip.graph.pairing.pair_graphs` says where they agree.
+
+    `capture`: "fx" (torch.fx symbolic tracing, `fxzip.graph.capture`), "export" (torch.export,
+    `fxzip.graph.export`) or "auto": symbolic tracing, and torch.export for every model where the
+    first model cannot be traced. Each graph says which ran in `gm.fxzip_capture`."""
+    if capture not in CAPTURES:
+        raise InputError(f"capture must be one of {CAPTURES}, got {capture!r}")
+    graphs: list[fx.GraphModule] = []
+    for model in models:
+        if is_merged(model):
+            graphs.append(merged_graph(model, example))
+            continue
+        if capture == "auto" and graphs:  # every model as the first one was captured
+            capture = getattr(graphs[0], "fxzip_capture", "fx")
+        graphs.append(_capture(model, example, leaf_modules, concrete_args, capture))
+    return graphs
+
+
+def _capture(model: nn.Module, example: Any, leaf_modules: Sequence[type],
+             concrete_args: dict | None, capture: str) -> fx.GraphModule:
+    """One model's graph by the front end `capture` asks for ("auto": fx, else export)."""
+    if capture == "export":
+        return export(model, example, concrete_args=concrete_args)
+    try:
+        gm = trace(model, example, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    except TraceError as traced:
+        if capture == "fx":
+            raise
+        try:
+            return export(model, example, concrete_args=concrete_args)
+        except TraceError as exported:
+            raise TraceError(f"{traced} — and {exported}") from exported
+    fused = fuse_attention(gm, example)[0]
+    for name in ("fxzip_capture", "fxzip_out_spec"):  # what capture noted, on the fused graph
+        if hasattr(gm, name):
+            setattr(fused, name, getattr(gm, name))
+    return fused
 
 
 def is_merged(model: Any) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
+from torch.utils import _pytree as pytree
 import torch.nn as nn
 
 from ..errors import MatchingError
@@ -335,6 +336,17 @@ class _Emitter:
         self.head_env[k][node.name] = value
         return value
 
+    def _structured(self, value: Any, k: int) -> Any:
+        """Model k's outputs in its own structure where its graph returns them flat (an exported
+        graph: a `ModelOutput`, a dict), so code written for the model reads a head alike."""
+        spec = getattr(self.graphs[k], "fxzip_out_spec", None)
+        if spec is None:
+            return value
+        name = self._fresh(f"fxzip_out_spec_{k + self.offset}")
+        self.root[name] = spec
+        return self.graph.call_function(pytree.tree_unflatten,
+                                        (list(value), self.graph.get_attr(name)))
+
     # -- whole graph --------------------------------------------------------------------------
     def run(self) -> fx.GraphModule:
         heads = range(len(self.graphs))
@@ -345,7 +357,8 @@ class _Emitter:
                     self.flush(k)
         if self.shared_output:
             out = next(n for n in self.analysis.nodes if n.op == "output")
-            self.graph.output(fx.node.map_arg(out.args[0], lambda n: self.trunk_env[n.name]))
+            self.graph.output(self._structured(
+                fx.node.map_arg(out.args[0], lambda n: self.trunk_env[n.name]), 0))
         else:
             outputs: list[Any] = []
             for k in heads:
@@ -355,8 +368,11 @@ class _Emitter:
                                        f"node '{self.pending[k][0].name}' on")
                 out = next(n for n in self.graphs[k].graph.nodes if n.op == "output")
                 value = fx.node.map_arg(out.args[0], lambda n: self.value(n, k))
-                outputs.extend(value if self.spread[k] else [value])
+                outputs.extend(value if self.spread[k] else [self._structured(value, k)])
             self.graph.output(tuple(outputs))
+        for node in list(self.graph.nodes):  # a trunk parameter only the heads read (an
+            if node.op == "get_attr" and not node.users:  # exported graph reads them all first)
+                self.graph.erase_node(node)
         self.graph.lint()
         merged = fx.GraphModule(self.root, self.graph, "ZippedModel").eval()
         # what a later merge needs to zip another model into this one's trunk
