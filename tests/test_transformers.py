@@ -74,3 +74,18 @@ def test_capture_can_be_forced_and_is_reported():
         fxzip.analyze(hf_families.build("llama"), hf_families.batch("llama"), capture="fx")
     analysis = fxzip.analyze(model, batch, capture="export")
     assert not analysis.barriers and analysis.all_layers
+
+
+def test_stop_points_are_named_by_module_path():
+    """An exported graph's nodes are named after ATen ops; `stop_at` takes the module paths
+    people know, and a typo gets the closest one."""
+    model, batch = hf_families.build("llama"), hf_families.batch("llama")
+    analysis = fxzip.analyze(model, batch)
+    assert "model.layers.0" in analysis.stop_modules()
+    assert "model.layers.0.mlp.down_proj" in analysis.stop_modules()
+    merged = fxzip.merge(model, copy.deepcopy(model), [batch], stop_at="model.layers.0",
+                         corrections=None, progress=False)
+    assert merged.fxzip_report.layers_zipped == 8  # the embedding and the first layer's seven
+    with pytest.raises(fxzip.StopPointError, match="did you mean 'model.layers.0'"):
+        fxzip.merge(model, copy.deepcopy(model), [batch], stop_at="model.layer.0",
+                    progress=False)

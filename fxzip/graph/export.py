@@ -93,7 +93,8 @@ def _batch_axis(args: tuple, kwargs: dict) -> Any:
 
 def _plain(gm: fx.GraphModule, fixed: dict) -> fx.GraphModule:
     """The exported module as a plain GraphModule: no shape guards, fixed arguments optional (with
-    the values they were exported with), flat outputs (their structure in `fxzip_out_spec`)."""
+    the values they were exported with), flat outputs (their structure in `fxzip_out_spec`), each
+    node's module stack keyed by module path (`stop_at="model.layers.3"`)."""
     graph = gm.graph
     codegen = graph._codegen
     out_spec = getattr(getattr(codegen, "pytree_info", None), "out_spec", None)
@@ -108,6 +109,11 @@ def _plain(gm: fx.GraphModule, fixed: dict) -> fx.GraphModule:
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = (tuple(output.args[0]) if isinstance(output.args[0], (list, tuple))
                    else output.args[0],)
+    for node in graph.nodes:  # module paths as keys, as symbolic traces have them
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {path: (path, kind) for path, kind in stack.values()
+                                            if path and not path.startswith("_empty_nn_module")}
     plain = fx.GraphModule(gm, graph, gm.__class__.__name__)
     plain.fxzip_out_spec = out_spec
     plain.fxzip_capture = "export"

@@ -6,10 +6,12 @@ the barriers, and the valid stop points.
 """
 from __future__ import annotations
 
+import difflib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
@@ -157,7 +159,11 @@ class Analysis:
             return SHARED
         if node.op == "get_attr":
             shape = tensor_shape(node)
-            return None if shape is None else Lazy(node.name, tuple(range(len(shape))))
+            if shape is None:
+                return None
+            # an integer or boolean tensor (position ids, a relative position index, a mask)
+            # never carries features: like an input's ids it is the same role in every model
+            return SHARED if _is_index(node) else Lazy(node.name, tuple(range(len(shape))))
         if node.op == "output":
             return None
         inputs = [ctx.info(n) for n in node.all_input_nodes]
@@ -270,12 +276,29 @@ class Analysis:
                   or (n.op == "call_module" and n.target == stop_at)]
         if inside:
             return inside[-1]
+        close = difflib.get_close_matches(str(stop_at), self.stop_modules() + self.stop_points,
+                                          n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise StopPointError(
-            f"stop_at={stop_at!r} names no node or module of the traced graph. Valid stop points "
-            f"include: {self._some_stop_points()}. `fxzip.analyze(model, x)` lists all of them.")
+            f"stop_at={stop_at!r} names no node or module of the traced graph{hint}. Valid stop "
+            f"points include: {self._some_stop_points()}. `fxzip.analyze(model, x)` lists all of "
+            "them.")
+
+    def stop_modules(self) -> list[str]:
+        """The modules (qualified names, from the nodes' module stacks) whose last node is a stop
+        point, in graph order: the names `stop_at` takes that people know ("layer3",
+        "model.layers.3")."""
+        last: dict[str, str] = {}
+        for node in self.nodes:
+            for path in node.meta.get("nn_module_stack") or {}:
+                if path:
+                    last[path] = node.name
+        valid, order = set(self.stop_points), {n.name: i for i, n in enumerate(self.nodes)}
+        return sorted((p for p, n in last.items() if n in valid), key=lambda p: order[last[p]])
 
     def _some_stop_points(self) -> str:
         named = [n.name for n in self.nodes if n.name in set(self.stop_points) and n.op == "call_module"]
+        named = named or self.stop_modules()  # an exported graph calls no modules: their paths
         shown = named[:6] + (["..."] if len(named) > 9 else []) + named[-3:] if len(named) > 9 else named
         return ", ".join(shown) or ", ".join(self.stop_points[:8])
 
@@ -381,6 +404,13 @@ def _is_weight_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), _WEIGHT_LAYERS)
     return node.op == "call_function" and node.target in _WEIGHT_FUNCTIONS
+
+
+def _is_index(node: fx.Node) -> bool:
+    """A node whose recorded dtype is an integer or bool: it holds ids, indices or masks, never
+    features, so no space runs along it (only floating tensors are merged)."""
+    dtype = getattr(node.meta.get("tensor_meta"), "dtype", None)
+    return isinstance(dtype, torch.dtype) and not dtype.is_floating_point and not dtype.is_complex
 
 
 def _inside_heads(info: Any) -> bool:
