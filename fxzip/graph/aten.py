@@ -127,6 +127,14 @@ def _interpolate(mode: str) -> Callable[[tuple, dict], Call]:
     return convert
 
 
+def _inplace(function: Callable) -> Callable[[tuple, dict], Call]:
+    """An in-place activation (`aten.silu_`) as the functional form with `inplace=True`, which
+    `route_through_inplace_ops` then makes visible to the graph (as for symbolic traces)."""
+    def convert(args: tuple, kwargs: dict) -> Call:
+        return Call("call_function", function, tuple(args), {**kwargs, "inplace": True})
+    return convert
+
+
 _POINTWISE = ("relu", "relu_", "tanh", "sigmoid", "neg", "exp", "log", "sqrt", "rsqrt", "sin",
               "cos", "abs", "erf", "square", "reciprocal")
 _BINARY = ("add", "sub", "mul", "div", "pow", "maximum", "minimum")
@@ -181,6 +189,13 @@ ATEN: dict[Any, Callable[[tuple, dict], Call]] = {
        if hasattr(getattr(aten, name), overload)},
     aten.add_.Tensor: _same("add_", method=True), aten.mul_.Tensor: _same("mul_", method=True),
     aten.type_as.default: _same("type_as", method=True),
+    aten.reshape_as.default: _same("reshape_as", method=True),
+    aten.view_as.default: _same("view_as", method=True),
+    **{getattr(aten, f"{name}_").default: _inplace(function)
+       for name, function in {"silu": F.silu, "hardswish": F.hardswish, "relu6": F.relu6,
+                              "hardsigmoid": F.hardsigmoid, "hardtanh": F.hardtanh,
+                              "leaky_relu": F.leaky_relu, "elu": F.elu}.items()
+       if hasattr(aten, f"{name}_")},
     aten.pad.default: _same(F.pad), aten.constant_pad_nd.default: _same(F.pad),
     aten.upsample_bilinear2d.vec: _interpolate("bilinear"),
     aten.upsample_bicubic2d.vec: _interpolate("bicubic"),

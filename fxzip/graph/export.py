@@ -24,6 +24,7 @@ from torch.utils import _pytree as pytree
 from ..errors import InputError, TraceError
 from ..runtime.inputs import Batch, describe
 from .aten import functional_from_aten
+from .nodes import route_through_inplace_ops
 from .shapes import propagate_shapes
 
 __all__ = ["export", "restore_outputs"]
@@ -56,6 +57,7 @@ def export(model: nn.Module, example: Batch, *, concrete_args: dict | None = Non
                          f"{describe(example)}: {type(exc).__name__}: {reason}") from exc
     gm = _plain(program.module(), fixed)
     functional_from_aten(gm)
+    route_through_inplace_ops(gm)
     propagate_shapes(gm, example, type(model).__name__)
     return gm
 
