@@ -112,9 +112,10 @@ def _float64_error(model: Any, permuted: Any, x: Any) -> float | None:
         return None
 
 
-def run_one(name: str, size: int, build: Callable, images: int) -> dict:
+def run_one(name: str, size: int, build: Callable, images: int, capture: str = "auto") -> dict:
     """Everything measured for one architecture (runs in its own process): both instances get
-    BatchNorm statistics estimated on `images` random calibration images (as after training)."""
+    BatchNorm statistics estimated on `images` random calibration images (as after training);
+    `capture` is the front end (`fxzip.merge`'s `capture=`)."""
     import torch
 
     import fxzip
@@ -129,7 +130,7 @@ def run_one(name: str, size: int, build: Callable, images: int) -> dict:
         x = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(0))
         a = fxzip.reset_bn(build(name, size, 0), x, progress=False)
         b = fxzip.reset_bn(build(name, size, 1), x, progress=False)
-        analysis = fxzip.analyze(a, x)
+        analysis = fxzip.analyze(a, x, capture=capture)
         result["traced"] = True
         stops = set(analysis.stop_points)
         result["zipped"] = (f"{sum(1 for n in analysis.all_layers if n in stops)}/"
@@ -142,14 +143,14 @@ def run_one(name: str, size: int, build: Callable, images: int) -> dict:
         del analysis  # one model's worth of memory at a time (VGG's head: 100M weights)
         partner, kind, count, note = self_merge_partner(a, x, has_barrier)
         result.update(self_merge=kind, permuted_spaces=count, self_merge_note=note)
-        merged = fxzip.merge(a, partner, x, reset_bn=False, progress=False)
+        merged = fxzip.merge(a, partner, x, reset_bn=False, progress=False, capture=capture)
         del partner
         with torch.no_grad():
             ref = a(x)
             result["self_merge_error"] = max(relative_error(out, ref) for out in merged(x))
         del merged
         gc.collect()
-        two = fxzip.merge(a, b, x, progress=False)
+        two = fxzip.merge(a, b, x, progress=False, capture=capture)
         with torch.no_grad():
             result["two_inits"] = all(bool(torch.isfinite(o).all()) for o in two(x))
     except Exception as exc:  # reported per model, the run goes on
@@ -159,13 +160,14 @@ def run_one(name: str, size: int, build: Callable, images: int) -> dict:
 
 
 def run_all(module: str, models: Models, timeout: int,
-            on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
+            on_row: Callable[[dict], None] = lambda row: None, capture: str = "auto") -> list[dict]:
     """Each model in a fresh process (`python -m <module> --one NAME SIZE`, from the repository
     root), one table row printed (and handed to `on_row`) each."""
     rows = []
     for name, size, family in models:
         try:
-            done = subprocess.run([sys.executable, "-m", module, "--one", name, str(size)],
+            done = subprocess.run([sys.executable, "-m", module, "--one", name, str(size),
+                                   "--capture", capture],
                                   capture_output=True, text=True, timeout=timeout, cwd=REPO)
             line = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
             row = json.loads(line[-1]) if line else dict(  # e.g. killed for memory: -9
@@ -308,9 +310,12 @@ def main(module: str, doc: str, models: Models, build: Callable, results_name: s
     parser.add_argument("--run", default=datetime.datetime.now(datetime.timezone.utc)
                         .strftime("%Y-%m-%d"), help="label of this run in the table's run column")
     parser.add_argument("--one", nargs=2, metavar=("NAME", "SIZE"), help=argparse.SUPPRESS)
+    parser.add_argument("--capture", choices=("auto", "fx", "export"), default="auto",
+                        help="the front end (fxzip.merge's capture=); other than auto, the tables "
+                        "are <name>_<capture>.md and .csv")
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(args.one[0], int(args.one[1]), build, images)))
+        print(json.dumps(run_one(args.one[0], int(args.one[1]), build, images, args.capture)))
         return
     chosen = models
     if args.models:
@@ -320,11 +325,13 @@ def main(module: str, doc: str, models: Models, build: Callable, results_name: s
             parser.error(f"not in the model list: {', '.join(unknown)}")
         chosen = [m for m in models if m[0] in wanted]
     start = time.perf_counter()
+    if args.capture != "auto":
+        results_name = f"{results_name}_{args.capture}"
 
     def record(row: dict) -> None:
         row["run"] = args.run
         update_tables(args.out, results_name, models, [row])
 
-    rows = run_all(module, chosen, args.timeout, on_row=record)
+    rows = run_all(module, chosen, args.timeout, on_row=record, capture=args.capture)
     print("\n" + update_tables(args.out, results_name, models, rows))
     print(f"Run time of these {len(rows)}: {time.perf_counter() - start:.0f}s.")
