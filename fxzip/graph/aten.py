@@ -81,6 +81,19 @@ def _batch_norm(args: tuple, kwargs: dict) -> Call:
                                                 eps), {})
 
 
+def _instance_norm(args: tuple, kwargs: dict) -> Call:
+    # aten: (input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn)
+    x, weight, bias, mean, var, use_input_stats, momentum, eps = args[:8]
+    return Call("call_function", F.instance_norm, (x, mean, var, weight, bias, use_input_stats,
+                                                   momentum, eps), {})
+
+
+def _einsum(args: tuple, kwargs: dict) -> Call:
+    """aten: (equation, [operands], *, path): `torch.einsum(equation, *operands)`, the form
+    `fxzip.graph.capture.einsums_as_matmuls` rewrites where it is a batched matrix product."""
+    return Call("call_function", torch.einsum, (args[0], *_arg(args, kwargs, 1, "tensors")), {})
+
+
 def _to(args: tuple, kwargs: dict) -> Call:
     """`x.to(...)`: a dtype and/or device, whatever the overload."""
     keep = {k: v for k, v in kwargs.items() if k in ("dtype", "device", "non_blocking", "copy")}
@@ -164,7 +177,8 @@ ATEN: dict[Any, Callable[[tuple, dict], Call]] = {
     aten.transpose.int: _same(torch.transpose), aten.t.default: _same(torch.t),
     aten.permute.default: _same(torch.permute), aten.unsqueeze.default: _same(torch.unsqueeze),
     aten.squeeze.dim: _same(torch.squeeze), aten.squeeze.dims: _same(torch.squeeze),
-    aten.flatten.using_ints: _same(torch.flatten),
+    aten.flatten.using_ints: _same(torch.flatten), aten.unflatten.int: _same(torch.unflatten),
+    aten.einsum.default: _einsum,
     aten.cat.default: _same(torch.cat), aten.stack.default: _same(torch.stack),
     aten.split.Tensor: _same(torch.split), aten.split_with_sizes.default: _same(torch.split),
     aten.chunk.default: _same(torch.chunk), aten.unbind.int: _same(torch.unbind),
@@ -189,6 +203,10 @@ ATEN: dict[Any, Callable[[tuple, dict], Call]] = {
        if hasattr(getattr(aten, name), overload)},
     aten.add_.Tensor: _same("add_", method=True), aten.mul_.Tensor: _same("mul_", method=True),
     aten.type_as.default: _same("type_as", method=True),
+    aten.rms_norm.default: _same(F.rms_norm), aten.instance_norm.default: _instance_norm,
+    aten.glu.default: _same(F.glu), aten.pixel_shuffle.default: _same(torch.pixel_shuffle),
+    aten.pixel_unshuffle.default: _same(torch.pixel_unshuffle),
+    aten.dropout_.default: _inplace(F.dropout),
     aten.reshape_as.default: _same("reshape_as", method=True),
     aten.view_as.default: _same("view_as", method=True),
     **{getattr(aten, f"{name}_").default: _inplace(function)
@@ -209,7 +227,8 @@ ATEN: dict[Any, Callable[[tuple, dict], Call]] = {
 DROPPED = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
            aten.sym_constrain_range_for_size.default}
 # ops whose result is their input (as far as values go)
-IDENTITY = {aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default}
+IDENTITY = {aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default,
+            aten.detach_.default}  # detach_: in place, on a lifted constant (DeBERTa's scale)
 
 
 def functional_from_aten(gm: fx.GraphModule) -> int:

@@ -2,19 +2,23 @@
 arguments named, eval-mode identities dropped, einsums as matmuls) with shapes on every node."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 from torch.fx.experimental.meta_tracer import MetaTracer
 
 from . import traced_functions
+from .capture_errors import capture_error
 from ..errors import InputError, TraceError
 from ..runtime.inputs import Batch
 from .nodes import route_through_inplace_ops
@@ -27,25 +31,108 @@ __all__ = ["FxzipTracer", "trace", "fixed_arguments", "einsums_as_matmuls"]
 class FxzipTracer(fx.Tracer):
     """A tracer that keeps torch.nn's own modules, TorchScript modules and any user-named module
     types as leaves, and wraps the functions timm marks as not traceable (plus `math` and
-    `torchvision.ops`) as single calls."""
+    `torchvision.ops`) as single calls. torch's transformer layers are traced into (their
+    Linear, LayerNorm and MultiheadAttention modules are what fxzip has rules for), and a
+    cross-attention call of `nn.MultiheadAttention` is spelled out (`_spelled_out_attention`)."""
 
     def __init__(self, leaf_modules: Sequence[type] = ()):
         functions, modules = _autowrap()
         super().__init__(autowrap_modules=modules, autowrap_functions=functions)
         self.extra_leaves = tuple(leaf_modules)
+        self._spelled_out: set[int] = set()  # ids of modules whose call is traced as a stand-in
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if self.extra_leaves and isinstance(m, self.extra_leaves):
             return True
         if isinstance(m, torch.jit.ScriptModule):
             return True
+        if isinstance(m, TRACED_INTO) or id(m) in self._spelled_out:
+            return False
         return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: torch.nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        """torch.fx's call_module; a module call with a traceable stand-in (cross-attention) is
+        traced through the stand-in, under the module's name (`nn_module_stack`)."""
+        stand_in = None
+        if not (self.extra_leaves and isinstance(m, self.extra_leaves)):
+            stand_in = _spelled_out_attention(m, args, kwargs)
+        if stand_in is None:
+            return super().call_module(m, forward, args, kwargs)
+        self._spelled_out.add(id(m))
+        try:
+            return super().call_module(m, stand_in, args, kwargs)
+        finally:
+            self._spelled_out.discard(id(m))
 
     def trace(self, root: Any, concrete_args: dict | None = None) -> fx.Graph:
         """torch.fx's trace, with some `torch.fx.wrap`-ed library functions traced into or
-        replaced by traceable stand-ins (`fxzip.graph.traced_functions`)."""
-        with traced_functions.patched():
+        replaced by traceable stand-ins (`fxzip.graph.traced_functions`), and torch's fused
+        transformer fast path off."""
+        with traced_functions.patched(), _mha_fast_path_off():
             return super().trace(root, concrete_args)
+
+
+# torch.nn's transformer layers, plain compositions of modules fxzip has rules for: traced into
+# rather than kept as (opaque) leaves
+TRACED_INTO = (torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)
+
+
+@contextlib.contextmanager
+def _mha_fast_path_off() -> Iterator[None]:
+    """torch's fast path of `TransformerEncoderLayer` (one fused kernel) is chosen by tests on
+    the input (`src.dim()`, `src.is_nested`) that a proxy cannot answer; with it off, the layer
+    runs its plain path of modules, which traces (the same function, in eval mode)."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+def _spelled_out_attention(m: torch.nn.Module, args: tuple,
+                           kwargs: dict) -> Callable[..., Any] | None:
+    """A traceable stand-in for a call of `nn.MultiheadAttention` as cross-attention (keys and
+    values from one tensor other than the queries, as `TransformerDecoderLayer`'s attention over
+    the encoder's memory), without masks or returned weights, in eval mode; None for any other
+    call. Self-attention stays one call, which `fuse_attention` fuses; a call with masks stays a
+    leaf (a barrier). The packed projection is applied whole to the queries and to the keys and
+    values, and each takes its part ([q | k | v]): its weight has one column space, so the
+    queries' and the memory's spaces are tied through it."""
+    if not isinstance(m, torch.nn.MultiheadAttention):
+        return None
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+             "average_attn_weights", "is_causal")
+    given = {**dict(zip(names, args)), **kwargs}
+    query, key = given.get("query"), given.get("key")
+    if not isinstance(query, fx.Proxy) or not isinstance(key, fx.Proxy) or query is key \
+            or given.get("value") is not key or given.get("need_weights", True) is not False:
+        return None
+    if any(given.get(name) is not None for name in ("key_padding_mask", "attn_mask")) \
+            or given.get("is_causal", False) or m.training or not m._qkv_same_embed_dim \
+            or m.bias_k is not None or m.bias_v is not None or m.add_zero_attn:
+        return None
+    return lambda *_, **__: _cross_attention(m, query, key)
+
+
+def _cross_attention(m: torch.nn.MultiheadAttention, query: Any, key: Any) -> tuple[Any, None]:
+    """`nn.MultiheadAttention` (eval mode, no masks) of `query` over `key` (= value), in the
+    ops fxzip follows per head: the packed projection, head splits, scaled_dot_product_attention
+    (its default scale is the module's 1/√d), the heads merged and the output projection.
+    Written for batched and unbatched inputs alike: (L, N, E) inputs of a module that is not
+    batch_first have their two first axes swapped, which is nothing for an (L, E) one."""
+    embed, heads = m.embed_dim, m.num_heads
+    if not m.batch_first:
+        query, key = query.transpose(0, -2), key.transpose(0, -2)
+    q = F.linear(query, m.in_proj_weight, m.in_proj_bias)[..., :embed]
+    kv = F.linear(key, m.in_proj_weight, m.in_proj_bias)
+    k, v = kv[..., embed:2 * embed], kv[..., 2 * embed:]
+
+    def split(t: Any) -> Any:  # (…, L, E) -> (…, H, L, d)
+        return t.unflatten(-1, (heads, embed // heads)).transpose(-3, -2)
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    out = m.out_proj(out.transpose(-3, -2).flatten(-2))
+    return (out if m.batch_first else out.transpose(0, -2)), None
 
 
 def _autowrap() -> tuple[tuple, tuple]:
@@ -95,6 +182,7 @@ def trace(model: torch.nn.Module, example: Batch, *, leaf_modules: Sequence[type
     tiers = ((tuple(leaf_modules), False), (tuple(leaf_modules), "values"),
              (tuple(leaf_modules), True), (tuple(leaf_modules) + _timm_leaf_modules(), False))
     failure: Exception | None = None
+    failed_in: nn.Module | None = None  # the copy the first failure ran (modules by path)
     for leaves, shaped in tiers:
         private = copy.deepcopy(model).eval()
         tracer = (_ValueTracer(leaves) if shaped == "values" else
@@ -111,7 +199,7 @@ def trace(model: torch.nn.Module, example: Batch, *, leaf_modules: Sequence[type
             else:
                 graph = tracer.trace(private, concrete_args=fixed or None)
         except Exception as exc:  # torch.fx raises many types here
-            failure = failure or exc
+            failure, failed_in = (failure, failed_in) if failure else (exc, private)
             continue
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         if shaped and _holds_meta_tensors(gm):  # constants made while tracing with meta tensors
@@ -119,11 +207,7 @@ def trace(model: torch.nn.Module, example: Batch, *, leaf_modules: Sequence[type
             continue
         break
     if gm is None:
-        raise TraceError(
-            f"torch.fx cannot trace {type(model).__name__}: {type(failure).__name__}: {failure}. "
-            "Models with data-dependent control flow cannot be traced; pass the offending module "
-            "types as `leaf_modules=` (they become barriers) or fixed forward arguments as "
-            "`concrete_args=`.") from failure
+        raise capture_error("torch.fx", type(model).__name__, failed_in, failure) from failure
     gm.eval()
     _name_fixed_placeholders(gm, fixed)
     _drop_eval_identities(gm)

@@ -8,7 +8,9 @@ exported module is made a plain GraphModule that the passes can read and copy: t
 guards export adds are dropped (the batch axis is left dynamic where the model allows), forward
 arguments fixed while exporting (`use_cache=False`, `concrete_args`) become optional inputs with
 those values, and the model's output structure (a `ModelOutput`, a dict, a tuple) is kept in
-`gm.fxzip_out_spec` while the graph returns its tensors flat.
+`gm.fxzip_out_spec` while the graph returns its tensors flat. A parameter that several modules
+share (tied input and output embeddings) is read by each module's ops under that module's own
+name for it, as a symbolic trace's module calls read it (`own_parameter_names`).
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ from torch.utils import _pytree as pytree
 from ..errors import InputError, TraceError
 from ..runtime.inputs import Batch, describe
 from .aten import functional_from_aten
-from .nodes import route_through_inplace_ops
+from .capture import einsums_as_matmuls
+from .capture_errors import capture_error
+from .nodes import module_attribute, route_through_inplace_ops
 from .shapes import propagate_shapes
 
 __all__ = ["export", "restore_outputs"]
@@ -52,11 +56,12 @@ def export(model: nn.Module, example: Batch, *, concrete_args: dict | None = Non
         program = torch.export.export(private, args, kwargs, strict=False,
                                       dynamic_shapes=_batch_axis(args, kwargs))
     except Exception as exc:  # torch.export raises many types
-        reason = " ".join(str(exc).split())[:600]
-        raise TraceError(f"torch.export cannot capture {type(model).__name__} on "
-                         f"{describe(example)}: {type(exc).__name__}: {reason}") from exc
+        raise capture_error("torch.export", type(model).__name__, private, exc,
+                            on=f" on {describe(example)}") from exc
     gm = _plain(program.module(), fixed)
+    own_parameter_names(gm, private)
     functional_from_aten(gm)
+    einsums_as_matmuls(gm)
     route_through_inplace_ops(gm)
     propagate_shapes(gm, example, type(model).__name__)
     return gm
@@ -67,6 +72,65 @@ def restore_outputs(gm: fx.GraphModule, flat: Any) -> Any:
     before `export` made them flat); `flat` as is for a graph of another front end."""
     spec = getattr(gm, "fxzip_out_spec", None)
     return flat if spec is None else pytree.tree_unflatten(list(flat), spec)
+
+
+def own_parameter_names(gm: fx.GraphModule, model: nn.Module) -> int:
+    """Have every op that reads a tensor several modules of `model` share read it under the name
+    its own module gives it; return how many readers changed.
+
+    torch.export reads a shared tensor under one of its names (tied input and output embeddings:
+    one table is `model.embed_tokens.weight` and `lm_head.weight`, and both the lookup and the
+    output layer read `lm_head.weight`). The two uses are opposite: the embedding's columns open
+    the residual space (merged, M) while the output layer's columns read it (unmerged, U) and its
+    rows open the vocabulary; one merged tensor cannot be both. Read by its modules' own names,
+    as a symbolic trace's module calls read it, each module is one parameter to the analysis
+    with its own use, and the merged model gives each its own merged tensor: the tie is undone
+    (the trunk's embedding holds the merged table, each model's output layer its own copy, or
+    its own merged copy where the output layer is zipped too). A module registered under two
+    names (one module object) keeps one name, so its weights stay one parameter."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in [*gm.named_parameters(remove_duplicate=False),
+                         *gm.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(tensor), []).append(name)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    moved = 0
+    for node in [n for n in gm.graph.nodes if n.op == "get_attr"]:
+        aliases = names.get(id(module_attribute(gm, node.target, None)), [])
+        if len(aliases) < 2:
+            continue
+        readers = {n.target: n for n in gm.graph.nodes
+                   if n.op == "get_attr" and n.target in aliases and n is not node}
+        before = moved
+        for user in list(node.users):
+            own = _own_name(user, aliases, node.target, modules)
+            if own == node.target:
+                continue
+            if own in readers:  # its own get_attr: moved up, to be read where `node` is
+                node.prepend(readers[own])
+            else:
+                with gm.graph.inserting_after(node):
+                    readers[own] = gm.graph.get_attr(own)
+                readers[own].meta = dict(node.meta)
+            user.replace_input_with(node, readers[own])
+            moved += 1
+        if moved > before and not node.users:
+            gm.graph.erase_node(node)
+    if moved:
+        gm.recompile()
+    return moved
+
+
+def _own_name(user: fx.Node, aliases: list[str], target: str,
+              modules: dict[str, nn.Module]) -> str:
+    """The name of a shared tensor that the innermost module running `user` gives it where that
+    module is another module object than the one `target` belongs to; `target` otherwise."""
+    stack = [path for path, *_ in (user.meta.get("nn_module_stack") or {}).values()]
+    owners = {alias.rpartition(".")[0]: alias for alias in aliases}
+    current = modules.get(target.rpartition(".")[0])
+    for path in reversed(stack):
+        if path in owners:
+            return owners[path] if modules.get(path) is not current else target
+    return target
 
 
 def _fixed_arguments(model: nn.Module, given: dict, concrete_args: dict | None) -> dict:

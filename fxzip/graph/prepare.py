@@ -15,6 +15,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..errors import InputError, TraceError
 from ..passes.fuse_attention import fuse_attention
 from .capture import trace
+from .capture_errors import both_failed
 from .export import export
 from .nodes import route_through_inplace_ops
 
@@ -80,7 +81,7 @@ def _capture(model: nn.Module, example: Any, leaf_modules: Sequence[type],
         try:
             return export(model, example, concrete_args=concrete_args)
         except TraceError as exported:
-            raise TraceError(f"{traced} — and {exported}") from exported
+            raise both_failed(traced, exported) from exported
     fused = fuse_attention(gm, example)[0]
     for name in ("fxzip_capture", "fxzip_out_spec"):  # what capture noted, on the fused graph
         if hasattr(gm, name):

@@ -49,8 +49,23 @@ class _ShapeProp(fx.Interpreter):
             result = super().run_node(n)
         except Exception as exc:
             raise _NodeFailure(n, exc) from exc
+        result = _unrequested_weights_dropped(self.module, n, result)
         self.found[n] = _node_meta(result, self.types)
         return result
+
+
+def _unrequested_weights_dropped(module: torch.nn.Module, n: fx.Node, result: Any) -> Any:
+    """`nn.MultiheadAttention` called with need_weights=False returns None for the attention
+    weights, but on fake tensors its fused fast path returns an empty tensor there (torch's fake
+    kernel of `_native_multi_head_attention`): the real kernel's None, so that both runs write the
+    same meta (the call is a node of the graph inside a traced-into `TransformerEncoderLayer`)."""
+    if n.op != "call_module" or not isinstance(result, tuple) or len(result) != 2 \
+            or result[1] is None:
+        return result
+    if not isinstance(module.get_submodule(n.target), torch.nn.MultiheadAttention):
+        return result
+    need = n.kwargs.get("need_weights", n.args[4] if len(n.args) > 4 else True)
+    return (result[0], None) if need is False else result
 
 
 def _node_meta(result: Any, types: dict[int, type]) -> dict[str, Any]:

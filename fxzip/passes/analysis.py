@@ -189,7 +189,12 @@ class Analysis:
         has_params = module is not None and any(True for _ in module.parameters())
         if has_params or any(i is not SHARED and i is not None for i in inputs):
             raise Barrier("this op is not in fxzip's op-rule table and reads per-model features")
-        return SHARED if tensor_shape(node) is not None else None
+        if tensor_shape(node) is not None:
+            return SHARED
+        meta = node.meta.get("tensor_meta")
+        if isinstance(meta, (tuple, list)):  # several tensors (meshgrid of aranges): each shared
+            return tuple(SHARED if hasattr(m, "shape") else None for m in meta)
+        return None
 
     def _collect_spaces(self, ctx: Context) -> dict[int, Space]:
         uf = ctx.uf
@@ -225,7 +230,7 @@ class Analysis:
                     s.taps.append(tap)
         for s in spaces.values():
             if not s.taps:  # no layer reads it: take its producers' outputs
-                s.taps = [Tap(p, self.infos[p].axis, 0, s.size, 1) for p in s.producers]
+                s.taps = _producer_taps(ctx, s)
         return dict(sorted(spaces.items()))
 
     # -- queries ------------------------------------------------------------------------------
@@ -411,6 +416,20 @@ def _is_index(node: fx.Node) -> bool:
     features, so no space runs along it (only floating tensors are merged)."""
     dtype = getattr(node.meta.get("tensor_meta"), "dtype", None)
     return isinstance(dtype, torch.dtype) and not dtype.is_floating_point and not dtype.is_complex
+
+
+def _producer_taps(ctx: Context, space: Space) -> list[Tap]:
+    """Taps of a space that no layer reads, on its producers' outputs: each block of the space
+    where it lies on the output's channel axis (a fused projection [q | k | v] opens q, k and v
+    side by side: k's statistics are its own features, not the first ones of the output)."""
+    taps = []
+    for name in dict.fromkeys(space.producers):
+        feat = ctx.produced[name]
+        for block, offset in zip(feat.blocks, feat.offsets()):
+            tap = Tap(name, feat.axis, offset, block.size, block.expand)
+            if ctx.uf.find(block.space) == space.id and tap not in taps:
+                taps.append(tap)
+    return taps
 
 
 def _inside_heads(info: Any) -> bool:

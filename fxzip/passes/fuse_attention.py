@@ -245,8 +245,8 @@ def _expand_multihead_attention(gm: fx.GraphModule) -> int:
         x = node.args[0] if node.args else node.kwargs["query"]
         prefix = node.target
         with graph.inserting_before(node):
-            if not module.batch_first:
-                x = graph.call_method("transpose", (x, 0, 1))
+            if not module.batch_first:  # (L, N, E) -> (N, L, E); an unbatched (L, E) stays
+                x = graph.call_method("transpose", (x, 0, -2))
             bias = graph.get_attr(f"{prefix}.in_proj_bias") if module.in_proj_bias is not None else None
             qkv = graph.call_function(F.linear, (x, graph.get_attr(f"{prefix}.in_proj_weight"), bias))
             qkv.meta[BLOCKS_META] = ("qk", "qk", "v")
@@ -256,7 +256,7 @@ def _expand_multihead_attention(gm: fx.GraphModule) -> int:
             out = graph.call_function(F.linear, (heads, graph.get_attr(f"{prefix}.out_proj.weight"),
                                                  out_bias))
             if not module.batch_first:
-                out = graph.call_method("transpose", (out, 0, 1))
+                out = graph.call_method("transpose", (out, 0, -2))
         for user in users:
             user.replace_all_uses_with(out)
             graph.erase_node(user)

@@ -210,6 +210,7 @@ class _Emitter:
         self.graph = fx.Graph()
         self.root: dict[str, Any] = {}
         self.trunk_env: dict[str, fx.Node] = {}
+        self.untied: dict[str, str] = {}  # get_attr target -> the trunk's own name (`_untied`)
         self.head_env: list[dict[str, fx.Node]] = [{} for _ in graphs]
         # graph k's name -> graph 0's name, for the nodes of graph k that the trunk computes
         self.images = [pairing.images(k, trunk) for k in range(len(graphs))]
@@ -238,14 +239,32 @@ class _Emitter:
 
     # -- trunk --------------------------------------------------------------------------------
     def emit_trunk(self, node: fx.Node) -> None:
-        if node.op in ("call_module", "get_attr") and node.target not in self.root:
-            self.root[node.target] = self._merged(node)
+        target = self._untied(node)
+        if node.op in ("call_module", "get_attr") and target not in self.root:
+            self.root[target] = self._merged(node, own=target != node.target)
         self.trunk_env[node.name] = self.graph.node_copy(node, lambda n: self.trunk_env[n.name])
+        self.trunk_env[node.name].target = target
         self.trunk_env[node.name].meta["fxzip_origin"] = (None, node.name)  # graph 0's node
 
-    def _merged(self, node: fx.Node) -> Any:
+    def _untied(self, node: fx.Node) -> Any:
+        """The target the trunk reads for `node`: its own, or, for a get_attr of a tensor of a
+        module the trunk calls that an op reads in a way of its own (a weight the analysis
+        recorded uses for under the get_attr's name: an output layer tied to an embedding by
+        `F.linear(h, self.embed.weight)`), a fresh name for its own merged tensor. The module
+        keeps its merged tensor, the op gets its own: the tie is undone."""
+        owner = node.target.rpartition(".")[0] if isinstance(node.target, str) else ""
+        if node.op != "get_attr" or owner not in self.trunk_modules or \
+                not self.analysis.param_uses.get(node.target):
+            return node.target
+        if node.target not in self.untied:
+            self.untied[node.target] = self._fresh("fxzip_untied_" + node.target.replace(".", "_"))
+        return self.untied[node.target]
+
+    def _merged(self, node: fx.Node, own: bool = False) -> Any:
+        """The merged module or tensor of a trunk node; `own`: a get_attr's own merged tensor
+        (see `_untied`), never the module's."""
         owner, _, attribute = node.target.rpartition(".")
-        if node.op == "get_attr" and owner in self.trunk_modules:
+        if node.op == "get_attr" and owner in self.trunk_modules and not own:
             if owner not in self.root:  # the same tensor object as the module's: one merge
                 self.root[owner] = self._merged(self.trunk_modules[owner])
             return getattr(self.root[owner], attribute)
@@ -377,6 +396,8 @@ class _Emitter:
         merged = fx.GraphModule(self.root, self.graph, "ZippedModel").eval()
         # what a later merge needs to zip another model into this one's trunk
         merged.fxzip_trunk = sorted(self.trunk_env[n].name for n in self.trunk)
+        # the trunk's own copies of tied tensors, by the name they were read under (`to_model`)
+        merged.fxzip_untied = {fresh: target for target, fresh in self.untied.items()}
         return merged
 
 

@@ -412,9 +412,23 @@ class Context:
         key = (target, param, axis)
         placed = feat.moved(axis)
         if key in self.uses:
+            self._same_role(key, role)
             self.unify(self.uses[key].feat, placed)
         else:
             self.uses[key] = ParamUse(target, param, axis, placed, role, groups)
+
+    def _same_role(self, key: tuple[str, str, int], role: str) -> None:
+        """A parameter axis that one op merges (M) and another unmerges (U) needs two merged
+        tensors, which one parameter cannot hold (an embedding table that a Linear reads by the
+        same name: tied input and output embeddings written functionally). A barrier, so the
+        second op stays per model with its own copy; tables tied between modules are read by
+        each module's own name, which keeps their uses apart (`fxzip.graph.export`)."""
+        use = self.uses.get(key)
+        if use is not None and use.role != role:
+            raise Barrier(f"reads parameter '{key[0]}{'.' + key[1] if key[1] else ''}' along axis "
+                          f"{key[2]} as {'unmerged (U)' if role == 'U' else 'merged (M)'} where "
+                          "another op reads it as the opposite; one tensor cannot be merged both "
+                          "ways (give each use its own parameter, or its own module)")
 
     def tie_param(self, value: fx.Node, axis: int, feat: Feat, role: str = "M",
                   groups: int = 1) -> None:
@@ -427,6 +441,8 @@ class Context:
             return
         if isinstance(lazy, Feat):
             if lazy.axis == axis:
+                if value.op == "get_attr":
+                    self._same_role((value.target, "", axis), role)
                 self.unify(lazy, feat.moved(axis))
             elif value.op == "get_attr":  # a weight matrix: rows and columns follow two spaces
                 self._record(value.target, "", axis, feat, role, groups)

@@ -8,8 +8,8 @@ import torch
 import torch.fx as fx
 
 from .api import Barrier, Context, arg, headed, norm_dim, register
-from .elementwise import _pointwise_without_features, pointwise
-from .layout import SHARED, UNTRACKED, Feat, Lazy, LazyCat, Stacked
+from .elementwise import _pointwise_without_features, combined_parameters, pointwise
+from .layout import MIXED, SHARED, UNTRACKED, Feat, Lazy, LazyCat, Stacked
 
 
 @register(torch.cat, torch.concat, torch.concatenate, heads=True)
@@ -20,6 +20,9 @@ def cat(ctx: Context, node: fx.Node) -> Any:
     tensors = list(arg(node, 0, "tensors"))
     ndim = len(ctx.shape(node))
     dim = norm_dim(arg(node, 1, "dim", 0), ndim)
+    tensors = _nonempty(ctx, tensors, dim, ndim)
+    if len(tensors) == 1:  # the others add no element: a copy of the one left
+        return ctx.info(tensors[0])
     infos = [ctx.info(t) for t in tensors]
     feats = [i for i in infos if isinstance(i, Feat)]
     if any(isinstance(i, Stacked) for i in infos):
@@ -30,6 +33,9 @@ def cat(ctx: Context, node: fx.Node) -> Any:
             and all(len(i.axes) == 1 and i.axes[0] == 0 for i in infos):
         return LazyCat(dim, tuple(t.name for t in tensors),
                        tuple(ctx.shape(t)[dim] for t in tensors))
+    if not feats and any(isinstance(i, Lazy) for i in infos) \
+            and all(isinstance(i, Lazy) or i is SHARED for i in infos):
+        return _cat_parameters(infos, dim)
     if not feats:
         return _pointwise_without_features(ctx, tensors, ndim) if len(tensors) == 1 else \
             (SHARED if all(i is SHARED for i in infos) else UNTRACKED)
@@ -45,6 +51,31 @@ def cat(ctx: Context, node: fx.Node) -> Any:
                               "on the channel axis")
         return Feat(dim, tuple(blocks))
     return pointwise(ctx, node, tensors)
+
+
+def _cat_parameters(infos: list, dim: int) -> Lazy:
+    """Parameters (or values computed from them alone) and shared values concatenated on axis
+    `dim`: a parameter value whose axis `dim` is MIXED (pieces of parameter axes, no whole one)
+    and whose other axes keep every part's labels (HF BEiT puts its relative position bias
+    table back together from interpolated and fixed rows; its heads axis still runs along
+    the head space)."""
+    def mixed(axes: tuple) -> list:
+        return [MIXED if i == dim else a for i, a in enumerate(axes)]
+    return combined_parameters([i.through(mixed) for i in infos if isinstance(i, Lazy)],
+                               len(next(i for i in infos if isinstance(i, Lazy)).axes))
+
+
+def _nonempty(ctx: Context, tensors: list, dim: int, ndim: int) -> list:
+    """The tensors that give the concatenation elements: an empty part (Phi-3's partial rotary
+    embedding with every feature rotated cats an empty pass-through slice to head_dim; torch's
+    legacy empty 1-D tensors cat to anything) carries no channel to follow. All of them where
+    every one is empty."""
+    def empty(t: Any) -> bool:
+        shape = ctx.shape(t)
+        return shape is not None and (shape == (0,) and ndim != 1 or
+                                      len(shape) == ndim and shape[dim] == 0)
+    kept = [t for t in tensors if not empty(t)]
+    return kept or tensors
 
 
 def _cat_headed(ctx: Context, node: fx.Node, tensors: list, infos: list, dim: int) -> Any:

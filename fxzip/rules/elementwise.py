@@ -1,5 +1,5 @@
 """Op rules of elementwise and broadcasting ops — activations, arithmetic, dropout, `expand`,
-`repeat`, PReLU: one space in and out; per-channel parameters they combine with are merged."""
+`repeat`, PReLU, GLU: one space in and out; per-channel parameters they combine with are merged."""
 from __future__ import annotations
 
 import operator
@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import heads as head_rules
-from .api import Barrier, Context, ParamHandle, headed, nodes_in, passthrough, register
+from .api import (Barrier, Context, ParamHandle, arg, headed, nodes_in, norm_dim, passthrough,
+                  register, split_layout)
 from .layout import SHARED, UNTRACKED, Feat, Lazy, Stacked
 
 
@@ -175,3 +176,24 @@ def prelu(ctx: Context, node: fx.Node) -> Any:
             raise Barrier("PReLU slopes apply to axis 1 but the channels are elsewhere")
         ctx.tie(ParamHandle.of_module(node, module, "weight"), 0, result)
     return result
+
+
+@register(nn.GLU, F.glu)
+def glu(ctx: Context, node: fx.Node) -> Any:
+    """GLU: the input cut in two halves along `dim`, the first gated by the sigmoid of the second,
+    element j by element j. Along the channel axis, feature j of the first half meets feature j
+    of the second, so both halves must be permuted alike: the producer's space is opened as two
+    pieces (a SplitRequest where one space holds both halves), which are tied into one space, the
+    output's. Along another axis the op is elementwise and keeps the layout."""
+    x = node.args[0] if node.args else node.kwargs["input"]
+    dim = ctx.module(node).dim if node.op == "call_module" else arg(node, 1, "dim", -1)
+    info = ctx.info(x)
+    shape = ctx.shape(x)
+    dim = norm_dim(dim, len(shape))
+    if not isinstance(info, Feat):
+        return passthrough(info)  # a parameter's halves combined: no axis of it runs whole
+    if dim != info.axis:
+        return info
+    first, second = split_layout(info, [shape[dim] // 2] * 2)
+    ctx.unify(first, second)
+    return first

@@ -1,5 +1,6 @@
 """Op rules of indexing and splitting — getitem (slices, None, Ellipsis), split/chunk/tensor_split,
-unbind: the channel axis kept whole, or cut between its spaces (tuples of channel infos)."""
+unbind: the channel axis kept whole, or cut between its spaces (tuples of channel infos); gather
+by an index shared by the models, which moves positions only."""
 from __future__ import annotations
 
 import operator
@@ -10,7 +11,7 @@ import torch.fx as fx
 
 from . import heads as head_rules
 from .api import Barrier, Context, arg, headed, norm_dim, passthrough, register, split_layout
-from .layout import MIXED, UNTRACKED, Feat, Stacked
+from .layout import MIXED, SHARED, UNTRACKED, Feat, Stacked
 
 
 @register(operator.getitem, heads=True)
@@ -21,13 +22,15 @@ def getitem(ctx: Context, node: fx.Node) -> Any:
     if isinstance(info, tuple):  # an element of split / chunk / unbind
         return info[index] if isinstance(index, int) else UNTRACKED
     if isinstance(info, Stacked):
-        if isinstance(index, int) and info.axis == 0:
-            return head_rules.without_axis(info.parts[index], 0)
-        raise Barrier(f"indexes '{x.name}', a stack of attention parts, other than by its first axis")
+        part = _stacked_part(info, index)
+        if part is not None:
+            return head_rules.without_axis(info.parts[part], info.axis)
+        raise Barrier(f"indexes '{x.name}', a stack of attention parts, other than by one "
+                      "part of its stack axis")
     if headed(info):
         return head_rules.index_headed(ctx, x, info, index if isinstance(index, tuple) else (index,))
     if not isinstance(info, Feat):
-        return passthrough(info, lambda axes: _indexed_axes(ctx, axes, index))
+        return passthrough(info, lambda axes: _indexed_axes(ctx, axes, index, ctx.shape(x)))
     index = index if isinstance(index, tuple) else (index,)
     if any(isinstance(i, fx.Node) for i in index):
         raise Barrier("indexes with a tensor")
@@ -59,11 +62,61 @@ def getitem(ctx: Context, node: fx.Node) -> Any:
     return info.moved(new_axis)
 
 
-def _indexed_axes(ctx: Context, axes, index) -> list | None:
+def _stacked_part(info: Stacked, index: Any) -> int | None:
+    """Which part of a stack of attention parts `index` picks whole: an int on the stack axis and
+    whole slices elsewhere (`qkv[0]`, and torch.export's `select(qkv, 0, 0)` spelled `qkv[(0,)]`,
+    or `qkv[:, 1]` for a stack on axis 1); None for any other index."""
+    items = index if isinstance(index, tuple) else (index,)
+    at = info.axis
+    if len(items) <= at or not isinstance(items[at], int) or isinstance(items[at], bool) or \
+            any(i != slice(None) for k, i in enumerate(items) if k != at):
+        return None
+    count = len(info.parts)
+    return items[at] % count if -count <= items[at] < count else None
+
+
+def _indexed_axes(ctx: Context, axes, index, shape: tuple | None) -> list | None:
+    """Axis labels of a parameter (`axes`, of a tensor of `shape`) after indexing: by one
+    integer tensor (`_gathered_axes`), or by ints, slices, None and Ellipsis
+    (`_sliced_axes`)."""
+    items = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(i, fx.Node) for i in items):
+        return _gathered_axes(ctx, axes, items)
+    return _sliced_axes(axes, items, shape)
+
+
+def _sliced_axes(axes, items: tuple, shape: tuple | None) -> list | None:
+    """Axis labels after basic indexing: an int drops its axis, None adds a constant one, a slice
+    that keeps part of an axis makes it MIXED (a part of a parameter axis is no whole one that a
+    space could run along: HF BEiT slices its relative position bias table's rows before
+    interpolating them); a whole slice keeps the label."""
+    explicit = sum(1 for i in items if i is not None and i is not Ellipsis)
+    out, at = [], 0
+    for item in items:
+        if item is Ellipsis:
+            skip = len(axes) - explicit
+            out.extend(axes[at:at + skip])
+            at += skip
+        elif item is None:
+            out.append(None)
+        elif isinstance(item, int) and at < len(axes):
+            at += 1
+        elif isinstance(item, slice) and at < len(axes):
+            whole = item == slice(None) or (
+                shape is not None and all(isinstance(v, int) or v is None
+                                          for v in (item.start, item.stop, item.step))
+                and item.indices(shape[at]) == (0, shape[at], 1))
+            out.append(axes[at] if whole or axes[at] is None else MIXED)
+            at += 1
+        else:
+            return None
+    return out + list(axes[at:])
+
+
+def _gathered_axes(ctx: Context, axes, items: tuple) -> list | None:
     """Axis labels of a parameter indexed by one integer tensor (a relative position bias table
     gathered by a position index), on its first axis or after full slices (LeViT's
     `biases[:, idx]`): the index's axes are MIXED."""
-    items = index if isinstance(index, tuple) else (index,)
     lead = 0
     while lead < len(items) and items[lead] == slice(None):
         lead += 1
@@ -82,6 +135,55 @@ def _channel_slice(info: Feat, item: slice, width: int, x: fx.Node) -> Feat:
     sizes = [s for s in (start, stop - start, width - stop) if s > 0]
     pieces = split_layout(info, sizes)
     return pieces[1] if start > 0 else pieces[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# gather: positions picked by an index shared by the models
+# ---------------------------------------------------------------------------------------------
+
+@register(torch.gather, "gather", heads=True)
+def gather(ctx: Context, node: fx.Node) -> Any:
+    """`torch.gather(x, dim, index)` picks positions along `dim`, element by element. With an
+    index that is the same in every model (ids, relative positions) and the same for every
+    channel (and head), it moves positions the way a slice does and every channel keeps its
+    place: the layout is kept (DeBERTa gathers per-head scores by relative position). Along the
+    channels, or with an index that differs per channel, it is a barrier."""
+    x, index = node.args[0], arg(node, 2, "index")
+    info, shape = ctx.info(x), ctx.shape(x)
+    dim = norm_dim(arg(node, 1, "dim"), len(shape))
+    if not isinstance(info, Feat):
+        if isinstance(info, Stacked):
+            raise Barrier(f"gathers from '{x.name}', a stack of attention parts")
+        if info is SHARED:  # ids gathered by ids (BERT's token types): shared
+            return SHARED if ctx.info(index) is SHARED else UNTRACKED
+        return passthrough(info)
+    if ctx.info(index) is not SHARED:
+        raise Barrier(f"gathers from '{x.name}' by '{index.name}', an index that is not the same "
+                      "in every model")
+    own = [info.axis] + ([info.head_axis] if info.headed else [])
+    if dim in own:
+        raise Barrier(f"gathers along the channel or head axis of '{x.name}'")
+    index_shape = ctx.shape(index)
+    for axis in own:
+        if index_shape[axis] != shape[axis] or not _constant_along(ctx, index, axis):
+            raise Barrier(f"gathers from '{x.name}' by an index that differs from channel to "
+                          "channel (or head to head)")
+    return info
+
+
+def _constant_along(ctx: Context, index: fx.Node, axis: int) -> bool:
+    """Whether `index` holds the same values all along `axis`: it is expanded there from size 1
+    or from an axis it did not have (followed through `expand` and `contiguous`)."""
+    node, ndim = index, len(ctx.shape(index))
+    while isinstance(node, fx.Node) and ctx.shape(node) is not None:
+        shape = ctx.shape(node)
+        at = axis - (ndim - len(shape))  # expand adds leading axes
+        if at < 0 or shape[at] == 1:
+            return True
+        if node.op != "call_method" or node.target not in ("expand", "contiguous"):
+            return False
+        node = node.args[0]
+    return False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Op rules of parametrised layers — Linear, convolutions (dense, grouped, depthwise), Embedding,
-and the norms BatchNorm, LayerNorm and GroupNorm: producers, consumers and per-channel parameters.
+and the norms BatchNorm, LayerNorm, RMSNorm, GroupNorm and InstanceNorm: producers, consumers and
+per-channel parameters.
 
 One rule per op, the module and the functional form alike: a module's parameters and a functional
 call's get_attr arguments are the same to a rule (`ParamHandle`).
@@ -52,9 +53,11 @@ def layer_call(ctx: Context, node: fx.Node, params: dict[str, int],
     return LayerCall(node.args[0], given, values, what)
 
 
-def _input_feat(ctx: Context, node: fx.Node, axis: int, what: str) -> Feat:
-    """The channel info of a layer's input on `axis`; shared inputs get an identity space."""
-    x = node.args[0]
+def _input_feat(ctx: Context, node: fx.Node, axis: int, what: str,
+                x: fx.Node | None = None) -> Feat:
+    """The channel info of a layer's input `x` (default: the first argument) on `axis`; shared
+    inputs get an identity space."""
+    x = node.args[0] if x is None else x
     info = ctx.info(x)
     shape = ctx.shape(x)
     axis = norm_dim(axis, len(shape))
@@ -75,17 +78,19 @@ def _input_feat(ctx: Context, node: fx.Node, axis: int, what: str) -> Feat:
 
 
 def _open(ctx: Context, node: fx.Node, call: LayerCall, feat_in: Feat, axis: int,
-          groups: int = 1) -> Feat:
+          groups: int = 1, transposed: bool = False) -> Feat:
     """A weight layer that reads `feat_in` (weight columns, U) and opens a new space on `axis`
-    of its output (weight rows and bias, M)."""
+    of its output (weight rows and bias, M). `transposed`: the weight is stored (in, out), so
+    its axis 0 reads and its axis 1 opens (transformers' Conv1D, `torch.addmm`)."""
     weight, bias = call.params["weight"], call.params.get("bias")
+    opens, reads = (1, 0) if transposed else (0, 1)  # the weight axes along output and input
     ctx.consume(node, call.x, feat_in)
-    ctx.tie(weight, 1, feat_in, "U", groups=groups)
+    ctx.tie(weight, reads, feat_in, "U", groups=groups)
     pieces = ctx.info(bias.node) if bias is not None and bias.node is not None else None
-    feat_out = ctx.produce(node, axis=axis, size=ctx.param_shape(weight)[0],
+    feat_out = ctx.produce(node, axis=axis, size=ctx.param_shape(weight)[opens],
                            key=ctx.space_key(weight),
                            pieces=pieces.sizes if isinstance(pieces, LazyCat) else None)
-    ctx.tie(weight, 0, feat_out)
+    ctx.tie(weight, opens, feat_out)
     if bias is not None:
         ctx.tie(bias, 0, feat_out)
     return feat_out
@@ -102,6 +107,25 @@ def linear(ctx: Context, node: fx.Node) -> Feat:
         return _mix_aligned_axis(ctx, node, info, call)
     feat_in = _input_feat(ctx, node, -1, call.what)
     return _open(ctx, node, call, feat_in, axis=len(ctx.shape(node)) - 1)
+
+
+@register(torch.addmm)
+def addmm(ctx: Context, node: fx.Node) -> Feat:
+    """bias + x @ W with W a parameter of shape (in, out): a Linear whose weight is stored
+    transposed (transformers' Conv1D in GPT-2, whose ATen op this is). Reads x's channels (W's
+    rows, U) and opens a new space (W's columns and the bias, M). `beta` and `alpha` scale the
+    bias and the product, which commutes with merging."""
+    bias, x, weight = (arg(node, i, name) for i, name in enumerate(("input", "mat1", "mat2")))
+    if not isinstance(ctx.info(weight), (Lazy, LazyCat)):
+        raise Barrier(f"addmm multiplies by '{getattr(weight, 'name', weight)}', which is not a "
+                      "parameter: fxzip follows addmm as a layer (bias + x @ W) only")
+    if not isinstance(ctx.info(bias), (Lazy, LazyCat)) or len(ctx.shape(bias)) != 1:
+        raise Barrier(f"addmm adds '{getattr(bias, 'name', bias)}', which is not a bias vector "
+                      "(a parameter of one axis)")
+    call = LayerCall(x, {"weight": ParamHandle.of_value(weight),
+                         "bias": ParamHandle.of_value(bias)}, {}, "addmm")
+    feat_in = _input_feat(ctx, node, -1, call.what, x=x)
+    return _open(ctx, node, call, feat_in, axis=len(ctx.shape(node)) - 1, transposed=True)
 
 
 def _mix_aligned_axis(ctx: Context, node: fx.Node, info: Feat, call: LayerCall) -> Feat:
@@ -195,13 +219,16 @@ def depthwise(ctx: Context, node: fx.Node, call: LayerCall, multiplier: int) -> 
 @register(nn.Embedding, F.embedding)
 def embedding(ctx: Context, node: fx.Node) -> Feat:
     """A lookup table (token embeddings): the looked-up ids are the same in every model, the
-    table's columns open a space (M); an output layer tied to it reads the same space."""
+    table's columns open a space (M); an output layer tied to it reads the same space (U), so
+    the tied table becomes two merged tensors (`fxzip.graph.export.own_parameter_names`)."""
     call = layer_call(ctx, node, {"weight": 1}, {}, "F.embedding", "Embedding")
     if ctx.info(call.x) is not SHARED:
         raise Barrier(f"{call.what} looks up ids computed per model")
     weight = call.params["weight"]
+    # its own key: a table also read by a Linear (tied output layer) opens the Linear's space
+    # along its rows, the embedding's along its columns
     feat = ctx.produce(node, axis=len(ctx.shape(node)) - 1, size=ctx.param_shape(weight)[1],
-                       key=ctx.space_key(weight))
+                       key=f"{ctx.space_key(weight)}:embedding")
     ctx.tie(weight, 1, feat)
     return feat
 
@@ -245,14 +272,34 @@ def layer_norm(ctx: Context, node: fx.Node) -> Feat:
     (its parameters are averaged as they are)."""
     call = layer_call(ctx, node, {"weight": 2, "bias": 3}, {"normalized_shape": (1, None)},
                       "layer_norm", "LayerNorm")
+    return _norm_over_last_axis(ctx, node, call)
+
+
+@register(nn.RMSNorm, F.rms_norm, heads=True)
+def rms_norm(ctx: Context, node: fx.Node) -> Feat:
+    """RMSNorm over the channel axis only (the last axis), as LayerNorm: its root mean square is
+    a per-sample statistic that a merged model takes over its merged channels, and its
+    per-channel weight is merged (M). Over head_dim (Qwen3's q/k norms) features stay in place
+    within heads."""
+    call = layer_call(ctx, node, {"weight": 2}, {"normalized_shape": (1, None)}, "rms_norm",
+                      "RMSNorm")
+    return _norm_over_last_axis(ctx, node, call)
+
+
+def _norm_over_last_axis(ctx: Context, node: fx.Node, call: LayerCall) -> Feat:
+    """A norm whose statistics run over the last axis alone (LayerNorm, RMSNorm): the channels
+    keep their space and the per-channel parameters are merged. A tensor split into heads normed
+    over head_dim keeps its features in place within heads (one weight serves every head)."""
     normalized = call.options["normalized_shape"]
+    normalized = (normalized,) if isinstance(normalized, int) else normalized
     if len(normalized) != 1:
         raise Barrier(f"{call.what} over {tuple(normalized)} normalises across more than the "
                       "channel axis")
     info = ctx.info(call.x)
     if headed(info):
         if info.axis != len(ctx.shape(call.x)) - 1:
-            raise Barrier(f"{call.what} over another axis than head_dim of a tensor split into heads")
+            raise Barrier(f"{call.what} over another axis than head_dim of a tensor split into "
+                          "heads")
         ctx.fix_within(info)
         return info
     feat = _input_feat(ctx, node, -1, call.what)
@@ -263,14 +310,58 @@ def layer_norm(ctx: Context, node: fx.Node) -> Feat:
 
 @register(nn.GroupNorm, F.group_norm)
 def group_norm(ctx: Context, node: fx.Node) -> Feat:
-    """GroupNorm with one group (a LayerNorm over C×H×W) or one group per channel: the
-    per-channel affine merged; other groupings normalise within groups of channels."""
+    """GroupNorm: statistics per group of C/G consecutive channels, the per-channel affine merged.
+    One group (a LayerNorm over C×H×W) or one group per channel constrain nothing; otherwise a
+    channel must stay in its group, like a feature in its attention head: a space that spans
+    several groups is split into that many heads (matched head to head, features free within a
+    head); a space inside one group is free. A space cut by a group boundary is asked to be
+    opened as pieces."""
     call = layer_call(ctx, node, {"weight": 2, "bias": 3}, {"num_groups": (1, None)},
                       "group_norm", "group_norm")
     groups, channels = call.options["num_groups"], ctx.shape(call.x)[1]
+    feat = _input_feat(ctx, node, 1, call.what)
     if groups not in (1, channels):
-        raise Barrier(f"GroupNorm with {groups} groups of {channels} channels normalises within "
-                      "groups; zipping supports 1 group or one group per channel")
+        _keep_within_groups(ctx, feat, groups, channels)
+    for param in call.params.values():
+        ctx.tie(param, 0, feat)
+    return feat
+
+
+def _keep_within_groups(ctx: Context, feat: Feat, groups: int, channels: int) -> None:
+    """Record that the channels of `feat` stay within their `groups` groups of consecutive
+    channels: a block that spans whole groups is a head group of one head per group; a block
+    inside one group is free; a block whose ends a group boundary cuts asks for its space to be
+    opened as pieces (the ends apart from the whole groups in between)."""
+    width = channels // groups
+    if any(b.expand != 1 for b in feat.blocks):
+        raise Barrier(f"GroupNorm with {groups} groups over channels repeated over positions")
+    cuts: dict[int, set[int]] = {}
+    spans: list[tuple[int, int]] = []
+    for block, start in zip(feat.blocks, feat.offsets()):
+        end = start + block.size
+        inner = [c for c in range(width, channels, width) if start < c < end]
+        if not inner:
+            continue  # inside one group: its features may move freely
+        ragged = ({inner[0] - start} if start % width else set()) | \
+            ({inner[-1] - start} if end % width else set())
+        if ragged:
+            cuts.setdefault(block.space, set()).update(ragged)
+        else:
+            spans.append((block.space, block.size // width))
+    if cuts:
+        raise SplitRequest(f"GroupNorm with {groups} groups cuts a feature space at a group "
+                           "boundary", cuts)
+    for space, heads in spans:
+        if not ctx.uf.is_pinned(space):  # a pinned space (the input) keeps every channel anyway
+            ctx.head_group((space,), heads, "group norm")
+
+
+@register(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, F.instance_norm)
+def instance_norm(ctx: Context, node: fx.Node) -> Feat:
+    """InstanceNorm: statistics per sample and channel on axis 1, so the channels keep their
+    space; the affine parameters and running statistics (where kept) are merged per channel."""
+    call = layer_call(ctx, node, {"running_mean": 1, "running_var": 2, "weight": 3, "bias": 4},
+                      {}, "instance_norm")
     feat = _input_feat(ctx, node, 1, call.what)
     for param in call.params.values():
         ctx.tie(param, 0, feat)

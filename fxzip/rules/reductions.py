@@ -80,8 +80,9 @@ def vector_norm(ctx: Context, node: fx.Node) -> Any:
 @register(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, nn.Softmax, nn.LogSoftmax,
           "softmax", "log_softmax", heads=True)
 def softmax(ctx: Context, node: fx.Node) -> Any:
-    """Softmax along a non-channel axis is per channel; along the channel axis it is a barrier
-    (along head_dim it keeps features in place within heads)."""
+    """Softmax along a non-channel axis is per channel; along the channel axis it keeps every
+    feature in place (permutation-equivariant), so the space passes through (along head_dim it
+    keeps features in place within heads)."""
     x = node.args[0]
     info = ctx.info(x)
     dim = ctx.module(node).dim if node.op == "call_module" else arg(node, 1, "dim")
@@ -102,8 +103,10 @@ def softmax(ctx: Context, node: fx.Node) -> Any:
         if dim == info.axis:
             ctx.fix_within(info)
         return info
-    if dim is None or norm_dim(dim, len(ctx.shape(x))) == info.axis:
+    if dim is None:
         raise Barrier(f"normalises over the channel axis of '{x.name}'")
+    # along the channel axis too: each output keeps its feature's place (permutation-equivariant),
+    # a per-sample normalisation that merged models take over their merged channels
     return info
 
 

@@ -1,8 +1,10 @@
-"""Op rules of shape ops — reshape/view/flatten/squeeze, permute/transpose, shape queries: they
-follow the channel axis wherever it moves (a flatten of C×H×W expands its space)."""
+"""Op rules of shape ops — reshape/view/flatten/squeeze, permute/transpose, shape queries, pixel
+(un)shuffle: they follow the channel axis wherever it moves (a flatten of C×H×W expands its
+space)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -11,7 +13,7 @@ import torch.nn as nn
 
 from . import heads as head_rules
 from .api import Barrier, Context, arg, headed, norm_dim, passthrough, register
-from .layout import MIXED, Feat, Flat, Stacked
+from .layout import MIXED, Block, Feat, Flat, Stacked
 
 
 def reshape_like(ctx: Context, node: fx.Node) -> Any:
@@ -120,8 +122,8 @@ def _is_prefix_product(dims: tuple[int, ...], value: int) -> bool:
 
 
 register(torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, nn.Flatten, nn.Unflatten,
-         "flatten", "view", "reshape", "squeeze", "unsqueeze", "view_as", "reshape_as",
-         heads=True)(reshape_like)
+         torch.unflatten, "flatten", "view", "reshape", "squeeze", "unsqueeze", "view_as",
+         "reshape_as", "unflatten", heads=True)(reshape_like)
 
 
 @register(torch.permute, "permute", heads=True)
@@ -162,3 +164,69 @@ def shape_query(ctx: Context, node: fx.Node) -> None:
 
 
 register(getattr, "size", "dim", "numel", "ndimension", heads=True)(shape_query)
+
+
+def _channels_at(ctx: Context, x: fx.Node, what: str) -> Feat | None:
+    """The layout of a pixel (un)shuffle's input, whose channels must be on axis -3 (…, C, H, W);
+    None for a value without features."""
+    info = ctx.info(x)
+    if not isinstance(info, Feat):
+        return None
+    if info.axis != len(ctx.shape(x)) - 3:
+        raise Barrier(f"{what} reads '{x.name}', whose channels are not on axis -3")
+    return info
+
+
+def _factor(ctx: Context, node: fx.Node, name: str) -> int:
+    """The upscale or downscale factor of a pixel (un)shuffle, module or function."""
+    if node.op == "call_module":
+        return getattr(ctx.module(node), name)
+    return arg(node, 1, name)
+
+
+@register(nn.PixelShuffle, torch.pixel_shuffle)
+def pixel_shuffle(ctx: Context, node: fx.Node) -> Any:
+    """(…, C·r², H, W) -> (…, C, H·r, W·r): each run of r² consecutive channels becomes one
+    output channel spread over r×r positions. The runs move as wholes and their r² slots keep
+    their places: a space of whole runs is split into C "heads" of r² fixed features (matched
+    head to head), and the output channel is its head space, one feature per head. Channels
+    repeated r² times in a row (a pixel unshuffle before) simply lose the repetition."""
+    x = node.args[0]
+    info = _channels_at(ctx, x, "pixel_shuffle")
+    if info is None:
+        return passthrough(ctx.info(x))
+    slots = _factor(ctx, node, "upscale_factor") ** 2
+    blocks = []
+    for block in info.blocks:
+        if block.expand % slots == 0:
+            blocks.append(replace(block, expand=block.expand // slots))
+        elif block.expand == 1 and block.size % slots == 0:
+            blocks.append(_runs_as_heads(ctx, block, block.size // slots))
+        else:
+            raise Barrier(f"pixel_shuffle by {slots} channels cuts a run of channels of "
+                          f"'{x.name}' between feature spaces")
+    return Feat(info.axis, tuple(blocks))
+
+
+def _runs_as_heads(ctx: Context, block: Block, heads: int) -> Block:
+    """A block read as `heads` runs of consecutive channels that move as wholes, each run's
+    channels in place: the block's space is a head group with a new head space (one feature per
+    run), its features fixed within heads. Returns the head space's block; of a pinned space
+    (the same in every model, e.g. the input), a pinned one."""
+    if ctx.uf.is_pinned(block.space):
+        return Block(ctx.uf.new(heads, pinned=True), heads)
+    head = Block(ctx.uf.new(heads), heads)
+    ctx.head_group((block.space, head.space), heads, "pixel shuffle")
+    ctx.uf.fix(block.space)
+    return head
+
+
+@register(nn.PixelUnshuffle, torch.pixel_unshuffle)
+def pixel_unshuffle(ctx: Context, node: fx.Node) -> Any:
+    """(…, C, H·r, W·r) -> (…, C·r², H, W): each channel becomes r² consecutive channels (its
+    r×r positions), as a flatten of C with the positions: the space expanded r² times."""
+    x = node.args[0]
+    info = _channels_at(ctx, x, "pixel_unshuffle")
+    if info is None:
+        return passthrough(ctx.info(x))
+    return info.expanded(_factor(ctx, node, "downscale_factor") ** 2)

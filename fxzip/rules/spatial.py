@@ -2,6 +2,7 @@
 positions, each channel on its own, so the channel axis keeps its space."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,7 +11,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .api import Barrier, Context, arg, norm_dim, passthrough, register
-from .layout import Feat
+from .layout import MIXED, Feat
+
+
+def _per_channel_axes(kept: int, ndim: int) -> Callable[[tuple], list | None]:
+    """The axis labels of a parameter after an op that keeps the number of axes and its first
+    `kept` axes (batch, channels) and combines positions along the others: those are MIXED (a
+    pooled or resized parameter axis is no whole one that a space could run along), the first
+    ones keep their labels (HF BEiT interpolates its relative position bias table, heads on
+    axis 1, over its positions)."""
+    def remap(axes: tuple) -> list | None:
+        if len(axes) != ndim:
+            return None
+        return list(axes[:kept]) + [None if a is None else MIXED for a in axes[kept:]]
+    return remap
 
 
 def spatial(ctx: Context, node: fx.Node) -> Any:
@@ -18,7 +32,9 @@ def spatial(ctx: Context, node: fx.Node) -> Any:
     x = node.args[0] if node.args else node.kwargs.get("input")
     info = ctx.info(x)
     if not isinstance(info, Feat):
-        return passthrough(info)
+        out, shape = ctx.shape(node), ctx.shape(x)
+        same_rank = out is not None and shape is not None and len(out) == len(shape)
+        return passthrough(info, _per_channel_axes(2, len(shape)) if same_rank else None)
     if info.axis != 1:
         raise Barrier(f"pools or resizes '{x.name}' whose channels are on axis {info.axis}, not 1")
     return info
