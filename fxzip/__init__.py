@@ -7,6 +7,7 @@ from .errors import (ArchitectureMismatchError, CalibrationWarning, CheckpointEr
                      FxzipError, InputError, MatchingError, NonFiniteError, RecipeError,
                      StopPointError, TraceError)
 from .io.saving import load, save
+from .io.to_model import to_model
 from .matching import Match, match_features
 from .options import MergeOptions
 from .passes.analysis import Analysis
@@ -16,7 +17,7 @@ from .zipper import Zipper
 __version__ = "0.1.0"
 
 __all__ = [
-    "merge", "merge_all", "analyze", "save", "load", "reset_bn", "Zipper", "MergeOptions",
+    "merge", "merge_all", "analyze", "save", "load", "to_model", "reset_bn", "Zipper", "MergeOptions",
     "MergeReport", "Analysis", "Match", "Corrections", "CorrectionReport", "AutoSettings",
     "match_features", "FxzipError", "TraceError", "ArchitectureMismatchError", "StopPointError",
     "InputError", "NonFiniteError", "MatchingError", "RecipeError", "CheckpointError", "ExportError",

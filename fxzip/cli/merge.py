@@ -1,7 +1,11 @@
 """`fxzip merge RECIPE.yaml -o OUT_DIR`: run a recipe on model files and calibration data.
 
 OUT_DIR receives `merged.pt2` (a torch.export program, dynamic batch), `recipe.yaml` (the recipe
-as resolved), `report.json`, `report.png` and a `README.md` model card. Everything is written to a
+as resolved), `report.json`, `report.png` and a `README.md` model card. Where every model is a
+transformers folder (`transformers:AUTO_CLASS:DIR`) and the merge kept the architecture (one
+shared output at width 1: `fxzip.to_model` takes it), `model/` replaces `merged.pt2`: the merged
+model written by `save_pretrained`, with the first model's tokenizer files, that
+`AUTO_CLASS.from_pretrained(OUT_DIR / "model")` loads. Everything is written to a
 temporary folder next to OUT_DIR and renamed into place at the end, so a failed merge leaves
 nothing behind.
 
@@ -34,13 +38,18 @@ from torch.utils.data import DataLoader, Subset
 from ..api import merge_all
 from ..errors import FxzipError, InputError
 from ..io.calibration_data import load_calibration
-from ..io.model_loading import build_model, data_config, load_checkpoint
+from ..io.model_loading import (build_model, data_config, is_transformers, load_checkpoint,
+                                transformers_folder)
 from ..io.recipe import CalibrationSpec, Recipe, dump, load_recipe, resolved
-from ..io.saving import MERGED_FILE, report_dict, save
+from ..io.saving import MERGED_FILE, MODEL_FOLDER, report_dict, save
+from ..io.to_model import to_model
 from ..runtime import distributed
+from ..runtime.inputs import call_model, describe, leading, to_device
 from .guard import guarded
 
 OUTPUT_FILES = (MERGED_FILE, "recipe.yaml", "report.json", "report.png", "README.md")
+# files of a transformers folder that the merged model's own save_pretrained writes afresh
+WRITTEN_BY_SAVE = ("config.json", "generation_config.json", "model.safetensors.index.json")
 
 
 def add_parser(sub: Any) -> None:
@@ -139,7 +148,8 @@ def run_merge(recipe_path: str | Path, out_dir: str | Path, *, device: str | Non
         problem = None
         if writer:
             try:
-                write_output(merged, batches, recipe, preprocessing, out_dir, torch_device, say)
+                write_output(merged, batches, recipe, preprocessing, out_dir, torch_device, say,
+                             models)
             except BaseException as exc:
                 problem = exc
         # every rank waits here for rank 0's result (a barrier that carries whether it wrote)
@@ -158,19 +168,31 @@ class OutputNotWritten(FxzipError):
 
 
 def write_output(merged: nn.Module, batches: Any, recipe: Recipe, preprocessing: dict[str, Any],
-                 out_dir: Path, torch_device: torch.device, say: Any) -> None:
+                 out_dir: Path, torch_device: torch.device, say: Any,
+                 models: list[nn.Module] | None = None) -> None:
     """Write OUT_DIR's files into a temporary folder next to it and rename that into place."""
-    example = _first_batch(batches).to(torch_device)
+    example = to_device(_first_batch(batches), torch_device)
     created = _missing_parents(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
-        say(f"exporting {out_dir / MERGED_FILE}")
-        save(merged, work / MERGED_FILE, example=(example.cpu(),))
+        model = as_transformers_model(merged, models or [], recipe, example)
+        if model is not None:
+            say(f"writing {out_dir / MODEL_FOLDER} (save_pretrained)")
+            model.save_pretrained(work / MODEL_FOLDER)
+            _copy_tokenizer(recipe, work / MODEL_FOLDER)
+        else:
+            say(f"exporting {out_dir / MERGED_FILE}")
+            save(merged, work / MERGED_FILE, example=to_device(example, torch.device("cpu"))
+                 if isinstance(example, dict) else (example.cpu(),))
         report = report_dict(merged.fxzip_report)
-        report["inputs"] = {"shape": ["batch", *example.shape[1:]], "dtype": str(example.dtype),
-                            "preprocessing": preprocessing}
+        report["inputs"] = {"batch": describe(example), "preprocessing": preprocessing}
+        if isinstance(example, torch.Tensor):
+            report["inputs"].update(shape=["batch", *example.shape[1:]], dtype=str(example.dtype))
         report["outputs"] = describe_outputs(merged, example, recipe)
+        if model is not None:
+            report["transformers"] = {"folder": MODEL_FOLDER, "class": type(model).__name__,
+                                      "auto_class": recipe.models[0].model.split(":", 2)[1]}
         (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (work / "recipe.yaml").write_text(dump(resolved(recipe, str(torch_device))))
         merged.fxzip_report.plot(work / "report.png")
@@ -181,6 +203,29 @@ def write_output(merged: nn.Module, batches: Any, recipe: Recipe, preprocessing:
         for folder in reversed(created):
             shutil.rmtree(folder, ignore_errors=True)
         raise
+
+
+def as_transformers_model(merged: nn.Module, models: list[nn.Module], recipe: Recipe,
+                          example: Any) -> nn.Module | None:
+    """The merged model as the first model's transformers class, where every model of the recipe
+    is a transformers folder and the merge kept the architecture; None otherwise (a `.pt2`)."""
+    if not models or not all(is_transformers(spec.model) for spec in recipe.models):
+        return None
+    try:
+        return to_model(merged, like=models[0], example=example)
+    except InputError:
+        return None
+
+
+def _copy_tokenizer(recipe: Recipe, folder: Path) -> None:
+    """The first model's tokenizer and other non-weight files, next to the merged weights."""
+    search = [recipe.path.parent] if recipe.path is not None else []
+    source = transformers_folder(recipe.models[0].model, [*search, Path.cwd()])
+    for path in source.iterdir():
+        if path.is_file() and path.name not in WRITTEN_BY_SAVE and \
+                path.suffix not in (".safetensors", ".bin", ".pt", ".pth") and \
+                not (folder / path.name).exists():
+            shutil.copy2(path, folder / path.name)
 
 
 @contextmanager
@@ -217,11 +262,10 @@ def shard(batches: Any, rank: int, world: int) -> Any:
     return list(batches)[rank::world]
 
 
-def describe_outputs(merged: nn.Module, example: torch.Tensor,
-                     recipe: Recipe) -> list[dict[str, Any]]:
-    """One entry per output: the model it stands for and its shape."""
+def describe_outputs(merged: nn.Module, example: Any, recipe: Recipe) -> list[dict[str, Any]]:
+    """One entry per output: the model it stands for and its shape (or its type)."""
     with torch.no_grad():
-        outputs = merged(example[:2])
+        outputs = call_model(merged, leading(example, 2))
     if not isinstance(outputs, (tuple, list)):
         outputs = (outputs,)
     described = []
@@ -245,8 +289,10 @@ def model_card(recipe: Recipe, report: dict[str, Any]) -> str:
              f"{len(recipe.models)} models merged with fxzip (ZipIt!) into one multi-head "
              "model.", "",
              "## Inputs", "",
-             f"One tensor of shape ({', '.join(map(str, inputs['shape']))}), {inputs['dtype']}; "
-             "any batch size.", "",
+             (f"One tensor of shape ({', '.join(map(str, inputs['shape']))}), {inputs['dtype']}; "
+              "any batch size." if "shape" in inputs else
+              f"Keyword inputs as the calibration batches: {inputs['batch']}; any batch size."),
+             "",
              f"Preprocessing: {inputs['preprocessing'].get('source')}", ""]
     if "transform" in inputs["preprocessing"]:
         lines += ["```", inputs["preprocessing"]["transform"], "```", ""]
@@ -266,14 +312,22 @@ def model_card(recipe: Recipe, report: dict[str, Any]) -> str:
                   f"{c['ensemble_parameters']:,})",
                   f"- FLOPs per sample: {c['flops']:,} (ensemble: {c['ensemble_flops']:,})"]
     lines += ["", "Details per feature space: `report.json`, `report.png`; the recipe as run: "
-              "`recipe.yaml`.", "", "## Loading", "", "Plain PyTorch, no fxzip or timm needed:", "",
-              "```python", "import torch", "model = torch.export.load('merged.pt2').module()",
-              "outputs = model(x)  # one output per input model", "```", "",
-              "or `fxzip.load('merged.pt2')`, which also attaches the merge report.", ""]
+              "`recipe.yaml`.", "", "## Loading", ""]
+    hf = report.get("transformers")
+    if hf:
+        lines += [f"A transformers {hf['class']} in `{hf['folder']}/` (the inputs' own class, "
+                  "written by `save_pretrained`):", "", "```python", "import transformers",
+                  f"model = transformers.{hf['auto_class']}.from_pretrained('{hf['folder']}')",
+                  "```", ""]
+    else:
+        lines += ["Plain PyTorch, no fxzip or timm needed:", "",
+                  "```python", "import torch", "model = torch.export.load('merged.pt2').module()",
+                  "outputs = model(x)  # one output per input model", "```", "",
+                  "or `fxzip.load('merged.pt2')`, which also attaches the merge report.", ""]
     return "\n".join(lines)
 
 
-def _first_batch(batches: Any) -> torch.Tensor:
+def _first_batch(batches: Any) -> Any:
     batch = next(iter(batches))
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 

@@ -84,10 +84,11 @@ def load_calibration(data: str | Path, config: dict[str, Any] | None = None, *,
                      limit: int | None = None, batch_size: int = 64, seed: int = 0,
                      size: tuple[int, int] | None = None, mean: Sequence[float] | None = None,
                      std: Sequence[float] | None = None, interpolation: str | None = None,
-                     crop_pct: float | None = None) -> DataLoader | list[torch.Tensor]:
+                     crop_pct: float | None = None) -> DataLoader | list[torch.Tensor] | list[dict[str, torch.Tensor]]:
     """Calibration batches for `fxzip.merge`: a DataLoader over an image folder (re-iterable,
-    decoded on the fly, in a fixed order), or the batches of a tensor file. `limit` takes a
-    random subset (fixed by `seed`) of the images, or the first `limit` samples of a tensor."""
+    decoded on the fly, in a fixed order), or the batches of a tensor file (one tensor; or a dict
+    of tensors, each batch then a dict of keyword inputs). `limit` takes a random subset (fixed by
+    `seed`) of the images, or the first `limit` samples of a tensor file."""
     path = Path(data)
     if not path.exists():
         raise InputError(f"calibration data {path} not found")
@@ -138,11 +139,27 @@ def _tensor_batches(path: Path, limit: int | None, batch_size: int) -> list[torc
         raise
     except Exception as e:  # noqa: BLE001 - any reader failure is an unreadable file
         raise InputError(f"cannot read calibration data {path}: {str(e).splitlines()[0]}") from None
+    if isinstance(tensor, dict) and tensor and all(isinstance(v, torch.Tensor)
+                                                   for v in tensor.values()):
+        return _keyword_batches(path, tensor, limit, batch_size)
     if not isinstance(tensor, torch.Tensor):
         raise InputError(f"calibration data {path} holds a {type(tensor).__name__}, not one tensor "
-                         "(N, C, H, W)")
+                         "(N, C, H, W) or a dict of tensors of N samples each (a model's keyword "
+                         "inputs: input_ids, attention_mask, ...)")
     if tensor.dim() < 2 or tensor.shape[0] == 0:
         raise InputError(f"calibration data {path} has shape {tuple(tensor.shape)}; expected "
-                         "(N, C, H, W) with N > 0")
-    tensor = tensor[:limit].float()
+                         "(N, C, H, W) with N > 0 (or (N, T) token ids)")
+    # images as floats; integer tensors (token ids) as they are
+    tensor = tensor[:limit] if not tensor.is_floating_point() else tensor[:limit].float()
     return list(tensor.split(batch_size))
+
+
+def _keyword_batches(path: Path, tensors: dict[str, torch.Tensor], limit: int | None,
+                     batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Dict batches of a file holding {keyword: tensor (N, ...)} (a transformers model's inputs)."""
+    sizes = {k: v.shape[0] if v.dim() else 0 for k, v in tensors.items()}
+    if len(set(sizes.values())) != 1 or 0 in sizes.values():
+        raise InputError(f"calibration data {path}: every tensor of the dict must hold the same "
+                         f"number N > 0 of samples along its first axis; found {sizes}")
+    parts = {k: v[:limit].split(batch_size) for k, v in tensors.items()}
+    return [dict(zip(parts, batch)) for batch in zip(*parts.values())]

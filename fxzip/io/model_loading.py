@@ -1,7 +1,10 @@
 """Build a model from its name and load a checkpoint into it, with errors that name what is wrong.
 
-A model is a timm name (`resnet50`), `torchvision:NAME`, or `package.module:callable` (any
-importable function or class; the recipe's folder and the working directory are searched too).
+A model is a timm name (`resnet50`), `torchvision:NAME`, `transformers:AUTO_CLASS:DIR` (a
+transformers model saved with `save_pretrained` into the local folder DIR, read from its files,
+nothing from the hub; e.g. `transformers:AutoModelForCausalLM:runs/lm_a`), or
+`package.module:callable` (any importable function or class; the recipe's folder and the working
+directory are searched too).
 Checkpoints are state dicts in `.safetensors` (read by safetensors) or `.pt`/`.pth`/`.bin`
 (`torch.load(weights_only=True)`: no code runs), also nested under `state_dict`/`model`, and
 with the `module.` prefix of DataParallel/DDP stripped.
@@ -21,6 +24,7 @@ import torch.nn as nn
 from ..errors import CheckpointError
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
+TRANSFORMERS = "transformers:"
 NESTING_KEYS = ("state_dict", "model")
 SHOWN_KEYS = 3
 
@@ -31,6 +35,8 @@ def build_model(name: str, kwargs: Mapping[str, Any] | None = None,
     kwargs = dict(kwargs or {})
     if name.startswith("torchvision:"):
         model = _torchvision_model(name.split(":", 1)[1], kwargs)
+    elif name.startswith(TRANSFORMERS):
+        model = _transformers_model(name, kwargs, search_paths)
     elif ":" in name:
         model = _callable_model(name, kwargs, search_paths)
     else:
@@ -69,6 +75,52 @@ def _torchvision_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
     except TypeError as e:
         raise CheckpointError(f"torchvision model {name!r} rejects the kwargs {kwargs}: "
                               f"{e}") from None
+
+
+def is_transformers(name: str) -> bool:
+    """Whether a recipe's model name is a transformers folder (`transformers:AUTO_CLASS:DIR`)."""
+    return name.startswith(TRANSFORMERS)
+
+
+def transformers_folder(name: str, search_paths: Sequence[str | Path] = ()) -> Path:
+    """The folder of `transformers:AUTO_CLASS:DIR`: DIR as given, else under the first search
+    path (the recipe's folder) that holds it."""
+    parts = name.split(":", 2)
+    if len(parts) != 3 or not parts[1] or not parts[2]:
+        raise CheckpointError(f"model {name!r}: write transformers:AUTO_CLASS:DIR, e.g. "
+                              "transformers:AutoModelForCausalLM:runs/lm_a (a folder written by "
+                              "save_pretrained)")
+    folder = Path(parts[2]).expanduser()
+    if not folder.is_absolute():
+        folder = next((Path(p) / folder for p in search_paths if (Path(p) / folder).is_dir()),
+                      folder)
+    return folder
+
+
+def _transformers_model(name: str, kwargs: dict[str, Any],
+                        search_paths: Sequence[str | Path]) -> nn.Module:
+    try:
+        import transformers
+    except ImportError:
+        raise CheckpointError(f"model {name!r} needs the transformers package: pip install "
+                              "'fxzip[hf]'") from None
+    auto_class = name.split(":", 2)[1]
+    folder = transformers_folder(name, search_paths)
+    cls = getattr(transformers, auto_class, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        close = difflib.get_close_matches(auto_class, [n for n in dir(transformers)
+                                                       if n.startswith("Auto")], n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise CheckpointError(f"model {name!r}: transformers has no model class "
+                              f"{auto_class!r}{hint}")
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"model {name!r}: {folder} is not a folder written by "
+                              "save_pretrained (no config.json there)")
+    try:
+        return cls.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    except (OSError, ValueError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load {name!r} from {folder}: {reason}") from None
 
 
 def _callable_model(name: str, kwargs: dict[str, Any],

@@ -26,6 +26,7 @@ from ..report import MergeReport
 
 REPORT_FILE = "fxzip_report.json"
 MERGED_FILE = "merged.pt2"  # what `fxzip merge` writes into its output folder
+MODEL_FOLDER = "model"  # ... or, for transformers models merged into their own class, this folder
 
 
 def example_input(model: fx.GraphModule) -> tuple[torch.Tensor, ...]:
@@ -45,35 +46,42 @@ def example_input(model: fx.GraphModule) -> tuple[torch.Tensor, ...]:
     return tuple(examples)
 
 
-def export(model: nn.Module, example: tuple[torch.Tensor, ...] | None = None, *,
+def export(model: nn.Module, example: tuple[torch.Tensor, ...] | dict | None = None, *,
            dynamic_batch: bool = True) -> torch.export.ExportedProgram:
     """The merged model as an exported program on the CPU, in eval mode, with a dynamic batch axis.
-    The model itself is not modified."""
+    `example`: positional inputs, or a dict of keyword inputs (a transformers batch). The model
+    itself is not modified."""
     if example is None:
         if not isinstance(model, fx.GraphModule):
             raise ExportError("pass example=(x,) to export a model that is not a GraphModule")
         example = example_input(model)
-    example = tuple(x.cpu() for x in example)
+    keywords = example if isinstance(example, dict) else {}
+    example = () if keywords else tuple(x.cpu() for x in example)
+    keywords = {k: v.cpu() for k, v in keywords.items()}
     if device_of(model) != torch.device("cpu") or model.training:
         model = copy.deepcopy(model).cpu().eval()
-    dynamic = None
+    dynamic: Any = None
     if dynamic_batch:
         batch = torch.export.Dim("batch")
-        dynamic = tuple({0: batch} if x.dim() else None for x in example)
+        axis = lambda x: {0: batch} if x.dim() else None  # noqa: E731
+        dynamic = {k: axis(v) for k, v in keywords.items()} if keywords else \
+            tuple(axis(x) for x in example)
     try:
         with torch.no_grad():
-            return torch.export.export(model, example, dynamic_shapes=dynamic, strict=False)
+            return torch.export.export(model, example, kwargs=keywords or None,
+                                       dynamic_shapes=dynamic, strict=False)
     except Exception as e:  # noqa: BLE001 - export failures come in many classes
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if dynamic_batch and ("Constraint" in type(e).__name__ or "batch" in str(e)):
             raise ExportError(
                 f"the merged model cannot take a dynamic batch size (its graph fixes it to "
-                f"{example[0].shape[0]}): {text}; save it for one batch size with "
+                f"{next(iter([*example, *keywords.values()])).shape[0]}): {text}; save it for one batch size with "
                 "fxzip.save(..., dynamic_batch=False)") from e
         raise ExportError(f"torch.export failed on the merged model: {text}") from e
 
 
-def save(merged: nn.Module, path: str | Path, *, example: tuple[torch.Tensor, ...] | None = None,
+def save(merged: nn.Module, path: str | Path, *,
+         example: tuple[torch.Tensor, ...] | dict | None = None,
          dynamic_batch: bool = True) -> Path:
     """Write `merged` as a `.pt2` program (plain `torch.export.load` reads it, without fxzip,
     timm or the models' classes), its `fxzip_report` inside. Returns the path written."""
@@ -97,6 +105,10 @@ def load(path: str | Path) -> nn.Module:
     archive has none)."""
     path = Path(path)
     if path.is_dir():
+        if not (path / MERGED_FILE).is_file() and (path / MODEL_FOLDER / "config.json").is_file():
+            raise ExportError(f"folder {path} holds a transformers model ({path / MODEL_FOLDER}), "
+                              "not a .pt2: load it with transformers' from_pretrained (see "
+                              f"{path / 'README.md'})")
         if not (path / MERGED_FILE).is_file():
             raise ExportError(f"folder {path} holds no {MERGED_FILE} (the file `fxzip merge` "
                               "writes there); pass the path of a saved .pt2 file")
