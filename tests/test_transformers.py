@@ -66,6 +66,25 @@ def test_two_different_models_merge_into_one_that_runs():
     assert all(torch.isfinite(o.logits).all() for o in outs)
 
 
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_merged_models_take_sequences_of_any_length(family):
+    """Token sequences of other lengths than the calibration's (the length axis exported as
+    dynamic and checked): a permuted self-merge gives the model back at lengths 5 and 20."""
+    model = hf_families.build(family)
+    batches = [hf_families.batch(family, seed=0), hf_families.batch(family, seed=2)]
+    copy, _ = fxzip.testing.permuted_copy(model, batches[0], seed=1)
+    short = {k: v[:, :5] for k, v in hf_families.batch(family, seed=1).items()}
+    merged = fxzip.merge(model, copy, batches, reset_bn=False, progress=False)
+    generator = torch.Generator().manual_seed(3)
+    long = {"input_ids": torch.randint(3, hf_families.VOCAB, (2, 20), generator=generator),
+            "attention_mask": torch.ones(2, 20, dtype=torch.long)}
+    for batch in (short, long):
+        with torch.no_grad():
+            want = hf_families.logits(model(**batch))
+            outs = merged(**batch)
+        assert all(relative_error(hf_families.logits(o), want) < 1e-5 for o in outs)
+
+
 def test_capture_can_be_forced_and_is_reported():
     model, batch = hf_families.build("resnet"), hf_families.batch("resnet")
     with pytest.raises(fxzip.InputError, match="capture must be one of"):

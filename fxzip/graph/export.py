@@ -5,7 +5,9 @@ maintain, and it captures models that symbolic tracing cannot (transformers 5 ha
 
 Its ATen ops become the torch calls the op-rule table knows (`fxzip.graph.aten`), and the
 exported module is made a plain GraphModule that the passes can read and copy: the shape
-guards export adds are dropped (the batch axis is left dynamic where the model allows), forward
+guards export adds are dropped (the batch axis is left dynamic where the model allows, and the
+length axis of token sequences where the graph then computes the model's outputs on shorter
+sequences too: a checked export, else the example's length), forward
 arguments fixed while exporting (`use_cache=False`, `concrete_args`) become optional inputs with
 those values, and the model's output structure (a `ModelOutput`, a dict, a tuple) is kept in
 `gm.fxzip_out_spec` while the graph returns its tensors flat. A parameter that several modules
@@ -52,13 +54,23 @@ def export(model: nn.Module, example: Batch, *, concrete_args: dict | None = Non
         raise InputError(f"{overlap} are both in the calibration batches and in concrete_args; "
                          "give each forward argument once")
     kwargs.update(fixed)
-    try:
-        program = torch.export.export(private, args, kwargs, strict=False,
-                                      dynamic_shapes=_batch_axis(args, kwargs))
-    except Exception as exc:  # torch.export raises many types
-        raise capture_error("torch.export", type(model).__name__, private, exc,
-                            on=f" on {describe(example)}") from exc
-    gm = _plain(program.module(), fixed)
+    gm = None
+    if _sequences(args, kwargs):  # token ids of any length, where the graph computes the same
+        try:
+            gm = _plain(torch.export.export(private, args, kwargs, strict=False, dynamic_shapes=
+                                            _dynamic_axes(args, kwargs, True)).module(), fixed)
+        except Exception:  # noqa: BLE001 - the batch axis alone is tried next
+            gm = None
+        if gm is not None and not _same_when_shorter(gm, private, args, kwargs):
+            gm = None
+    if gm is None:
+        try:
+            program = torch.export.export(private, args, kwargs, strict=False,
+                                          dynamic_shapes=_dynamic_axes(args, kwargs, False))
+        except Exception as exc:  # torch.export raises many types
+            raise capture_error("torch.export", type(model).__name__, private, exc,
+                                on=f" on {describe(example)}") from exc
+        gm = _plain(program.module(), fixed)
     own_parameter_names(gm, private)
     functional_from_aten(gm)
     einsums_as_matmuls(gm)
@@ -147,14 +159,49 @@ def _fixed_arguments(model: nn.Module, given: dict, concrete_args: dict | None) 
     return fixed
 
 
-def _batch_axis(args: tuple, kwargs: dict) -> Any:
+def _sequences(args: tuple, kwargs: dict) -> bool:
+    """Whether the inputs hold token sequences: integer or bool (batch, length) tensors."""
+    return any(_is_sequence(v) for v in (*args, *kwargs.values()))
+
+
+def _is_sequence(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() == 2 and \
+        not value.is_floating_point() and value.shape[1] > 2
+
+
+def _dynamic_axes(args: tuple, kwargs: dict, sequence: bool) -> Any:
     """Dynamic shapes for `torch.export`: the first axis of every tensor input automatic (dynamic
-    where the model allows it, else the example's size), nothing else."""
+    where the model allows it, else the example's size); with `sequence` also the length axis of
+    token sequences (input ids, attention masks)."""
     def spec(value: Any) -> Any:
-        return {0: torch.export.Dim.AUTO} if isinstance(value, torch.Tensor) and value.dim() \
-            else None
+        if not isinstance(value, torch.Tensor) or not value.dim():
+            return None
+        axes = {0: torch.export.Dim.AUTO}
+        if sequence and _is_sequence(value):
+            axes[1] = torch.export.Dim.AUTO
+        return axes
     return {key: spec(value) for key, value in kwargs.items()} if kwargs else \
         tuple(spec(value) for value in args)
+
+
+def _same_when_shorter(gm: fx.GraphModule, model: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether the graph exported with a dynamic length computes what the model computes on
+    sequences one token shorter (a graph that specialised a length somewhere would not)."""
+    def shorter(value: Any) -> Any:
+        return value[:, :-1] if _is_sequence(value) else value
+    short_args, short_kwargs = tuple(map(shorter, args)), \
+        {k: shorter(v) for k, v in kwargs.items()}
+    try:
+        with torch.no_grad():
+            got = pytree.tree_leaves(gm(*short_args, **short_kwargs))
+            want = pytree.tree_leaves(model(*short_args, **short_kwargs))
+    except Exception:  # noqa: BLE001 - a graph that cannot take another length is not kept
+        return False
+    got = [t for t in got if isinstance(t, torch.Tensor)]
+    want = [t for t in want if isinstance(t, torch.Tensor)]
+    return len(got) == len(want) and all(
+        g.shape == w.shape and torch.allclose(g, w, rtol=1e-4, atol=1e-5)
+        for g, w in zip(got, want))
 
 
 def _plain(gm: fx.GraphModule, fixed: dict) -> fx.GraphModule:
