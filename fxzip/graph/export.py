@@ -30,6 +30,7 @@ from ..runtime.inputs import Batch, describe
 from .aten import functional_from_aten
 from .capture import einsums_as_matmuls
 from .capture_errors import capture_error
+from .module_calls import module_calls
 from .nodes import module_attribute, route_through_inplace_ops
 from .shapes import propagate_shapes
 
@@ -73,6 +74,7 @@ def export(model: nn.Module, example: Batch, *, concrete_args: dict | None = Non
         gm = _plain(program.module(), fixed)
     own_parameter_names(gm, private)
     functional_from_aten(gm)
+    module_calls(gm, private)
     einsums_as_matmuls(gm)
     route_through_inplace_ops(gm)
     propagate_shapes(gm, example, type(model).__name__)
