@@ -1,8 +1,9 @@
 """Hugging Face encoders and vision models through the torch.export front end: tiny
 random-initialised models (`benchmarks.common.hf_families`) whose position ids come from integer
 buffers (BERT, RoBERTa, ELECTRA: token-type ids gathered from one too; DistilBERT, CLIP's vision
-tower), whose attention adds an interpolated relative position bias per head (BEiT), or a CNN
-with layer scales (ConvNeXt). Each merged with a PERMUTED copy of itself
+tower), whose attention adds an interpolated relative position bias per head (BEiT) or folds
+its heads into the batch axis for `torch.bmm` (DeBERTa-v2), or a CNN with layer scales
+(ConvNeXt). Each merged with a PERMUTED copy of itself
 (`fxzip.testing.permuted_copy`) must give the model's output back, zipped through every layer
 but the output layers, the heads returning the model's own output type."""
 import pytest
@@ -15,7 +16,8 @@ from benchmarks.common import hf_families  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::fxzip.CalibrationWarning")
 
-FAMILIES = ["bert", "roberta", "electra", "distilbert", "clip_vision", "beit", "convnext"]
+FAMILIES = ["bert", "roberta", "electra", "distilbert", "clip_vision", "beit", "convnext",
+            "deberta_v2"]
 # CLIP's vision tower returns its residual stream (last_hidden_state): every layer writes to an
 # output, so each model keeps them all unless the merge has one shared output
 SHARED_OUTPUT = {"clip_vision"}
@@ -46,17 +48,3 @@ def test_permuted_self_merge_gives_the_model_back(family):
     for out in outs:
         assert type(out) is type(expected)  # the model's own ModelOutput
         assert relative_error(hf_families.logits(out), ref) < 1e-5
-
-
-def test_deberta_v2_barrier_says_what_and_why():
-    """DeBERTa-v2 folds its attention heads into the batch axis ((B, H, N, d) viewed as
-    (B·H, N, d) for `torch.bmm`), which fxzip does not follow: the barrier names the reshape."""
-    model, batch = hf_families.build("deberta_v2"), hf_families.batch("deberta_v2")
-    analysis = fxzip.analyze(model, batch, capture="export")
-    if not analysis.barriers:
-        pytest.skip("heads folded into the batch axis are followed now: add deberta_v2 to "
-                    "FAMILIES")
-    first = analysis.barriers[0]
-    assert first.op == "view" and "attention heads" in first.reason
-    assert "across its head axis" in first.reason
-    assert analysis.layers_in({n.name for n in analysis.nodes}) > 0

@@ -94,6 +94,15 @@ def _einsum(args: tuple, kwargs: dict) -> Call:
     return Call("call_function", torch.einsum, (args[0], *_arg(args, kwargs, 1, "tensors")), {})
 
 
+def _new(name: str) -> Callable[[tuple, dict], Call]:
+    """`x.new_zeros(size, *, dtype, layout, device, pin_memory)` and its kind: a tensor of
+    `x`'s dtype and device, with none of its values."""
+    def convert(args: tuple, kwargs: dict) -> Call:
+        keep = {k: v for k, v in kwargs.items() if k in ("dtype", "device") and v is not None}
+        return Call("call_method", name, tuple(args), keep)
+    return convert
+
+
 def _to(args: tuple, kwargs: dict) -> Call:
     """`x.to(...)`: a dtype and/or device, whatever the overload."""
     keep = {k: v for k, v in kwargs.items() if k in ("dtype", "device", "non_blocking", "copy")}
@@ -175,10 +184,13 @@ ATEN: dict[Any, Callable[[tuple, dict], Call]] = {
     aten.contiguous.default: _same("contiguous", keep=1, method=True),
     aten.clone.default: _same("clone", keep=1, method=True),
     aten.transpose.int: _same(torch.transpose), aten.t.default: _same(torch.t),
+    aten.swapaxes.default: _same(torch.transpose), aten.swapdims.default: _same(torch.transpose),
     aten.permute.default: _same(torch.permute), aten.unsqueeze.default: _same(torch.unsqueeze),
     aten.squeeze.dim: _same(torch.squeeze), aten.squeeze.dims: _same(torch.squeeze),
     aten.flatten.using_ints: _same(torch.flatten), aten.unflatten.int: _same(torch.unflatten),
     aten.einsum.default: _einsum,
+    **{getattr(aten, name).default: _new(name)
+       for name in ("new_zeros", "new_ones", "new_empty", "new_full")},
     aten.cat.default: _same(torch.cat), aten.stack.default: _same(torch.stack),
     aten.split.Tensor: _same(torch.split), aten.split_with_sizes.default: _same(torch.split),
     aten.chunk.default: _same(torch.chunk), aten.unbind.int: _same(torch.unbind),

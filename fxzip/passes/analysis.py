@@ -7,6 +7,7 @@ the barriers, and the valid stop points.
 from __future__ import annotations
 
 import difflib
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import StopPointError
+from ..graph.nodes import is_inplace
 from ..graph.shapes import tensor_shape
 from ..rules import timm as timm_rules  # importing fxzip.rules fills the op-rule table
 from ..rules.layout import BLOCKED, SHARED, Feat, Lazy, Stacked
@@ -162,8 +164,11 @@ class Analysis:
             if shape is None:
                 return None
             # an integer or boolean tensor (position ids, a relative position index, a mask)
-            # never carries features: like an input's ids it is the same role in every model
-            return SHARED if _is_index(node) else Lazy(node.name, tuple(range(len(shape))))
+            # never carries features: like an input's ids it is the same role in every model;
+            # nor does a constant that torch.export lifted out of the forward code
+            if _is_index(node) or _is_lifted_constant(node):
+                return SHARED
+            return Lazy(node.name, tuple(range(len(shape))))
         if node.op == "output":
             return None
         inputs = [ctx.info(n) for n in node.all_input_nodes]
@@ -251,16 +256,41 @@ class Analysis:
         return spaces
 
     def _ancestors(self, names: list[str]) -> set[str]:
+        """`names` and every node they read, directly or not, closed under mutation: an op that
+        writes in place into a tensor of the set (or into a view of one: `mask[:, :3] += 1`,
+        torch.export's `fill_` of a slice) joins it with what it reads, so that the trunk
+        computes the tensor with its writes (a write left to the heads would change each head's
+        copy, never the trunk's tensor)."""
         by_name = {n.name: n for n in self.nodes}
         seen: set[str] = set()
         stack = list(names)
-        while stack:
-            name = stack.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            stack.extend(n.name for n in by_name[name].all_input_nodes)
-        return seen
+        writes = self._writes()
+        while True:
+            while stack:
+                name = stack.pop()
+                if name in seen:
+                    continue
+                seen.add(name)
+                stack.extend(n.name for n in by_name[name].all_input_nodes)
+            stack = [write for write, base in writes if base in seen and write not in seen]
+            if not stack:
+                return seen
+
+    def _writes(self) -> list[tuple[str, str]]:
+        """(node, base) for every node that writes in place into a tensor that later ops may
+        read without reading the node: into a view of `base`, or into `base` itself where the
+        graph does not route `base`'s later readers through the write (an ATen op, `x[i] = v`;
+        `fxzip.graph.nodes.route_through_inplace_ops` routes the others)."""
+        if not hasattr(self, "_writes_found"):
+            found = []
+            for n in self.nodes:
+                if not _writes_in_place(self.gm, n):
+                    continue
+                base = _view_base(n.args[0])
+                if base is not n.args[0] or not is_inplace(n, self.gm):
+                    found.append((n.name, base.name))
+            self._writes_found = found
+        return self._writes_found
 
     def descendants(self, names: set[str]) -> set[str]:
         """`names` and every node that reads them, directly or not (graph order)."""
@@ -320,6 +350,9 @@ class Analysis:
                 cut = {n.name for n in self.nodes if n.name not in head
                        and _inside_heads(self.infos.get(n.name))
                        and any(u.name in head for u in n.users)}
+                # a tensor written in place by a head's op is the heads' too (`_ancestors`)
+                cut |= {base for write, base in self._writes()
+                        if write in head and base not in head}
                 if not cut:
                     return {n.name for n in self.nodes if n.op != "output" and n.name not in head}
                 forced |= cut
@@ -418,6 +451,14 @@ def _is_index(node: fx.Node) -> bool:
     return isinstance(dtype, torch.dtype) and not dtype.is_floating_point and not dtype.is_complex
 
 
+def _is_lifted_constant(node: fx.Node) -> bool:
+    """A tensor that the forward code creates from constants (`torch.tensor(…)`), which
+    torch.export lifts into an attribute named `lifted_tensor_<n>`: the same in every model of
+    the architecture, as symbolic tracing records it (a call that reads nothing per model)."""
+    return isinstance(node.target, str) and \
+        node.target.rsplit(".", 1)[-1].startswith("lifted_tensor_")
+
+
 def _producer_taps(ctx: Context, space: Space) -> list[Tap]:
     """Taps of a space that no layer reads, on its producers' outputs: each block of the space
     where it lies on the output's channel axis (a fused projection [q | k | v] opens q, k and v
@@ -432,9 +473,66 @@ def _producer_taps(ctx: Context, space: Space) -> list[Tap]:
     return taps
 
 
+# ops whose result may share memory with their first argument (a write into the result writes
+# into the argument): views, and ops that return their argument itself where they can
+_VIEW_FUNCTIONS = {operator.getitem, torch.permute, torch.transpose, torch.swapaxes,
+                   torch.swapdims, torch.t, torch.unsqueeze, torch.squeeze, torch.flatten,
+                   torch.unflatten, torch.reshape, torch.narrow, torch.select, torch.split,
+                   torch.chunk, torch.unbind, torch.tensor_split, torch.diagonal, torch.movedim,
+                   torch.as_strided, torch.detach}
+_VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "expand", "expand_as", "permute",
+                 "transpose", "swapaxes", "swapdims", "t", "unsqueeze", "squeeze", "flatten",
+                 "unflatten", "narrow", "select", "split", "chunk", "unbind", "tensor_split",
+                 "diagonal", "movedim", "as_strided", "contiguous", "detach", "unfold",
+                 "__getitem__", "to", "type_as", "float", "type"}
+
+
+def _writes_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether `node` writes into its first argument (a tensor of the graph): an in-place
+    method, function, operator or module, an ATen op whose schema says it mutates its first
+    argument (torch.export's `fill_.Tensor`, `copy_`, `index_put_`), or `x[i] = v`."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_function" and node.target is operator.setitem:
+        return True
+    if isinstance(node.target, torch._ops.OpOverload):
+        return _aten_writes_first(node.target)
+    return is_inplace(node, gm)
+
+
+def _aten_writes_first(op: torch._ops.OpOverload) -> bool:
+    """Whether an ATen op's schema says it writes into its first argument (`Tensor(a!) self`)."""
+    arguments = op._schema.arguments
+    info = arguments[0].alias_info if arguments else None
+    return bool(info is not None and info.is_write)
+
+
+def _view_base(value: fx.Node) -> fx.Node:
+    """The tensor `value` may be a view of: followed back through views (and through in-place
+    ops, which return their argument)."""
+    while True:
+        function = value.op == "call_function" and value.target in _VIEW_FUNCTIONS
+        method = value.op == "call_method" and value.target in _VIEW_METHODS
+        written = value.op in ("call_function", "call_method") and value.args and \
+            isinstance(value.args[0], fx.Node) and _returns_argument(value)
+        if not (function or method or written) or not value.args or \
+                not isinstance(value.args[0], fx.Node):
+            return value
+        value = value.args[0]
+
+
+def _returns_argument(node: fx.Node) -> bool:
+    """An in-place op (its result is its first argument, written)."""
+    if isinstance(node.target, torch._ops.OpOverload):
+        return _aten_writes_first(node.target)
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__") or node.kwargs.get("inplace") is True
+
+
 def _inside_heads(info: Any) -> bool:
-    """A tensor split into attention heads (or a stack of such), which no stop point cuts."""
-    return isinstance(info, Stacked) or isinstance(info, Feat) and info.headed
+    """A tensor split into attention heads (or a stack of such, or heads folded into the batch
+    axis), which no stop point cuts."""
+    return isinstance(info, Stacked) or isinstance(info, Feat) and (info.headed or info.folded)
 
 
 def _joined_groups(ctx: Context) -> list[HeadGroup]:

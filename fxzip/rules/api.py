@@ -50,15 +50,19 @@ MODULE_RULES: dict[type, Rule] = {}
 FUNCTION_RULES: dict[Any, Rule] = {}
 METHOD_RULES: dict[str, Rule] = {}
 HEAD_AWARE: set[Rule] = set()  # rules that follow tensors split into attention heads
+FOLD_AWARE: set[Rule] = set()  # ... and heads folded into the batch axis (`Feat.folded`)
 
 
-def register(*keys: Any, heads: bool = False) -> Callable[[Rule], Rule]:
+def register(*keys: Any, heads: bool = False, folds: bool = False) -> Callable[[Rule], Rule]:
     """Register one rule for module classes, functions and method names (strings); `heads`: the
     rule also follows tensors split into attention heads (headed `Feat`s, `Stacked`), which other
-    rules never see (they are a barrier there)."""
+    rules never see (they are a barrier there); `folds` (implies `heads`): also heads folded into
+    the batch axis (`Feat.folded`), which other rules never see either."""
     def deco(rule: Rule) -> Rule:
-        if heads:
+        if heads or folds:
             HEAD_AWARE.add(rule)
+        if folds:
+            FOLD_AWARE.add(rule)
         for key in keys:
             if isinstance(key, str):
                 METHOD_RULES[key] = rule
@@ -79,8 +83,10 @@ def rule_for(node: fx.Node, module: nn.Module | None) -> Rule | None:
         rule = FUNCTION_RULES.get(node.target)
     elif node.op == "call_method":
         rule = METHOD_RULES.get(node.target)
-    if rule is None or rule in HEAD_AWARE:
+    if rule is None or rule in FOLD_AWARE:
         return rule
+    if rule in HEAD_AWARE:
+        return _unfolded(rule)
     return _headless(rule)
 
 
@@ -89,15 +95,31 @@ def _headless(rule: Rule) -> Rule:
     def guarded(ctx: "Context", node: fx.Node) -> Any:
         for value in node.all_input_nodes:
             info = ctx.info(value)
-            if isinstance(info, Stacked) or isinstance(info, Feat) and info.headed:
+            if isinstance(info, Stacked) or headed(info) or folded(info):
                 raise Barrier(f"reads '{value.name}', split into attention heads, in a way fxzip "
                               "does not follow per head")
         return rule(ctx, node)
     return guarded
 
 
+def _unfolded(rule: Rule) -> Rule:
+    """A rule that follows heads but not heads folded into the batch axis: a barrier there."""
+    def guarded(ctx: "Context", node: fx.Node) -> Any:
+        for value in node.all_input_nodes:
+            if folded(ctx.info(value)):
+                raise Barrier(f"reads '{value.name}', whose attention heads are folded into the "
+                              "batch axis, in a way fxzip does not follow per head")
+        return rule(ctx, node)
+    return guarded
+
+
 def headed(info: Any) -> bool:
     return isinstance(info, Feat) and info.headed
+
+
+def folded(info: Any) -> bool:
+    """A layout whose heads are folded into the batch axis (`Feat.folded`)."""
+    return isinstance(info, Feat) and info.folded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,9 +268,10 @@ class Context:
         base.head_groups.extend(self.head_groups)
         base.repeats.extend(self.repeats)
 
-    def _all_head_groups(self) -> Iterator[tuple[tuple[int, ...], int, str]]:
+    def all_head_groups(self) -> Iterator[tuple[tuple[int, ...], int, str]]:
+        """(spaces, heads, kind) of every head group recorded so far."""
         if self.base is not None:
-            yield from self.base._all_head_groups()
+            yield from self.base.all_head_groups()
         yield from self.head_groups
 
     def all_repeats(self) -> Iterator[tuple[int, int, int]]:
@@ -339,7 +362,7 @@ class Context:
     def head_group(self, spaces: tuple[int, ...], heads: int, kind: str) -> None:
         """Record spaces split into `heads` groups that must be matched group to group. Groups
         that share a space become one; they must agree on the number of groups."""
-        for other, other_heads, _ in self._all_head_groups():
+        for other, other_heads, _ in self.all_head_groups():
             shared = {self.uf.find(s) for s in other} & {self.uf.find(s) for s in spaces}
             if shared and other_heads != heads:
                 raise Barrier(f"{kind} splits features into {heads} groups where another op "
@@ -397,6 +420,8 @@ class Context:
         return feat.head_only()
 
     def consume(self, node: fx.Node, source: fx.Node, feat: Feat) -> None:
+        if feat.folded:  # samples and heads on one axis: read where the heads were split
+            return
         self.consumed.append((node.name, source.name, feat))
 
     def tie(self, param: ParamHandle, axis: int, feat: Feat, role: str = "M",

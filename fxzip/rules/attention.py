@@ -20,8 +20,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..passes.attention_ops import AttentionCore, fused_qkv_attention
-from .api import Barrier, Context, arg, headed, register
-from .layout import SHARED, Block, Feat, Lazy
+from .api import Barrier, Context, arg, folded, headed, register
+from .layout import SHARED, Block, Feat, Lazy, Stacked
 
 
 # ---------------------------------------------------------------------------------------------
@@ -31,12 +31,14 @@ from .layout import SHARED, Block, Feat, Lazy
 _MATMUL = (torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm")
 
 
-@register(*_MATMUL, heads=True)
+@register(*_MATMUL, folds=True)
 def matmul(ctx: Context, node: fx.Node) -> Any:
     """Batched products of tensors split into heads (q·kᵀ, scores·v, and attention over channels):
     the head axes are batch axes and pair heads alike; head_dim contracted on both sides ties
     the operands' spaces; head_dim contracted against anything else, or two head_dim axes left
-    in the product, fixes features within heads. Per-head values (scores) follow the head space."""
+    in the product, fixes features within heads. Per-head values (scores) follow the head space.
+    Heads folded into the batch axis ((B·H, N, d) for `bmm`) are a batch axis all the same: both
+    operands' heads folded alike, or a shared operand constant along them."""
     a, b = node.args[0], node.args[1]
     return product(ctx, node, a, b, ctx.info(a), ctx.info(b))
 
@@ -102,8 +104,11 @@ def _shared_heads(ctx: Context, values: list[fx.Node], infos: list[Any]) -> list
 
 
 def product(ctx: Context, node: fx.Node, a: fx.Node, b: fx.Node, ia: Any, ib: Any) -> Any:
-    ia, ib = _single_heads(ctx, [a, b], [ia, ib])
     out_ndim = len(ctx.shape(node))
+    if folded(ia) or folded(ib):
+        _check_folded_operands(ctx, node, [a, b], [ia, ib])
+    else:
+        ia, ib = _single_heads(ctx, [a, b], [ia, ib])
     ra = _role(ctx, a, ia, out_ndim, len(ctx.shape(a)) - 2)
     rb = _role(ctx, b, ib, out_ndim, len(ctx.shape(b)) - 1)
     if not ra and not rb:
@@ -140,6 +145,34 @@ def product(ctx: Context, node: fx.Node, a: fx.Node, b: fx.Node, ia: Any, ib: An
         return info.placed(w[1], head_pos)
     ctx.consume(node, node, head)
     return head
+
+
+def _check_folded_operands(ctx: Context, node: fx.Node, values: list[fx.Node],
+                           infos: list[Any]) -> None:
+    """Operands of a product or attention where some have their heads folded into the batch
+    axis: every operand with features folded on one output axis (its batch axis), every other
+    one of size 1 there or without it (a value fixed per sample and head cannot follow a
+    pairing of heads)."""
+    out_ndim = len(ctx.shape(node))
+    at = set()
+    for value, info in zip(values, infos):
+        if folded(info):
+            axis = info.head_axis if info.headed else info.axis
+            at.add(axis + out_ndim - len(ctx.shape(value)))
+    for value, info in zip(values, infos):
+        if folded(info):
+            continue
+        if isinstance(info, (Feat, Stacked)):
+            raise Barrier(f"multiplies heads folded into the batch axis with '{value.name}', "
+                          "whose heads are not folded")
+        shape = ctx.shape(value)
+        if shape is not None and any(0 <= p - (out_ndim - len(shape)) < len(shape) and
+                                     shape[p - (out_ndim - len(shape))] != 1 for p in at):
+            raise Barrier(f"multiplies heads folded into the batch axis with '{value.name}', "
+                          "values that vary along that axis (fixed per sample and head)")
+    if len(at) != 1 or next(iter(at)) >= out_ndim - 2:
+        raise Barrier("multiplies tensors whose heads are folded into different axes, or into "
+                      "a matrix axis")
 
 
 def _head_of(info: Feat) -> Feat:
@@ -185,13 +218,22 @@ def attention_output(ctx: Context, node: fx.Node, scores: Feat, values: Feat, ax
     return out
 
 
-@register(F.scaled_dot_product_attention, heads=True)
+@register(F.scaled_dot_product_attention, folds=True)
 def scaled_dot_product_attention(ctx: Context, node: fx.Node) -> Any:
     """softmax(q·kᵀ/√d + mask)·v: as the two products; a mask computed from parameters or
     features that varies over the heads (a position bias) follows the head space."""
     q, k, v = (arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
-    iq, ik, iv = _single_heads(ctx, [q, k, v], [ctx.info(q), ctx.info(k), ctx.info(v)])
+    iq, ik, iv = ctx.info(q), ctx.info(k), ctx.info(v)
     n = len(ctx.shape(q))
+    mask = arg(node, 3, "attn_mask")
+    if any(folded(i) for i in (iq, ik, iv)):  # heads folded into the batch axis: all alike
+        if not all(folded(i) and i.headed for i in (iq, ik, iv)) or node.kwargs.get("enable_gqa"):
+            raise Barrier("scaled_dot_product_attention reads queries, keys or values of which "
+                          "only some have their heads folded into the batch axis")
+        values = [q, k, v] + ([mask] if isinstance(mask, fx.Node) else [])
+        _check_folded_operands(ctx, node, values, [ctx.info(x) for x in values])
+    else:
+        iq, ik, iv = _single_heads(ctx, [q, k, v], [iq, ik, iv])
     if node.kwargs.get("enable_gqa") and all(isinstance(i, Feat) and i.headed for i in (iq, ik, iv)):
         ha = iq.head_axis  # key/value heads shared by groups of query heads: as if repeated
         factor = ctx.shape(q)[ha] // ctx.shape(k)[ha]
@@ -213,7 +255,6 @@ def scaled_dot_product_attention(ctx: Context, node: fx.Node) -> Any:
     head = _head_of(iq)
     ctx.unify(head, _head_of(ik))
     ctx.unify(head, _head_of(iv))
-    mask = arg(node, 3, "attn_mask")
     if isinstance(mask, fx.Node):
         info, shape = ctx.info(mask), ctx.shape(mask)
         pos = head.axis - (n - len(shape))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ def pointwise(ctx: Context, node: fx.Node, operands: list[fx.Node] | None = None
     if out_shape is None:
         return None
     operands = nodes_in((node.args, node.kwargs)) if operands is None else operands
+    head_rules.check_folds(ctx, node, operands)  # heads folded into the batch axis stay apart
     out_ndim = len(out_shape)
     infos = [ctx.info(op) for op in operands]
     stacks: dict[fx.Node, Feat] = {}
@@ -139,31 +141,55 @@ ACTIVATION_METHODS = (
     "long", "int", "logical_and", "logical_or", "logical_not", "__and__", "__or__", "__xor__",
     "__invert__",
 )
-register(*ACTIVATION_MODULES, *ACTIVATION_FUNCTIONS, *ACTIVATION_METHODS, heads=True)(pointwise)
-register("type_as", "to", heads=True)(first_operand)
+register(*ACTIVATION_MODULES, *ACTIVATION_FUNCTIONS, *ACTIVATION_METHODS, folds=True)(pointwise)
+register("type_as", "to", folds=True)(first_operand)
+
+
+def like(ctx: Context, node: fx.Node) -> Any:
+    """`zeros_like(x)`, `x.new_ones(…)`, …: a tensor made from another's shape, dtype and device
+    alone, never its values: the same in every model (DeBERTa-v3's unused zero position
+    embeddings). Exported graphs keep these as ATen ops."""
+    return SHARED
+
+
+register(torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
+         torch.ops.aten.zeros_like.default, torch.ops.aten.ones_like.default,
+         torch.ops.aten.empty_like.default, torch.ops.aten.full_like.default,
+         "new_zeros", "new_ones", "new_empty", "new_full", folds=True)(like)
 
 
 def _expand_rule(ctx: Context, node: fx.Node) -> Any:
     return pointwise(ctx, node, [node.args[0]])
 
 
-register("expand", heads=True)(_expand_rule)
+register("expand", folds=True)(_expand_rule)
 
 
-@register("repeat")
+@register("repeat", folds=True)
 def repeat(ctx: Context, node: fx.Node) -> Any:
     """Tiling along other axes than the channels' (a position embedding repeated over the batch):
-    one space; tiling the channel axis is a barrier."""
+    one space; tiling the channel axis is a barrier. Heads tiled along their own axis (DeBERTa's
+    relative position keys, one copy of every head per sample: `(H, P, d).repeat(B, 1, 1)`)
+    are heads folded into the batch axis, the copies outer (`Feat.folded`); head_dim stays
+    whole."""
     x = node.args[0]
     info = ctx.info(x)
     sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
         else node.args[1:]
     new = len(sizes) - len(ctx.shape(x))
     if not isinstance(info, Feat):
+        if isinstance(info, Stacked):
+            raise Barrier(f"tiles '{x.name}', a stack of attention parts")
         return passthrough(info, lambda axes: [None] * new + list(axes))
     if sizes[info.axis + new] != 1:
         raise Barrier(f"tiles the channel axis of '{x.name}'")
-    return info.moved(info.axis + new)
+    if not info.headed:
+        return info.moved(info.axis + new)
+    tiled = sizes[info.head_axis + new] != 1
+    if tiled and (info.repeat > 1 or info.heads < 2):
+        raise Barrier(f"tiles the heads of '{x.name}', repeated key/value heads or one head")
+    return replace(info.placed(info.axis + new, info.head_axis + new),
+                   folded=info.folded or tiled)
 
 
 @register(nn.PReLU)

@@ -15,6 +15,15 @@ heads may still be paired, but features stay in place within heads (`Context.fix
 tensor whose head_dim axis is cut or resized then (rotate-half slices) is left with its head
 space alone. The rules of elementwise, shape, indexing and reduction ops call the helpers here
 for headed inputs; this module imports only the rule API and the layouts.
+
+Heads folded into the batch axis — `(B, H, N, d) -> (B·H, N, d)` for `torch.bmm` (DeBERTa,
+hand-written attention in the style of `F.multi_head_attention_forward`), or heads tiled with
+`repeat` — are still heads (`Feat.folded`): the folded axis is a batch axis whose element
+f·H + h is head h, heads permuted as wholes within every f alike. Products, softmax over
+another axis, scaling, gathers by positions and masks that are the same for every (sample,
+head) act per element of it; the reshape that cuts it at the heads gives the head axis back.
+Only rules registered with `folds=True` see folded layouts; anything that would mix the folded
+axis (a reduction over it, a value that varies along it) is a barrier.
 """
 from __future__ import annotations
 
@@ -25,7 +34,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .api import (Barrier, Context, SplitRequest, arg, headed, norm_dim, register,
+from .api import (Barrier, Context, SplitRequest, arg, folded, headed, norm_dim, register,
                   split_layout)
 from .layout import SHARED, Feat, Lazy, Stacked
 
@@ -51,9 +60,35 @@ def split_into_heads(ctx: Context, node: fx.Node, info: Feat, shape_in: tuple,
     """As `_split`; every head space it opens gets its statistics here (a tap on the head axis),
     so that it has a tensor that every model computes whatever reads it later."""
     split = _split(ctx, info, shape_in, shape_out)
-    for part in split.parts if isinstance(split, Stacked) else [split] if split else []:
+    if split is None:
+        return _split_folded(ctx, node, info, shape_in, shape_out)
+    for part in split.parts if isinstance(split, Stacked) else [split]:
         ctx.consume(node, node, part.head_only())
     return split
+
+
+def _split_folded(ctx: Context, node: fx.Node, info: Feat, shape_in: tuple,
+                  shape_out: tuple) -> Feat | None:
+    """A plain layout's channel axis reshaped into (H, d) with the heads folded into the batch
+    axis at once ((N, B, H·d) -> (N, B·H, d), as `F.multi_head_attention_forward` does): a
+    folded headed layout, whose head space is read on the input, each head's d channels its
+    samples. None if the reshape is not that."""
+    a, width = info.axis, shape_in[info.axis]
+    before, after = math.prod(shape_in[:a]), math.prod(shape_in[a + 1:])
+    if len(info.blocks) != 1 or info.blocks[0].expand != 1:
+        return None
+    for j in range(len(shape_out) - 1):
+        outer, heads = math.prod(shape_out[:j]), math.prod(shape_out[:j + 1]) // before
+        if heads < 2 or heads * before != math.prod(shape_out[:j + 1]) or \
+                shape_out[j] == heads or shape_out[j] % heads or before % outer or \
+                heads * shape_out[j + 1] != width or shape_out[j + 1] < 2 or \
+                math.prod(shape_out[j + 2:]) != after:
+            continue
+        split = ctx.split_heads(info, j + 1, j, heads)
+        x = node.args[0]
+        ctx.consume(node, x, Feat(a, (replace(split.head, expand=width // heads),)))
+        return replace(split, folded=True)
+    return None
 
 
 def _split(ctx: Context, info: Feat, shape_in: tuple, shape_out: tuple) -> Any:
@@ -89,9 +124,14 @@ def reshape_headed(ctx: Context, info: Feat, shape_in: tuple, shape_out: tuple,
     """A headed layout through a reshape: heads merged back into channels (head axis right before
     head_dim), or both axes kept whole; a reshape of head_dim alone leaves the head space. Heads
     merged with a broadcast axis after them (`k[:, :, None].expand(B, K, n, N, d).reshape(B,
-    K·n, N, d)`, transformers' `repeat_kv`) are repeated n times (grouped-query attention)."""
+    K·n, N, d)`, transformers' `repeat_kv`) are repeated n times (grouped-query attention).
+    Heads merged with the axes before them are folded into the batch axis (`Feat.folded`); a
+    reshape that cuts a folded axis right before its heads unfolds them."""
     a, ha = info.axis, info.head_axis
-    n = _expanded_after_heads(ctx, x, info, shape_in)
+    if info.folded and info.repeat > 1:
+        raise Barrier(f"reshapes repeated key/value heads folded into the batch axis "
+                      f"{tuple(shape_in)} -> {tuple(shape_out)}")
+    n = None if info.folded else _expanded_after_heads(ctx, x, info, shape_in)
     if n is not None:
         merged = shape_in[:ha] + (shape_in[ha] * n,) + shape_in[ha + 2:]
         if tuple(shape_out) == merged:
@@ -102,19 +142,105 @@ def reshape_headed(ctx: Context, info: Feat, shape_in: tuple, shape_out: tuple,
             return info.placed(_kept(shape_in, a, shape_out), _kept(shape_in, ha, shape_out))
         raise Barrier(f"reshapes repeated key/value heads {tuple(shape_in)} -> {tuple(shape_out)}")
     if ha == a - 1 and len(info.blocks) == 1:
-        before, after = math.prod(shape_in[:ha]), math.prod(shape_in[a + 1:])
-        width = shape_in[ha] * shape_in[a]
+        # what precedes the heads (a folded axis' samples included) stays before them
+        before = math.prod(shape_in[:ha + 1]) // info.heads
+        after = math.prod(shape_in[a + 1:])
+        width = info.heads * shape_in[a]
         for j, n in enumerate(shape_out):
             if n == width and math.prod(shape_out[:j]) == before \
                     and math.prod(shape_out[j + 1:]) == after:
                 return Feat(j, info.blocks)
-    j_head, j_in = _kept(shape_in, ha, shape_out), _kept(shape_in, a, shape_out)
+    j_in = _kept(shape_in, a, shape_out)
+    j_head, fold = (None, False) if info.folded else (_kept(shape_in, ha, shape_out), False)
+    if j_head is None:
+        j_head, fold = _heads_after_fold(shape_in, ha, shape_out, info.heads)
     if j_head is not None and j_in is not None:
-        return info.placed(j_in, j_head)
+        return replace(info.placed(j_in, j_head), folded=fold)
     if j_head is not None:
-        return ctx.fix_within(info).moved(j_head)
+        return replace(ctx.fix_within(info), axis=j_head, folded=fold)
     raise Barrier(f"reshapes a tensor split into {info.heads} attention heads "
                   f"{tuple(shape_in)} -> {tuple(shape_out)} across its head axis")
+
+
+def _heads_after_fold(shape_in: tuple, ha: int, shape_out: tuple,
+                      heads: int) -> tuple[int | None, bool]:
+    """Where the heads on axis `ha` (alone, or folded: the heads inner) go through a reshape that
+    keeps them whole as the inner part of one output axis: (that axis, whether it is folded —
+    longer than the heads, the axes before them merged into it), or (None, False). The heads'
+    run of elements ends where axis `ha` ends; the output axis must end there too and hold a
+    whole number of head runs."""
+    if heads < 2:
+        return None, False
+    end = math.prod(shape_in[:ha + 1])
+    for j, n in enumerate(shape_out):
+        if n >= heads and n % heads == 0 and math.prod(shape_out[:j + 1]) == end:
+            return j, n != heads
+    return None, False
+
+
+def head_space(ctx: Context, info: Feat) -> bool:
+    """Whether a plain layout is one head space alone (one feature per head of a head group:
+    attention scores, per-head values), which a reshape may fold into the batch axis."""
+    if info.headed or len(info.blocks) != 1 or info.blocks[0].expand != 1:
+        return False
+    block = info.blocks[0]
+    root = ctx.uf.find(block.space)
+    return any(heads == block.size and root in {ctx.uf.find(s) for s in spaces}
+               for spaces, heads, _ in ctx.all_head_groups())
+
+
+def reshape_head_space(ctx: Context, info: Feat, shape_in: tuple,
+                       shape_out: tuple) -> Feat | None:
+    """A head space alone (scores (B, H, N, N)) through a reshape that keeps its heads whole:
+    folded into the batch axis with the axes before it ((B·H, N, N)), or a folded one unfolded
+    or kept folded. None if the reshape does neither (a folded layout's barrier is the
+    caller's)."""
+    j, fold = _heads_after_fold(shape_in, info.axis, shape_out, info.blocks[0].size)
+    if j is None or not (fold or info.folded):
+        return None
+    return replace(info.moved(j), folded=fold)
+
+
+def check_folds(ctx: Context, node: fx.Node, operands: list[fx.Node]) -> None:
+    """Elementwise ops where heads are folded into the batch axis: every operand with features
+    has its heads folded on one axis of the output, along which every other operand is constant
+    (of size 1 there, or without that axis: scalars, masks broadcast over samples and heads) —
+    a value that varies along the folded axis would be fixed per (sample, head), which cannot
+    follow a pairing of heads."""
+    out_shape = ctx.shape(node)
+    infos = {op: ctx.info(op) for op in operands}
+    if out_shape is None or not any(folded(i) for i in infos.values()):
+        return
+    out_ndim = len(out_shape)
+    at = set()
+    for op, info in infos.items():
+        if folded(info):
+            shape = ctx.shape(op)
+            axis = info.head_axis if info.headed else info.axis
+            pos = axis + out_ndim - len(shape)
+            if shape[axis] != out_shape[pos]:
+                raise Barrier(f"broadcasts '{op.name}', whose heads are folded into the batch "
+                              "axis, along that axis")
+            at.add(pos)
+    if len(at) != 1:
+        raise Barrier("combines tensors whose heads are folded into different axes")
+    pos = at.pop()
+    for op, info in infos.items():
+        if folded(info):
+            continue
+        if isinstance(info, (Feat, Stacked)):
+            raise Barrier(f"combines heads folded into the batch axis with '{op.name}', whose "
+                          "heads are not folded")
+        shape = ctx.shape(op)
+        if shape is not None and pos - (out_ndim - len(shape)) >= 0 and \
+                shape[pos - (out_ndim - len(shape))] != 1:
+            raise Barrier(f"combines heads folded into the batch axis with '{op.name}', values "
+                          "that vary along that axis (fixed per sample and head)")
+
+
+def folded_axis(info: Feat) -> int:
+    """The axis of a folded layout that holds the samples and heads together."""
+    return info.head_axis if info.headed else info.axis
 
 
 def _expanded_after_heads(ctx: Context, x: fx.Node | None, info: Feat,

@@ -141,7 +141,7 @@ def _channel_slice(info: Feat, item: slice, width: int, x: fx.Node) -> Feat:
 # gather: positions picked by an index shared by the models
 # ---------------------------------------------------------------------------------------------
 
-@register(torch.gather, "gather", heads=True)
+@register(torch.gather, "gather", folds=True)
 def gather(ctx: Context, node: fx.Node) -> Any:
     """`torch.gather(x, dim, index)` picks positions along `dim`, element by element. With an
     index that is the same in every model (ids, relative positions) and the same for every

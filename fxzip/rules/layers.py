@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .api import (Barrier, Context, ParamHandle, SplitRequest, arg, headed, norm_dim,
                   register)
 from .elementwise import combined_parameters
-from .layout import MIXED, SHARED, Feat, Lazy, LazyCat
+from .layout import MIXED, SHARED, Block, Feat, Lazy, LazyCat
 
 
 @dataclass(frozen=True)
@@ -69,12 +69,26 @@ def _input_feat(ctx: Context, node: fx.Node, axis: int, what: str,
     if info is SHARED:
         return ctx.pinned_feat(axis, shape[axis])
     if isinstance(info, Lazy) and info.axes[axis] not in (None, MIXED):
-        # a layer over a parameter-derived value (ConViT's Linear over relative positions): its
-        # input columns stay in place, the value's axis runs along them
-        feat = ctx.pinned_feat(axis, shape[axis])
+        # a layer over a parameter-derived value: the value's axis runs along its input columns.
+        # Computed from buffers or constants (ConViT's Linear over relative positions), the
+        # columns stay in place; from learned tables alone (DeBERTa's relative position
+        # embeddings, normalised, read by the layer's own query and key projections), the axis
+        # is a learned feature space like any other, merged with whatever the layer also reads
+        size = shape[axis]
+        feat = Feat(axis, (Block(ctx.uf.new(size), size),)) if _learned(ctx, info) \
+            else ctx.pinned_feat(axis, size)
         ctx.tie_param(x, axis, feat)
         return feat
     raise Barrier(f"{what} reads '{x.name}', a value fxzip cannot follow per channel")
+
+
+def _learned(ctx: Context, value: Lazy) -> bool:
+    """Whether a parameter-derived value is computed from learned parameters alone (no buffers,
+    no constants)."""
+    params = {name for name, _ in ctx.gm.named_parameters(remove_duplicate=False)}
+    sources = {value.source} | {name for name, _ in value.others}
+    return all(n.target in params for n in ctx.gm.graph.nodes
+               if n.op == "get_attr" and n.name in sources)
 
 
 def _open(ctx: Context, node: fx.Node, call: LayerCall, feat_in: Feat, axis: int,

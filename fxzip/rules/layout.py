@@ -35,7 +35,14 @@ class Feat:
 
     `repeat` > 1: every head is repeated `repeat` times in a row on the head axis (keys and
     values of grouped-query attention, each serving a group of query heads): the head axis is
-    `heads · repeat` long."""
+    `heads · repeat` long.
+
+    `folded`: the heads are folded into the batch: the head axis (of a headed layout; of a
+    head space alone, its channel axis) is the row-major flattening of axes before it with the
+    heads, heads inner — `(B, H, N, d) -> (B·H, N, d)`, as DeBERTa's attention runs `bmm` over
+    it. Element f·H + h of the axis is head h; the outer part f runs over samples, which ops
+    never mix with the heads (only rules registered with `folds=True` see such a layout). Its
+    statistics are read where the heads were split, not on the folded axis."""
 
     axis: int
     blocks: tuple[Block, ...]
@@ -43,6 +50,7 @@ class Feat:
     heads: int = 1
     head: Block | None = None
     repeat: int = 1
+    folded: bool = False
 
     @property
     def width(self) -> int:
@@ -62,7 +70,7 @@ class Feat:
     def head_only(self) -> "Feat":
         """The head space on the head axis: what is left of a headed layout once values within a
         head are no longer followed feature by feature (rotations, norms over head_dim)."""
-        return Feat(self.head_axis, (self.head,))
+        return Feat(self.head_axis, (self.head,), folded=self.folded)
 
     def expanded(self, factor: int) -> "Feat":
         """Every channel repeated `factor` times in a row (the channel axis flattened with later axes)."""
@@ -221,7 +229,7 @@ class UnionFind:
     def unify(self, a: Feat, b: Feat) -> bool:
         """Tie two layouts block by block; False when their block structures differ."""
         if len(a.blocks) != len(b.blocks) or a.heads != b.heads or a.repeat != b.repeat or \
-                (a.head is None) != (b.head is None):
+                (a.head is None) != (b.head is None) or a.folded != b.folded:
             return False
         if any(x.size != y.size or x.expand != y.expand for x, y in zip(a.blocks, b.blocks)):
             return False

@@ -41,6 +41,9 @@ def _reduce(ctx: Context, node: fx.Node, dim_position: int, what: str) -> Any:
         info = head_rules.unified_parts(ctx, info, x)  # radix groups summed: one space
     if not isinstance(info, Feat):
         return passthrough(info)
+    if info.folded and (dims is None or head_rules.folded_axis(info) in dims):
+        raise Barrier(f"{what} over the axis of '{x.name}' that holds samples and attention "
+                      "heads together (heads folded into the batch axis)")
     if info.headed:
         if dims is not None and info.head_axis in dims and info.axis not in dims:
             raise head_rules.radix_request(info, x, what)
@@ -65,20 +68,20 @@ def _after_reducing(ndim: int, dims: list[int]) -> dict[int, int]:
 
 
 @register(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var,
-          "mean", "sum", "amax", "amin", "std", "var", heads=True)
+          "mean", "sum", "amax", "amin", "std", "var", folds=True)
 def reduction(ctx: Context, node: fx.Node) -> Any:
     """mean/sum/amax/… (dim is the second argument)."""
     return _reduce(ctx, node, 1, "reduces")
 
 
-@register(torch.norm, torch.linalg.vector_norm, "norm", heads=True)
+@register(torch.norm, torch.linalg.vector_norm, "norm", folds=True)
 def vector_norm(ctx: Context, node: fx.Node) -> Any:
     """Norms (dim is the third argument, after p/ord), e.g. ConvNeXt-V2's global response norm."""
     return _reduce(ctx, node, 2, "takes the norm")
 
 
 @register(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, nn.Softmax, nn.LogSoftmax,
-          "softmax", "log_softmax", heads=True)
+          "softmax", "log_softmax", folds=True)
 def softmax(ctx: Context, node: fx.Node) -> Any:
     """Softmax along a non-channel axis is per channel; along the channel axis it keeps every
     feature in place (permutation-equivariant), so the space passes through (along head_dim it
@@ -94,6 +97,10 @@ def softmax(ctx: Context, node: fx.Node) -> Any:
         return head_rules.unified_parts(ctx, info, x)  # softmax over radix groups: one space
     if not isinstance(info, Feat):
         return passthrough(info, lambda axes: axes)
+    if info.folded and (dim is None or
+                        norm_dim(dim, len(ctx.shape(x))) == head_rules.folded_axis(info)):
+        raise Barrier(f"normalises over the axis of '{x.name}' that holds samples and attention "
+                      "heads together (heads folded into the batch axis)")
     if info.headed:
         dim = None if dim is None else norm_dim(dim, len(ctx.shape(x)))
         if dim == info.head_axis:
@@ -110,7 +117,7 @@ def softmax(ctx: Context, node: fx.Node) -> Any:
     return info
 
 
-@register(F.normalize, heads=True)
+@register(F.normalize, folds=True)
 def normalize(ctx: Context, node: fx.Node) -> Any:
     """x / ‖x‖ along `dim`: along tokens per channel; along the channels a per-sample statistic
     taken over the merged channels (as hand-written RMS norms), along head_dim per head."""
@@ -119,6 +126,9 @@ def normalize(ctx: Context, node: fx.Node) -> Any:
     if not isinstance(info, Feat):
         return passthrough(info, lambda axes: axes)
     dim = norm_dim(arg(node, 2, "dim", 1), len(ctx.shape(x)))
+    if info.folded and dim == head_rules.folded_axis(info):
+        raise Barrier(f"normalises over the axis of '{x.name}' that holds samples and attention "
+                      "heads together (heads folded into the batch axis)")
     if info.headed and dim == info.head_axis:
         raise Barrier(f"normalises over the heads of '{x.name}'")
     return info

@@ -33,6 +33,13 @@ def reshape_like(ctx: Context, node: fx.Node) -> Any:
         return passthrough(info, lambda axes: reshape_axes(axes, shape_in, shape_out))
     if info.headed:
         return head_rules.reshape_headed(ctx, info, shape_in, shape_out, x)
+    if info.folded:
+        out = head_rules.reshape_head_space(ctx, info, shape_in, shape_out)
+        if out is None:
+            raise Barrier(f"reshapes '{x.name}', whose {info.width} attention heads are folded "
+                          f"into the batch axis, {tuple(shape_in)} -> {tuple(shape_out)} across "
+                          "its heads")
+        return out
     a, channels = info.axis, ctx.shape(x)[info.axis]
     before = math.prod(shape_in[:a])
     for j in range(len(shape_out)):
@@ -43,6 +50,10 @@ def reshape_like(ctx: Context, node: fx.Node) -> Any:
         factor = shape_out[j] // channels
         if _is_prefix_product(shape_in[a + 1:], factor):
             return info.moved(j) if factor == 1 else info.expanded(factor).moved(j)
+    if head_rules.head_space(ctx, info):  # scores (B, H, N, N) -> (B·H, N, N): heads folded
+        folded = head_rules.reshape_head_space(ctx, info, shape_in, shape_out)
+        if folded is not None:
+            return folded
     repeated = _merged_from_before(info, shape_in, shape_out)
     if repeated is not None:
         return repeated
@@ -123,10 +134,10 @@ def _is_prefix_product(dims: tuple[int, ...], value: int) -> bool:
 
 register(torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, nn.Flatten, nn.Unflatten,
          torch.unflatten, "flatten", "view", "reshape", "squeeze", "unsqueeze", "view_as",
-         "reshape_as", "unflatten", heads=True)(reshape_like)
+         "reshape_as", "unflatten", folds=True)(reshape_like)
 
 
-@register(torch.permute, "permute", heads=True)
+@register(torch.permute, "permute", folds=True)
 def permute(ctx: Context, node: fx.Node) -> Any:
     x = node.args[0]
     info = ctx.info(x)
@@ -141,7 +152,7 @@ def permute(ctx: Context, node: fx.Node) -> Any:
     return info.moved(dims.index(info.axis))
 
 
-@register(torch.transpose, torch.swapaxes, "transpose", "swapaxes", "t", heads=True)
+@register(torch.transpose, torch.swapaxes, "transpose", "swapaxes", "t", folds=True)
 def transpose(ctx: Context, node: fx.Node) -> Any:
     x = node.args[0]
     info = ctx.info(x)
@@ -163,7 +174,7 @@ def shape_query(ctx: Context, node: fx.Node) -> None:
     return None
 
 
-register(getattr, "size", "dim", "numel", "ndimension", heads=True)(shape_query)
+register(getattr, "size", "dim", "numel", "ndimension", folds=True)(shape_query)
 
 
 def _channels_at(ctx: Context, x: fx.Node, what: str) -> Feat | None:
