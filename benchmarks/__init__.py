@@ -6,11 +6,15 @@
     python -m benchmarks.width            merged widths between one model's and both: width.*, cca.*
     python -m benchmarks.multi_task       four models, four tasks, one merge: multi_task.*
     python -m benchmarks.vit_digits       two small ViTs on the digit halves: vit_digits.*
+    python -m benchmarks.bert_digits      two transformers BERTs on the digit halves: bert_digits.*
+    python -m benchmarks.lm_text          two byte-level Llamas, English + Python, merged into one
+                                          and written back as a transformers model: lm_text.*
     python -m benchmarks.speed            phases, statistics, matching, memory: 1_*-6_*, speed.md
     python -m benchmarks.speed --ratios   statistics and merge against plain forwards: 6_floor.*
     python -m benchmarks.scale            one process vs torch.distributed ranks: scale.*
     python -m benchmarks.timm_zoo         timm families: trace, zip, permuted self-merge: timm_zoo.*
     python -m benchmarks.torchvision_zoo  torchvision's families, the same: torchvision_zoo.*
+    python -m benchmarks.hf_zoo           transformers families (tiny configs): hf_zoo.*
 
 Every module takes `--help`; most take `--quick` or a size option for a short run and `--out DIR`.
 The pieces they share (data, models, settings, training, evaluation, timing, tables, plots, the

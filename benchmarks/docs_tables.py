@@ -259,6 +259,32 @@ def fidelity() -> str:
 
 
 table("vit_digits", "vit_digits.md")(lambda: md_table("vit_digits.md").markdown())
+table("bert_digits", "bert_digits.md")(lambda: md_table("bert_digits.md").markdown())
+table("lm_text", "lm_text.md")(lambda: md_table("lm_text.md").markdown())
+
+
+@value("lm_text_to_model", "lm_text.csv")
+def lm_text_to_model() -> str:
+    """The largest difference of a written-back model's logits (`fxzip.to_model`) to its merged
+    GraphModule's, over every merge of the language-model benchmark."""
+    cells = [r["to_model_max_abs_diff"] for r in read_csv("lm_text.csv") if r["merge_seconds"]]
+    try:
+        return f"{max(float(c) for c in cells):.1e}"
+    except ValueError:
+        raise KeyError("lm_text.csv: a merge without a to_model difference (to_model failed)"
+                       ) from None
+
+
+@value("lm_text_minutes", "lm_text.md")
+def lm_text_minutes() -> str:
+    """Minutes `python -m benchmarks.lm_text` took (its 'Run time: Ns.' line)."""
+    text = (RESULTS / "lm_text.md").read_text(encoding="utf-8")
+    found = re.search(r"Run time: (\d+)s", text)
+    if not found:
+        raise KeyError("no 'Run time: Ns' line in benchmarks/results/lm_text.md")
+    return f"{round(int(found.group(1)) / 60)}"
+
+
 table("multi_task", "multi_task.md")(lambda: md_table("multi_task.md").markdown())
 table("demo", "demo/demo.md")(lambda: md_table("demo/demo.md").markdown())
 
@@ -421,6 +447,34 @@ def _zoo_notes(name: str) -> str:
     return "\n".join(lines) or "- none"
 
 
+def _capture_comparison() -> str:
+    """Per zoo: how many architectures each front end zips completely, how many zip as far under
+    torch.export as under torch.fx, and how many self-merges each gives back."""
+    rows = []
+    for label, name in (("timm", "timm_zoo"), ("torchvision", "torchvision_zoo")):
+        fx_rows = {r["model"]: r for r in read_csv(f"{name}.csv")}
+        export_rows = {r["model"]: r for r in read_csv(f"{name}_export.csv")}
+        shared = [m for m in fx_rows if m in export_rows]
+        complete = {k: sum(1 for m in shared if rows_[m]["barrier"] == "-"
+                           and rows_[m]["traced"] == "True" and not rows_[m]["error"])
+                    for k, rows_ in (("fx", fx_rows), ("export", export_rows))}
+        as_far = sum(1 for m in shared if export_rows[m]["zipped"] == fx_rows[m]["zipped"])
+        ok = {k: sum(1 for m in shared if _zoo_ok(rows_[m]))
+              for k, rows_ in (("fx", fx_rows), ("export", export_rows))}
+        rows.append([label, str(len(shared)), str(complete["fx"]), str(complete["export"]),
+                     str(as_far), str(ok["fx"]), str(ok["export"])])
+    return markdown(["zoo", "architectures", "zipped completely: fx", "zipped completely: export",
+                     "export zips as far as fx", "self-merge given back: fx",
+                     "self-merge given back: export"], rows)
+
+
+table("capture_comparison", "timm_zoo.csv", "timm_zoo_export.csv", "torchvision_zoo.csv",
+      "torchvision_zoo_export.csv")(_capture_comparison)
+
+
+table("hf_zoo", "hf_zoo.md")(lambda: md_table("hf_zoo.md").markdown())
+value("hf_zoo_summary", "hf_zoo.md")(
+    lambda: (RESULTS / "hf_zoo.md").read_text(encoding="utf-8").split("\n\n")[1].strip())
 table("timm_zoo", "timm_zoo.csv")(lambda: _zoo_table("timm_zoo.csv"))
 table("timm_zoo_notes", "timm_zoo.csv")(lambda: _zoo_notes("timm_zoo.csv"))
 table("torchvision_zoo_notes", "torchvision_zoo.csv")(lambda: _zoo_notes("torchvision_zoo.csv"))
