@@ -13,14 +13,14 @@ from torch import fx, nn
 _CONV_KEYS = ("stride", "padding", "dilation", "groups")
 
 
-def _linear(module: nn.Module, args: tuple, kwargs: dict) -> tuple[str, ...] | None:
+def _linear(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any] | None:
     if type(module) is not nn.Linear:  # a subclass may compute more
         return None
     return _tensors(args[1:3], kwargs, ("weight", "bias"))
 
 
-def _conv(kind: type) -> Callable[[nn.Module, tuple, dict], tuple[str, ...] | None]:
-    def match(module: nn.Module, args: tuple, kwargs: dict) -> tuple[str, ...] | None:
+def _conv(kind: type) -> Callable[[nn.Module, tuple, dict], dict[str, Any] | None]:
+    def match(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any] | None:
         if type(module) is not kind or module.padding_mode != "zeros":
             return None
         given = dict(zip(_CONV_KEYS, args[3:]))
@@ -44,7 +44,7 @@ def _spread(value: Any, spatial: int) -> Any:
     return tuple(value)
 
 
-def _batch_norm(module: nn.Module, args: tuple, kwargs: dict) -> tuple[str, ...] | None:
+def _batch_norm(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any] | None:
     # F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if not isinstance(module, nn.modules.batchnorm._BatchNorm) or type(module).forward is not \
             nn.modules.batchnorm._BatchNorm.forward or module.training:
@@ -56,7 +56,7 @@ def _batch_norm(module: nn.Module, args: tuple, kwargs: dict) -> tuple[str, ...]
     return _tensors(args[1:5], kwargs, ("running_mean", "running_var", "weight", "bias"))
 
 
-MODULE_CALLS: dict[Any, Callable[[nn.Module, tuple, dict], tuple[str, ...] | None]] = {
+MODULE_CALLS: dict[Any, Callable[[nn.Module, tuple, dict], dict[str, Any] | None]] = {
     F.linear: _linear,
     F.conv1d: _conv(nn.Conv1d), F.conv2d: _conv(nn.Conv2d), F.conv3d: _conv(nn.Conv3d),
     F.batch_norm: _batch_norm,
@@ -78,18 +78,18 @@ def module_calls(gm: fx.GraphModule, model: nn.Module) -> int:
         module = modules.get(owner) if owner is not None else None
         if module is None:
             continue
-        names = match(module, node.args, node.kwargs)
-        if names is None or not _reads_own_tensors(node, owner, module, names):
+        reads = match(module, node.args, node.kwargs)
+        if reads is None or not _reads_own_tensors(owner, module, reads):
             continue
-        reads = [n for n in node.all_input_nodes if n.op == "get_attr"]
+        attributes = [n for n in node.all_input_nodes if n.op == "get_attr"]
         with gm.graph.inserting_before(node):
             call = gm.graph.call_module(owner, (node.args[0],))
         call.meta = dict(node.meta)
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
-        for read in reads:
-            if not read.users:
-                gm.graph.erase_node(read)
+        for attribute in attributes:
+            if not attribute.users:
+                gm.graph.erase_node(attribute)
         _put_module(gm, owner, module)
         replaced += 1
     if replaced:
@@ -99,37 +99,29 @@ def module_calls(gm: fx.GraphModule, model: nn.Module) -> int:
 
 
 def _owner(node: fx.Node) -> str | None:
-    """The module whose tensor the op's weight argument reads (its get_attr's owner)."""
-    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    if isinstance(weight, fx.Node) and weight.op == "get_attr" and "." in weight.target:
-        return weight.target.rpartition(".")[0]
-    if node.target is F.batch_norm and isinstance(node.args[1], fx.Node) and \
-            node.args[1].op == "get_attr":
-        return node.args[1].target.rpartition(".")[0]
+    """The module whose tensor the op's first tensor argument after the input reads (a layer's
+    weight, a BatchNorm's running mean): its get_attr's owner."""
+    first = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    if isinstance(first, fx.Node) and first.op == "get_attr" and "." in first.target:
+        return first.target.rpartition(".")[0]
     return None
 
 
-def _tensors(values: tuple, kwargs: dict, names: tuple[str, ...]) -> tuple[str, ...]:
-    """The argument names paired with what they read (positional, then keyword)."""
+def _tensors(values: tuple, kwargs: dict, names: tuple[str, ...]) -> dict[str, Any]:
+    """What each tensor argument reads, by its name (positional, then keyword; None if not
+    given): a get_attr's target, or the argument itself."""
     given = dict(zip(names, values))
     given.update({k: v for k, v in kwargs.items() if k in names})
-    return tuple(f"{name}={_target(given.get(name))}" for name in names)
+    return {name: given[name].target if isinstance(given.get(name), fx.Node) and
+            given[name].op == "get_attr" else given.get(name) for name in names}
 
 
-def _target(value: Any) -> str:
-    if value is None:
-        return ""
-    return value.target if isinstance(value, fx.Node) and value.op == "get_attr" else "?"
-
-
-def _reads_own_tensors(node: fx.Node, owner: str, module: nn.Module,
-                       pairs: tuple[str, ...]) -> bool:
-    """Whether each tensor argument reads the module's own tensor of that name (or None where
-    the module has none)."""
-    for pair in pairs:
-        name, _, target = pair.partition("=")
+def _reads_own_tensors(owner: str, module: nn.Module, reads: dict[str, Any]) -> bool:
+    """Whether each tensor argument reads the module's own tensor of that name (and nothing
+    where the module has none)."""
+    for name, target in reads.items():
         own = getattr(module, name, None)
-        if own is None and target == "":
+        if own is None and target is None:
             continue
         if own is None or target != f"{owner}.{name}":
             return False
