@@ -182,3 +182,18 @@ def test_token_id_files_stay_integer():
                     "attention_mask": torch.ones(4, 4)}, path)
         with pytest.raises(fxzip.InputError, match="same number"):
             load_calibration(path)
+
+
+def test_constants_the_capture_lifted_are_left_to_the_class():
+    """DeBERTa-v2 (relative positions: torch.export lifts constants of its code into the graph)
+    merged from two inits with a shared output: the class makes those constants itself, and the
+    model given back computes the merged model's logits."""
+    from benchmarks.common import hf_families
+
+    a, b = hf_families.build("deberta_v2"), hf_families.build("deberta_v2", seed=1)
+    batches = [hf_families.batch("deberta_v2", seed=s) for s in range(2)]
+    merged = quiet_merge(a, b, batches, shared_output=True)
+    assert any("lifted_tensor" in name for name, _ in merged.named_buffers())
+    back = fxzip.to_model(merged, like=a, example=batches[0])
+    with torch.no_grad():
+        assert (back(**batches[1]).logits - merged(**batches[1]).logits).abs().max() < 1e-5

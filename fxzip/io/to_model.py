@@ -16,6 +16,8 @@ from ..runtime.inputs import call_model
 __all__ = ["to_model"]
 
 UNTIED = "fxzip_untied"  # attribute of a merged model: {its own tensor's name: the name it reads}
+# constants a capture lifts out of the model's code (torch.export, torch.fx): the class makes them
+CONSTANTS = ("lifted_tensor_", "_tensor_constant")
 
 
 def to_model(merged: fx.GraphModule, like: nn.Module, example: Any = None, *,
@@ -52,11 +54,12 @@ def to_model(merged: fx.GraphModule, like: nn.Module, example: Any = None, *,
 
 def _merged_tensors(merged: fx.GraphModule) -> dict[str, torch.Tensor]:
     """The merged model's tensors by the input model's names (its untied copies under the name of
-    the tensor they were tied to, listed once per name)."""
+    the tensor they were tied to, listed once per name), without the constants of the code."""
     renamed = getattr(merged, UNTIED, {})
     values: dict[str, torch.Tensor] = {}
     for name, tensor in [*merged.named_parameters(), *merged.named_buffers()]:
-        values[renamed.get(name, name)] = tensor
+        if not name.rpartition(".")[2].startswith(CONSTANTS):
+            values[renamed.get(name, name)] = tensor
     return values
 
 
