@@ -176,7 +176,9 @@ def write_output(merged: nn.Module, batches: Any, recipe: Recipe, preprocessing:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
-        model = as_transformers_model(merged, models or [], recipe, example)
+        model, why = as_transformers_model(merged, models or [], recipe, example)
+        if why:
+            say(f"the merged model stays a {MERGED_FILE}, not a transformers folder: {why}")
         if model is not None:
             say(f"writing {out_dir / MODEL_FOLDER} (save_pretrained)")
             model.save_pretrained(work / MODEL_FOLDER)
@@ -206,15 +208,16 @@ def write_output(merged: nn.Module, batches: Any, recipe: Recipe, preprocessing:
 
 
 def as_transformers_model(merged: nn.Module, models: list[nn.Module], recipe: Recipe,
-                          example: Any) -> nn.Module | None:
+                          example: Any) -> tuple[nn.Module | None, str]:
     """The merged model as the first model's transformers class, where every model of the recipe
-    is a transformers folder and the merge kept the architecture; None otherwise (a `.pt2`)."""
+    is a transformers folder and the merge kept the architecture; else None (a `.pt2`) and why
+    ("" where not every model is a transformers folder)."""
     if not models or not all(is_transformers(spec.model) for spec in recipe.models):
-        return None
+        return None, ""
     try:
-        return to_model(merged, like=models[0], example=example)
-    except InputError:
-        return None
+        return to_model(merged, like=models[0], example=example), ""
+    except InputError as exc:
+        return None, str(exc)
 
 
 def _copy_tokenizer(recipe: Recipe, folder: Path) -> None:
