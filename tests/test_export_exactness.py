@@ -317,3 +317,35 @@ def test_writes_into_a_shared_tensor_stay_with_it(capture, stop_at):
     model = WrittenMask()
     assert not barriers(model, TOKENS, capture)
     assert max(merged_back(model, TOKENS, capture, stop_at=stop_at)) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# ATen ops that symbolic traces spell otherwise (timm's GRN, ResMLP's affine, ECA, ConViT)
+# ---------------------------------------------------------------------------------------------
+
+class SpelledOtherwise(nn.Module):
+    """A global response norm (`linalg_vector_norm`), an affine `addcmul`, `1 - x` (`rsub`), a
+    gate broadcast with `expand_as` and a 1-D average pool over the tokens, between weight layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.gamma, self.beta = nn.Parameter(torch.rand(16) + 0.5), nn.Parameter(torch.randn(16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):  # x: (B, N, 8)
+        h = F.gelu(self.fc1(x))
+        norm = h.norm(p=2, dim=1, keepdim=True)
+        h = h * (norm / (norm.mean(dim=-1, keepdim=True) + 1e-6)) + h
+        h = torch.addcmul(self.beta, self.gamma, self.fc2(h))
+        gate = torch.sigmoid(h.mean(1, keepdim=True))
+        h = self.fc3(h * (1 - gate).expand_as(h))
+        h = F.avg_pool1d(h.transpose(1, 2), 2).transpose(1, 2)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("capture", ["export", "fx"])
+def test_ops_spelled_otherwise_by_aten_zip(capture):
+    model = SpelledOtherwise()
+    assert not barriers(model, TOKENS, capture)
+    assert max(merged_back(model, TOKENS, capture)) < 1e-5

@@ -49,6 +49,16 @@ def _index(dim: int, item: Any) -> tuple:
     return (slice(None),) * dim + (item,)
 
 
+def _rsub(args: tuple, kwargs: dict) -> Call:
+    """rsub(x, other, alpha) = other - alpha * x: `other - x` where alpha is 1 (what `1 - x`
+    exports as); otherwise the ATen op as it is."""
+    alpha = _arg(args, kwargs, 2, "alpha", 1)
+    if alpha != 1:
+        return Call("call_function", torch.ops.aten.rsub.Tensor if isinstance(args[1], fx.Node)
+                    else torch.ops.aten.rsub.Scalar, tuple(args), dict(kwargs))
+    return Call("call_function", operator.sub, (args[1], args[0]), {})
+
+
 def _slice(args: tuple, kwargs: dict) -> Call:
     x, dim = args[0], _arg(args, kwargs, 1, "dim", 0)
     start, end = _arg(args, kwargs, 2, "start"), _arg(args, kwargs, 3, "end")
@@ -207,6 +217,11 @@ ATEN: dict[Any, Callable[[tuple, dict], Call]] = {
     aten.max_pool2d.default: _pool(F.max_pool2d, ("kernel_size", "stride", "padding",
                                                   "dilation", "ceil_mode")),
     aten.sym_size.int: _same("size", method=True),
+    aten.linalg_vector_norm.default: _same(torch.linalg.vector_norm),
+    aten.addcmul.default: _same(torch.addcmul),
+    aten.expand_as.default: _same("expand_as", method=True),
+    aten.avg_pool1d.default: _same(F.avg_pool1d),
+    aten.rsub.Scalar: _rsub, aten.rsub.Tensor: _rsub,
     aten.to.dtype: _to, aten.to.device: _to, aten.to.dtype_layout: _to, aten._to_copy.default: _to,
     **{getattr(aten, name).default: _same(getattr(torch, name)) for name in _POINTWISE},
     **{getattr(aten, name).default: _same(function) for name, function in _ACTIVATIONS.items()},
