@@ -325,7 +325,8 @@ def test_writes_into_a_shared_tensor_stay_with_it(capture, stop_at):
 
 class SpelledOtherwise(nn.Module):
     """A global response norm (`linalg_vector_norm`), an affine `addcmul`, `1 - x` (`rsub`), a
-    gate broadcast with `expand_as` and a 1-D average pool over the tokens, between weight layers."""
+    gate broadcast with `expand_as`, a 1-D average pool and `F.normalize` (`clamp_min`) over the
+    tokens, between weight layers."""
 
     def __init__(self):
         super().__init__()
@@ -341,6 +342,7 @@ class SpelledOtherwise(nn.Module):
         gate = torch.sigmoid(h.mean(1, keepdim=True))
         h = self.fc3(h * (1 - gate).expand_as(h))
         h = F.avg_pool1d(h.transpose(1, 2), 2).transpose(1, 2)
+        h = F.normalize(h, dim=1) + h  # over the tokens: norm, clamp_min, expand_as, div
         return self.head(h.mean(1))
 
 
