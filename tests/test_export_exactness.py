@@ -351,3 +351,31 @@ def test_ops_spelled_otherwise_by_aten_zip(capture):
     model = SpelledOtherwise()
     assert not barriers(model, TOKENS, capture)
     assert max(merged_back(model, TOKENS, capture)) < 1e-5
+
+
+class Caching(nn.Module):
+    """Caches a tensor attribute in its first forward (timm's ConViT `rel_indices`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.cache = None
+
+    def forward(self, x):
+        if self.cache is None or self.cache.shape[0] != x.shape[1]:
+            self.cache = torch.linspace(0.5, 1.5, x.shape[1])
+        return self.fc2(F.relu(self.fc1(x)) * self.cache[:, None]).mean(1)
+
+
+def test_a_model_that_ran_merges_with_one_that_did_not():
+    """Both models exported in the same state (each private copy runs once first): a model that
+    has run (its cache set) and a fresh one pair, and the merge runs."""
+    torch.manual_seed(0)
+    ran, fresh = Caching().eval(), Caching().eval()
+    with torch.no_grad():
+        ran(TOKENS)
+    merged = fxzip.merge(ran, fresh, TOKENS, capture="export", progress=False)
+    assert fresh.cache is None  # the fresh model itself was not run
+    with torch.no_grad():
+        assert all(torch.isfinite(out).all() for out in merged(TOKENS))
+    assert merged.fxzip_report.layers_zipped == 1

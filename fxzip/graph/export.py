@@ -55,6 +55,7 @@ def export(model: nn.Module, example: Batch, *, concrete_args: dict | None = Non
         raise InputError(f"{overlap} are both in the calibration batches and in concrete_args; "
                          "give each forward argument once")
     kwargs.update(fixed)
+    _warm_up(private, args, kwargs)
     gm = None
     if _sequences(args, kwargs):  # token ids of any length, where the graph computes the same
         try:
@@ -159,6 +160,17 @@ def _fixed_arguments(model: nn.Module, given: dict, concrete_args: dict | None) 
         if name in names and name not in given and name not in fixed:
             fixed[name] = value
     return fixed
+
+
+def _warm_up(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Run the private copy once before exporting it, so that a module which caches a tensor in
+    its first forward (timm's ConViT: `self.rel_indices`) is captured in the same state in every
+    model: reading its cache, not computing it. A failure here is left to the exporter to report."""
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - torch.export reports the same failure with its context
+        pass
 
 
 def _sequences(args: tuple, kwargs: dict) -> bool:
