@@ -26,12 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxzip
+from permute_util import rel_err as relative_error
 
 TOKENS = torch.randn(32, 16, 8, generator=torch.Generator().manual_seed(0))
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item()
 
 
 def merged_back(model: nn.Module, x: torch.Tensor, capture: str, **options) -> list[float]:

@@ -15,12 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxzip
+from permute_util import rel_err as relative_error
 
 pytestmark = pytest.mark.filterwarnings("ignore::fxzip.CalibrationWarning")
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item()
 
 
 class FoldedAttention(nn.Module):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fxzip
+from permute_util import rel_err as relative_error
 
 pytest.importorskip("transformers")
 from benchmarks.common import hf_families  # noqa: E402
@@ -21,10 +22,6 @@ FAMILIES = ["bert", "roberta", "electra", "distilbert", "clip_vision", "beit", "
 # CLIP's vision tower returns its residual stream (last_hidden_state): every layer writes to an
 # output, so each model keeps them all unless the merge has one shared output
 SHARED_OUTPUT = {"clip_vision"}
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

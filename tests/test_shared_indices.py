@@ -11,11 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxzip
+from permute_util import rel_err as relative_error
 from fxzip.rules.layout import SHARED
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item()
 
 
 class PositionIds(nn.Module):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fxzip
+from permute_util import rel_err as relative_error
 
 pytest.importorskip("transformers")
 from benchmarks.common import hf_families  # noqa: E402
@@ -21,10 +22,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::fxzip.CalibrationWarning")
 # CNN (which symbolic tracing takes, so "auto" keeps torch.fx for it)
 FAST = {"llama": "export", "qwen3": "export", "vit": "export", "gpt_neox": "export",
         "resnet": "fx"}
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item()
 
 
 @pytest.mark.parametrize("family", FAST)
