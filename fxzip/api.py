@@ -30,7 +30,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
           corrections: str | Corrections | None = "default",
           weight_similarity: float = _DEFAULT.weight_similarity,
           width: Width = 1.0, settings: str | AutoSettings = "default",
-          capture: str = "auto") -> fx.GraphModule:
+          capture: str = "auto",
+          memory_gib: float | str | None = "auto") -> fx.GraphModule:
     """Merge two models of one architecture into one GraphModule returning `(out_a, out_b)`.
 
     inputs: calibration data: a tensor batch, a list of batches, or an iterable/DataLoader of
@@ -92,6 +93,14 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
         from its own values (independent of batching and sharding). 1 (the default) reads all;
         0.25 makes the feature correlations about 4× cheaper where positions are many (ViT
         tokens, early conv layers): see docs/scale-out.md for what it costs in accuracy.
+    memory_gib: what the merge may hold beside the models and the merged model, in GiB:
+        activations, the feature statistics and the matching's matrices ("auto", the default:
+        80% of the memory free on the models' device less one model; None: no bound). Where the
+        spaces' statistics do not fit at once, they are collected in several passes over
+        `inputs`, each followed by its spaces' matching (the result is the same); it also bounds
+        the corrections' samples. `merged.fxzip_report.memory` gives each phase's peak and the
+        number of passes. Under torch.distributed each rank holds and matches a share of the
+        spaces (its memory falls with the number of ranks).
     Every option is checked into one `fxzip.MergeOptions` before any work (an InputError names
     the option and its allowed values). The input models are never modified. The report is in
     `merged.fxzip_report`.
@@ -102,7 +111,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
                      statistics_precision=statistics_precision, group=group, taps=taps,
                      positions=positions, corrections=corrections,
                      weight_similarity=weight_similarity, width=width, settings=settings,
-                     capture=capture)
+                     capture=capture, memory_gib=memory_gib)
 
 
 def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | None = None,
@@ -114,7 +123,8 @@ def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | 
               corrections: str | Corrections | None = "default",
               weight_similarity: float = _DEFAULT.weight_similarity,
               width: Width = 1.0, settings: str | AutoSettings = "default",
-              capture: str = "auto") -> fx.GraphModule:
+              capture: str = "auto",
+              memory_gib: float | str | None = "auto") -> fx.GraphModule:
     """Merge N ≥ 2 models (see `merge`); the merged model returns one output per model."""
     options = MergeOptions(stop_at=stop_at, method=method, alpha=alpha, beta=beta,
                            reset_bn=reset_bn, shared_output=shared_output, progress=progress,
@@ -122,7 +132,7 @@ def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | 
                            statistics_precision=statistics_precision, group=group, taps=taps,
                            positions=positions, corrections=corrections,
                            weight_similarity=weight_similarity, width=width, settings=settings,
-                           capture=capture)
+                           capture=capture, memory_gib=memory_gib)
     options.checked_width(len(models) if isinstance(models, Sequence) else 2)
     zipper = Zipper(models, inputs, options)
     merged = zipper.merge()

@@ -15,6 +15,7 @@ from .graph.prepare import CAPTURES
 from .matching import METHODS, Width, check_width
 from .passes.analysis import check_stop_at
 from .passes.statistics import check_positions, check_taps
+from .runtime.memory import check_memory_gib
 from .runtime.moments import check_precision
 
 __all__ = ["MergeOptions", "PREPARE_OPTIONS", "PYTHON_ONLY_OPTIONS", "resolve_corrections"]
@@ -54,6 +55,8 @@ class MergeOptions:
     statistics_precision: str = "auto"
     taps: str = "all"
     positions: float = 1.0
+    # memory: what the merge may add beside the models and the merged model, in GiB
+    memory_gib: float | str | None = "auto"
     # capture and running
     capture: str = "auto"
     progress: bool = True
@@ -225,6 +228,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "taps": check_taps,
     "positions": check_positions,
     "capture": _capture,
+    "memory_gib": check_memory_gib,
     "progress": _boolean("progress"),
     "leaf_modules": _leaf_modules,
     "concrete_args": _concrete_args,

@@ -15,6 +15,12 @@ from .corrections import AutoChoice, CorrectionReport
 from .matching import Match
 
 
+def mean_across_correlation(match: Match, corr: np.ndarray) -> float | None:
+    """The mean correlation of the features `match` merges across models (None: no such pair)."""
+    rows, cols = match.across_pairs()
+    return float(np.mean(corr[rows, cols])) if rows.size else None
+
+
 @dataclass
 class SpaceReport:
     """One merged space: its width before and after, and what its Match did."""
@@ -31,15 +37,13 @@ class SpaceReport:
 
     @classmethod
     def of(cls, space: int, width: int, match: Match, corr: np.ndarray | None = None, *,
-           nodes: list[str] | None = None, order: int = 0) -> "SpaceReport":
-        """The report of a space matched by `match`; with the features' correlation matrix, the
-        mean correlation of the features merged across models. Every merge removes one feature:
-        N·width − merged_width merges, the ones within a model counted per model."""
-        mean = None
-        if corr is not None:
-            rows, cols = match.across_pairs()
-            if rows.size:
-                mean = float(np.mean(corr[rows, cols]))
+           nodes: list[str] | None = None, order: int = 0,
+           mean_correlation: float | None = None) -> "SpaceReport":
+        """The report of a space matched by `match`; with the features' correlation matrix (or
+        its `mean_across_correlation`, given as `mean_correlation`), the mean correlation of the
+        features merged across models. Every merge removes one feature: N·width − merged_width
+        merges, the ones within a model counted per model."""
+        mean = mean_correlation if corr is None else mean_across_correlation(match, corr)
         by_model = [int((np.bincount(a, minlength=match.size) - 1).clip(min=0).sum())
                     for a in match.assign]
         across = len(match.assign) * width - match.size - sum(by_model)
@@ -62,6 +66,9 @@ class MergeReport:
     corrections: CorrectionReport | None = None  # what the label-free corrections did (None: off)
     settings: dict[str, Any] = field(default_factory=dict)  # alpha, beta, weight_similarity, …
     auto: AutoChoice | None = None  # settings="auto": every grid point's fidelity and the choice
+    # the budget (GiB, None: unbounded), the statistics passes and each phase's peak (GiB: the
+    # process's resident peak on the CPU, the peak allocated memory on a GPU)
+    memory: dict[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"fxzip merge ({self.method}), stop_at={self.stop_at!r}: zipped "

@@ -30,15 +30,16 @@ class ReportBuilder:
         self.analysis, self.graphs, self.example = analysis, list(graphs), example
 
     def build(self, merged: nn.Module, options: MergeOptions, width: Any, trunk: set[str],
-              spaces: Sequence[int], matches: dict[int, Match], moments: dict[int, Any],
-              seconds: dict[str, float], corrections: CorrectionReport | None) -> MergeReport:
-        """The report of one merge (`options` as it ran; `width` checked; `moments`: the
-        statistics collected so far, by space)."""
+              spaces: Sequence[int], matches: dict[int, Match],
+              correlations: dict[int, float | None], seconds: dict[str, float],
+              corrections: CorrectionReport | None) -> MergeReport:
+        """The report of one merge (`options` as it ran; `width` checked; `correlations`: each
+        space's mean correlation of the features merged across models, None where unknown)."""
         given = options.correction_options
         return MergeReport(
             options.method, options.stop_at, self.analysis.layers_in(trunk),
             len(self.analysis.all_layers),
-            [self.space_report(s, matches[s], moments.get(s)) for s in spaces], seconds,
+            [self.space_report(s, matches[s], correlations.get(s)) for s in spaces], seconds,
             barriers=self.barriers(), costs=self.costs(merged), corrections=corrections,
             settings={"alpha": options.alpha, "beta": options.beta,
                       "weight_similarity": options.weight_similarity,
@@ -47,13 +48,15 @@ class ReportBuilder:
                       "capture": getattr(self.graphs[0], "fxzip_capture", "fx"),
                       "corrections": None if given is None else dataclasses.asdict(given)})
 
-    def space_report(self, space: int, match: Match, stats: Any = None) -> SpaceReport:
-        """A merged space's report; the mean correlation where its statistics were collected."""
-        corr = stats.correlation() if stats is not None else None
+    def space_report(self, space: int, match: Match,
+                     mean_correlation: float | None = None) -> SpaceReport:
+        """A merged space's report, with the mean correlation of its features merged across
+        models where its statistics were collected."""
         info = self.analysis.spaces[space]
         nodes = info.producers + info.per_channel
         order = min((self.node_order.get(n, 0) for n in nodes), default=0)
-        return SpaceReport.of(space, info.size, match, corr, nodes=nodes, order=order)
+        return SpaceReport.of(space, info.size, match, nodes=nodes, order=order,
+                              mean_correlation=mean_correlation)
 
     @functools.cached_property
     def node_order(self) -> dict[str, int]:

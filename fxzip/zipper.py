@@ -4,6 +4,7 @@ analysis, statistics, matches), so many stop points and methods cost one trace a
 the calibration data."""
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Sequence
@@ -23,8 +24,13 @@ from .options import DEFAULTS, PREPARE_OPTIONS, MergeOptions
 from .passes.analysis import Analysis
 from .passes.rewrite import rewrite
 from .passes.statistics import collect
+from .passes.statistics_plan import plan_passes
+from .report import mean_across_correlation
 from .report_builder import ReportBuilder
-from .runtime.inputs import shard_batches
+from .runtime.distributed import all_gather_objects, rank, world_size
+from .runtime.inputs import batch_size, shard_batches
+from .runtime.memory import (GIB, PhasePeaks, activation_bytes_per_sample, model_bytes,
+                             resolve_memory_gib)
 from .runtime.moments import SpaceStats, resolve_precision
 
 __all__ = ["Zipper"]
@@ -65,6 +71,7 @@ class Zipper:
         self._analyses: dict[int, Analysis] = {0: self.analysis}
         self._moments: dict[int, SpaceStats] = {}
         self._matches: dict[tuple, Match] = {}
+        self._mean_correlations: dict[tuple, float | None] = {}  # per match key, for the report
         self._similarities: dict[int, Any] = {}
         self._reporter = ReportBuilder(self.analysis, self.graphs, self.batches.example)
 
@@ -100,12 +107,18 @@ class Zipper:
             self._warn_if_too_few_samples(missing)
         return {s: self._moments[s] for s in spaces}
 
-    def _warn_if_too_few_samples(self, spaces: Sequence[int]) -> None:
+    def _short_of_samples(self, spaces: Sequence[int]) -> list[tuple[int, int, int]]:
+        """(space, samples, features) of the spaces that saw fewer samples than features."""
+        return [(s, self._moments[s].features.count, self.num_models * self.analysis.spaces[s].size)
+                for s in spaces if self._moments[s].features.count < self.num_models
+                * self.analysis.spaces[s].size]
+
+    def _warn_if_too_few_samples(self, spaces: Sequence[int],
+                                 short: list[tuple[int, int, int]] | None = None) -> None:
         """Correlations of D features from fewer than D samples are rank-deficient: features that
-        differ may look perfectly alike, and the matching cannot tell them apart."""
-        short = [(s, self._moments[s].features.count, self.num_models * self.analysis.spaces[s].size)
-                 for s in spaces if self._moments[s].features.count < self.num_models
-                 * self.analysis.spaces[s].size]
+        differ may look perfectly alike, and the matching cannot tell them apart. (`short`: the
+        spaces' `_short_of_samples`, where their statistics are gone.)"""
+        short = self._short_of_samples(spaces) if short is None else short
         if short:
             s, count, dim = min(short, key=lambda t: t[1] / t[2])
             where = ", ".join(self.analysis.spaces[s].producers[:2]) or f"space {s}"
@@ -161,8 +174,98 @@ class Zipper:
                 found = [method.match(corrs[0], [sizes[0]] * self.num_models, alpha=alpha,
                                       beta=beta, out_size=out_size)]
         for s, m in zip(spaces, found):
-            self._matches[(s, method.name, alpha, beta, weight_similarity, out_size)] = m
+            found_key = (s, method.name, alpha, beta, weight_similarity, out_size)
+            self._matches[found_key] = m
+            self._mean_correlations[found_key] = \
+                mean_across_correlation(m, stats[s].correlation()) if stats else None
         return self._matches[key]
+
+    def _match_key(self, space: int, method: Method, options: MergeOptions,
+                   width: float) -> tuple:
+        """The cache key of a space's Match under `options` (see `match`)."""
+        group = next((g for g in self.analysis.head_groups if space in g.spaces), None)
+        out_size = None if group is not None else \
+            merged_size(self.analysis.spaces[space].size, width, self.num_models)
+        return (space, method.name, options.alpha, options.beta, options.weight_similarity,
+                out_size)
+
+    def _units(self, spaces: Sequence[int]) -> list[list[int]]:
+        """The spaces grouped as they are matched (a head group's spaces together), in order."""
+        units, seen = [], set()
+        for s in spaces:
+            if s in seen:
+                continue
+            group = next((g for g in self.analysis.head_groups if s in g.spaces), None)
+            unit = list(group.spaces) if group is not None else [s]
+            seen.update(unit)
+            units.append(unit)
+        return units
+
+    def _pass_activation_bytes(self) -> float:
+        """The activations the statistics pass holds at once: every model's live tensors for
+        the example batch's size, with room for the observer's columns (half as much again)."""
+        per_sample = [activation_bytes_per_sample(g) for g in self.graphs]
+        return 1.5 * sum(b or 0.0 for b in per_sample) * batch_size(self.batches.example)
+
+    def _match_in_passes(self, spaces: Sequence[int], method: Method, options: MergeOptions,
+                         ratios: dict[int, float], budget_gib: float | None,
+                         peaks: PhasePeaks) -> int:
+        """Match every space (cached matches are reused): spaces whose statistics are cached
+        first, the others in statistics passes that fit `budget_gib` (`plan_passes`), each pass
+        followed by its spaces' matching; under torch.distributed each rank collects and matches
+        the spaces it owns and the matches are shared. The statistics are kept (for later
+        merges) only where one pass holds them all in one process. Returns the passes run."""
+        keys = {s: self._match_key(s, method, options, ratios[s]) for s in spaces}
+        todo = [s for s in spaces if keys[s] not in self._matches]
+
+        def match(s: int) -> None:
+            self.match(s, method, options.alpha, options.beta, options.weight_similarity,
+                       ratios[s])
+
+        units = self._units(todo)
+        fresh = [u for u in units if not all(s in self._moments for s in u)]
+        with self._timed("matching"), peaks.phase("matching"):
+            for unit in units:
+                if unit not in fresh:
+                    match(unit[0])
+        ranks = world_size(self.group)
+        room = None if budget_gib is None else budget_gib * GIB - self._pass_activation_bytes()
+        dims = {s: self.num_models * self.analysis.spaces[s].size for u in fresh for s in u}
+        passes = plan_passes(fresh, dims, None if room is None else max(room, 0.0), ranks)
+        keep = ranks == 1 and len(passes) <= 1
+        me = rank(self.group)
+        short: list[tuple[int, int, int]] = []
+        for p in passes:
+            owners = p.owners if ranks > 1 else None
+            with self._timed("statistics"), peaks.phase("statistics"):
+                self._moments.update(collect(
+                    self.graphs, self.analysis, p.spaces, self.batches,
+                    progress=self.options.progress, precision=self.statistics_precision,
+                    pairing=self.pairing, group=self.group, taps=self.options.taps,
+                    positions=self.options.positions, owners=owners))
+            mine = p.spaces if owners is None else p.owned_by(me)
+            short += self._short_of_samples(mine)
+            before = set(self._matches)
+            with self._timed("matching"), peaks.phase("matching"):
+                for unit in self._units(mine):
+                    match(unit[0])
+            if owners is not None:
+                self._share_matches(before)
+            if not keep:
+                for s in mine:
+                    self._moments.pop(s, None)
+                    self._similarities.pop(s, None)
+        self._warn_if_too_few_samples([], short)
+        return len(passes)
+
+    def _share_matches(self, before: set[tuple]) -> None:
+        """Give every rank the matches each rank made since `before` (with their mean
+        correlations): every rank then builds the same merged model."""
+        made = {k: (m, self._mean_correlations.get(k)) for k, m in self._matches.items()
+                if k not in before}
+        for found in all_gather_objects(made, self.group):
+            for k, (m, mean) in found.items():
+                self._matches[k], self._mean_correlations[k] = m, mean
 
     # -- the trunk -----------------------------------------------------------------------------
 
@@ -258,31 +361,41 @@ class Zipper:
             trunk, aligned = self.trunk(stop_at), set()
         spaces = [s for s in self.analysis.spaces_of(trunk) if s not in aligned]
         method = get_method(options.method)
-        if method.needs_statistics:
-            self.statistics(spaces)
+        budget = resolve_memory_gib(options.memory_gib, self.batches.example_device,
+                                    max(model_bytes(g) for g in self.graphs))
+        peaks = PhasePeaks(self.batches.example_device)
         ratios = space_widths(self.analysis, spaces, width)
+        passes = self._match_in_passes(spaces, method, options, ratios, budget, peaks) \
+            if method.needs_statistics else 0
+        keys = {s: self._match_key(s, method, options, ratios[s]) for s in spaces}
         matches = {s: self.match(s, method, options.alpha, options.beta,
                                  options.weight_similarity, ratios[s]) for s in spaces}
         matches.update({s: Match.identity(self.analysis.spaces[s].size, self.num_models)
                         for s in aligned})
-        with self._timed("rewrite"):
+        with self._timed("rewrite"), peaks.phase("rewrite"):
             merged = rewrite(self.graphs, self.analysis, matches, trunk,
                              shared_output=options.shared_output, pairing=self.pairing,
                              spread=[self.extends] + [False] * (self.num_models - 1))
         corrections = options.correction_options
         correction_report = None
         if corrections is not None:  # the pass also re-estimates the BatchNorm statistics
-            with self._timed("corrections"):
+            if budget is not None and (corrections.memory_gib is None
+                                       or corrections.memory_gib > budget):
+                corrections = dataclasses.replace(corrections, memory_gib=budget)
+            with self._timed("corrections"), peaks.phase("corrections"):
                 correction_report = correct(merged, self.graphs, self.analysis, matches,
                                             self.batches, corrections, pairing=self.pairing,
                                             group=self.group)
         elif options.reset_bn:
-            with self._timed("bn_reset"):
+            with self._timed("bn_reset"), peaks.phase("bn_reset"):
                 reset_bn(merged, self.batches, progress=options.progress, group=self.group)
         seconds = {k: v - before.get(k, 0.0) for k, v in self.seconds.items()}
         seconds = {k: v for k, v in seconds.items() if v > 0}
+        correlations = {s: self._mean_correlations.get(keys[s]) for s in spaces}
         merged.fxzip_report = self._reporter.build(merged, options, width, trunk, spaces, matches,
-                                                   self._moments, seconds, correction_report)
+                                                   correlations, seconds, correction_report)
+        merged.fxzip_report.memory = {"budget_gib": budget, "statistics_passes": passes,
+                                      "peak_gib": dict(peaks.gib)}
         return merged
 
     def _merge_auto(self, options: MergeOptions, auto: AutoSettings) -> fx.GraphModule:

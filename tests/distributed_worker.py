@@ -23,6 +23,7 @@ from fxzip.runtime import distributed
 
 BATCH_SIZES = (6, 4, 5, 3, 7)
 SHARDS = {"unequal": ((0, 1, 2), (3, 4)), "empty": ((0, 1, 2, 3, 4), ())}
+SHARDED_BUDGETS = (None, 1e-6)  # one pass; a pass per space
 
 
 class SmallCNN(nn.Module):
@@ -84,6 +85,40 @@ def merge_case(case: str, rank: int | None) -> dict:
     }
 
 
+def sharded_case(case: str, rank: int | None, memory_gib: float | None) -> dict:
+    """Merge (the paper's zip with its BN reset) straight from `Zipper.merge`, without replicated
+    statistics first, so each rank collects and matches only the spaces it owns: the matchings,
+    outputs, state and the spaces whose statistics this rank held (with their sizes). Rank None:
+    all batches in one process."""
+    import fxzip.zipper as zipper_module
+
+    data = batches()
+    shard = data if rank is None else [data[i] for i in SHARDS[case][rank]]
+    models = [SmallCNN(0).eval(), SmallCNN(1).eval()]
+    held: list[tuple[int, int]] = []
+    collect = zipper_module.collect
+
+    def recording(*args, **kwargs):
+        found = collect(*args, **kwargs)
+        held.extend((s, st.features.mean.numel()) for s, st in found.items())
+        return found
+
+    zipper_module.collect = recording
+    try:
+        zipper = fxzip.Zipper(models, shard, progress=False, statistics_precision="float32",
+                              memory_gib=memory_gib)
+        merged = zipper.merge(method="zipit", corrections=None)
+    finally:
+        zipper_module.collect = collect
+    with torch.no_grad():
+        outputs = [o.clone() for o in merged(probe())]
+    return {"matchings": {key[0]: [a.tolist() for a in m.assign]
+                          for key, m in zipper._matches.items()},
+            "outputs": outputs, "held": held,
+            "passes": merged.fxzip_report.memory["statistics_passes"],
+            "state": {k: v.clone() for k, v in merged.state_dict().items()}}
+
+
 def main(out: str) -> None:
     torch.set_num_threads(1)
     distributed = "RANK" in os.environ
@@ -94,6 +129,10 @@ def main(out: str) -> None:
         result = merge_case(case, rank)
         name = f"{case}-rank{rank}.pt" if distributed else f"{case}-single.pt"
         torch.save(result, os.path.join(out, name))
+        if distributed:
+            for budget in SHARDED_BUDGETS:
+                torch.save(sharded_case(case, rank, budget),
+                           os.path.join(out, f"sharded-{case}-{budget}-rank{rank}.pt"))
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

@@ -60,6 +60,42 @@ def test_two_ranks_equal_one_process_merge(tmp_path):
             assert torch.equal(value, ranks[1]["state"][key]), (case, key)
 
 
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                    reason="torch.distributed with gloo is not available")
+def test_spaces_sharded_over_ranks_equal_one_process(tmp_path):
+    """`Zipper.merge` under two ranks without replicated statistics: each rank holds and matches
+    only the spaces it owns (about half of the features' second moments each, none on both), the
+    matches are shared, and both ranks build the one-process merge's model (the paper's zip: same
+    matchings, outputs to 1e-5, bitwise-equal state on both ranks) in one pass and in a pass per
+    space."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(WORKER.parent.parent), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([*torchrun, "--standalone", "--nproc_per_node=2", str(WORKER),
+                          str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    worker = _worker_module()
+    for case in worker.SHARDS:
+        single = worker.sharded_case(case, None, None)
+        for budget in worker.SHARDED_BUDGETS:
+            ranks = [torch.load(tmp_path / f"sharded-{case}-{budget}-rank{r}.pt",
+                                weights_only=False) for r in (0, 1)]
+            held = [dict(r["held"]) for r in ranks]
+            assert held[0] and held[1] and not set(held[0]) & set(held[1]), (case, budget)
+            assert set(held[0]) | set(held[1]) == set(single["matchings"])
+            squares = [sum(d * d for d in h.values()) for h in held]
+            assert max(squares) < 0.75 * sum(squares), (case, budget, squares)
+            # a pass per space on each rank: about half as many passes as spaces
+            assert ranks[0]["passes"] == (1 if budget is None
+                                          else (len(single["matchings"]) + 1) // 2)
+            for result in ranks:
+                assert result["matchings"] == single["matchings"], (case, budget)
+                for out, ref in zip(result["outputs"], single["outputs"]):
+                    assert torch.allclose(out, ref, atol=1e-5, rtol=0), (case, budget)
+            for key, value in ranks[0]["state"].items():
+                assert torch.equal(value, ranks[1]["state"][key]), (case, budget, key)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_merge_runs_on_cuda_with_statistics_on_the_device():
     """Models on the GPU: the statistics and the merged model live there, and the merge equals the

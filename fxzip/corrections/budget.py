@@ -2,7 +2,6 @@
 traced shapes), and which calibration samples fit within `Corrections.memory_gib`."""
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,53 +9,12 @@ import torch
 import torch.fx as fx
 
 from ..runtime.distributed import is_distributed
+from ..runtime.memory import activation_bytes_per_sample
 from ..runtime.inputs import batch_size, leading, selected
 from ..runtime.sampling import sample_keys, unit_keys
 from .channels import reduce
 
 __all__ = ["activation_bytes_per_sample", "within_budget", "samples_within"]
-
-
-def _meta_bytes(meta: Any) -> int | None:
-    """Bytes of the tensors a node's recorded metadata describes (nested tuples summed)."""
-    if hasattr(meta, "shape") and hasattr(meta, "dtype"):
-        try:
-            return math.prod(int(d) for d in meta.shape) * meta.dtype.itemsize
-        except (TypeError, ValueError, RuntimeError):  # symbolic or unknown sizes
-            return None
-    if isinstance(meta, (list, tuple)):
-        sizes = [_meta_bytes(m) for m in meta]
-        return sum(s for s in sizes if s is not None)
-    if isinstance(meta, dict):
-        return _meta_bytes(list(meta.values()))
-    return 0
-
-
-def activation_bytes_per_sample(gm: fx.GraphModule) -> float | None:
-    """The largest sum of live activations (bytes per sample) while `gm` runs node by node and
-    frees each value after its last use, from the shapes traced on the example batch; None where
-    the example's batch size is unknown."""
-    nodes = list(gm.graph.nodes)
-    last = {}
-    for i, node in enumerate(nodes):
-        for arg in node.all_input_nodes:
-            last[arg] = i
-    batch = None
-    live: dict[fx.Node, int] = {}
-    total = peak = 0
-    for i, node in enumerate(nodes):
-        meta = node.meta.get("tensor_meta", node.meta.get("val"))
-        if node.op == "placeholder" and batch is None:
-            shape = getattr(meta, "shape", None)
-            batch = int(shape[0]) if shape is not None and len(shape) else None
-        if node.op not in ("get_attr", "output"):
-            live[node] = _meta_bytes(meta) or 0
-            total += live[node]
-            peak = max(peak, total)
-        for arg in node.all_input_nodes:
-            if last.get(arg) == i:
-                total -= live.pop(arg, 0)
-    return peak / batch if batch else None
 
 
 def within_budget(batches: list[Any], budget: int | None, seed: int, group: Any) -> list[Any]:

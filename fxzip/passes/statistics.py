@@ -15,7 +15,7 @@ import inspect
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +23,8 @@ import torch.fx as fx
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..runtime.distributed import all_reduce_moments
+from ..runtime.distributed import (all_gather_objects, all_reduce_moments, any_rank, rank,
+                                   receive_columns, send_columns, world_size)
 from ..errors import InputError, NonFiniteError
 from ..runtime.inputs import Batches, call_model, describe
 from ..runtime.moments import (Moments, NonFiniteRows, SpaceStats, finite_mean,
@@ -81,12 +82,13 @@ class Read:
     thins the positions further, by about that share but never below one position per sample
     (a tensor without positions, e.g. pooled features, is read whole)."""
 
-    __slots__ = ("tap", "moments", "rate", "salt", "positions")
+    __slots__ = ("tap", "moments", "rate", "salt", "positions", "owner")
 
-    def __init__(self, tap: Tap, moments: Moments, rate: float = 1.0, salt: float = 0.0,
-                 positions: float = 1.0):
+    def __init__(self, tap: Tap, moments: Moments | None, rate: float = 1.0, salt: float = 0.0,
+                 positions: float = 1.0, owner: int | None = None):
         self.tap, self.moments, self.rate, self.salt = tap, moments, rate, salt
         self.positions = positions
+        self.owner = owner  # the rank that holds the moments (None: this one, not sharded)
 
     def __iter__(self):  # unpacks as (tap, moments), as the plain pairs it generalises
         return iter((self.tap, self.moments))
@@ -121,15 +123,21 @@ class Observer(nn.Module):
 
     `taps` maps a node to its reads: `Read`s, or (Tap, Moments) pairs (read in full). A read at a
     rate < 1 takes a subset of positions chosen from `keys` (one per sample of the current batch,
-    set by the caller before each batch), the same subset for every model."""
+    set by the caller before each batch), the same subset for every model.
 
-    def __init__(self, taps: dict[str, list], precision: str = "float32"):
+    Sharded over ranks (`group`), a read whose `owner` is another rank sends its columns there
+    (`send_columns`), and the owner folds every rank's columns into its moments; an `active`
+    False rank (out of data, running a batch only to keep step) sends none."""
+
+    def __init__(self, taps: dict[str, list], precision: str = "float32", group: Any = None):
         super().__init__()
         self.taps = {name: [r if isinstance(r, Read) else Read(*r) for r in reads]
                      for name, reads in taps.items()}
         self.precision = precision
         self.position = 0
         self.keys: torch.Tensor | None = None
+        self.group, self.rank, self.ranks = group, rank(group), world_size(group)
+        self.active = True
 
     def forward(self, name: str, *tensors: torch.Tensor) -> None:
         with product_precision(self.precision):
@@ -137,33 +145,55 @@ class Observer(nn.Module):
 
     def _observe(self, name: str, tensors: Sequence[torch.Tensor]) -> None:
         for read in self.taps[name]:
-            tap, moments = read.tap, read.moments
             try:
-                views = [tap_view(t, tap) for t in tensors]
-                spread = self._spread(views[0], read)
-                if spread is not None:  # a share of the positions
-                    offsets, counts, stride = spread
-                    kept = sum(counts)
-                    if kept == 0:
-                        continue
-                    joint = torch.empty(len(views) * tap.size, kept * tap.expand,
-                                        dtype=torch.float32, device=views[0].device)
-                    means = torch.cat([centre_kept_into(x, tap, offsets, counts, stride, out)
-                                       for x, out in zip(views, joint.split(tap.size))])
+                found = self._columns(read, tensors) if self.active else None
+                if read.owner is None or read.owner == self.rank:
+                    if found is not None:
+                        read.moments.update_centred(*found)
+                    if read.owner is not None:
+                        self._receive(read, len(tensors) * read.tap.size, tensors[0].device)
                 else:
-                    if views[0].numel() == 0:
-                        continue
-                    joint = torch.empty(len(views) * tap.size, views[0].numel() // tap.size,
-                                        dtype=torch.float32, device=views[0].device)
-                    means = torch.cat([centre_into(x, tap, out)
-                                       for x, out in zip(views, joint.split(tap.size))])
-                moments.update_centred(joint, means)
+                    empty = torch.empty(0, 0, device=tensors[0].device)
+                    send_columns(*(found or (empty, empty)), read.owner, self.group)
             except NonFiniteRows:
                 k = next(k for k, t in enumerate(tensors) if not torch.isfinite(t).all())
                 raise NonFiniteError(
                     f"model {k} produced NaN/Inf activations at node '{name}' on calibration "
                     f"batch {self.position}; check the model's weights and the input scaling"
                 ) from None
+
+    def _columns(self, read: Read, tensors: Sequence[torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The read's (features × samples) float32 columns of every model stacked, centred on
+        their means, and those means; None where the batch gives it no sample."""
+        tap = read.tap
+        views = [tap_view(t, tap) for t in tensors]
+        spread = self._spread(views[0], read)
+        if spread is not None:  # a share of the positions
+            offsets, counts, stride = spread
+            kept = sum(counts)
+            if kept == 0:
+                return None
+            joint = torch.empty(len(views) * tap.size, kept * tap.expand,
+                                dtype=torch.float32, device=views[0].device)
+            means = torch.cat([centre_kept_into(x, tap, offsets, counts, stride, out)
+                               for x, out in zip(views, joint.split(tap.size))])
+            return joint, means
+        if views[0].numel() == 0:
+            return None
+        joint = torch.empty(len(views) * tap.size, views[0].numel() // tap.size,
+                            dtype=torch.float32, device=views[0].device)
+        means = torch.cat([centre_into(x, tap, out)
+                           for x, out in zip(views, joint.split(tap.size))])
+        return joint, means
+
+    def _receive(self, read: Read, features: int, device: torch.device) -> None:
+        """Fold every other rank's columns of an owned read into its moments, in rank order."""
+        for source in range(self.ranks):
+            if source != self.rank:
+                found = receive_columns(features, source, device, self.group)
+                if found is not None:
+                    read.moments.update_centred(*found)
 
     def _spread(self, x: torch.Tensor, read: Read) -> tuple[list[int], list[int], int] | None:
         """For a read at a rate < 1: each sample's first kept position (chosen from its key and
@@ -189,7 +219,8 @@ def lockstep_module(graphs: Sequence[fx.GraphModule], observer: Observer,
     node paired with it, see `fxzip.graph.pairing`); it returns nothing.
 
     Each model's graph is emitted in its own order, as far as the node paired with graph 0's
-    current node: for models of one architecture that is node by node, in lockstep. Model k's
+    current node: for models of one architecture that is node by node, in lockstep; nothing
+    after the last tapped node is run (an early space's pass stops early). Model k's
     submodules and attributes live under `m{k}.`; FX frees every tensor after its last use, so
     only the tensors of the node being computed are alive beside the models' state.
     """
@@ -222,7 +253,8 @@ def lockstep_module(graphs: Sequence[fx.GraphModule], observer: Observer,
         return env[nodes[positions[k][name]]]
 
     shared = pairing.shared()
-    for node in node_lists[0]:
+    tapped = [i for i, n in enumerate(node_lists[0]) if n.name in shared and n.name in observer.taps]
+    for node in node_lists[0][:tapped[-1] + 1 if tapped else 0]:  # nothing past the last tap
         if node.name not in shared:
             continue
         values = [emit_until(k, pairing.name(k, node.name)) for k in range(len(graphs))]
@@ -302,7 +334,8 @@ def spread_reads(taps: list[Tap], moments: Moments, nodes: dict[str, fx.Node]) -
 def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterable[int],
             batches: Batches, *, progress: bool = True, precision: str = "float32",
             pairing: Pairing, timings: dict[str, float] | None = None, group: Any = None,
-            taps: str = "all", positions: float = 1.0) -> dict[int, SpaceStats]:
+            taps: str = "all", positions: float = 1.0,
+            owners: Mapping[int, int] | None = None) -> dict[int, SpaceStats]:
     """Statistics of every requested space over all batches, for all models at once; `precision`
     is that of the Gram products ("float32" or "bfloat16", see `resolve_precision`).
 
@@ -332,57 +365,88 @@ def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterab
 
     `pairing` (`fxzip.graph.pairing.pair_graphs(graphs)`) finds model k's node for each tap; taps
     at nodes that not every model has are left out.
+
+    `owners` (space -> rank of `group`) shards the spaces over the ranks instead: each rank's
+    batches are still its shard, but a space's columns go to its owner, which alone holds its
+    moments (nothing is all-reduced); the result is this rank's spaces only, each with the
+    statistics of all ranks' batches.
     """
     spaces = list(spaces)
     check_taps(taps)
     shared = pairing.shared()
     order = {n.name: i for i, n in enumerate(analysis.nodes)}
     device = batches.example_device
-    stats = {s: SpaceStats(len(graphs) * analysis.spaces[s].size, device) for s in spaces}
+    me = rank(group)
+    mine = [s for s in spaces if owners is None or owners[s] == me]
+    stats = {s: SpaceStats(len(graphs) * analysis.spaces[s].size, device) for s in mine}
     timings = {} if timings is None else timings
     start = time.perf_counter()
     nodes = {n.name: n for n in analysis.nodes}
     reads = []
     for s in spaces:
         chosen = shared_taps(analysis, s, shared, taps, order)
-        found = spread_reads(chosen, stats[s].features, nodes) if taps == "spread" \
-            else [Read(t, stats[s].features, 1.0, math.modf(j * _SALT)[0])
-                  for j, t in enumerate(chosen)]
+        held = stats[s].features if s in stats else None
+        found = spread_reads(chosen, held, nodes) if taps == "spread" \
+            else [Read(t, held, 1.0, math.modf(j * _SALT)[0]) for j, t in enumerate(chosen)]
         for read in found:
             read.positions = positions
+            read.owner = None if owners is None else owners[s]
         reads += found
-    _run_pass(graphs, reads, batches, progress, "fxzip statistics", precision, pairing)
-    all_reduce_moments([stats[s].features for s in spaces], group)
+    _run_pass(graphs, reads, batches, progress, "fxzip statistics", precision, pairing, group)
+    if owners is None:
+        all_reduce_moments([stats[s].features for s in spaces], group)
     timings["consumer taps"] = time.perf_counter() - start
     start = time.perf_counter()
-    retry = {s: [t for t in producer_taps(analysis, s) if t.node in shared] for s in spaces}
+    retry = {s: [t for t in producer_taps(analysis, s) if t.node in shared] for s in mine}
     dead = {s: stats[s].constant_features() for s in retry}
     retry = {s: taps for s, taps in retry.items() if taps and dead[s].size}
     for s in retry:
         stats[s].fallback = Moments(stats[s].features.mean.numel(), device, rows=dead[s])
+    if owners is not None:  # every rank reads the taps of every owner's dead units
+        retry = {s: [t for t in producer_taps(analysis, s) if t.node in shared]
+                 for found in all_gather_objects(sorted(retry), group) for s in found}
     if retry:
-        _run_pass(graphs, [Read(t, stats[s].fallback) for s, taps in retry.items() for t in taps],
-                  batches, progress, "fxzip statistics (dead units)", precision, pairing)
-        all_reduce_moments([stats[s].fallback for s in retry], group)
+        _run_pass(graphs, [Read(t, stats[s].fallback if s in stats else None,
+                                owner=None if owners is None else owners[s])
+                           for s, taps in retry.items() for t in taps],
+                  batches, progress, "fxzip statistics (dead units)", precision, pairing, group)
+        if owners is None:
+            all_reduce_moments([stats[s].fallback for s in retry], group)
     timings["dead units"] = time.perf_counter() - start
     return stats
 
 
+def _in_step(batches: Batches, sharded: bool, group: Any) -> Iterator[tuple[Any, bool]]:
+    """(batch, active) pairs: the batches; sharded, as many steps as the rank with the most
+    batches has, a rank out of data repeating its example inactive (it only keeps step)."""
+    source = iter(batches)
+    while True:
+        x = next(source, None)
+        if sharded and not any_rank(x is not None, group, batches.example_device):
+            return
+        if x is None and not sharded:
+            return
+        yield (x, True) if x is not None else (batches.example, False)
+
+
 def _run_pass(graphs: Sequence[fx.GraphModule], reads: list[Read], batches: Batches,
               progress: bool, desc: str, precision: str = "float32",
-              pairing: Pairing | None = None) -> None:
-    """Stream all batches through the lockstep graph, folding each read into its moments."""
+              pairing: Pairing | None = None, group: Any = None) -> None:
+    """Stream all batches through the lockstep graph, folding each read into its moments (its
+    owner's, where the reads are sharded over ranks)."""
     by_node: dict[str, list[Read]] = defaultdict(list)
     for read in reads:
         by_node[read.tap.node].append(read)
-    observer = Observer(dict(by_node), precision)
+    observer = Observer(dict(by_node), precision, group)
     keyed = any(read.rate < 1.0 or read.positions < 1.0 for read in reads)
+    sharded = any(read.owner is not None for read in reads) and observer.ranks > 1
     module = lockstep_module(graphs, observer, pairing)
-    bar = tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)
+    bar = tqdm(_in_step(batches, sharded, group), desc=desc, unit="batch",
+               disable=not progress, leave=False)
     with torch.no_grad():
-        for position, x in enumerate(bar):
+        for position, (x, active) in enumerate(bar):
             batches.check_shape(x, position)
-            observer.position = position
+            observer.position, observer.active = position, active
             observer.keys = sample_keys(x, SPREAD_SEED) if keyed else None
             try:
                 call_model(module, x)

@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["is_distributed", "rank", "world_size", "all_reduce_sum", "all_reduce_moments",
-           "all_gather_objects", "barrier", "traffic"]
+           "all_gather_objects", "barrier", "traffic", "any_rank", "send_columns",
+           "receive_columns"]
 
 # tensors up to this many elements are concatenated into one buffer per dtype and device (one
 # collective for many small tensors); larger ones are reduced on their own, without a copy
@@ -156,3 +157,48 @@ def all_gather_objects(value: Any, group: Any = None) -> list[Any]:
     gathered: list[Any] = [None] * world_size(group)
     dist.all_gather_object(gathered, value, group=group)
     return gathered
+
+
+def any_rank(flag: bool, group: Any = None, device: torch.device | None = None) -> bool:
+    """Whether `flag` is true on any rank of `group` (`flag` itself when not distributed)."""
+    if not is_distributed() or world_size(group) == 1:
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item())
+
+
+def _global(rank_in_group: int, group: Any) -> int:
+    """The global rank of a rank of `group` (point-to-point calls take global ranks)."""
+    return rank_in_group if group is None else dist.get_global_rank(group, rank_in_group)
+
+
+def send_columns(joint: torch.Tensor, means: torch.Tensor, dst: int, group: Any = None) -> None:
+    """Send one batch's centred feature columns (features × samples) and their means to rank
+    `dst` of `group`, where `receive_columns` takes them; a batch without samples sends its
+    count only."""
+    header = torch.tensor([joint.shape[1]], dtype=torch.int64, device=joint.device)
+    peer = _global(dst, group)
+    dist.send(header, peer, group=group)
+    traffic["calls"] += 1
+    if joint.shape[1]:
+        dist.send(joint.contiguous(), peer, group=group)
+        dist.send(means.contiguous(), peer, group=group)
+        traffic["bytes"] += joint.numel() * joint.element_size()
+
+
+def receive_columns(features: int, src: int, device: torch.device,
+                    group: Any = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (joint, means) that rank `src` of `group` sent with `send_columns` (float32, `features`
+    rows); None for a batch without samples."""
+    header = torch.empty(1, dtype=torch.int64, device=device)
+    peer = _global(src, group)
+    dist.recv(header, peer, group=group)
+    columns = int(header.item())
+    if not columns:
+        return None
+    joint = torch.empty(features, columns, dtype=torch.float32, device=device)
+    means = torch.empty(features, dtype=torch.float32, device=device)
+    dist.recv(joint, peer, group=group)
+    dist.recv(means, peer, group=group)
+    return joint, means
