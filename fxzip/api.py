@@ -97,8 +97,9 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
         activations, the feature statistics and the matching's matrices ("auto", the default:
         80% of the memory free on the models' device less one model; None: no bound). Where the
         spaces' statistics do not fit at once, they are collected in several passes over
-        `inputs`, each followed by its spaces' matching (the result is the same); it also bounds
-        the corrections' samples. `merged.fxzip_report.memory` gives each phase's peak and the
+        `inputs`, each followed by its spaces' matching (the result is the same); a number also
+        bounds the corrections' samples ("auto" does not: the result never depends on the free
+        memory). `merged.fxzip_report.memory` gives each phase's peak and the
         number of passes. Under torch.distributed each rank holds and matches a share of the
         spaces (its memory falls with the number of ranks).
     Every option is checked into one `fxzip.MergeOptions` before any work (an InputError names

@@ -97,6 +97,12 @@ class MergeReport:
         else:
             lines.append("  corrections: none (plain merge)")
         lines.append("  time: " + ", ".join(f"{k} {v:.3f}s" for k, v in self.seconds.items()))
+        if self.memory:
+            budget = self.memory.get("budget_gib")
+            peaks = ", ".join(f"{k} {v:.2f}" for k, v in self.memory.get("peak_gib", {}).items())
+            lines.append(f"  memory: budget {'none' if budget is None else f'{budget:.2f} GiB'}, "
+                         f"{self.memory.get('statistics_passes', 0)} statistics pass(es); "
+                         f"peak GiB: {peaks or '-'}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:

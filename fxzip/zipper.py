@@ -379,8 +379,9 @@ class Zipper:
         corrections = options.correction_options
         correction_report = None
         if corrections is not None:  # the pass also re-estimates the BatchNorm statistics
-            if budget is not None and (corrections.memory_gib is None
-                                       or corrections.memory_gib > budget):
+            given = options.memory_gib != "auto"  # "auto" (free memory) never moves a result
+            if given and budget is not None and (corrections.memory_gib is None
+                                                 or corrections.memory_gib > budget):
                 corrections = dataclasses.replace(corrections, memory_gib=budget)
             with self._timed("corrections"), peaks.phase("corrections"):
                 correction_report = correct(merged, self.graphs, self.analysis, matches,

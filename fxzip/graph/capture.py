@@ -3,7 +3,6 @@ arguments named, eval-mode identities dropped, einsums as matmuls) with shapes o
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import math
 import warnings
@@ -21,7 +20,7 @@ from . import traced_functions
 from .capture_errors import capture_error
 from ..errors import InputError, TraceError
 from ..runtime.inputs import Batch
-from .nodes import route_through_inplace_ops
+from .nodes import private_copy, route_through_inplace_ops
 from .shapes import propagate_shapes
 from .value_tracing import ValueTracing
 
@@ -174,7 +173,7 @@ def trace(model: torch.nn.Module, example: Batch, *, leaf_modules: Sequence[type
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"expected a torch.nn.Module to merge, got {type(model).__name__}")
     fixed = fixed_arguments(model, example, concrete_args)
-    traced_functions.recording(model, lambda: _run(copy.deepcopy(model).eval(), example))
+    traced_functions.recording(model, lambda: _run(private_copy(model).eval(), example))
     gm = None
     # plain tracing; then with the example's values on the proxies (control flow on sizes taken
     # as the example takes them, sizes kept symbolic: timm's MobileViT, Twins, LiteMLA); then with
@@ -184,7 +183,7 @@ def trace(model: torch.nn.Module, example: Batch, *, leaf_modules: Sequence[type
     failure: Exception | None = None
     failed_in: nn.Module | None = None  # the copy the first failure ran (modules by path)
     for leaves, shaped in tiers:
-        private = copy.deepcopy(model).eval()
+        private = private_copy(model).eval()
         tracer = (_ValueTracer(leaves) if shaped == "values" else
                   _ShapedTracer(leaves) if shaped else FxzipTracer(leaves))
         try:
@@ -228,7 +227,7 @@ def _keep_output_type(gm: fx.GraphModule, model: torch.nn.Module, example: Batch
     if not isinstance(value, dict) or not all(isinstance(v, fx.Node) for v in value.values()):
         return
     with torch.no_grad():
-        real = _run(copy.deepcopy(model).eval(), example)
+        real = _run(private_copy(model).eval(), example)
     if type(real) is dict or not isinstance(real, dict) or list(real) != list(value) \
             or not all(isinstance(v, torch.Tensor) for v in real.values()):
         return

@@ -16,7 +16,6 @@ name for it, as a symbolic trace's module calls read it (`own_parameter_names`).
 """
 from __future__ import annotations
 
-import copy
 import inspect
 from typing import Any
 
@@ -31,7 +30,7 @@ from .aten import functional_from_aten
 from .capture import einsums_as_matmuls
 from .capture_errors import capture_error
 from .module_calls import module_calls
-from .nodes import module_attribute, route_through_inplace_ops
+from .nodes import module_attribute, private_copy, route_through_inplace_ops
 from .shapes import propagate_shapes
 
 __all__ = ["export", "restore_outputs"]
@@ -46,7 +45,7 @@ def export(model: nn.Module, example: Batch, *, concrete_args: dict | None = Non
     """Capture a private eval-mode copy of `model` with `torch.export` on `example` (a tensor,
     the first input, or a dict of `forward`'s keyword arguments) and annotate every node with its
     shape. TraceError naming the exporter's reason when it cannot."""
-    private = copy.deepcopy(model).eval()
+    private = private_copy(model).eval()
     kwargs = dict(example) if isinstance(example, dict) else {}
     args = () if isinstance(example, dict) else (example,)
     fixed = _fixed_arguments(model, kwargs, concrete_args)

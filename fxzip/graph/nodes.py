@@ -1,12 +1,26 @@
-"""Node and module helpers used by every pass: what a `get_attr` target names, and in-place ops
-(which may mutate an input) found and made visible in the graph."""
+"""Node and module helpers used by every pass: what a `get_attr` target names, in-place ops
+(which may mutate an input) found and made visible in the graph, and the private copies of the
+models that capture works on."""
 from __future__ import annotations
 
+import copy
+import itertools
 from typing import Any
 
 import torch.fx as fx
+import torch.nn as nn
 
-__all__ = ["module_attribute", "is_inplace", "has_inplace", "route_through_inplace_ops"]
+__all__ = ["module_attribute", "is_inplace", "has_inplace", "route_through_inplace_ops",
+           "private_copy"]
+
+
+def private_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model`'s modules (attributes a capture may set, caches a forward makes stay
+    on the copy) that shares its parameters and buffers: no tensor data is copied, so capturing
+    a model costs no second copy of its weights. fxzip never writes into these tensors: the
+    merged model's are new, its heads' are copied."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 _MISSING = object()

@@ -169,8 +169,10 @@ _WIDTH_ATTRIBUTES = {
 
 
 def merge_module(modules: Sequence[nn.Module], uses: Sequence[ParamUse], layouts: Layouts) -> nn.Module:
-    """A copy of the first model's module whose own tensors are the merged ones."""
-    merged = copy.deepcopy(modules[0])
+    """A copy of the first model's module whose own tensors are the merged ones (its own tensors
+    are not copied first: they are replaced)."""
+    own = [*modules[0]._parameters.values(), *modules[0]._buffers.values()]
+    merged = copy.deepcopy(modules[0], {id(t): t for t in own if t is not None})
     by_param: dict[str, list[ParamUse]] = {}
     for use in uses:
         by_param.setdefault(use.param, []).append(use)
