@@ -12,6 +12,8 @@
     python -m benchmarks.speed            phases, statistics, matching, memory: 1_*-6_*, speed.md
     python -m benchmarks.speed --ratios   statistics and merge against plain forwards: 6_floor.*
     python -m benchmarks.scale            one process vs torch.distributed ranks: scale.*
+    python -m benchmarks.memory           ViT-B/16 and 0.25B/1B decoders within memory_gib:
+                                          memory.*, memory_ranks.*, memory_compare.*
     python -m benchmarks.timm_zoo         timm families: trace, zip, permuted self-merge: timm_zoo.*
     python -m benchmarks.torchvision_zoo  torchvision's families, the same: torchvision_zoo.*
     python -m benchmarks.hf_zoo           transformers families (tiny configs): hf_zoo.*

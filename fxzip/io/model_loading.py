@@ -7,14 +7,17 @@ nothing from the hub; e.g. `transformers:AutoModelForCausalLM:runs/lm_a`), or
 directory are searched too).
 Checkpoints are state dicts in `.safetensors` (read by safetensors) or `.pt`/`.pth`/`.bin`
 (`torch.load(weights_only=True)`: no code runs), also nested under `state_dict`/`model`, and
-with the `module.` prefix of DataParallel/DDP stripped.
+with the `module.` prefix of DataParallel/DDP stripped. They are read lazily — `.safetensors`
+memory-mapped with `safe_open`, zip-format `.pt` files with `torch.load(mmap=True)` — and copied
+into the model one module at a time, so loading needs little more memory than the model.
 """
 from __future__ import annotations
 
 import difflib
 import importlib
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 TRANSFORMERS = "transformers:"
 NESTING_KEYS = ("state_dict", "model")
 SHOWN_KEYS = 3
+ZIP_MAGIC = b"PK\x03\x04"  # the first bytes of a torch.save file in the zip format
 
 
 def build_model(name: str, kwargs: Mapping[str, Any] | None = None,
@@ -149,30 +153,83 @@ def _callable_model(name: str, kwargs: dict[str, Any],
         raise CheckpointError(f"model {name!r} rejects the kwargs {kwargs}: {e}") from None
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file, unnested and without a `module.` prefix, on the CPU."""
+class CheckpointTensors(Mapping[str, torch.Tensor]):
+    """A checkpoint's tensors under the model's key names, each read from the file only when it is
+    indexed, so that loading holds one module's tensors at a time, not the whole file."""
+
+    def __init__(self, path: Path, names: Mapping[str, str],
+                 read: Callable[[str], torch.Tensor], shape: Callable[[str], Sequence[int]]):
+        self.path, self._names, self._read, self._shape = path, dict(names), read, shape
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        """The tensor of a model key, read now (a file error becomes a `CheckpointError`)."""
+        name = self._names[key]
+        with _reading(self.path):
+            return self._read(name)
+
+    def __contains__(self, key: object) -> bool:
+        """Whether the checkpoint has the key, without reading its tensor (Mapping's would)."""
+        return key in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The tensor's shape, from the file's header, without reading the tensor."""
+        return tuple(self._shape(self._names[key]))
+
+
+@contextmanager
+def open_state_dict(path: str | Path) -> Iterator[CheckpointTensors]:
+    """The tensors of a checkpoint file, unnested and without a `module.` prefix, on the CPU, read
+    lazily inside the `with`: `.safetensors` through `safe_open` (memory-mapped), `.pt`/`.bin`
+    with `torch.load(mmap=True)` when the file is in torch's zip format."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found" if not path.exists()
                               else f"checkpoint {path} is not a file")
     suffix = path.suffix.lower()
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if suffix == ".safetensors":
+        from safetensors import safe_open
 
-            state: Any = load_file(str(path), device="cpu")
-        elif suffix in PICKLE_SUFFIXES:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            raise CheckpointError(f"checkpoint {path}: unknown file type {path.suffix!r}; give "
-                                  "a .safetensors file or a state dict saved as "
-                                  f"{'/'.join(PICKLE_SUFFIXES)}")
+        with _reading(path):
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        with handle:
+            names = _model_names(path, list(handle.keys()))
+            yield CheckpointTensors(path, names, handle.get_tensor,
+                                    lambda key: handle.get_slice(key).get_shape())
+    elif suffix in PICKLE_SUFFIXES:
+        with _reading(path):
+            state = torch.load(path, map_location="cpu", weights_only=True,
+                               mmap=_is_zip(path))
+        tensors = _unnest(state, path)
+        yield CheckpointTensors(path, _model_names(path, list(tensors)), tensors.__getitem__,
+                                lambda key: tensors[key].shape)
+    else:
+        raise CheckpointError(f"checkpoint {path}: unknown file type {path.suffix!r}; give "
+                              "a .safetensors file or a state dict saved as "
+                              f"{'/'.join(PICKLE_SUFFIXES)}")
+
+
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Every reader error is the same news for the user: one `CheckpointError` naming the file."""
+    try:
+        yield
     except CheckpointError:
         raise
-    except Exception as e:  # noqa: BLE001 - every reader error is the same news for the user
+    except Exception as e:  # noqa: BLE001 - see the docstring
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
-    return _unnest(state, path)
+
+
+def _is_zip(path: Path) -> bool:
+    """Whether a torch.save file is in the zip format, which `torch.load(mmap=True)` needs."""
+    with open(path, "rb") as f:
+        return f.read(4) == ZIP_MAGIC
 
 
 def _unnest(state: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -187,29 +244,55 @@ def _unnest(state: Any, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict "
                               "(save model.state_dict())")
-    tensors = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
+    return {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _model_names(path: Path, keys: list[str]) -> dict[str, str]:
+    """The model key of each file key: the same, or without the `module.` prefix of DDP."""
+    if not keys:
         raise CheckpointError(f"checkpoint {path} holds no tensors")
-    if all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
-    return tensors
+    if all(k.startswith("module.") for k in keys):
+        return {k[len("module."):]: k for k in keys}
+    return {k: k for k in keys}
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, name: str = "the model") -> nn.Module:
-    """Load a checkpoint into `model`, or say which keys are missing, unexpected or mis-shaped."""
-    state = read_state_dict(path)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(v.shape)})"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    problems = [f"{label} {_first(keys)}" for label, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected),
-                 ("mis-shaped", shapes)) if keys]
-    if problems:
-        raise CheckpointError(f"checkpoint {path} does not fit {name}: " + "; ".join(problems))
-    model.load_state_dict(state, strict=True)
+    """Load a checkpoint into `model`, or say which keys are missing, unexpected or mis-shaped.
+    Tensors are read and copied one module at a time: the peak is the model and one module."""
+    with open_state_dict(path) as state:
+        expected = model.state_dict()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        shapes = [f"{k} (checkpoint {state.shape(k)}, model {tuple(v.shape)})"
+                  for k, v in expected.items() if k in state and state.shape(k) != tuple(v.shape)]
+        problems = [f"{label} {_first(keys)}" for label, keys in
+                    (("missing keys", missing), ("unexpected keys", unexpected),
+                     ("mis-shaped", shapes)) if keys]
+        if problems:
+            raise CheckpointError(f"checkpoint {path} does not fit {name}: " + "; ".join(problems))
+        for owner, keys in _keys_by_module(model, expected).items():
+            _load_module(model.get_submodule(owner), owner, keys, state)
     return model
+
+
+def _keys_by_module(model: nn.Module, keys: Iterable[str]) -> dict[str, list[str]]:
+    """The state-dict keys grouped by the module that holds them (the longest module path that
+    prefixes the key), in the model's order."""
+    modules = {name for name, _ in model.named_modules(remove_duplicate=False)}
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        owner = key.rpartition(".")[0]
+        while owner not in modules:
+            owner = owner.rpartition(".")[0]
+        groups.setdefault(owner, []).append(key)
+    return groups
+
+
+def _load_module(module: nn.Module, owner: str, keys: list[str], state: CheckpointTensors) -> None:
+    """Read one module's tensors and copy them in with its own `load_state_dict` (hooks, dtype
+    casts and all); they are freed when this returns, before the next module is read."""
+    cut = len(owner) + 1 if owner else 0
+    module.load_state_dict({key[cut:]: state[key] for key in keys}, strict=False)
 
 
 def _first(keys: list[str]) -> str:
