@@ -1,5 +1,6 @@
 """Helpers on correlation matrices shared by the input checks and the methods: symmetrising one
-in place (`_mirror_upper`) and turning one into a covariance (`covariance`, for "cca")."""
+(`symmetric_copy`, or in place `_mirror_upper`) and turning one into a covariance (`covariance`,
+for "cca")."""
 
 from __future__ import annotations
 
@@ -7,46 +8,76 @@ import math
 
 import numpy as np
 
-__all__ = ["covariance"]
+__all__ = ["covariance", "symmetric_copy"]
 
 
-def _mirror_upper(S: np.ndarray, block: int = 32) -> float:
+#: Edge of the square tiles the mirroring goes by: few enough tiles that the Python loop costs
+#: little, small enough that a tile pair and its buffers stay in cache.
+TILE = 256
+
+
+def _mirror_upper(S: np.ndarray) -> float:
     """Copy the upper triangle onto the lower one in place; return the largest |S - S.T|.
 
     Mirroring makes the result independent of last-bit asymmetries that float arithmetic
     leaves in computed correlations. The result is NaN or inf if S holds NaN or inf.
-    For speed (this pass costs about as much as the whole greedy), it goes by panels of
-    `block` columns: the panel above the diagonal is transposed once into a scratch
-    buffer that stays in cache, compared with the panel below, and copied there only
-    if they differ (an exactly symmetric matrix is only read).
     """
-    with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf are reported, not warned
-        return _mirror_panels(S, block)
+    return _mirror(S, S)
 
 
-def _mirror_panels(S: np.ndarray, block: int) -> float:
-    """The loop of `_mirror_upper`."""
-    D = S.shape[0]
+def symmetric_copy(corr: np.ndarray) -> tuple[np.ndarray, float]:
+    """A float64 copy of a square matrix with its upper triangle mirrored onto the lower one,
+    and the largest |corr - corr.T| (as `_mirror_upper`); one pass, without a second copy."""
+    S = np.empty(corr.shape)
+    return S, _mirror(corr, S)
+
+
+def _mirror(src: np.ndarray, dst: np.ndarray) -> float:
+    """Write src's upper triangle (as float64) to both triangles of dst; return the largest
+    |src - src.T| (NaN if src holds NaN or inf, which are reported, not warned about)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _mirror_tiles(src, dst, TILE)
+
+
+def _mirror_tiles(src: np.ndarray, dst: np.ndarray, tile: int) -> float:
+    """The loop of `_mirror`, by pairs of square tiles (one above the diagonal, its mirror
+    below): each upper tile is read into a buffer and transposed there. Transposing within
+    the matrix would read `tile` rows at once at a stride that is a power of two at the usual
+    widths: they fall into the same cache sets and miss on nearly every element. In place
+    (`dst is src`), a lower tile is written only where it differs from its mirror."""
+    D = src.shape[0]
+    tile = max(1, min(tile, D))  # small matrices get small buffers
+    in_place = dst is src
+    pad = 8  # buffer rows of tile + 8 floats: not a power of two either
+    upper_buf, flipped_buf, diff_buf = (np.empty((tile, tile + pad)) for _ in range(3))
+    below = np.tri(tile, tile, -1, dtype=bool)  # strictly below the diagonal
     worst, finite = 0.0, True
-    flipped = np.empty((D, block))
-    diff = np.empty((D, block))
-    below = np.tri(block, block, -1, dtype=bool)  # strictly below the diagonal
-    for i0 in range(0, D, block):
-        i1 = min(i0 + block, D)
-        tile = S[i0:i1, i0:i1]  # on the diagonal: mirror its own upper triangle
-        tile_t = tile.T.copy()
-        gap = float(np.abs(tile - tile_t).max())
-        np.copyto(tile, tile_t, where=below[: i1 - i0, : i1 - i0])
-        if i1 < D:  # below the diagonal: the transposed panel above it
-            lower = S[i1:, i0:i1]
-            upper_t = flipped[: D - i1, : i1 - i0]
-            np.copyto(upper_t, S[i0:i1, i1:].T)
-            d = np.subtract(lower, upper_t, out=diff[: D - i1, : i1 - i0])
-            if d.any():  # NaN counts as nonzero
+    for i0 in range(0, D, tile):
+        i1 = min(i0 + tile, D)
+        w = i1 - i0
+        upper, flipped = upper_buf[:w, :w], flipped_buf[:w, :w]
+        np.copyto(upper, src[i0:i1, i0:i1], casting="unsafe")  # the diagonal tile
+        np.copyto(flipped, upper.T)
+        gap = float(np.abs(np.subtract(upper, flipped, out=diff_buf[:w, :w])).max())
+        if not in_place:
+            dst[i0:i1, i0:i1] = upper
+        np.copyto(dst[i0:i1, i0:i1], flipped, where=below[:w, :w])
+        for j0 in range(i1, D, tile):
+            j1 = min(j0 + tile, D)
+            upper, flipped = upper_buf[:w, : j1 - j0], flipped_buf[: j1 - j0, :w]
+            np.copyto(upper, src[i0:i1, j0:j1], casting="unsafe")
+            np.copyto(flipped, upper.T)
+            d = np.subtract(src[j0:j1, i0:i1], flipped, out=diff_buf[: j1 - j0, :w],
+                            dtype=np.float64, casting="unsafe")
+            changed = bool(d.any())  # NaN counts as nonzero
+            if changed:
                 high, low = float(d.max()), float(d.min())
                 finite = finite and math.isfinite(high) and math.isfinite(low)
                 gap = max(gap, high, -low)
-                lower[...] = upper_t
+            if not in_place:
+                dst[i0:i1, j0:j1] = upper
+            if changed or not in_place:
+                dst[j0:j1, i0:i1] = flipped
         finite = finite and math.isfinite(gap)
         worst = max(worst, gap)
     return worst if finite else math.nan

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import MatchingError
-from .correlation import _mirror_upper
+from .correlation import _mirror_upper, symmetric_copy
 
 __all__ = ["Match", "check_inputs", "equal_widths"]
 
@@ -261,16 +261,16 @@ def _check_sizes(sizes: Sequence[int]) -> list[int]:
 def _check_corr(corr: np.ndarray, total: int) -> np.ndarray:
     """Return a symmetric float64 copy of corr with NaN set to 0 (NaN = no information)."""
     try:
-        S = np.array(corr, dtype=np.float64, copy=True)
+        source = _real_matrix(corr)
     except (TypeError, ValueError) as exc:
         raise MatchingError(f"corr must be a numeric (D, D) array, got {type(corr).__name__}") from exc
-    if S.shape != (total, total):
+    if source.shape != (total, total):
         raise MatchingError(
-            f"corr has shape {S.shape} but sizes sum to {total}; expected ({total}, {total})"
+            f"corr has shape {source.shape} but sizes sum to {total}; expected ({total}, {total})"
         )
-    asymmetry = _mirror_upper(S)  # NaN or inf anywhere make it non-finite
+    S, asymmetry = symmetric_copy(source)  # NaN or inf anywhere make it non-finite
     if not math.isfinite(asymmetry):  # the rare case: start again from corr
-        S = np.array(corr, dtype=np.float64, copy=True)
+        np.copyto(S, source, casting="unsafe")
         S[np.isnan(S)] = 0.0
         if not np.all(np.isfinite(S)):
             raise MatchingError(
@@ -286,6 +286,13 @@ def _check_corr(corr: np.ndarray, total: int) -> np.ndarray:
             f"to {asymmetry:.3g}, more than rounding error"
         )
     return S
+
+
+def _real_matrix(corr: np.ndarray) -> np.ndarray:
+    """corr as an array of real numbers, itself when it is one (read, never copied: the copy
+    `_check_corr` makes converts it to float64 tile by tile)."""
+    array = np.asarray(corr)
+    return array if array.dtype.kind in "biuf" else np.asarray(corr, dtype=np.float64)
 
 
 def _check_out_size(out_size: int | None, sizes: list[int]) -> int:

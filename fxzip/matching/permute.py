@@ -29,14 +29,16 @@ def permutation_match(S: np.ndarray, sizes: list[int], out_size: int | None = No
     """Align every model to model 0 with a maximum-correlation one-to-one assignment (checked
     inputs of equal widths, see `check_inputs` and `equal_widths`). A wider `out_size` (at most
     N·n) keeps the out_size − n least correlated aligned features apart: each becomes a merged
-    feature of its own (ties: the lower model, then the lower feature, first)."""
+    feature of its own (ties: the lower model, then the lower feature, first). The assignment
+    minimises the negated block: the problem `maximize=True` solves by negating a contiguous copy
+    of its own (the same solution), here with one n×n copy instead of two."""
     n = sizes[0]
     out_size = n if out_size is None else out_size
     assign = [np.arange(n, dtype=np.int64)]
     scores = []
     for k in range(1, len(sizes)):
         block = S[:n, k * n : (k + 1) * n]
-        rows, cols = linear_sum_assignment(block, maximize=True)
+        rows, cols = linear_sum_assignment(np.negative(block), maximize=False)
         a = np.empty(n, dtype=np.int64)
         a[cols] = rows  # feature cols[i] of model k goes to model-0 feature rows[i]
         assign.append(a)

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["feature_signatures", "weight_similarity", "mix"]
 
 QUANTILES = 16
+_MIX_ROWS = 256  # rows of the similarity `mix` weighs at a time
 
 
 def _targets_by_graph0(analysis: Analysis, pairing: Any, k: int) -> dict[str, str]:
@@ -116,14 +117,20 @@ def weight_similarity(signatures: Sequence[np.ndarray]) -> np.ndarray:
     sig = np.divide(sig, norm, out=np.zeros_like(sig), where=norm > 1e-12)
     sim = sig @ sig.T
     np.fill_diagonal(sim, 1.0)
-    return np.clip(sim, -1.0, 1.0)
+    return np.clip(sim, -1.0, 1.0, out=sim)  # in place: no second (D, D) matrix
 
 
 def mix(corr: np.ndarray, similarity: np.ndarray | None, weight: float) -> np.ndarray:
-    """(1 − weight)·corr + weight·similarity (corr itself when weight is 0 or no similarity)."""
+    """(1 − weight)·corr + weight·similarity (corr itself when weight is 0 or no similarity), in
+    one new matrix: the weighted similarity is added by row blocks, not held as a second one."""
     if similarity is None or weight == 0:
         return corr
     if corr.shape != similarity.shape:  # statistics of some rows only: not mixed
         return corr
-    out = (1.0 - weight) * corr + weight * similarity
+    out = (1.0 - weight) * corr
+    dtype = np.result_type(out, weight * similarity[:1])  # the sum's, as numpy would promote
+    out = out.astype(dtype, copy=False)
+    for start in range(0, out.shape[0], _MIX_ROWS):  # weight * similarity by row blocks
+        rows = slice(start, start + _MIX_ROWS)
+        out[rows] += weight * similarity[rows]
     return out

@@ -103,15 +103,16 @@ class _ZipState:
       the row-major first pair); `pick` checks the top item and, when its pair has died
       (or was forbidden since), recomputes that row's best and pushes it again. The first
       valid top item is the global choice. Invalid tops are rare (about one per merge).
-    * **Few far reads.** Merging two input features r and c needs, for every merged
-      cluster X, ``min(value(r, X), value(c, X))``; those values sit in column r and c
-      of the rows of the X's, one cache miss each. Instead they are computed from rows
-      r and c themselves, which hold the input similarities to every feature: a merged
+    * **Few far reads.** Merging r and c needs, for every merged cluster X,
+      ``min(value(r, X), value(c, X))``; for an input feature r those values sit in
+      column r of the rows of the X's, one cache miss each. Instead they are computed
+      from row r itself, which holds the input similarities to every feature: a merged
       cluster's similarity to an input feature y is the minimum, over its members x, of
       ``S[y, x]`` scaled by alpha once per merge x took part in (`depth[x]`), because
       ``alpha * min(a, b) == min(alpha * a, alpha * b)`` holds exactly in floating point
-      (rounding is monotone). Merges of a cluster that is already merged, or while a
-      cluster is deeper than MAX_LEAF_DEPTH, (both rare) fall back to the gathers.
+      (rounding is monotone). Only a merged side gathers from its column, and only the
+      pairs of the clusters written after it; while a cluster is deeper than
+      MAX_LEAF_DEPTH (rare), input features gather too.
 
     Forbidden pairs and the diagonal are -inf; a forbid writes both orientations, and for
     merged clusters the -inf of the representative's entry carries through the minimum.
@@ -139,6 +140,7 @@ class _ZipState:
         self.to_remove = D - out_size
         self.merges: list[tuple[int, int]] = []
         self.dead = np.zeros(D, dtype=bool)
+        self.died = np.empty(D, dtype=np.int64)  # died[:steps]: the dead, in order of death
         self.single = np.ones(D, dtype=bool)  # live input features (never merged)
         self.owner = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
         self.budget = _within_budgets(sizes, beta, self.to_remove)
@@ -221,14 +223,15 @@ class _ZipState:
     def _push_row(self, i: int) -> None:
         """Push the best live entry of row i (if it has one) among the pairs it holds."""
         at = int(self.fresh[i])
+        part = self.S[i].copy()  # masked by index lists: faster than by boolean masks
         if at == 0:  # an input row holds its pairs with the input features above it
-            part = np.where(self.single[i + 1 :], self.S[i, i + 1 :], _NEG_INF)
-            j = int(part.argmax())
-            v, j = part[j], j + i + 1
+            part[: i + 1] = _NEG_INF
+            part[self.merged_leaves[: self.num_merged_leaves]] = _NEG_INF
         else:  # a merged row holds its pairs with every live cluster older than it
-            part = np.where((self.fresh < at) & ~self.dead, self.S[i], _NEG_INF)
-            j = int(part.argmax())
-            v = part[j]
+            part[self._died()] = _NEG_INF
+            part[np.flatnonzero(self.fresh >= at)] = _NEG_INF
+        j = int(part.argmax())
+        v = part[j]
         if v > _NEG_INF:
             heapq.heappush(self.heap, (-float(v), min(i, j), max(i, j), i, at))
 
@@ -242,6 +245,7 @@ class _ZipState:
         S[r] = new
         self.fresh[r] = self.steps
         self.dead[c] = True
+        self.died[self.steps - 1] = c
         self._update_members(r, c)
         self.merges.append((r, c))
         self._update_purity(r, c)
@@ -252,44 +256,51 @@ class _ZipState:
 
     def _merged_row(self, r: int, c: int) -> np.ndarray:
         """``alpha * min(row r, row c)`` over the current clusters, -inf at dead ones."""
-        if self.single[r] and self.single[c] and self.max_depth <= self.MAX_LEAF_DEPTH:
-            return self._merged_input_rows(r, c)
-        S, fresh = self.S, self.fresh
-        new = np.minimum(S[r], S[c])  # exact for the clusters older than both r and c
-        fr, fc = fresh[r], fresh[c]
-        later = np.flatnonzero((fresh > min(fr, fc)) & ~self.dead)
-        if later.size:  # a cluster written after r (or c) holds its pair with it in its row
-            at = fresh[later]
-            from_r = np.where(at > fr, S[later, r], S[r, later])
-            from_c = np.where(at > fc, S[later, c], S[c, later])
-            new[later] = np.minimum(from_r, from_c)
-        new[self.dead] = _NEG_INF
+        leafy = self.max_depth <= self.MAX_LEAF_DEPTH
+        if leafy and self.single[r] and self.single[c]:  # one pass over the leaves for both
+            new = self._through_leaves(np.minimum(self.S[r], self.S[c]))
+        else:
+            new = np.minimum(self._values(r, leafy), self._values(c, leafy))
+            new[self._died()] = _NEG_INF
         new *= self.alpha  # new[r] = new[c] = -inf: the diagonal is -inf
         return new
 
-    def _merged_input_rows(self, r: int, c: int) -> np.ndarray:
-        """`_merged_row` for two input features, from their own rows only (see the class doc).
+    def _values(self, x: int, leafy: bool) -> np.ndarray:
+        """Cluster x's similarity to every live cluster (stale at dead ones): an input row
+        through the leaves (`_through_leaves`), else row x with the pairs that clusters
+        written after x hold in their own rows gathered from column x."""
+        S, fresh = self.S, self.fresh
+        if leafy and self.single[x]:
+            return self._through_leaves(S[x].copy())
+        values = S[x].copy()
+        later = np.flatnonzero((fresh > fresh[x]) & ~self.dead)
+        values[later] = S[later, x]
+        return values
 
-        ``m = min(S[r], S[c])`` holds the input similarities of the pair to every feature;
-        a merged cluster X gets ``min over members x of alpha^depth[x] * m[x]`` (alpha
+    def _through_leaves(self, m: np.ndarray) -> np.ndarray:
+        """Input similarities `m` (a row of them, or the minimum of rows; overwritten) turned
+        into similarities to the current clusters (see the class doc); -inf at dead ones.
+
+        A merged cluster X gets ``min over members x of alpha^depth[x] * m[x]`` (alpha
         applied depth[x] times, one rounding each, like the merges did), written at its
-        representative, before the final ``* alpha``."""
-        new = np.minimum(self.S[r], self.S[c])
+        representative."""
         if self.num_merged_leaves:
             leaves = self.merged_leaves[: self.num_merged_leaves]
-            vals = new[leaves]
+            vals = m[leaves]
             if self.alpha != 1.0:  # alpha == 1 scales exactly by nothing
                 vals *= self.alpha  # every merged feature has depth >= 1
                 if self.max_depth > 1:
                     depth = self.depth[leaves]
                     for level in range(2, self.max_depth + 1):
-                        deeper = depth >= level
-                        vals[deeper] *= self.alpha
-            new[leaves] = np.inf
-            np.minimum.at(new, self.rep[leaves], vals)
-            new[self.dead] = _NEG_INF  # members that are not their cluster's representative
-        new *= self.alpha  # new[r] = new[c] = -inf: the diagonal is -inf
-        return new
+                        np.multiply(vals, self.alpha, out=vals, where=depth >= level)
+            m[leaves] = np.inf
+            np.minimum.at(m, self.rep[leaves], vals)
+            m[self._died()] = _NEG_INF  # members that are not their cluster's representative
+        return m
+
+    def _died(self) -> np.ndarray:
+        """The dead clusters' ids, to mask with: scattering by index beats a boolean mask."""
+        return self.died[: self.steps]
 
     def _update_members(self, r: int, c: int) -> None:
         """Cluster c's members join r's; every member of the merged cluster is one level deeper."""
