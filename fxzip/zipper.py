@@ -129,15 +129,18 @@ class Zipper:
                 "features that merely look alike on these inputs may be merged; pass more "
                 "calibration data (more images, or larger ones)", CalibrationWarning, stacklevel=3)
 
-    def weight_similarity(self, space: int) -> Any:
+    def weight_similarity(self, space: int, cache: bool = True) -> Any:
         """The (D, D) similarity of the space's features by their weights (see
-        `fxzip.matching.similarity`), None if no parameter runs along it; cached."""
-        if space not in self._similarities:
-            with self._timed("matching"):
-                signatures = feature_signatures(self.graphs, self.analysis, self.pairing, space)
-                self._similarities[space] = None if signatures is None \
-                    else signature_similarity(signatures)
-        return self._similarities[space]
+        `fxzip.matching.similarity`), None if no parameter runs along it; cached unless `cache`
+        is False (a merge under a memory budget uses it once)."""
+        if space in self._similarities:
+            return self._similarities[space]
+        with self._timed("matching"):
+            signatures = feature_signatures(self.graphs, self.analysis, self.pairing, space)
+            found = None if signatures is None else signature_similarity(signatures)
+        if cache:
+            self._similarities[space] = found
+        return found
 
     def match(self, space: int, method: str | Method, alpha: float, beta: float,
               weight_similarity: float = DEFAULTS["weight_similarity"],
@@ -155,15 +158,18 @@ class Zipper:
             return self._matches[key]
         spaces = list(group.spaces) if group is not None else [space]
         stats = self.statistics(spaces) if method.needs_statistics else {}
-        similarities = [self.weight_similarity(s) if stats and weight_similarity else None
-                        for s in spaces]
+        # statistics used once (a merge under a budget): the similarity is mixed over itself
+        lean = bool(stats) and all(stats[s].lean for s in spaces)
+        similarities = [self.weight_similarity(s, cache=not lean)
+                        if stats and weight_similarity else None for s in spaces]
         with self._timed("matching"):
             if stats and method.statistic == "covariance":  # "cca": E[x xᵀ], no weight similarity
                 corrs = [covariance(stats[s].correlation(), stats[s].features.variance(),
                                     stats[s].features.mean.cpu().numpy()) for s in spaces]
             else:
-                corrs = [mix(stats[s].correlation(), w, weight_similarity) if stats else None
-                         for s, w in zip(spaces, similarities)]
+                corrs = [mix(stats[s].correlation(), w, weight_similarity, into_similarity=lean)
+                         if stats else None for s, w in zip(spaces, similarities)]
+                similarities = None
             sizes = [self.analysis.spaces[s].size for s in spaces]
             if group is not None:
                 found = match_heads(corrs, sizes, group.heads, self.num_models, method,
@@ -238,11 +244,14 @@ class Zipper:
         for p in passes:
             owners = p.owners if ranks > 1 else None
             with self._timed("statistics"), peaks.phase("statistics"):
-                self._moments.update(collect(
+                found = collect(
                     self.graphs, self.analysis, p.spaces, self.batches,
                     progress=self.options.progress, precision=self.statistics_precision,
                     pairing=self.pairing, group=self.group, taps=self.options.taps,
-                    positions=self.options.positions, owners=owners))
+                    positions=self.options.positions, owners=owners)
+            for stats in found.values():  # used once: correlations over the co-moments
+                stats.lean = not keep
+            self._moments.update(found)
             mine = p.spaces if owners is None else p.owned_by(me)
             short += self._short_of_samples(mine)
             before = set(self._matches)

@@ -31,15 +31,18 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_budget_forcing_several_passes_gives_the_one_pass_merge(case):
-    """A ~zero budget gives every space (a head group's together) a pass of its own; the merged
-    weights equal the unbounded merge's bitwise (the paper's merge, so the corrections' own
-    sample budget plays no part), and the report counts the passes and each phase's peak."""
+@pytest.mark.parametrize("case,method", [(c, "zipit") for c in CASES] + [("resnet", "cca")])
+def test_budget_forcing_several_passes_gives_the_one_pass_merge(case, method):
+    """A ~zero budget gives every space (a head group's together) a pass of its own, whose
+    correlation is then computed over its co-moments and the weight similarity mixed over itself;
+    the merged weights equal the unbounded merge's bitwise (the paper's merge, so the corrections'
+    own sample budget plays no part; "cca" reads the variances too), and the report counts the
+    passes and each phase's peak."""
     build, shape = CASES[case]
     a, b = build(0), build(1)
     data = _batches(shape)
-    kwargs = dict(corrections=None, progress=False, statistics_precision="float32")
+    kwargs = dict(corrections=None, progress=False, statistics_precision="float32",
+                  method=method)
     one = fxzip.merge(a, b, data, memory_gib=None, **kwargs)
     many = fxzip.merge(a, b, data, memory_gib=1e-6, **kwargs)
     assert one.fxzip_report.memory["statistics_passes"] == 1

@@ -120,13 +120,22 @@ def weight_similarity(signatures: Sequence[np.ndarray]) -> np.ndarray:
     return np.clip(sim, -1.0, 1.0, out=sim)  # in place: no second (D, D) matrix
 
 
-def mix(corr: np.ndarray, similarity: np.ndarray | None, weight: float) -> np.ndarray:
+def mix(corr: np.ndarray, similarity: np.ndarray | None, weight: float,
+        into_similarity: bool = False) -> np.ndarray:
     """(1 − weight)·corr + weight·similarity (corr itself when weight is 0 or no similarity), in
-    one new matrix: the weighted similarity is added by row blocks, not held as a second one."""
+    one new matrix: the weighted similarity is added by row blocks, not held as a second one.
+    `into_similarity` writes it over `similarity` instead (the same values; no new matrix)."""
     if similarity is None or weight == 0:
         return corr
     if corr.shape != similarity.shape:  # statistics of some rows only: not mixed
         return corr
+    if into_similarity and similarity.flags.writeable and similarity.dtype == np.float64:
+        for start in range(0, similarity.shape[0], _MIX_ROWS):
+            rows = slice(start, start + _MIX_ROWS)
+            block = similarity[rows]
+            block *= weight
+            block += (1.0 - weight) * corr[rows]
+        return similarity
     out = (1.0 - weight) * corr
     dtype = np.result_type(out, weight * similarity[:1])  # the sum's, as numpy would promote
     out = out.astype(dtype, copy=False)

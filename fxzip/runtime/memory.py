@@ -29,9 +29,10 @@ AUTO_SHARE = 0.8
 # a space of D features (all models) holds its float64 co-moments (D² · 8 bytes) and, while the
 # statistics pass runs, the float32 Gram products of the upper triangle (about D² · 2 bytes)
 _ACCUMULATOR_BYTES_PER_ENTRY = 10
-# matching one space: its correlation, the weights' similarity mixed into it and the matching's
-# own working matrices, in float64 D × D matrices beside the co-moments
-_MATCHING_MATRICES = 4
+# matching one space (statistics used once): its correlation is written over its co-moments,
+# the weights' similarity is mixed over itself, and the matching works on a copy: float64 D × D
+# matrices beside the co-moments
+_MATCHING_MATRICES = 2
 
 
 def check_memory_gib(value: Any) -> Any:

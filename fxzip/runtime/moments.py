@@ -65,6 +65,8 @@ class Moments:
         self._buffered = 0  # products in the buffer (0: stale, the next product overwrites it)
         self._buffered_rows = 0  # their samples
         self._pending: list[tuple[int, torch.Tensor]] = []  # (count, float64 mean) per batch
+        self._consumed = False  # m2 turned into the correlation (`correlation(in_place=True)`)
+        self._variance: np.ndarray | None = None
 
     # exact views: every read folds what is pending first ---------------------------------------
     @property
@@ -90,6 +92,9 @@ class Moments:
     def m2(self) -> torch.Tensor:
         """The centred co-moments (float64). Without `rows`, only the upper triangle (diagonal
         included) is meaningful: the lower one is never read."""
+        if self._consumed:
+            raise RuntimeError("these moments' co-moments became their correlation "
+                               "(correlation(in_place=True)); collect them again")
         self.settle()
         if self._m2 is None:
             self._m2 = torch.zeros(self._shape, dtype=torch.float64, device=self._device)
@@ -180,6 +185,8 @@ class Moments:
 
     def variance(self) -> np.ndarray:
         """Every feature's (sample) variance."""
+        if self._consumed:
+            return self._variance
         return (self._sums_of_squares() / max(self.count - 1, 1)).cpu().numpy()
 
     def constant(self) -> np.ndarray:
@@ -187,11 +194,13 @@ class Moments:
         std = np.sqrt(np.clip(self.variance(), 0.0, None))
         return std <= 1e-6 * np.abs(self.mean.cpu().numpy()) + 1e-10
 
-    def correlation(self) -> tuple[np.ndarray, np.ndarray]:
+    def correlation(self, in_place: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Pearson correlation (the kept rows of it), and the mask of constant features (whose
         correlations are set to 0). Computed in float64 by row blocks of the upper triangle, each
         scaled and mirrored into the result (one pass over the co-moments, one write of the
-        result; the temporaries are one block)."""
+        result; the temporaries are one block). `in_place` writes it over the co-moments (no
+        second D × D matrix; a row block's mirror lands below the diagonal, where no later block
+        reads), which leaves these moments without `m2`: only count, mean and `variance` stay."""
         constant = self.constant()
         mask = torch.as_tensor(constant, device=self._device)
         # 1/sqrt of the sums of squares; 0 for constant features (the sums are > 0 otherwise)
@@ -201,7 +210,9 @@ class Moments:
             cov *= inv[None, :]
             return cov.clamp_(-1.0, 1.0).cpu().numpy(), constant
         m2 = self.m2
-        corr = torch.empty_like(m2)
+        if in_place:
+            self._variance = self.variance()
+        corr = m2 if in_place else torch.empty_like(m2)
         for start, stop in upper_blocks(m2.shape[0]):
             block = m2[start:stop, start:] * inv[start:stop, None]
             block *= inv[None, start:]
@@ -211,6 +222,9 @@ class Moments:
             corr[start:stop, start:stop] = square.triu() + square.triu(1).T
             corr[start:stop, stop:] = block[:, width:]
             corr[stop:, start:stop] = block[:, width:].T
+        if in_place:
+            self._m2 = None
+            self._consumed = True
         return corr.cpu().numpy(), constant
 
 
@@ -219,10 +233,13 @@ class SpaceStats:
     fallback for features that are constant there (dead units), at its producers' outputs: only
     the rows of those features are collected there."""
 
-    def __init__(self, dim: int, device: torch.device):
+    def __init__(self, dim: int, device: torch.device, lean: bool = False):
         self.features = Moments(dim, device)
         self.fallback: Moments | None = None
         self._correlation: np.ndarray | None = None
+        # lean: the correlation is computed over the co-moments (used once, then dropped: a
+        # merge under a memory budget)
+        self.lean = lean
 
     def constant_features(self) -> np.ndarray:
         """Indices of the features that are constant at the consumers."""
@@ -236,7 +253,7 @@ class SpaceStats:
         return self._correlation
 
     def _compute_correlation(self) -> np.ndarray:
-        corr, constant = self.features.correlation()
+        corr, constant = self.features.correlation(in_place=self.lean)
         if constant.any() and self.fallback is not None:
             backup, still_constant = self.fallback.correlation()
             index = self.fallback.rows.cpu().numpy()
