@@ -44,7 +44,11 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
         share of merges allowed within a model), "permute" (Hungarian
         across models: Git Re-Basin activation matching), "average" (plain weight averaging) or
         "cca" (CCA Merge, Horoi et al. 2024: model B aligned to A by an invertible linear map
-        from regularised CCA of their features, then averaged; see `fxzip.matching.cca`).
+        from regularised CCA of their features, then averaged; see `fxzip.matching.cca`) or
+        "weights" (Git Re-Basin weight matching: B's features permuted to maximise the inner
+        products of the two models' weights, all spaces jointly by coordinate descent; reads no
+        data, one model's width only; N > 2 models are each matched to model 0; see
+        `fxzip.matching.weights`).
     reset_bn: re-estimate the BatchNorm statistics of the merged model on `inputs` (with the
         corrections on, their pass does it, and their targets are the parents with BatchNorm
         statistics of `inputs`; False: no reset anywhere, targets the parents as given).

@@ -377,6 +377,11 @@ class Zipper:
         passes = self._match_in_passes(spaces, method, options, ratios, budget, peaks) \
             if method.needs_statistics else 0
         keys = {s: self._match_key(s, method, options, ratios[s]) for s in spaces}
+        if method.joint and any(keys[s] not in self._matches for s in spaces):
+            with self._timed("matching"):  # "weights": every space at once, from the weights
+                found = method.match_model(self.graphs, self.analysis, self.pairing)
+            self._matches.update((self._match_key(s, method, options, 1.0), m)
+                                 for s, m in found.items())
         matches = {s: self.match(s, method, options.alpha, options.beta,
                                  options.weight_similarity, ratios[s]) for s in spaces}
         matches.update({s: Match.identity(self.analysis.spaces[s].size, self.num_models)

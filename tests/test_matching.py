@@ -497,9 +497,9 @@ def test_across_pairs_name_each_feature_with_the_first_of_a_later_model():
 
 def test_methods_registry():
     assert METHOD_NAMES == ("average", "permute", "zipit")  # the paper's, which the demo compares
-    assert tuple(METHODS) == METHOD_NAMES + ("cca",)
-    assert [METHODS[name].needs_statistics for name in METHODS] == [False, True, True, True]
-    assert [METHODS[name].widens for name in METHODS] == [False, True, True, False]
+    assert tuple(METHODS) == METHOD_NAMES + ("cca", "weights")
+    assert [METHODS[name].needs_statistics for name in METHODS] == [False, True, True, True, False]
+    assert [METHODS[name].widens for name in METHODS] == [False, True, True, False, False]
     assert METHODS["cca"].statistic == "covariance"
     assert METHODS["average"].match(None, [3, 3]) == Match.identity(3, 2)
     with pytest.raises(MatchingError, match="needs the correlation matrix"):

@@ -2,9 +2,12 @@
 
 A method says whether it needs feature statistics (so the caller knows whether to collect them)
 and turns a correlation (or covariance) matrix into a `Match`; each method lives in a module of
-its own, its `Method` subclass beside its algorithm (`average`, `permute`, `zipit`, `cca`). The
-command line and the benchmarks take the paper's methods from `METHOD_NAMES`; `METHODS` also holds
-"cca" (Horoi et al.'s CCA Merge).
+its own, its `Method` subclass beside its algorithm (`average`, `permute`, `zipit`, `cca`,
+`weights`). The command line and the benchmarks take the paper's methods from `METHOD_NAMES`;
+`METHODS` also holds "cca" (Horoi et al.'s CCA Merge) and "weights" (Git Re-Basin weight matching).
+
+A `joint` method ("weights") matches every space of the models at once from the models themselves
+(`match_model`), not one space from its correlations: `Zipper.merge` asks it for all its matches.
 
 To add a method: write a module `fxzip/matching/<name>.py` with a `Method` subclass that sets
 `name` and `needs_statistics` and implements `_solve`, decorate it with `@register_method`, and
@@ -13,7 +16,7 @@ import the module in `fxzip/matching/__init__.py` (the order of the imports is t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -35,6 +38,8 @@ class Method:
     statistic: str = "correlation"
     #: whether the merged width may exceed one model's (`width=` above 1)
     widens: bool = True
+    #: whether it matches all spaces at once from the models (`match_model`), not by `match`
+    joint: bool = False
 
     def match(self, corr: np.ndarray | None, sizes: Sequence[int], *, alpha: float = 0.5,
               beta: float = 1.0, out_size: int | None = None) -> Match:
@@ -51,6 +56,11 @@ class Method:
     def _solve(self, corr: np.ndarray | None, sizes: list[int], out_size: int, alpha: float,
                beta: float) -> Match:
         raise NotImplementedError
+
+    def match_model(self, graphs: Sequence, analysis: Any, pairing: Any) -> dict[int, Match]:
+        """A joint method's Match of every non-pinned space of `analysis` (graph 0's), from the
+        traced models `graphs` paired by `pairing`."""
+        raise NotImplementedError(f"method {self.name!r} matches one space at a time (`match`)")
 
     def __repr__(self) -> str:
         return f"<merge method {self.name!r}>"
