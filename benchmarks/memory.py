@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -374,6 +374,8 @@ def merge_row(case: MemoryCase, result: dict[str, Any] | None, status: str,
         if done and budget is not None else None
     if not done and r.get("where"):
         status += f", in {r['where']}"
+    statistics = r["phase_peak_gib"]["statistics"] - r["rss_before_gib"] \
+        if done and "statistics" in r.get("phase_peak_gib", {}) else "-"
     return [case.label(), f"{r['rank']}/{r['world']}" if r.get("world", 1) > 1 else "-",
             *(r.get(k, "-") for k in ("params", "models_gib", "data_gib", "merged_gib")),
             ("none" if budget is None else budget) if done else r.get("requested", "-"),
@@ -382,13 +384,14 @@ def merge_row(case: MemoryCase, result: dict[str, Any] | None, status: str,
             "-" if bound is None else ("yes" if r["peak_gib"] <= bound else "no"),
             r.get("wall_s", "-"), r.get("statistics_passes") or "-",
             phases(r.get("seconds", {}), 1), phases(r.get("phase_peak_gib", {}), 2),
-            highest, status]
+            statistics, highest, status]
 
 
 MERGE_COLUMNS = ["case", "rank", "params per model", "models GiB", "data GiB", "merged GiB",
                  "memory_gib", "resident before merge GiB", "peak GiB", "bound GiB",
                  "peak ≤ bound", "merge s", "statistics passes", "seconds per phase",
-                 "peak GiB per phase", "watched peak GiB", "status"]
+                 "peak GiB per phase", "statistics GiB", "watched peak GiB", "status"]
+RANKS_COLUMNS = MERGE_COLUMNS[:-2] + ["statistics ÷ one process", *MERGE_COLUMNS[-2:]]
 COMPARE_COLUMNS = ["case", "params per model", "memory_gib", "statistics passes", "merge s",
                    "peak GiB", "peak GiB per phase", "identical weights", "identical spaces",
                    "status"]
@@ -446,9 +449,13 @@ def main_table(args: argparse.Namespace) -> Table:
                          "the merged weights are a function of the matchings alone",
                          "peak GiB: VmHWM, reset before each merge (clear_refs) and sampled "
                          f"every {SAMPLE_SECONDS} s during it"])
-    ranks = f" under {args.ranks} gloo ranks (torchrun; one row per rank)" if args.ranks > 1 else ""
+    ranks = f" in one process and under {args.ranks} gloo ranks (torchrun; one row per rank)" \
+        if args.ranks > 1 else ""
     return Table(name, f"Peak memory of the default merge (stop_at=None, corrections on){ranks}",
-                 MERGE_COLUMNS, notes=[
+                 RANKS_COLUMNS if args.ranks > 1 else MERGE_COLUMNS, notes=[
+                     "statistics GiB: the statistics phase's peak less the resident memory "
+                     "before the merge (the accumulators, activations and columns it adds); "
+                     "÷ one process: a rank's against the one-process run of the same case",
                      "peak GiB: the resident peak (VmHWM) of the fresh process (one rank's) — "
                      "it builds both models and the batches, then merges; sampled every "
                      f"{SAMPLE_SECONDS} s during the merge, since fxzip resets VmHWM at each "
@@ -477,6 +484,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="run each case under torchrun with this many gloo ranks")
     parser.add_argument("--compare-unbounded", action="store_true",
                         help="several statistics passes against memory_gib=None")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="decoder cases: this many blocks instead of the config's")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                         help="torch threads per process (default %(default)s)")
     parser.add_argument("--max-rss-gib", type=float, default=DEFAULT_MAX_RSS_GIB,
@@ -510,20 +519,49 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         cases = QUICK_CASES if args.quick else CASES
         jobs = [("merge", cases[name]) for name in args.cases.split(",")]
+    if args.layers is not None:
+        jobs = [(task, replace(case, layers=args.layers) if case.model.startswith("decoder:")
+                 else case) for task, case in jobs]
     for task, case in jobs:
-        print(f"{case.label()}: {task}, memory_gib={budget_text(args.memory_gib)} ...",
-              end=" ", flush=True)
-        results, status, highest = run_child(task, case, args.memory_gib, args)
-        if task == "compare":
-            rows = compare_rows(case, results[0] if results else None, status)
-        else:
-            rows = [merge_row(case, result, status, highest) for result in results or [None]]
-        for row in rows:
-            table.add(*row)
-        print(status, flush=True)
-        write_results(table, header, args.out)
+        for ranks in ([1, args.ranks] if args.ranks > 1 and task == "merge" else [args.ranks]):
+            print(f"{case.label()}: {task}, {ranks} rank(s), memory_gib="
+                  f"{budget_text(args.memory_gib)} ...", end=" ", flush=True)
+            results, status, highest = run_child(task, case, args.memory_gib,
+                                                 replace_ranks(args, ranks))
+            if task == "compare":
+                rows = compare_rows(case, results[0] if results else None, status)
+            else:
+                rows = [merge_row(case, result, status, highest) for result in results or [None]]
+            if args.ranks > 1 and task == "merge":
+                rows = with_ratio(rows, ranks, MERGE_COLUMNS.index("statistics GiB"))
+            for row in rows:
+                table.add(*row)
+            print(status, flush=True)
+            write_results(table, header, args.out)
     print("\n" + table.text())
     print(f"load average at end: {load_average()}; written to {args.out}/{table.name}.md, .csv")
+
+
+_ONE_PROCESS: dict[str, float] = {}  # case label -> the one-process run's statistics GiB
+
+
+def with_ratio(rows: list[list[Any]], ranks: int, column: int) -> list[list[Any]]:
+    """The rows with "statistics ÷ one process" inserted after `column`: 1 for the one-process
+    run (remembered), each rank's statistics GiB over it for the ranked run."""
+    out = []
+    for row in rows:
+        value = row[column]
+        if ranks == 1 and isinstance(value, float):
+            _ONE_PROCESS[row[0]] = value
+        base = _ONE_PROCESS.get(row[0])
+        ratio = value / base if isinstance(value, float) and base else "-"
+        out.append(row[:column + 1] + [ratio] + row[column + 1:])
+    return out
+
+
+def replace_ranks(args: argparse.Namespace, ranks: int) -> argparse.Namespace:
+    """`args` with another number of ranks."""
+    return argparse.Namespace(**{**vars(args), "ranks": ranks})
 
 
 if __name__ == "__main__":
