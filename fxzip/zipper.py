@@ -293,8 +293,25 @@ class Zipper:
             label = "stop_at=None (every layer but the output layers)"
         else:
             label = f"stop_at={stop_at!r}"
-        trunk = self._without_unshared_values(trunk)
+        trunk = self._without_head_only_parameters(self._without_unshared_values(trunk))
         self.pairing.check_trunk(trunk, self.analysis.stop_points, label)
+        return trunk
+
+    def _without_head_only_parameters(self, trunk: set[str]) -> set[str]:
+        """The trunk less the values computed from parameters alone (no input reaches them) that
+        only nodes outside the trunk read: a head's own weights, such as an output projection
+        tied to the input embedding (`F.linear(h, embed.weight)`), which each head then keeps as
+        its model's instead of reading the trunk's merged copy of it."""
+        from_inputs: set[str] = set()
+        for node in self.analysis.nodes:
+            if node.op == "placeholder" or any(a.name in from_inputs
+                                               for a in node.all_input_nodes):
+                from_inputs.add(node.name)
+        trunk = set(trunk)
+        for node in reversed(self.analysis.nodes):
+            if (node.name in trunk and node.name not in from_inputs and node.users
+                    and not any(u.name in trunk for u in node.users)):
+                trunk.discard(node.name)
         return trunk
 
     def _within_merged_trunk(self, stop_at: str | int | None) -> set[str]:

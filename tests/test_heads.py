@@ -237,3 +237,40 @@ def test_adding_to_a_merge_within_its_trunk_only():
         fxzip.merge(c, merged, X, progress=False)
     outs = fxzip.merge(merged, c, X, stop_at="bn1", progress=False, reset_bn=False)(X)
     assert all(close(o, a(X)) for o in outs)
+
+
+class TiedDecoder(nn.Module):
+    """Embedding, one MLP block, and an output projection tied to the embedding (`F.linear(h,
+    embed.weight)`, as Llama-style models in plain torch write it)."""
+
+    def __init__(self, seed: int, vocab: int = 50, width: int = 16):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(vocab, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 32), nn.GELU(), nn.Linear(32, width))
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.mlp(h)
+        return torch.nn.functional.linear(h, self.embed.weight)
+
+
+def test_tied_output_projection_stays_each_heads_own():
+    """The output layer is each model's own: its tied weight is not a trunk value the heads read
+    merged (the vocabulary would be matched as a feature space and each head's output weights
+    replaced by clusters' averages), so each head holds its model's embedding bitwise; a permuted
+    copy still merges exactly."""
+    a, b = TiedDecoder(0), TiedDecoder(1)
+    ids = torch.randint(0, 50, (8, 12), generator=torch.Generator().manual_seed(0))
+    merged = fxzip.merge(a, b, ids, progress=False)
+    assert all(r.width != 50 for r in merged.fxzip_report.spaces)  # the vocabulary is no space
+    state = merged.state_dict()
+    for k, model in enumerate((a, b)):
+        assert torch.equal(state[f"heads.{k}.embed.weight"], model.embed.weight)
+    copy_of_a, permuted = fxzip.testing.permuted_copy(a, ids)
+    assert permuted >= 2
+    twin = fxzip.merge(a, copy_of_a, ids, corrections=None, reset_bn=False, progress=False)
+    with torch.no_grad():
+        ref = a(ids)
+        for out in twin(ids):
+            assert ((out - ref).norm() / ref.norm()).item() < 1e-5
