@@ -326,6 +326,27 @@ for _setting in "ace":
 # ---------------------------------------------------------------------------------------------
 
 table("scale", "scale.md")(lambda: md_table("scale.md").markdown())
+
+MEMORY_COLUMNS = ["case", "params per model", "models GiB", "memory_gib",
+                  "resident before merge GiB", "peak GiB", "bound GiB", "peak ≤ bound", "merge s",
+                  "statistics passes", "peak GiB per phase"]
+
+
+@table("memory", "memory_vit.md", "memory.md")
+def memory() -> str:
+    """The default merge of ViT-B/16 and of the decoders within memory_gib: the ViT's row from
+    its own run (memory_vit.md), the decoders' from memory.md."""
+    vit = md_table("memory_vit.md").where(lambda r: r["case"].startswith("vit"))
+    decoders = md_table("memory.md").where(lambda r: not r["case"].startswith("vit"))
+    return Table(vit.header, vit.align, vit.rows + decoders.rows).select(MEMORY_COLUMNS).markdown()
+
+
+table("memory_ranks", "memory_ranks.md")(lambda: md_table("memory_ranks.md").select(
+    ["case", "rank", "memory_gib", "peak GiB", "merge s", "statistics passes", "statistics GiB",
+     "statistics ÷ one process"]).markdown())
+table("memory_compare", "memory_compare.md")(
+    lambda: md_table("memory_compare.md").markdown())
+table("wide_matching", "wide_matching.md")(lambda: md_table("wide_matching.md").markdown())
 table("merge_breakdown", "1_merge_breakdown.md")(
     lambda: md_table("1_merge_breakdown.md").markdown())
 table("matching", "3_matching.md")(lambda: md_table("3_matching.md").markdown())
