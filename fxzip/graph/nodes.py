@@ -4,7 +4,6 @@ models that capture works on."""
 from __future__ import annotations
 
 import copy
-import itertools
 from typing import Any
 
 import torch.fx as fx
@@ -16,10 +15,11 @@ __all__ = ["module_attribute", "is_inplace", "has_inplace", "route_through_inpla
 
 def private_copy(model: nn.Module) -> nn.Module:
     """A copy of `model`'s modules (attributes a capture may set, caches a forward makes stay
-    on the copy) that shares its parameters and buffers: no tensor data is copied, so capturing
-    a model costs no second copy of its weights. fxzip never writes into these tensors: the
-    merged model's are new, its heads' are copied."""
-    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    on the copy) that shares its parameters: no weight is copied, so capturing a model costs no
+    second copy of its weights. Buffers are copied (a forward may update one in place, e.g. a
+    call counter, which must not reach the user's model); fxzip never writes into parameters:
+    the merged model's are new, its heads' are copied."""
+    memo = {id(p): p for p in model.parameters()}
     return copy.deepcopy(model, memo)
 
 
