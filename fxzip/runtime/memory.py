@@ -52,9 +52,14 @@ def available_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
+
+
+def _proc_bytes(path: str, field: str) -> int | None:
+    """A "FIELD: N kB" line of a /proc file in bytes; None where the file or line is missing."""
     try:
-        with open("/proc/meminfo") as f:
-            found = re.search(r"MemAvailable:\s+(\d+) kB", f.read())
+        with open(path) as f:
+            found = re.search(rf"{field}:\s+(\d+) kB", f.read())
     except OSError:
         return None
     return int(found.group(1)) * 1024 if found else None
@@ -133,12 +138,7 @@ def activation_bytes_per_sample(gm: fx.GraphModule) -> float | None:
 
 def _resident_peak_bytes() -> int | None:
     """The process's resident high-water mark (VmHWM), None where /proc is not there."""
-    try:
-        with open("/proc/self/status") as f:
-            found = re.search(r"VmHWM:\s+(\d+) kB", f.read())
-    except OSError:
-        return None
-    return int(found.group(1)) * 1024 if found else None
+    return _proc_bytes("/proc/self/status", "VmHWM")
 
 
 def _reset_resident_peak() -> bool:
