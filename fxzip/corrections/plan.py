@@ -64,9 +64,10 @@ def _fit_point(graph: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return None
 
 
-# A refit solves a (d+1)² float64 system (d = in-features × kernel size): three such matrices at
-# once. Above this d (0.5 GB each) a layer is left as merged: VGG's 7×7 ConvMlp and torchvision's
-# 25088-input classifier would need 5 GB each (and are fitted on far fewer rows than d).
+# A refit solves a d × d float64 system (d = in-features × kernel size; with its float32 products
+# and factor, about two such matrices at once). Above this d (0.5 GB each) a layer is left as
+# merged: VGG's 7×7 ConvMlp and torchvision's 25088-input classifier would need 5 GB each (and
+# are fitted on far fewer rows than d).
 MAX_REFIT_INPUTS = 8192
 
 

@@ -43,9 +43,10 @@ joint accuracy at every stop point to within about a point of the ensemble of th
 parents; REPAIR adds little once BatchNorms are reset or layers refitted, and is off by default.
 
 Memory: the pass runs the merged model and every parent node by node over ALL its calibration
-batches at once, so it keeps the live activations of all of them (and, per layer, the ``(d+1)²``
-Gram matrix of its inputs, ``d`` = in-features × kernel size). `Corrections.memory_gib` bounds
-that: the activations a sample needs are estimated from the traced shapes
+batches at once, so it keeps the live activations of all of them (and, per layer, the ``d × d``
+Gram matrix of its inputs, ``d`` = in-features × kernel size; ``n × n`` for n < d rows).
+`Corrections.memory_gib` bounds that: the activations a sample needs are estimated from the
+traced shapes
 (`fxzip.corrections.budget.activation_bytes_per_sample`), and only about as many samples as fit the budget are corrected
 on, chosen from every batch by their own values (4 GiB by default: every sample of a small model,
 about a hundred 224² images of a ResNet-50 pair); the report says how many were used. The cost of

@@ -61,12 +61,11 @@ def merged_targets(per_model: Sequence[Sequence[torch.Tensor]], feat: Feat, dim:
             continue
         index, counts, width = merge_index(analysis, matches, feat, k, len(per_model))
         index = index.to(values[0].device) if values else index
-        scattered = []
-        for v in values:
-            shape = list(v.shape)
-            shape[axis] = width
-            scattered.append(v.new_zeros(shape).index_add_(axis, index, v))
-        total = scattered if total is None else [a + s for a, s in zip(total, scattered)]
+        if total is None:  # every model's channels added into one tensor per batch, in place
+            total = [v.new_zeros([width if a == axis else n for a, n in enumerate(v.shape)])
+                     for v in values]
+        for t, v in zip(total, values):
+            t.index_add_(axis, index, v)
         if repair:
             mean, std = channel_stats(values, axis, len(index), group)
             m = torch.zeros(width, dtype=torch.float64).index_add_(0, index.cpu(), mean.cpu())
@@ -75,7 +74,7 @@ def merged_targets(per_model: Sequence[Sequence[torch.Tensor]], feat: Feat, dim:
             std_t = s if std_t is None else std_t + s
     shape = [1] * dim
     shape[axis] = -1
-    targets = [t / counts.to(t.device, t.dtype).reshape(shape) for t in total]
+    targets = [t.div_(counts.to(t.device, t.dtype).reshape(shape)) for t in total]
     return targets, ((mean_t / counts.double(), std_t / counts.double()) if repair else None)
 
 
