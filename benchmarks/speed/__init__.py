@@ -3,6 +3,7 @@
     python -m benchmarks.speed [--quick] [--threads 2] [--out DIR]
     python -m benchmarks.speed --ratios [--ratio-cases resnet50,vit] [--ratio-taps all,spread,last]
                                [--ratio-images 32] [--ratio-size 224] [--ratio-repeats 2]
+                               [--ratio-wall-only] [--threads N]
 
 Six measurements, each printed as a table and written as markdown and CSV under `--out`
 (default `benchmarks/results/`), plus `speed.md` with every table (`--ratios`: section 6 alone):
@@ -24,9 +25,11 @@ Six measurements, each printed as a table and written as markdown and CSV under 
 6. cost against the floor (`floor`; `--ratios` runs only this): for two timm resnet50 and two
    timm ViT-S/16, each in a fresh subprocess, the statistics and the whole merge (`fxzip.merge`,
    full zip, BN reset included) for each `--ratio-taps` choice (`taps`, optionally `@positions`:
-   "all", "spread", "last", "all@0.25"), divided by plain forwards of both models over the same
-   batches (interleaved repeats in that one process), fxzip's default merge (corrections on)
-   once, the merges' phases, and their peak memory above the models and data -> `6_floor.*`.
+   "all", "spread", "last", "all@0.25") and fxzip's default merge (corrections on), divided by
+   plain forwards of both models over the same batches (interleaved repeats in that one
+   process): wall clock with torch's default thread count (`--threads` for another), then CPU
+   time in a second subprocess on one thread (not with `--ratio-wall-only`); the merges' phases
+   and their peak memory above the models and data -> `6_floor.*`.
 
 The machine may be shared and noisy: times are the minimum over repeats and ratios are taken
 within one run, with repetitions of the two sides interleaved. Nothing here asserts on time.

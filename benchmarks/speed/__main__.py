@@ -70,12 +70,12 @@ def floor_specs(config: Settings, kinds: Sequence[str] = ("resnet50", "vit"),
 def run_floor(config: Settings, out: Path, argv: Sequence[str],
               kinds: Sequence[str] = ("resnet50", "vit"), choices: Sequence[str] = TAPS_CHOICES,
               images: int | None = None, size: int | None = None,
-              repeats: int | None = None) -> None:
+              repeats: int | None = None, threads: int = 0, one_thread: bool = True) -> None:
     """`--ratios`: section 6 alone, written to 6_floor.md/csv."""
     header = [environment(argv), f"load average at start: {load_average()}"]
     print("\n".join(header), flush=True)
     table = floor_table(floor_specs(config, kinds, images, size),
-                        repeats or (1 if config.quick else 2), choices)
+                        repeats or (1 if config.quick else 2), choices, threads, one_thread)
     table.notes.append(f"load average at end: {load_average()}")
     print("\n" + table.text() + "\n", flush=True)
     table.write(out)
@@ -107,7 +107,8 @@ def run_benchmarks(config: Settings, out: Path, argv: Sequence[str]) -> None:
     emit(peak_memory(specs, merges))
     x_test = load_digits_split().x_test[:INFERENCE_BATCH]
     emit(inference_per_stop(digits, x_test, DIGITS_STOPS, config.inference_repeats))
-    emit(floor_table(floor_specs(config), 1 if config.quick else 2))
+    emit(floor_table(floor_specs(config), 1 if config.quick else 2,
+                     threads=torch.get_num_threads()))
 
     footer = (f"load average at end: {load_average()}; total {time.perf_counter() - started:.0f} s"
               f"{' (--quick)' if config.quick else ''}")
@@ -127,8 +128,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                              "(extrapolated beyond); fewer repeats")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
                         help="directory for the markdown and CSV tables")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                        help="torch.set_num_threads for every measurement (default %(default)s)")
+    parser.add_argument("--threads", type=int,
+                        help=f"torch.set_num_threads for every measurement (default "
+                        f"{DEFAULT_THREADS}; with --ratios torch's default thread count, left "
+                        "unchanged, for the wall-clock run)")
     parser.add_argument("--ratios", action="store_true",
                         help="only section 6 (cost against the floor, resnet50 and ViT-S/16)")
     parser.add_argument("--ratio-cases", default="resnet50,vit",
@@ -142,6 +145,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         "--quick 128)")
     parser.add_argument("--ratio-repeats", type=int, help="with --ratios: interleaved rounds "
                         "(default 2; --quick 1)")
+    parser.add_argument("--ratio-wall-only", action="store_true", help="with --ratios: skip the "
+                        "second process per case on one thread (the CPU-time columns)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-case", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -150,7 +155,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads or not (args.child or args.ratios):
+        torch.set_num_threads(args.threads or DEFAULT_THREADS)
     if args.child:
         print(json.dumps(child_main(args.child, CaseSpec(**json.loads(args.child_case)))))
         return
@@ -158,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.ratios:
         run_floor(settings(args.quick), args.out, argv, args.ratio_cases.split(","),
                   args.ratio_taps.split(","), args.ratio_images, args.ratio_size,
-                  args.ratio_repeats)
+                  args.ratio_repeats, args.threads or 0, not args.ratio_wall_only)
         return
     run_benchmarks(settings(args.quick), args.out, argv)
 

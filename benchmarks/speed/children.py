@@ -70,13 +70,15 @@ def staged_merge(case: Case) -> dict[str, Any]:
             "layers": f"{report.layers_zipped}/{report.layers_total}"}
 
 
-def run_child(task: str, spec: CaseSpec) -> dict[str, Any]:
+def run_child(task: str, spec: CaseSpec, threads: int | None = None) -> dict[str, Any]:
     """`child_main` in a fresh Python process (so that its max RSS is its own):
-    `python -m benchmarks.speed --child TASK ...`, run from the repository root."""
+    `python -m benchmarks.speed --child TASK ...`, run from the repository root, on `threads`
+    threads (None: this process's count; 0: torch's default, left unchanged in the child)."""
+    count = torch.get_num_threads() if threads is None else threads
     command = [sys.executable, "-m", "benchmarks.speed", "--child", task,
-               "--child-case", json.dumps(asdict(spec)), "--threads", str(torch.get_num_threads())]
+               "--child-case", json.dumps(asdict(spec)),
+               *(["--threads", str(count)] if count else [])]
     done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO)
     if done.returncode != 0:
         raise RuntimeError(f"benchmark subprocess {task} {spec.label} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
