@@ -5,6 +5,7 @@
     python -m benchmarks.corrections      each label-free correction alone: corrections_<s>.md
     python -m benchmarks.width            merged widths between one model's and both: width.*, cca.*
     python -m benchmarks.multi_task       four models, four tasks, one merge: multi_task.*
+    python -m benchmarks.five_tasks       five 2-class tasks merged into one narrow model: five_tasks.*
     python -m benchmarks.vit_digits       two small ViTs on the digit halves: vit_digits.*
     python -m benchmarks.bert_digits      two transformers BERTs on the digit halves: bert_digits.*
     python -m benchmarks.lm_text          two byte-level Llamas, English + Python, merged into one

@@ -286,6 +286,7 @@ def lm_text_minutes() -> str:
 
 
 table("multi_task", "multi_task.md")(lambda: md_table("multi_task.md").markdown())
+table("five_tasks", "five_tasks.md")(lambda: md_table("five_tasks.md").markdown())
 table("demo", "demo/demo.md")(lambda: md_table("demo/demo.md").markdown())
 
 

@@ -39,16 +39,18 @@ TASKS = ((0, 1), (2, 3), (4, 5, 6), (7, 8, 9))
 PAIRS = ((0, 1), (2, 3))
 
 
-def evaluate(outputs, y: torch.Tensor) -> dict[str, float]:
-    """Per-task accuracy of each head on its own classes, their mean, and the joint accuracy."""
+def evaluate(outputs, y: torch.Tensor, tasks: tuple[tuple[int, ...], ...] = TASKS
+             ) -> dict[str, float]:
+    """Per-task accuracy of each head on its own classes, their mean, and the joint accuracy
+    (`outputs`: one per task of `tasks`, in order)."""
     probs = torch.cat([o.softmax(-1) for o in outputs], dim=-1)
-    classes = torch.tensor([c for task in TASKS for c in task])
+    classes = torch.tensor([c for task in tasks for c in task])
     row = {"joint": (classes[probs.argmax(-1)] == y).float().mean().item()}
-    for k, task in enumerate(TASKS):
+    for k, task in enumerate(tasks):
         keep = torch.isin(y, torch.tensor(task))
         pred = torch.tensor(task)[outputs[k][keep].argmax(-1)]
         row[f"task{k}"] = (pred == y[keep]).float().mean().item()
-    row["mean"] = sum(row[f"task{k}"] for k in range(len(TASKS))) / len(TASKS)
+    row["mean"] = sum(row[f"task{k}"] for k in range(len(tasks))) / len(tasks)
     return row
 
 
