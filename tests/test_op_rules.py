@@ -562,3 +562,39 @@ def test_a_weight_read_for_its_dtype_is_the_merged_weight():
             merged = fxzip.merge(model, permuted, x, stop_at=stop, reset_bn=False, progress=False)
             for out in merged(x):
                 torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+class _ScaledNoise(nn.Module):
+    """A SinGAN-style step: an input's channels times a per-channel buffer, added to features.
+    The sum carries the input's own channel order, so its space must keep identity matching."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 3, 3, padding=1)
+        self.c3, self.c4 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 3, 3, padding=1)
+        self.out = nn.Conv2d(3, 5, 1)
+        self.register_buffer("amplitude", torch.rand(1, 3, 1, 1) + 0.5)
+
+    def forward(self, z):
+        x = self.c2(torch.relu(self.c1(z[:, :3])))
+        x = x + z[:, 3:6] * self.amplitude
+        return self.out(self.c4(torch.relu(self.c3(x))) + x)
+
+
+def test_a_parameter_times_an_input_pins_the_space_it_meets():
+    """A permuted copy (every unpinned space permuted) computes the same function only if the
+    image space is pinned; the merge with it is then exact and the buffer is kept."""
+    torch.manual_seed(0)
+    model = _ScaledNoise().eval()
+    z = torch.randn(4, 6, 8, 8)
+    analysis = fxzip.analyze(model, z)
+    pinned = [s for s in analysis.spaces.values() if s.pinned]
+    assert sorted(s.size for s in pinned) == [3, 3]  # the input slice and the image stream
+    other, count = permuted_by_analysis(model, z, seed=1)
+    assert count >= 2
+    merged = fxzip.merge(model, other, z, reset_bn=False, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(other(z), model(z), rtol=1e-4, atol=1e-5)
+        for out in merged(z):
+            torch.testing.assert_close(out, model(z), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(merged.get_buffer("amplitude"), model.amplitude)

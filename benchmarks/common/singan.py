@@ -75,8 +75,7 @@ class ScaleGenerator(nn.Module):
         self.tail = nn.Conv2d(channels, 3, 3, padding=1)
         # a_n as a fixed depthwise 1×1 conv on the noise (not trained): fxzip pins the space
         # it feeds (the noise comes from the input) and averages a_n in a merge. A Python float
-        # would be a constant the parents disagree on, a scalar buffer a barrier, and a
-        # per-channel buffer (noise * buffer) would leave the image space unpinned
+        # would be a constant the parents disagree on, a scalar buffer a barrier
         self.noise_amp = nn.Conv2d(3, 3, 1, groups=3, bias=False)
         nn.init.ones_(self.noise_amp.weight)
         self.noise_amp.weight.requires_grad_(False)

@@ -2,6 +2,7 @@
 `repeat`, PReLU, GLU: one space in and out; per-channel parameters they combine with are merged."""
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import replace
 from typing import Any
@@ -79,6 +80,8 @@ def pointwise(ctx: Context, node: fx.Node, operands: list[fx.Node] | None = None
         if info is SHARED:
             ctx.pin(result)  # a fixed per-channel constant: the space must keep identity matching
         else:
+            if isinstance(info, Lazy) and info.fixed:  # a parameter times an input's channels
+                ctx.pin(result)
             ctx.tie_param(op, axis, result)
     return result
 
@@ -91,7 +94,12 @@ def _pointwise_without_features(ctx: Context, operands: list[fx.Node], out_ndim:
     if all(i is SHARED or i is None for i in infos):
         return SHARED
     if lazies and all(i is SHARED or i is None or isinstance(i, Lazy) for i in infos):
-        return combined_parameters(lazies, out_ndim)
+        combined = combined_parameters(lazies, out_ndim)
+        shaped = [ctx.shape(op) for op, i in zip(operands, infos) if i is SHARED]
+        if any(shape is not None and math.prod(shape) > 1 for shape in shaped):
+            # with an input's (or a constant's) own channels: whatever it meets keeps its order
+            combined = replace(combined, fixed=True)
+        return combined
     return UNTRACKED
 
 
@@ -106,7 +114,8 @@ def combined_parameters(lazies: list[Lazy], out_ndim: int) -> Lazy:
     for lazy in lazies[1:]:
         others.append((lazy.source, aligned(lazy.axes)))
         others.extend((source, aligned(labels)) for source, labels in lazy.others)
-    return Lazy(first.source, aligned(first.axes), tuple(others))
+    return Lazy(first.source, aligned(first.axes), tuple(others),
+                any(lazy.fixed for lazy in lazies))
 
 
 def first_operand(ctx: Context, node: fx.Node) -> Any:

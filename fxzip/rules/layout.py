@@ -105,16 +105,21 @@ class Lazy:
 
     `others`: further parameters combined with it elementwise or per row (weight
     standardisation's gain), each as (get_attr node name, axis labels in this tensor's axes);
-    whatever space an axis of the value turns out to run along, theirs runs along too."""
+    whatever space an axis of the value turns out to run along, theirs runs along too.
+
+    `fixed`: combined elementwise with a tensor that is the same in every model (an input slice,
+    a constant) and keeps its own channel order: the space the value meets is pinned (identity
+    matching), as a shared per-channel value pins it; the parameters still follow that space."""
 
     source: str
     axes: tuple[Any, ...]
     others: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    fixed: bool = False
 
     def remapped(self, axes: "list | tuple") -> "Lazy":
         """The same parameter with new axis labels (the others' labels kept: use `through` when
         the axes move)."""
-        return Lazy(self.source, tuple(axes), self.others)
+        return Lazy(self.source, tuple(axes), self.others, self.fixed)
 
     def through(self, remap: "Callable[[tuple], list | tuple | None]") -> "Lazy | None":
         """The value after an op that moves axes as `remap` (old labels -> new labels, None if
@@ -128,7 +133,7 @@ class Lazy:
             if moved is None:
                 return None
             others.append((source, tuple(moved)))
-        return Lazy(self.source, tuple(axes), tuple(others))
+        return Lazy(self.source, tuple(axes), tuple(others), self.fixed)
 
 
 @dataclass(frozen=True)
