@@ -12,6 +12,7 @@ from .matching import Match, match_features
 from .options import MergeOptions
 from .passes.analysis import Analysis
 from .report import MergeReport
+from .runtime.synthetic_inputs import Synthesis
 from .zipper import Zipper
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "merge", "merge_all", "analyze", "save", "load", "to_model", "reset_bn", "Zipper", "MergeOptions",
     "MergeReport", "Analysis", "Match", "Corrections", "CorrectionReport", "AutoSettings",
+    "Synthesis",
     "match_features", "FxzipError", "TraceError", "ArchitectureMismatchError", "StopPointError",
     "InputError", "NonFiniteError", "MatchingError", "RecipeError", "CheckpointError", "ExportError",
     "CalibrationWarning",

@@ -14,6 +14,7 @@ from .matching import Width
 from .options import MergeOptions
 from .passes.analysis import Analysis
 from .runtime.inputs import Batches
+from .runtime.synthetic_inputs import Synthesis
 from .zipper import Zipper
 
 __all__ = ["merge", "merge_all", "analyze", "Zipper", "MergeOptions"]
@@ -22,7 +23,7 @@ _DEFAULT = MergeOptions()
 
 
 def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str | int | None = None,
-          method: str = "zipit", alpha: float = _DEFAULT.alpha, beta: float = _DEFAULT.beta,
+          method: str | None = None, alpha: float = _DEFAULT.alpha, beta: float = _DEFAULT.beta,
           reset_bn: bool = True, shared_output: bool = False, progress: bool = True,
           leaf_modules: Sequence[type] = (), concrete_args: dict | None = None,
           statistics_precision: str = "auto", group: Any = None,
@@ -31,16 +32,24 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
           weight_similarity: float = _DEFAULT.weight_similarity,
           width: Width = 1.0, settings: str | AutoSettings = "default",
           capture: str = "auto",
-          memory_gib: float | str | None = "auto") -> fx.GraphModule:
+          memory_gib: float | str | None = "auto",
+          example_inputs: Any = None,
+          synthesis: str | Synthesis | dict = "default") -> fx.GraphModule:
     """Merge two models of one architecture into one GraphModule returning `(out_a, out_b)`.
 
     inputs: calibration data: a tensor batch, a list of batches, or an iterable/DataLoader of
-        `x` or `(x, y, ...)`.
+        `x` or `(x, y, ...)`. None: a data-free merge, which reads no real sample:
+        `example_inputs` (one batch) gives only the input shapes and dtypes; the method defaults
+        to "weights" (no activations needed), and where the merge needs activations (the
+        BatchNorm reset, the corrections, an activation matching) it reads inputs synthesised
+        from the models themselves: noise optimised so that each model's BatchNorms see their
+        own running statistics (`synthesis`, see `fxzip.Synthesis` and docs/data-free.md).
     stop_at: a node or module name (or a module prefix such as "layer3"): everything it depends
         on is zipped, the rest becomes one head per model. An int n zips the first n weight
         layers (ZipIt! n/m). None zips every layer but the ones producing the outputs, so each
         model keeps its own output layer.
-    method: "zipit" (greedy, within and across models; `alpha` in (0, 1], `beta` in [0, 1]: the
+    method: None (the default): "zipit" with calibration inputs, "weights" without.
+        "zipit" (greedy, within and across models; `alpha` in (0, 1], `beta` in [0, 1]: the
         share of merges allowed within a model), "permute" (Hungarian
         across models: Git Re-Basin activation matching), "average" (plain weight averaging) or
         "cca" (CCA Merge, Horoi et al. 2024: model B aligned to A by an invertible linear map
@@ -116,11 +125,12 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
                      statistics_precision=statistics_precision, group=group, taps=taps,
                      positions=positions, corrections=corrections,
                      weight_similarity=weight_similarity, width=width, settings=settings,
-                     capture=capture, memory_gib=memory_gib)
+                     capture=capture, memory_gib=memory_gib, example_inputs=example_inputs,
+                     synthesis=synthesis)
 
 
 def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | None = None,
-              method: str = "zipit", alpha: float = _DEFAULT.alpha, beta: float = _DEFAULT.beta,
+              method: str | None = None, alpha: float = _DEFAULT.alpha, beta: float = _DEFAULT.beta,
               reset_bn: bool = True, shared_output: bool = False, progress: bool = True,
               leaf_modules: Sequence[type] = (), concrete_args: dict | None = None,
               statistics_precision: str = "auto", group: Any = None,
@@ -129,7 +139,9 @@ def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | 
               weight_similarity: float = _DEFAULT.weight_similarity,
               width: Width = 1.0, settings: str | AutoSettings = "default",
               capture: str = "auto",
-              memory_gib: float | str | None = "auto") -> fx.GraphModule:
+              memory_gib: float | str | None = "auto",
+              example_inputs: Any = None,
+              synthesis: str | Synthesis | dict = "default") -> fx.GraphModule:
     """Merge N ≥ 2 models (see `merge`); the merged model returns one output per model."""
     options = MergeOptions(stop_at=stop_at, method=method, alpha=alpha, beta=beta,
                            reset_bn=reset_bn, shared_output=shared_output, progress=progress,
@@ -137,9 +149,9 @@ def merge_all(models: Sequence[nn.Module], inputs: Any, *, stop_at: str | int | 
                            statistics_precision=statistics_precision, group=group, taps=taps,
                            positions=positions, corrections=corrections,
                            weight_similarity=weight_similarity, width=width, settings=settings,
-                           capture=capture, memory_gib=memory_gib)
+                           capture=capture, memory_gib=memory_gib, synthesis=synthesis)
     options.checked_width(len(models) if isinstance(models, Sequence) else 2)
-    zipper = Zipper(models, inputs, options)
+    zipper = Zipper(models, inputs, options, example_inputs=example_inputs)
     merged = zipper.merge()
     merged.fxzip_report.seconds = {**{k: zipper.seconds[k] for k in ("trace", "analysis")},
                                    **merged.fxzip_report.seconds}

@@ -17,6 +17,7 @@ from .passes.analysis import check_stop_at
 from .passes.statistics import check_positions, check_taps
 from .runtime.memory import check_memory_gib
 from .runtime.moments import check_precision
+from .runtime.synthetic_inputs import Synthesis, resolve_synthesis
 
 __all__ = ["MergeOptions", "PREPARE_OPTIONS", "PYTHON_ONLY_OPTIONS", "resolve_corrections"]
 
@@ -39,7 +40,7 @@ class MergeOptions:
 
     # what is zipped, and how features are matched
     stop_at: str | int | None = None
-    method: str = "zipit"
+    method: str | None = None  # None: "zipit", or "weights" in a data-free merge (`resolved`)
     alpha: float = 0.5
     beta: float = 1.0
     # a tie-breaker by default: features that look exactly alike on the calibration data (scarce
@@ -57,6 +58,8 @@ class MergeOptions:
     positions: float = 1.0
     # memory: what the merge may add beside the models and the merged model, in GiB
     memory_gib: float | str | None = "auto"
+    # a data-free merge (inputs=None): how its calibration inputs are synthesised
+    synthesis: str | Synthesis | dict = "default"
     # capture and running
     capture: str = "auto"
     progress: bool = True
@@ -81,6 +84,11 @@ class MergeOptions:
         return resolve_corrections(self.corrections, self.reset_bn)
 
     @property
+    def synthesis_options(self) -> Synthesis:
+        """The `Synthesis` that `synthesis` means (used only by a data-free merge)."""
+        return resolve_synthesis(self.synthesis)
+
+    @property
     def auto(self) -> AutoSettings | None:
         """The grid of `settings="auto"` (None: alpha, beta and corrections as given)."""
         return resolve_settings(self.settings)
@@ -93,13 +101,20 @@ class MergeOptions:
                              f"options are {', '.join(FIELDS)}")
         return dataclasses.replace(self, **changes)
 
+    def resolved(self, data_free: bool) -> "MergeOptions":
+        """These options with `method=None` made concrete: "weights" in a data-free merge (it
+        needs no activations), else "zipit"."""
+        if self.method is not None:
+            return self
+        return dataclasses.replace(self, method="weights" if data_free else "zipit")
+
     def checked_width(self, num_models: int) -> Width:
         """`width` checked against the number of models (in [1, N]); above 1 only for a method
         that can keep the least alike features apart ("zipit", "permute")."""
         try:
             width = check_width(self.width, num_models)
             widest = max(width.values()) if isinstance(width, dict) else width
-            if widest > 1 and not METHODS[self.method].widens:
+            if widest > 1 and not METHODS[self.method or "zipit"].widens:
                 raise InputError(
                     f"width={widest} > 1 keeps the least alike features apart, which method "
                     f"{self.method!r} does not do; use width=1 or a method among "
@@ -116,9 +131,10 @@ class MergeOptions:
 
     @classmethod
     def recipe_defaults(cls) -> dict[str, Any]:
-        """The options a recipe may set, with their defaults."""
-        return {name: default for name, default in DEFAULTS.items()
-                if name not in PYTHON_ONLY_OPTIONS}
+        """The options a recipe may set, with their defaults (a recipe has calibration data, so
+        its method defaults to "zipit")."""
+        return {name: "zipit" if name == "method" and default is None else default
+                for name, default in DEFAULTS.items() if name not in PYTHON_ONLY_OPTIONS}
 
 
 def resolve_corrections(corrections: Any, reset_bn: bool = True) -> Corrections | None:
@@ -170,7 +186,9 @@ def _boolean(name: str) -> Callable[[Any], bool]:
     return check
 
 
-def _method(value: Any) -> str:
+def _method(value: Any) -> str | None:
+    if value is None:
+        return None
     if not isinstance(value, str) or value not in METHODS:
         raise InputError(f"unknown method {value!r}; choose one of {', '.join(METHODS)}")
     return value
@@ -183,6 +201,11 @@ def _corrections(value: Any) -> Any:
 
 def _settings(value: Any) -> Any:
     resolve_settings(value)
+    return value
+
+
+def _synthesis(value: Any) -> Any:
+    resolve_synthesis(value)
     return value
 
 
@@ -229,6 +252,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "positions": check_positions,
     "capture": _capture,
     "memory_gib": check_memory_gib,
+    "synthesis": _synthesis,
     "progress": _boolean("progress"),
     "leaf_modules": _leaf_modules,
     "concrete_args": _concrete_args,

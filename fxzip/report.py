@@ -69,6 +69,8 @@ class MergeReport:
     # the budget (GiB, None: unbounded), the statistics passes and each phase's peak (GiB: the
     # process's resident peak on the CPU, the peak allocated memory on a GPU)
     memory: dict[str, Any] = field(default_factory=dict)
+    # what the merge read: {"source": "given"} or a data-free merge's synthesis
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"fxzip merge ({self.method}), stop_at={self.stop_at!r}: zipped "
@@ -103,6 +105,12 @@ class MergeReport:
             lines.append(f"  memory: budget {'none' if budget is None else f'{budget:.2f} GiB'}, "
                          f"{self.memory.get('statistics_passes', 0)} statistics pass(es); "
                          f"peak GiB: {peaks or '-'}")
+        if self.calibration.get("source") == "synthesized":
+            c = self.calibration
+            lines.append(
+                f"  calibration: data-free, {c['samples']} inputs synthesised ({c['steps']} steps, "
+                f"BatchNorm statistics of {c.get('models_matched', 0)} model(s) matched)"
+                if c.get("synthesized") else "  calibration: data-free, no input read or made")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:

@@ -28,10 +28,11 @@ from .passes.statistics_plan import plan_passes
 from .report import mean_across_correlation
 from .report_builder import ReportBuilder
 from .runtime.distributed import all_gather_objects, rank, world_size
-from .runtime.inputs import batch_size, shard_batches
+from .runtime.inputs import batch_size
 from .runtime.memory import (GIB, PhasePeaks, activation_bytes_per_sample, model_bytes,
                              resolve_memory_gib)
 from .runtime.moments import SpaceStats, resolve_precision
+from .runtime.synthetic_inputs import SyntheticBatches, calibration_batches
 
 __all__ = ["Zipper"]
 
@@ -49,12 +50,17 @@ class Zipper:
     `merge()` call, which may change them."""
 
     def __init__(self, models: Sequence[nn.Module], inputs: Any,
-                 options: MergeOptions | None = None, **keywords: Any):
+                 options: MergeOptions | None = None, *, example_inputs: Any = None,
+                 **keywords: Any):
         self.options = (options or MergeOptions()).replace(**keywords)
         models = list(models)
         device = check_models(models)
         self.seconds: dict[str, float] = {}
-        self.batches = shard_batches(inputs, device, self.group)
+        # inputs=None: a data-free merge, its batches synthesised (on first read) from the models
+        self.batches = calibration_batches(models, inputs, example_inputs,
+                                           self.options.synthesis_options, device, self.group,
+                                           progress=self.options.progress)
+        self.options = self.options.resolved(self.data_free)
         self.statistics_precision = resolve_precision(self.options.statistics_precision,
                                                       self.batches.example_device)
         with self._timed("trace"):
@@ -150,10 +156,10 @@ class Zipper:
         correlation; `width` is the merged width as a multiple of one model's
         (`fxzip.matching.width`)."""
         method = get_method(method)
-        group = next((g for g in self.analysis.head_groups if space in g.spaces), None)
+        group = self._head_group(space)
         out_size = None if group is not None else \
             merged_size(self.analysis.spaces[space].size, width, self.num_models)
-        key = (space, method.name, alpha, beta, weight_similarity, out_size)
+        key = self._key(space, method.name, alpha, beta, weight_similarity, width)
         if key in self._matches:
             return self._matches[key]
         spaces = list(group.spaces) if group is not None else [space]
@@ -180,20 +186,29 @@ class Zipper:
                 found = [method.match(corrs[0], [sizes[0]] * self.num_models, alpha=alpha,
                                       beta=beta, out_size=out_size)]
         for s, m in zip(spaces, found):
-            found_key = (s, method.name, alpha, beta, weight_similarity, out_size)
+            found_key = self._key(s, method.name, alpha, beta, weight_similarity, width)
             self._matches[found_key] = m
             self._mean_correlations[found_key] = \
                 mean_across_correlation(m, stats[s].correlation()) if stats else None
         return self._matches[key]
 
+    def _head_group(self, space: int) -> Any:
+        """The head group a space belongs to (its spaces are matched together), or None."""
+        return next((g for g in self.analysis.head_groups if space in g.spaces), None)
+
+    def _key(self, space: int, method: str, alpha: float, beta: float, weight_similarity: float,
+             width: float) -> tuple:
+        """The cache key of a space's Match: the method and its settings, and the merged size
+        (None in a head group, matched at one model's width)."""
+        out_size = None if self._head_group(space) is not None else \
+            merged_size(self.analysis.spaces[space].size, width, self.num_models)
+        return (space, method, alpha, beta, weight_similarity, out_size)
+
     def _match_key(self, space: int, method: Method, options: MergeOptions,
                    width: float) -> tuple:
         """The cache key of a space's Match under `options` (see `match`)."""
-        group = next((g for g in self.analysis.head_groups if space in g.spaces), None)
-        out_size = None if group is not None else \
-            merged_size(self.analysis.spaces[space].size, width, self.num_models)
-        return (space, method.name, options.alpha, options.beta, options.weight_similarity,
-                out_size)
+        return self._key(space, method.name, options.alpha, options.beta,
+                         options.weight_similarity, width)
 
     def _units(self, spaces: Sequence[int]) -> list[list[int]]:
         """The spaces grouped as they are matched (a head group's spaces together), in order."""
@@ -201,7 +216,7 @@ class Zipper:
         for s in spaces:
             if s in seen:
                 continue
-            group = next((g for g in self.analysis.head_groups if s in g.spaces), None)
+            group = self._head_group(s)
             unit = list(group.spaces) if group is not None else [s]
             seen.update(unit)
             units.append(unit)
@@ -366,7 +381,7 @@ class Zipper:
                              "them to Zipper(...), not to merge()")
         if stop_at is not _OPTIONS:
             keywords["stop_at"] = stop_at
-        options = self.options.replace(**keywords)
+        options = self.options.replace(**keywords).resolved(self.data_free)
         stop_at = options.stop_at
         auto = options.auto
         if auto is not None:
@@ -391,6 +406,14 @@ class Zipper:
                                     max(model_bytes(g) for g in self.graphs))
         peaks = PhasePeaks(self.batches.example_device)
         ratios = space_widths(self.analysis, spaces, width)
+        corrections = options.correction_options
+        if self.data_free and options.corrections == "default":
+            # data-free: the parents' own BatchNorm statistics are the targets' best knowledge
+            corrections = dataclasses.replace(corrections, parents_as_given=True)
+        if self.data_free and not self.batches.synthesized \
+                and (method.needs_statistics or corrections is not None or options.reset_bn):
+            with self._timed("synthesis"), peaks.phase("synthesis"):
+                self.batches.synthesize()  # a data-free merge's inputs, made once
         passes = self._match_in_passes(spaces, method, options, ratios, budget, peaks) \
             if method.needs_statistics else 0
         keys = {s: self._match_key(s, method, options, ratios[s]) for s in spaces}
@@ -407,7 +430,6 @@ class Zipper:
             merged = rewrite(self.graphs, self.analysis, matches, trunk,
                              shared_output=options.shared_output, pairing=self.pairing,
                              spread=[self.extends] + [False] * (self.num_models - 1))
-        corrections = options.correction_options
         correction_report = None
         if corrections is not None:  # the pass also re-estimates the BatchNorm statistics
             given = options.memory_gib != "auto"  # "auto" (free memory) never moves a result
@@ -428,7 +450,21 @@ class Zipper:
                                                    correlations, seconds, correction_report)
         merged.fxzip_report.memory = {"budget_gib": budget, "statistics_passes": passes,
                                       "peak_gib": dict(peaks.gib)}
+        merged.fxzip_report.calibration = self.calibration()
         return merged
+
+    @property
+    def data_free(self) -> bool:
+        """Whether this merge reads no calibration data (inputs=None): synthesised inputs."""
+        return isinstance(self.batches, SyntheticBatches)
+
+    def calibration(self) -> dict[str, Any]:
+        """What the merges read: {"source": "given"}, or for a data-free merge the synthesis
+        (`SyntheticBatches.report`: samples, batches, steps, how many models' BatchNorm statistics
+        were matched, whether anything was synthesised)."""
+        if isinstance(self.batches, SyntheticBatches):
+            return {**self.batches.report, "synthesized": self.batches.synthesized}
+        return {"source": "given"}
 
     def _merge_auto(self, options: MergeOptions, auto: AutoSettings) -> fx.GraphModule:
         """settings="auto": alpha, beta and corrections chosen by fidelity

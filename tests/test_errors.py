@@ -161,7 +161,7 @@ def test_container_module_stop_point_means_its_output():
     ({"alpha": 1.5}, "alpha must be in (0, 1]"),
     ({"alpha": "0.5"}, "alpha must be a finite number"),
     ({"method": "zip"}, "unknown method 'zip'"),
-    ({"method": None}, "unknown method None"),
+    ({"method": 3}, "unknown method 3"),
     ({"corrections": "refit"}, "corrections='refit' is not allowed"),
     ({"corrections": True}, "corrections=True is not allowed"),
     ({"weight_similarity": 2.0}, "weight_similarity must be in [0, 1]"),

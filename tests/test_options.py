@@ -23,6 +23,7 @@ def mlp():
 def test_the_api_keywords_are_the_options_with_their_defaults(function):
     keywords = {name: p.default for name, p in inspect.signature(function).parameters.items()
                 if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert keywords.pop("example_inputs") is None  # data (a data-free merge's shapes), as inputs
     assert keywords == DEFAULTS
 
 

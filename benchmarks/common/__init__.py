@@ -12,5 +12,8 @@
 - `tables`: markdown / CSV / terminal tables;
 - `plots`: joint accuracy against FLOPs plots;
 - `zoo`: the model-zoo runner (timm_zoo, torchvision_zoo);
-- `reference_zipit`: the paper's plain O(D³) ZipIt! greedy, an oracle for tests and speed.
+- `hf_families`: the transformers families and their tiny configs (hf_zoo);
+- `reference_zipit`: the paper's plain O(D³) ZipIt! greedy, an oracle for tests and speed;
+- `decoders`: plain-torch Llama-style decoders (the memory benchmark);
+- `singan`: SinGAN-style multi-scale generators, their training and the photographs (generator).
 """
