@@ -2,6 +2,7 @@
 
     python -m benchmarks.accuracy [--settings a,b,c,d,e] [--pairs 5] [--epochs N] [--width W]
                                   [--quick] [--no-auto] [--out benchmarks/results]
+    python -m benchmarks.accuracy --settings a --methods weights --update [--cache DIR]
 
 Settings (every model pair: one architecture, two DIFFERENT initialisations, trained on
 disjoint class halves: task A = classes 0–4, task B = classes 5–9):
@@ -43,6 +44,9 @@ Protocol, per setting:
         similarities; task A uses head A, task B head B. A single model (or the shared-output
         merge) is evaluated on both tasks with its one embedding, so model A's task B accuracy
         is measured, not defined.
+  * The paper's baselines, uncorrected (no corrections, no weight similarity): "average" = weight
+    averaging, "weights" = Git Re-Basin weight matching (`method="weights"`: no data), "permute" =
+    Git Re-Basin activation matching; "zipit" = ZipIt! with the held-out pair's alpha/beta.
   * Rows "default" = `Zipper.merge` with every default (zipit, alpha 0.5, beta 1, weight
     similarity 0.01, the label-free corrections); "auto" = `settings="auto"` (alpha, beta and
     corrections on/off chosen per stop point and pair by fidelity to the BN-reset parents on the
@@ -65,8 +69,13 @@ FLOPs). Torch runs single-threaded by default (`--threads`): on a shared 2-core 
 threads were up to 10× slower. `--quick` writes the same files; give it another `--out` to keep
 the committed results.
 
+`--methods M --update` computes only the rows of methods M (of default, average, weights,
+permute, zipit) and merges them into the existing files of `--out`: the evaluation pairs are
+retrained from their seeds (or read from `--cache`), their reference rows must reproduce the
+CSV's, every other line is kept; the markdown gets a line with the update's own run time.
+
 Modules: `protocol` (one setting: training, the held-out grid search, the rows of every method),
-`fidelity_study`, `report` (the files); the settings, data, training, evaluation and rows are
-`benchmarks.common`'s (`benchmarks.corrections` and `benchmarks.width` reuse them).
+`fidelity_study`, `report` (the files), `update` (`--update`); the settings, data, training,
+evaluation and rows are `benchmarks.common`'s (`benchmarks.corrections` and `benchmarks.width` reuse them).
 """
 

@@ -13,9 +13,10 @@ import torch
 import benchmarks.accuracy
 from benchmarks.common.settings import make_settings
 
-from .protocol import FULL_GRID, QUICK_GRID, run_setting
+from .protocol import FULL_GRID, MERGE_METHODS, QUICK_GRID, run_setting
 from .report import markdown, plot, write_csv
 from .fidelity_study import write_study_csv
+from .update import UpdateError, update_setting
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,7 +40,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="leave out the 'auto' rows and the fidelity study (about half the time)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--methods", default=None,
+                        help=f"with --update: the comma-separated methods whose rows to compute "
+                             f"(of {','.join(MERGE_METHODS)})")
+    parser.add_argument("--update", action="store_true",
+                        help="add (or recompute) only the --methods rows in the existing files of "
+                             "--out: the evaluation pairs are retrained from their seeds and checked "
+                             "against their stored reference rows (benchmarks/accuracy/update.py)")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="with --update: a folder of trained pairs "
+                             "(<setting>_w<width>_e<epochs>_seed<seed>.pt), read and filled")
     args = parser.parse_args(argv)
+    if args.update != (args.methods is not None):
+        parser.error("--methods and --update go together")
+    if args.cache is not None and not args.update:
+        parser.error("--cache is read by --update only")
     args.pairs = args.pairs or (3 if args.quick else 5)
     args.width = args.width or (1 if args.quick else 4)
     if args.pairs < 2:
@@ -61,6 +76,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     for key in keys:
         setting = settings[key]
+        if args.update:
+            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+            print(f"setting ({key}): {setting.title}; updating the rows of {', '.join(methods)}",
+                  flush=True)
+            try:
+                update = update_setting(setting, args.out, methods, width=args.width,
+                                        cache=args.cache, log=lambda line: print(line, flush=True))
+            except UpdateError as exc:
+                print(f"setting ({key}): {exc}", file=sys.stderr)
+                return 1
+            for line in update.replaced:
+                print(f"  replaced {line}", flush=True)
+            print((args.out / f"accuracy_{key}.md").read_text(), flush=True)
+            continue
         epochs = args.epochs or (setting.quick_epochs if args.quick else setting.epochs)
         print(f"setting ({key}): {setting.title}; {args.pairs} pairs, {epochs} epochs", flush=True)
         result = run_setting(setting, pairs=args.pairs, epochs=epochs, grid=grid,

@@ -16,7 +16,6 @@ import fxzip
 from fxzip.corrections import AutoSettings, choose as choose_settings
 from fxzip.corrections.auto_settings import Trial
 from fxzip.demo.digits import Accuracy
-from fxzip.matching import METHOD_NAMES
 from fxzip.runtime.costs import count_flops, count_parameters
 
 from benchmarks.common.data import TaskData
@@ -28,6 +27,12 @@ from benchmarks.common.training import train_and_check
 
 from .fidelity_study import FidelityPoint, FidelityProbe
 
+# the methods of the paper's tables, in their order: weight averaging, Git Re-Basin weight
+# matching ("weights", in `fxzip.matching.METHODS` but not the paper-algorithm list `METHOD_NAMES`),
+# Git Re-Basin activation matching ("permute") and ZipIt! ("zipit")
+PAPER_METHODS = ("average", "weights", "permute", "zipit")
+# every row `merged_rows` can make: fxzip's default merge, then the paper's methods
+MERGE_METHODS = ("default",) + PAPER_METHODS
 FULL_GRID = ((0.1, 0.3, 0.5, 0.7, 1.0), (0.0, 0.25, 0.5, 1.0))
 QUICK_GRID = ((0.3, 0.5, 1.0), (0.0, 1.0))
 Grid = tuple[Sequence[float], Sequence[float]]  # (alphas, betas)
@@ -133,26 +138,36 @@ def auto_rows(setting: Setting, pair: int, zipper: fxzip.Zipper, data: TaskData,
 
 
 def merged_rows(setting: Setting, pair: int, zipper: fxzip.Zipper, data: TaskData,
-                choices: dict[str, Choice]) -> list[Row]:
-    """Every method at every stop point (zipit with the chosen alpha/beta)."""
+                choices: dict[str, Choice], methods: Sequence[str] = MERGE_METHODS) -> list[Row]:
+    """The rows of `methods` ("default" and the `PAPER_METHODS`) at every stop point, per stop
+    point in the order of `methods` (zipit with the chosen alpha/beta: `choices` is needed only
+    when "zipit" is among them)."""
     x, y = data.split.x_test, data.split.y_test
     rows = []
     for stop in setting.stops:
-        merged = default_merge(zipper, stop)  # the row "default": fxzip.merge's defaults
-        report = merged.fxzip_report
-        rows.append(Row(pair, "default", stop.label, f"{report.layers_zipped}/{report.layers_total}",
-                        count_parameters(merged), count_flops(merged, x),
-                        accuracy_of(setting, merged, x, y), 0.5, 1.0, "default"))
-        for method in METHOD_NAMES:
-            chosen = choices[stop.label] if method == "zipit" else None
-            alpha, beta = (chosen.alpha, chosen.beta) if chosen else (None, None)
-            merged = merge(zipper, stop, method, **({"alpha": alpha, "beta": beta} if chosen else {}))
+        for method in methods:
+            if method == "default":  # fxzip.merge's defaults
+                merged, alpha, beta, corrections = default_merge(zipper, stop), 0.5, 1.0, "default"
+            else:
+                chosen = choices[stop.label] if method == "zipit" else None
+                alpha, beta = (chosen.alpha, chosen.beta) if chosen else (None, None)
+                merged = merge(zipper, stop, method,
+                               **({"alpha": alpha, "beta": beta} if chosen else {}))
+                corrections = ""
             report = merged.fxzip_report
             rows.append(Row(pair, method, stop.label,
                             f"{report.layers_zipped}/{report.layers_total}",
                             count_parameters(merged), count_flops(merged, x),
-                            accuracy_of(setting, merged, x, y), alpha, beta))
+                            accuracy_of(setting, merged, x, y), alpha, beta, corrections))
     return rows
+
+
+def row_order(setting: Setting) -> Callable[[Row], tuple[int, int]]:
+    """The sort key of a pair's merge rows: by stop point, then default, auto, the paper's methods
+    in `PAPER_METHODS` order (`sorted` is stable: other methods keep their place)."""
+    stops = {stop.label: i for i, stop in enumerate(setting.stops)}
+    rank = {"default": 0, "auto": 1, **{m: 2 + i for i, m in enumerate(PAPER_METHODS)}}
+    return lambda r: (stops[r.stop], rank.get(r.method, len(rank) + 1))
 
 
 @dataclass
@@ -200,8 +215,6 @@ def run_setting(setting: Setting, *, pairs: int, epochs: int, grid: Grid,
         if auto:
             with watch("auto"):
                 merged += auto_rows(setting, pair, zipper, data, result.study, result.merge_seconds)
-        stops = {stop.label: i for i, stop in enumerate(setting.stops)}
-        first = {"default": 0, "auto": 1}  # per stop point: default, auto, then the paper's methods
-        result.rows += sorted(merged, key=lambda r: (stops[r.stop], first.get(r.method, 2)))
+        result.rows += sorted(merged, key=row_order(setting))
     result.seconds = {**watch.seconds, "total": time.perf_counter() - start}
     return result

@@ -10,10 +10,26 @@ import numpy as np
 
 from benchmarks.common import tables
 from benchmarks.common.plots import finish_plot, pyplot
-from benchmarks.common.rows import METRICS, cell, metric, summarise
+from benchmarks.common.rows import METRICS, Summary, cell, metric, summarise
+from benchmarks.common.settings import Setting
 
 from .fidelity_study import study_markdown
 from .protocol import SettingResult
+
+
+TABLE_COLUMNS = ["method", "stop", "zipped", "params", "FLOPs", "joint", "task A", "task B", "avg"]
+# what the method names of the table mean (a line under every setting's table)
+METHODS_LEGEND = ("Methods: default = fxzip's default merge (zipit, weight similarity, the label-free "
+                  "corrections); auto = settings=\"auto\"; the paper's baselines, uncorrected: average "
+                  "= weight averaging, weights = Git Re-Basin weight matching (no data), permute = "
+                  "Git Re-Basin activation matching (feature correlations); zipit = ZipIt! with the "
+                  "alpha/beta below.")
+
+
+def table_cells(setting: Setting, s: Summary) -> list[str]:
+    """One line of the mean ± std table: a (method, stop) summary's cells."""
+    return [s.method, s.stop, s.zipped, f"{s.params:,}", f"{s.flops / 1e6:.2f}M",
+            *(cell(setting, s, m) for m in METRICS)]
 
 
 def markdown(result: SettingResult) -> str:
@@ -26,13 +42,9 @@ def markdown(result: SettingResult) -> str:
              f"{result.epochs} training epochs; accuracies in % on the test data, "
              f"mean ± sample std over the evaluation pairs. BatchNorm statistics reset on the "
              f"calibration data (training inputs of both tasks) for every row.", "",
-             tables.markdown_table(["method", "stop", "zipped", "params", "FLOPs", "joint",
-                                    "task A", "task B", "avg"],
-                                   ([s.method, s.stop, s.zipped, f"{s.params:,}",
-                                     f"{s.flops / 1e6:.2f}M", *(cell(setting, s, m) for m in METRICS)]
-                                    for s in summaries),
+             tables.markdown_table(TABLE_COLUMNS, (table_cells(setting, s) for s in summaries),
                                    right=range(3, 9)),
-             ""]
+             "", METHODS_LEGEND]
     if setting.embedding:
         lines.append("Scores are cosine similarities to the 10 fixed class embeddings; split heads and "
                      "the ensemble take the max over both heads' similarities; 'ensemble (mean emb)' "
@@ -77,13 +89,15 @@ def plot(result: SettingResult, path: Path) -> None:
     plt = pyplot()
     summaries = summarise(result.rows)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = {"average": "tab:gray", "permute": "tab:blue", "zipit": "tab:red", "default": "tab:orange",
-               "auto": "tab:brown"}
+    colours = {"average": "tab:gray", "weights": "tab:cyan", "permute": "tab:blue", "zipit": "tab:red",
+               "default": "tab:orange", "auto": "tab:brown"}
     for method, colour in colours.items():
         points = sorted((s for s in summaries if s.method == method), key=lambda s: s.flops)
+        if not points:
+            continue
         ax.errorbar([s.flops / 1e6 for s in points], [100 * s.mean["joint"] for s in points],
                     yerr=[100 * s.std["joint"] for s in points], marker="o", color=colour,
-                    label=method, capsize=3)
+                    label="weights (Git Re-Basin)" if method == "weights" else method, capsize=3)
         if method == "zipit":
             labels: dict[tuple[float, float], list[str]] = {}
             for s in points:  # stop points that coincide share one label

@@ -1,6 +1,7 @@
 """The demo (`fxzip demo`): two ResNet-20-style models trained on disjoint halves of the digits,
-merged with every method at every stage boundary; the paper-style table and a plot of joint
-accuracy against FLOPs (it needs the `demo` extra: `pip install "fxzip[demo]"`)."""
+merged with every method of the paper's tables (weight averaging, Git Re-Basin weight matching
+"weights", permute, zipit) and fxzip's default at every stage boundary; the paper-style table and
+a plot of joint accuracy against FLOPs (it needs the `demo` extra: `pip install "fxzip[demo]"`)."""
 from __future__ import annotations
 
 import time
@@ -11,13 +12,15 @@ from pathlib import Path
 import torch
 
 from ..corrections import reset_bn
-from ..matching import METHOD_NAMES
 from ..runtime.costs import count_flops, count_parameters
 from ..zipper import Zipper
 from .digits import Accuracy, ResNet20, evaluate, load_digits_split, train_task_pair
 
 DEMO_STOPS = (("layer1", "stage 1"), ("layer2", "stage 2"), (None, "full"))
-DEMO_METHODS = METHOD_NAMES + ("default",)  # the paper's three methods, then fxzip's default merge
+# the methods of the paper's tables in their order: the paper's `METHOD_NAMES` with Git Re-Basin
+# weight matching ("weights", its other baseline) after weight averaging; then fxzip's default merge
+DEMO_METHODS = ("average", "weights", "permute", "zipit", "default")
+LABELS = {"weights": "weights (Git Re-Basin)"}  # the plot's legend
 
 
 @dataclass
@@ -91,7 +94,7 @@ def plot(rows: Sequence[DemoRow], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in DEMO_METHODS:
         points = [(r.flops / 1e6, r.accuracy.joint) for r in rows if r.method == method]
-        ax.plot(*zip(*points), marker="o", label=method)
+        ax.plot(*zip(*points), marker="o", label=LABELS.get(method, method))
     ensemble = next(r for r in rows if r.method == "ensemble")
     ax.scatter([ensemble.flops / 1e6], [ensemble.accuracy.joint], marker="*", s=150, c="k",
                label="ensemble", zorder=3)

@@ -67,7 +67,8 @@ class Method:
 
 
 METHODS: dict[str, Method] = {}
-# the paper's methods, which the demo and the benchmarks compare; "cca" is merged by name too
+# the paper's methods, which the demo and the benchmarks compare (with "weights", Git Re-Basin
+# weight matching, the paper's other baseline, listed beside them there); "cca" is merged by name too
 METHOD_NAMES: tuple[str, ...] = ("average", "permute", "zipit")
 
 _M = TypeVar("_M", bound=type[Method])
