@@ -8,6 +8,7 @@
     python -m benchmarks.five_tasks       five 2-class tasks merged into one narrow model: five_tasks.*
     python -m benchmarks.vit_digits       two small ViTs on the digit halves: vit_digits.*
     python -m benchmarks.data_free        merges without data against merges with data: data_free.*
+    python -m benchmarks.scarce_data      joint accuracy against 4-1007 calibration samples: scarce_data.*
     python -m benchmarks.generator        two SinGAN-style generators merged into one: generator.*
     python -m benchmarks.bert_digits      two transformers BERTs on the digit halves: bert_digits.*
     python -m benchmarks.lm_text          two byte-level Llamas, English + Python, merged into one

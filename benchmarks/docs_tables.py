@@ -288,6 +288,32 @@ def lm_text_minutes() -> str:
 table("multi_task", "multi_task.md")(lambda: md_table("multi_task.md").markdown())
 table("five_tasks", "five_tasks.md")(lambda: md_table("five_tasks.md").markdown())
 table("demo", "demo/demo.md")(lambda: md_table("demo/demo.md").markdown())
+table("generator", "generator.md")(lambda: md_table("generator.md").markdown())
+table("data_free", "data_free.md")(lambda: md_table("data_free.md").markdown())
+
+
+@value("data_free_summary", "data_free.csv")
+def data_free_summary() -> str:
+    """Per model family: the data-free default's joint accuracy minus the data default's, per
+    stop point (means over the pairs, points)."""
+    rows = read_csv("data_free.csv")
+    parts = []
+    for family in dict.fromkeys(r["family"] for r in rows):
+        gaps = []
+        for stop in dict.fromkeys(r["stop"] for r in rows if r["family"] == family):
+            def joint(variant: str) -> float:
+                values = [float(r["joint"]) for r in rows if (r["family"], r["stop"],
+                                                             r["variant"]) == (family, stop, variant)]
+                return 100 * mean(values) if values else float("nan")
+            if stop != "-":
+                gaps.append(f"{joint(DATA_FREE_DEFAULT) - joint(DATA_DEFAULT):+.1f} ({stop})")
+        parts.append(f"{family}: {', '.join(gaps)}")
+    return ("The data-free default against the default merge with data, joint accuracy points: "
+            + "; ".join(parts) + ".")
+
+
+DATA_DEFAULT = "data: default (zipit + corrections)"
+DATA_FREE_DEFAULT = "data-free: default (weights + corrections)"
 
 
 @table("width", "width.md")
@@ -320,6 +346,24 @@ def cca() -> str:
 for _setting in "ace":
     table(f"corrections_{_setting}", f"corrections_{_setting}.md")(
         lambda s=_setting: md_table(f"corrections_{s}.md").markdown())
+
+
+table("scarce_data", "scarce_data.md")(lambda: md_table("scarce_data.md").markdown())
+
+
+@table("scarce_data_validation", "scarce_data_validation.csv")
+def scarce_data_validation() -> str:
+    """The few-sample settings tried on the validation split: joint accuracy % per calibration
+    sample count, mean over pairs, draws and both stop points (layer2, full)."""
+    runs: dict[tuple[str, int], list[float]] = {}
+    for row in read_csv("scarce_data_validation.csv"):
+        runs.setdefault((row["variant"], int(row["samples"])), []).append(100 * float(row["joint"]))
+    counts = sorted({n for _, n in runs})
+    names = {"paper": "paper's merge", "fixed": "no few-sample rule (bn_prior=0)",
+             "default": "default (bn_prior=16)"}
+    variants = list(dict.fromkeys(v for v, _ in runs))
+    rows = [[names.get(v, v)] + [f"{mean(runs[(v, n)]):.1f}" for n in counts] for v in variants]
+    return markdown(["variant"] + [str(n) for n in counts], rows, right=range(1, len(counts) + 1))
 
 
 # ---------------------------------------------------------------------------------------------

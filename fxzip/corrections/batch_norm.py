@@ -68,6 +68,17 @@ class BatchNormStatistics:
             return None
         return self.mean, self.var
 
+    def toward(self, bn: nn.Module, weight: float) -> BatchNormStatistics:
+        """These statistics blended with the running statistics `bn` has now, in place: `weight`
+        on these and 1 - weight on the BatchNorm's (torch's momentum update with momentum
+        `weight`; 1: these alone). With few calibration samples, the given statistics (estimated
+        on the training data) steady the noisy new ones (`Corrections.bn_prior`)."""
+        if weight >= 1.0 or self.batches == 0 or getattr(bn, "running_mean", None) is None:
+            return self
+        for mine, given in ((self.mean, bn.running_mean), (self.var, bn.running_var)):
+            mine.mul_(weight).add_(given.detach().to(mine.device, mine.dtype), alpha=1.0 - weight)
+        return self
+
     def write(self, bn: nn.Module) -> None:
         """Set `bn`'s running statistics to these (and num_batches_tracked to the batches)."""
         stats = self.mean_var()

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .settings import Corrections
 
-__all__ = ["Layer", "plan", "MAX_REFIT_INPUTS"]
+__all__ = ["Layer", "plan", "origin", "MAX_REFIT_INPUTS"]
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -92,13 +92,13 @@ def _why_not(module: nn.Module) -> str | None:
     return ""
 
 
-def _origin(node: fx.Node, pairing: Any, num_models: int) -> dict[int, str] | None:
+def origin(node: fx.Node, pairing: Any, num_models: int) -> dict[int, str] | None:
     """The parent nodes a merged node computes: {k: graph k's node} for every model (a trunk
     node, through the pairing) or for its own model only (a head node); None if unknown."""
-    origin = node.meta.get("fxzip_origin")
-    if origin is None:
+    recorded = node.meta.get("fxzip_origin")
+    if recorded is None:
         return None
-    head, name = origin
+    head, name = recorded
     if head is not None:
         return {head: name}
     if pairing is None:
@@ -139,12 +139,12 @@ def plan(merged: fx.GraphModule, graphs: Sequence[fx.GraphModule], options: Corr
             why = f"module called {calls[node.target]} times (shared weights)"
         if why is None and (len(node.args) != 1 or node.kwargs):
             why = "called with more than one input"
-        origin = _origin(node, pairing, len(graphs))
-        if why is None and origin is None:
+        parents = origin(node, pairing, len(graphs))
+        if why is None and parents is None:
             why = "no parent layer known for it"
         partners: list[fx.Node] = []
         if why is None:
-            for k, name in origin.items():
+            for k, name in parents.items():
                 partner = nodes[k].get(name)
                 if partner is None or partner.op != "call_module":
                     why = f"model {k}'s layer not found"

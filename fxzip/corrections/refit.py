@@ -22,7 +22,23 @@ when `reset_bn` is on (the paper resets the BN statistics of every model it comp
 original models included, and that ensemble is the ceiling of a merge): each parent BatchNorm
 then normalises with the statistics of its own inputs on the calibration batches (eval-mode
 inputs; the parents' modules are not changed). With ``reset_bn=False`` the targets are the
-parents as given.
+parents as given. With ``parents_as_given`` (a data-free merge, whose inputs are synthesised) the
+targets are the parents as given while the merged model's BatchNorms are still reset, except a
+refitted layer's own BatchNorm, which keeps the merge's statistics (the fitted weights absorb
+them, so a self-merge stays exact).
+
+Few calibration samples (`Corrections.bn_prior`): BatchNorm statistics re-estimated on a handful
+of samples are noisy, and a head's noisy statistics cost the most (deep layers, few positions).
+A head's BatchNorm normalises one model's own features, so its given running statistics (from the
+training data) are a prior for them: the head's BatchNorms and their counterparts in its parent
+(for the targets) blend the calibration statistics with the given ones, weight N / (N + bn_prior)
+on the new for N samples (16 by default: chosen on the validation split of
+`python -m benchmarks.scarce_data --split val`). A zipped trunk BatchNorm's given statistics
+average different features, so the trunk and its parents' counterparts keep the calibration
+statistics alone: both sides are estimated alike and a permuted self-merge stays exact. The
+refits' ridge needs no such rule: with fewer rows than inputs their change lies in the span of
+the rows seen (the dual solution), and a ridge or a skip that grew with inputs per row
+(`ridge_rows`, `min_rows`, off by default) lost accuracy on that split.
 
 A *correctable layer* is a ``Linear``, ``Conv1d`` or ``Conv2d`` module (groups 1, zero padding,
 called once). Where its only user is an affine BatchNorm, the pair is corrected as one affine map
@@ -71,8 +87,8 @@ from ..runtime.sampling import sample_keys
 from .batch_norm import batch_norm_statistics
 from .budget import samples_within, within_budget
 from .channels import channel_stats, reduce
-from .plan import Layer, plan
-from .regression import ridge_change, squared_norm, weight_matrix
+from .plan import Layer, origin, plan
+from .regression import regression_rows, ridge_change, squared_norm, total_rows, weight_matrix
 from .repair import repair
 from .runner import Runner
 from .settings import CorrectionReport, Corrections
@@ -102,10 +118,22 @@ class _Pass:
             for k, name in layer.parent_nodes.items():
                 needed[k].add(name)
         self.runner = Runner(merged, batches)
-        self.parents = [Runner(g, batches, keep=needed[k], reset_bn=options.reset_bn, group=group)
+        samples = torch.tensor([float(sum(batch_size(b) for b in batches))], dtype=torch.float64)
+        reduce([samples], group)  # of every rank
+        # `Corrections.bn_prior` (parents taken as given: their statistics are not re-estimated)
+        self.bn_weight = 1.0 if options.parents_as_given or not options.reset_bn else \
+            options.bn_weight(int(samples.item()))
+        parents_reset = options.reset_bn and not options.parents_as_given
+        zipped: dict[int, set[str]] = {k: set() for k in range(len(graphs))}  # parents' trunk nodes
+        for node in merged.graph.nodes:
+            if (node.meta.get("fxzip_origin") or (0,))[0] is None:
+                for k, name in (origin(node, pairing, len(graphs)) or {}).items():
+                    zipped[k].add(name)
+        self.parents = [Runner(g, batches, keep=needed[k], reset_bn=parents_reset, group=group,
+                               bn_weight=self.bn_weight, unblended=zipped[k])
                         for k, g in enumerate(graphs)]
         self.sample_keys = [sample_keys(b, options.seed) for b in batches]
-        self.report = CorrectionReport(skipped=skipped)
+        self.report = CorrectionReport(skipped=skipped, bn_weight=self.bn_weight)
 
     def _dim(self, k: int, name: str) -> int:
         """The number of dimensions of graph k's node (from the traced shapes: a rank with no
@@ -172,22 +200,34 @@ class _Pass:
         node = self.runner.next_node
         inputs = self.runner.env[node.args[0].name]
         z0 = [module(x) for x in inputs]
+        d, count = module.weight[0].numel(), total_rows(module, z0, self.group)
+        used = regression_rows(count, self.options.max_rows)
+        ridge = self.options.ridge_for(used, d)
+        if ridge is None:  # too few rows (or none): the layer stays as merged, its BN reset
+            if used:
+                self.report.skipped[layer.module] = (
+                    f"refit skipped: {used} rows for {d} inputs, fewer than min_rows × inputs "
+                    f"= {self.options.min_rows:g} × {d}")
+            return
         scale = None
         if layer.bn is not None:
             bn = self.merged.get_submodule(layer.bn)
-            if self.options.reset_bn:
-                batch_norm_statistics(z0, bn.num_features, self.group).write(bn)
+            if self.options.reset_bn and not self.options.parents_as_given:
+                # (with the parents as given, the merged BN keeps the merge's statistics: the
+                # fitted weights absorb their error, and a self-merge stays exact)
+                self._write_bn(bn, layer.head, z0)
             scale = bn.weight.detach().double() / (bn.running_var.double() + bn.eps).sqrt()
             y0 = [bn(z) for z in z0]
         else:
             y0 = z0
         intercept = layer.bn is not None or module.bias is not None
         delta, before_num, before_den = ridge_change(
-            module, inputs, y0, layer.targets, self.sample_keys, ridge=self.options.ridge,
-            max_rows=self.options.max_rows, intercept=intercept, group=self.group)
+            module, inputs, y0, layer.targets, self.sample_keys, ridge=ridge,
+            max_rows=self.options.max_rows, intercept=intercept, group=self.group,
+            row_count=count)
         if delta is None:
             return
-        d = module.weight[0].numel()
+        self.report.ridges[layer.module] = ridge
         change = delta[:d].T  # of the effective map (rows of weight·scale for a BN fit point)
         device, dtype = module.weight.device, module.weight.dtype
         if scale is not None:
@@ -218,8 +258,18 @@ class _Pass:
             return
         if not self.options.reset_bn or not bn.track_running_stats or bn.running_mean is None:
             return
-        batch_norm_statistics(self.runner.env[node.args[0].name], bn.num_features,
-                              self.group).write(bn)
+        self._write_bn(bn, (node.meta.get("fxzip_origin") or (None,))[0],
+                       self.runner.env[node.args[0].name])
+
+    def _write_bn(self, bn: nn.Module, head: int | None, values: list[torch.Tensor]) -> None:
+        """Set a merged BatchNorm's statistics from its inputs `values` (one tensor per batch):
+        a head's (model `head`'s own features) blended with its given statistics as its parent's
+        are (`Corrections.bn_prior`); a zipped trunk BatchNorm's from the samples alone (its given
+        statistics average different features; its parents' are not blended either)."""
+        stats = batch_norm_statistics(values, bn.num_features, self.group)
+        if head is not None:
+            stats.toward(bn, self.bn_weight)
+        stats.write(bn)
 
     # REPAIR and cleanup -------------------------------------------------------------------------
     def _finish(self, layer: Layer) -> None:

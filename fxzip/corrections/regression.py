@@ -16,7 +16,8 @@ from ..runtime.sampling import kept_rows
 from .channels import reduce
 
 __all__ = ["patches", "output_rows", "output_rows_at", "weight_matrix", "set_weight",
-           "squared_norm", "ridge_change", "fill_lower", "solve_spd"]
+           "squared_norm", "total_rows", "regression_rows", "ridge_change", "fill_lower",
+           "solve_spd"]
 
 
 # -- layers -----------------------------------------------------------------------------------------
@@ -96,6 +97,21 @@ def squared_norm(v: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(v.float())) ** 2
 
 
+def total_rows(module: nn.Module, outputs: Sequence[torch.Tensor], group: Any = None) -> int:
+    """The rows (samples × positions) of a layer's `outputs` (one tensor per batch) on every
+    rank (all-reduced over `group`)."""
+    width = module.weight.shape[0]
+    counts = torch.tensor([float(sum(y.numel() // width for y in outputs))], dtype=torch.float64)
+    reduce([counts], group)
+    return int(counts.item())
+
+
+def regression_rows(rows: int, max_rows: int | None) -> int:
+    """The rows a regression reads of `rows` (`total_rows`): at most about `max_rows` (the kept
+    subset's expected size)."""
+    return rows if max_rows is None else min(rows, max_rows)
+
+
 # The intercept's penalty relative to λ: (almost) free, as an intercept should be.
 INTERCEPT_PENALTY = 1e-6
 # Systems whose ridge bounds their condition number by this are solved in float32: relative
@@ -107,22 +123,22 @@ FLOAT32_CONDITION = 1e6
 
 def ridge_change(module: nn.Module, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
                  targets: Sequence[torch.Tensor], keys: Sequence[torch.Tensor], *, ridge: float,
-                 max_rows: int | None, intercept: bool,
-                 group: Any = None) -> tuple[torch.Tensor | None, float, float]:
+                 max_rows: int | None, intercept: bool, group: Any = None,
+                 row_count: int | None = None) -> tuple[torch.Tensor | None, float, float]:
     """The ridge regression of a layer's effective map toward its targets, on the sums of every
     rank: ``Δ = (XᵀX + λI)⁻¹ Xᵀ (T - Y)`` with ``X`` the layer's patch rows of `inputs` (``[X 1]``
     with an almost free `intercept`), ``Y`` its current `outputs` (one tensor per batch each),
     λ = ridge · trace(XᵀX)/d; at most about `max_rows` rows of all ranks enter (each batch's kept
-    by its samples' `keys`). Returns (Δ, (d [+ 1]) × outputs, None if no rank has a row;
-    Σ (T - Y)²; Σ T²): the last two the error before the fit.
+    by its samples' `keys`; `row_count`: `total_rows` if already known). Returns (Δ, (d [+ 1]) ×
+    outputs, None if no rank has a row; Σ (T - Y)²; Σ T²): the last two the error before the fit.
 
     The intercept is eliminated exactly (the Schur complement of its row: the centred system),
     so a d × d system is solved; in one process, with fewer rows n than inputs d, its dual
     ``Δ = Xᵀ (XXᵀ + λI)⁻¹ R`` (n × n, the same solution) is solved instead."""
     d, width = module.weight[0].numel(), module.weight.shape[0]
-    counts = torch.tensor([float(sum(y.numel() // width for y in outputs))], dtype=torch.float64)
-    reduce([counts], group)  # the rows of every rank
-    keep = 1.0 if max_rows is None else min(1.0, max_rows / max(counts.item(), 1.0))
+    if row_count is None:
+        row_count = total_rows(module, outputs, group)  # the rows of every rank
+    keep = 1.0 if max_rows is None else min(1.0, max_rows / max(row_count, 1))
     masks = [kept_rows(key, y.numel() // width, keep) if keep < 1.0 else None
              for y, key in zip(outputs, keys)]
     kept = sum(y.numel() // width if m is None else int(m.sum()) for y, m in zip(outputs, masks))

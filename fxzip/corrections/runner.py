@@ -22,11 +22,15 @@ class Runner:
     """Runs a GraphModule node by node over a list of batches at once (a list of values per node),
     freeing each value after its last use unless it is in `keep`. With `reset_bn`, every eval-mode
     BatchNorm normalises with the statistics of its inputs on these batches (as after
-    `fxzip.reset_bn`, but on eval-mode inputs) without its module being changed."""
+    `fxzip.reset_bn`, but on eval-mode inputs) without its module being changed; `bn_weight` < 1
+    blends those statistics with the module's own (`BatchNormStatistics.toward`), except at the
+    BatchNorm nodes named in `unblended`."""
 
     def __init__(self, gm: fx.GraphModule, batches: Sequence[Any], keep: Iterable[str] = (),
-                 reset_bn: bool = False, group: Any = None):
+                 reset_bn: bool = False, group: Any = None, bn_weight: float = 1.0,
+                 unblended: Iterable[str] = ()):
         self.gm, self.batches, self.reset_bn, self.group = gm, list(batches), reset_bn, group
+        self.bn_weight, self.unblended = bn_weight, set(unblended)
         self.nodes = [n for n in gm.graph.nodes if n.op != "output"]
         self.position = 0
         self.env: dict[str, list[Any]] = {}
@@ -102,7 +106,9 @@ class Runner:
             if isinstance(module, _BN) and module.track_running_stats and not module.training \
                     and module.running_mean is not None:
                 inputs = self.env[node.args[0].name]
-                stats = batch_norm_statistics(inputs, module.num_features, self.group).mean_var()
+                weight = 1.0 if node.name in self.unblended else self.bn_weight
+                stats = batch_norm_statistics(inputs, module.num_features, self.group).toward(
+                    module, weight).mean_var()
                 if stats is not None:
                     mean, var = (v.to(module.running_mean.device, module.running_mean.dtype)
                                  for v in stats)
