@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from .distributed import is_distributed, rank, world_size
-from .inputs import Batch, Batches, shard_batches
+from .inputs import Batch, Batches, batch_tensors, call_model, shard_batches
 
 __all__ = ["Synthesis", "SyntheticBatches", "calibration_batches", "resolve_synthesis",
            "synthesize_batch"]
@@ -115,9 +115,7 @@ def calibration_batches(models: Sequence[nn.Module], inputs: Any, example_inputs
         raise InputError("no calibration inputs given: pass a tensor batch, a list of batches or "
                          "a DataLoader; or, for a merge that reads no data, inputs=None and "
                          "example_inputs=<one batch giving the input shapes and dtypes>")
-    batches = SyntheticBatches(models, example_inputs, synthesis, device, group)
-    batches.progress = progress
-    return batches
+    return SyntheticBatches(models, example_inputs, synthesis, device, group, progress=progress)
 
 
 class SyntheticBatches(Batches):
@@ -125,7 +123,7 @@ class SyntheticBatches(Batches):
     shapes) for tracing; iterating synthesises this rank's batches once, on first use."""
 
     def __init__(self, models: Sequence[nn.Module], example_inputs: Any, synthesis: Synthesis,
-                 device: torch.device | None, group: Any = None):
+                 device: torch.device | None, group: Any = None, *, progress: bool = True):
         self.example = Batches(example_inputs, device).example  # checked as calibration data is
         self.device = device
         self.synthesis = synthesis
@@ -134,7 +132,7 @@ class SyntheticBatches(Batches):
         mine = rank(group) if is_distributed() else 0
         self.indices = list(range(mine, synthesis.batches, ranks))
         self._made: list[Batch] | None = None
-        self.progress = True
+        self.progress = progress
         self.report: dict[str, Any] = {"source": "synthesized", "samples": synthesis.samples,
                                        "batches": synthesis.batches, "steps": synthesis.steps}
 
@@ -184,7 +182,7 @@ def synthesize_batch(model: nn.Module, example: Batch, synthesis: Synthesis, ind
     generator = torch.Generator().manual_seed(synthesis.seed + index)
     size = synthesis.size_of(index)
     batch = _noise(example, size, generator)
-    free = [t for t in _tensors(batch) if t.is_floating_point()]
+    free = [t for t in batch_tensors(batch) if t.is_floating_point()]
     norms = batch_norms(model)
     if not free or synthesis.steps == 0:
         return batch
@@ -199,7 +197,7 @@ def synthesize_batch(model: nn.Module, example: Batch, synthesis: Synthesis, ind
 
     with _eval_mode(model), torch.enable_grad():
         with torch.no_grad():
-            logits = _logits(_call(model, batch)) if synthesis.class_loss else None
+            logits = _logits(call_model(model, batch)) if synthesis.class_loss else None
         targets = None if logits is None else \
             torch.randint(logits.shape[1], (size,), generator=generator).to(logits.device)
         if not norms and targets is None:
@@ -211,7 +209,7 @@ def synthesize_batch(model: nn.Module, example: Batch, synthesis: Synthesis, ind
         try:
             for _ in range(synthesis.steps):
                 seen.clear()
-                output = _call(model, batch)
+                output = call_model(model, batch)
                 loss = torch.stack(seen).sum() / len(norms) if norms else 0.0
                 if targets is not None:
                     loss = loss + synthesis.class_loss * F.cross_entropy(
@@ -259,15 +257,6 @@ def _noise(example: Batch, size: int, generator: torch.Generator) -> Batch:
     if isinstance(example, dict):
         return {k: one(v) for k, v in example.items()}
     return one(example)
-
-
-def _tensors(batch: Batch) -> list[torch.Tensor]:
-    values = batch.values() if isinstance(batch, dict) else [batch]
-    return [v for v in values if isinstance(v, torch.Tensor)]
-
-
-def _call(model: nn.Module, batch: Batch) -> Any:
-    return model(**batch) if isinstance(batch, dict) else model(batch)
 
 
 @contextmanager
