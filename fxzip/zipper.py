@@ -462,7 +462,7 @@ class Zipper:
         """What the merges read: {"source": "given"}, or for a data-free merge the synthesis
         (`SyntheticBatches.report`: samples, batches, steps, how many models' BatchNorm statistics
         were matched, whether anything was synthesised)."""
-        if isinstance(self.batches, SyntheticBatches):
+        if self.data_free:
             return {**self.batches.report, "synthesized": self.batches.synthesized}
         return {"source": "given"}
 
