@@ -56,6 +56,7 @@ class Zipper:
         models = list(models)
         device = check_models(models)
         self.seconds: dict[str, float] = {}
+        self._timing: set[str] = set()  # the phases being timed now (a nested one counts once)
         # inputs=None: a data-free merge, its batches synthesised (on first read) from the models
         self.batches = calibration_batches(models, inputs, example_inputs,
                                            self.options.synthesis_options, device, self.group,
@@ -83,9 +84,18 @@ class Zipper:
 
     @contextmanager
     def _timed(self, phase: str) -> Iterator[None]:
+        """Adds the block's wall time to `seconds[phase]`; a block inside another of the same
+        phase (a match inside the matching of a pass) is not counted twice."""
+        if phase in self._timing:
+            yield
+            return
         start = time.perf_counter()
-        yield
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+        self._timing.add(phase)
+        try:
+            yield
+        finally:
+            self._timing.discard(phase)
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
     @property
     def num_models(self) -> int:

@@ -100,3 +100,18 @@ def test_memory_gib_is_checked_and_auto_resolves():
     auto = resolve_memory_gib("auto", torch.device("cpu"), 0)
     assert auto is None or 0 < auto < 1e4
     assert resolve_memory_gib(2, torch.device("cpu"), 0) == 2.0
+
+
+def test_phase_seconds_add_up_to_at_most_the_merge_time():
+    """Every phase is timed once: a match inside a pass's matching, or the weight similarity
+    inside a match, is not counted again (the phases' seconds were once 2x the wall time)."""
+    import time
+
+    a, b = small_resnet(0), small_resnet(1)
+    data = _batches((16, 1, 8, 8))
+    start = time.perf_counter()
+    merged = fxzip.merge(a, b, data, memory_gib=1e-6, progress=False)
+    wall = time.perf_counter() - start
+    seconds = merged.fxzip_report.seconds
+    assert {"trace", "statistics", "matching", "corrections"} <= set(seconds)
+    assert sum(seconds.values()) <= wall
