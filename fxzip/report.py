@@ -66,7 +66,8 @@ class MergeReport:
     corrections: CorrectionReport | None = None  # what the label-free corrections did (None: off)
     settings: dict[str, Any] = field(default_factory=dict)  # alpha, beta, weight_similarity, …
     auto: AutoChoice | None = None  # settings="auto": every grid point's fidelity and the choice
-    # the budget (GiB, None: unbounded), the statistics passes and each phase's peak (GiB: the
+    # the budget (GiB, None: unbounded), the statistics passes, the batches a pass resumed from
+    # values an earlier pass saved and those values' peak (GiB), and each phase's peak (GiB: the
     # process's resident peak on the CPU, the peak allocated memory on a GPU)
     memory: dict[str, Any] = field(default_factory=dict)
     # what the merge read: {"source": "given"} or a data-free merge's synthesis
@@ -103,8 +104,11 @@ class MergeReport:
             budget = self.memory.get("budget_gib")
             peaks = ", ".join(f"{k} {v:.2f}" for k, v in self.memory.get("peak_gib", {}).items())
             lines.append(f"  memory: budget {'none' if budget is None else f'{budget:.2f} GiB'}, "
-                         f"{self.memory.get('statistics_passes', 0)} statistics pass(es); "
-                         f"peak GiB: {peaks or '-'}")
+                         f"{self.memory.get('statistics_passes', 0)} statistics pass(es)"
+                         + (f" ({self.memory['resumed_batches']} batches resumed from "
+                            f"{self.memory['checkpoint_gib']:.2f} GiB saved between them)"
+                            if self.memory.get("resumed_batches") else "")
+                         + f"; peak GiB: {peaks or '-'}")
         if self.calibration.get("source") == "synthesized":
             c = self.calibration
             lines.append(

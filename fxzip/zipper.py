@@ -23,7 +23,8 @@ from .matching import (Match, Method, covariance, feature_signatures, get_method
 from .options import DEFAULTS, PREPARE_OPTIONS, MergeOptions
 from .passes.analysis import Analysis
 from .passes.rewrite import rewrite
-from .passes.statistics import collect
+from .passes.lockstep import Checkpoints, plan_cuts
+from .passes.statistics import collect, first_tap
 from .passes.statistics_plan import plan_passes
 from .report import mean_across_correlation
 from .report_builder import ReportBuilder
@@ -37,6 +38,9 @@ from .runtime.synthetic_inputs import SyntheticBatches, calibration_batches
 __all__ = ["Zipper"]
 
 _OPTIONS = object()  # `Zipper.merge`'s stop point when none is given: the options' own
+# the share of a memory budget that holds the models' values saved between statistics passes,
+# so that a pass resumes where an earlier one left the models instead of at their inputs
+CHECKPOINT_SHARE = 0.1
 
 
 class Zipper:
@@ -240,12 +244,15 @@ class Zipper:
 
     def _match_in_passes(self, spaces: Sequence[int], method: Method, options: MergeOptions,
                          ratios: dict[int, float], budget_gib: float | None,
-                         peaks: PhasePeaks) -> int:
+                         peaks: PhasePeaks) -> dict[str, float]:
         """Match every space (cached matches are reused): spaces whose statistics are cached
         first, the others in statistics passes that fit `budget_gib` (`plan_passes`), each pass
         followed by its spaces' matching; under torch.distributed each rank collects and matches
         the spaces it owns and the matches are shared. The statistics are kept (for later
-        merges) only where one pass holds them all in one process. Returns the passes run."""
+        merges) only where one pass holds them all in one process. A tenth of the budget
+        (`CHECKPOINT_SHARE`) keeps the models' values where a later pass begins, so that it
+        resumes there (`fxzip.passes.lockstep`). Returns the passes run, the batches resumed
+        and the peak of the saved values, for the report."""
         keys = {s: self._match_key(s, method, options, ratios[s]) for s in spaces}
         todo = [s for s in spaces if keys[s] not in self._matches]
 
@@ -262,8 +269,14 @@ class Zipper:
         ranks = world_size(self.group)
         room = None if budget_gib is None else budget_gib * GIB - self._pass_activation_bytes()
         dims = {s: self.num_models * self.analysis.spaces[s].size for u in fresh for s in u}
+        saved = None if room is None else CHECKPOINT_SHARE * budget_gib * GIB
+        room = None if room is None else room - saved
         passes = plan_passes(fresh, dims, None if room is None else max(room, 0.0), ranks)
         keep = ranks == 1 and len(passes) <= 1
+        checkpoints = None if len(passes) <= 1 else Checkpoints(plan_cuts(
+            self.graphs, self.pairing,
+            [first_tap(self.graphs, self.analysis, p.spaces, self.pairing, self.options.taps)
+             for p in passes]), saved)
         me = rank(self.group)
         short: list[tuple[int, int, int]] = []
         for p in passes:
@@ -273,7 +286,8 @@ class Zipper:
                     self.graphs, self.analysis, p.spaces, self.batches,
                     progress=self.options.progress, precision=self.statistics_precision,
                     pairing=self.pairing, group=self.group, taps=self.options.taps,
-                    positions=self.options.positions, owners=owners)
+                    positions=self.options.positions, owners=owners,
+                    checkpoints=checkpoints)
             for stats in found.values():  # used once: correlations over the co-moments
                 stats.lean = not keep
             self._moments.update(found)
@@ -290,7 +304,9 @@ class Zipper:
                     self._moments.pop(s, None)
                     self._similarities.pop(s, None)
         self._warn_if_too_few_samples([], short)
-        return len(passes)
+        return {"statistics_passes": len(passes),
+                "resumed_batches": 0 if checkpoints is None else checkpoints.resumed,
+                "checkpoint_gib": 0.0 if checkpoints is None else checkpoints.peak_bytes / GIB}
 
     def _share_matches(self, before: set[tuple]) -> None:
         """Give every rank the matches each rank made since `before` (with their mean
@@ -425,7 +441,7 @@ class Zipper:
             with self._timed("synthesis"), peaks.phase("synthesis"):
                 self.batches.synthesize()  # a data-free merge's inputs, made once
         passes = self._match_in_passes(spaces, method, options, ratios, budget, peaks) \
-            if method.needs_statistics else 0
+            if method.needs_statistics else {"statistics_passes": 0}
         keys = {s: self._match_key(s, method, options, ratios[s]) for s in spaces}
         if method.joint and any(keys[s] not in self._matches for s in spaces):
             with self._timed("matching"):  # "weights": every space at once, from the weights
@@ -458,7 +474,7 @@ class Zipper:
         correlations = {s: self._mean_correlations.get(keys[s]) for s in spaces}
         merged.fxzip_report = self._reporter.build(merged, options, width, trunk, spaces, matches,
                                                    correlations, seconds, correction_report)
-        merged.fxzip_report.memory = {"budget_gib": budget, "statistics_passes": passes,
+        merged.fxzip_report.memory = {"budget_gib": budget, **passes,
                                       "peak_gib": dict(peaks.gib)}
         merged.fxzip_report.calibration = self.calibration()
         return merged

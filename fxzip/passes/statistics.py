@@ -32,6 +32,7 @@ from ..runtime.moments import (Moments, NonFiniteRows, SpaceStats, finite_mean,
 from ..graph.pairing import Pairing
 from ..runtime.sampling import sample_keys, unit_keys
 from .analysis import Analysis, Tap
+from .lockstep import Checkpoints, lockstep_module, node_positions
 
 
 def tap_view(tensor: torch.Tensor, tap: Tap) -> torch.Tensor:
@@ -212,58 +213,6 @@ class Observer(nn.Module):
         return offsets, kept_counts(offsets, positions, stride), stride
 
 
-def lockstep_module(graphs: Sequence[fx.GraphModule], observer: Observer,
-                    pairing: Pairing) -> fx.GraphModule:
-    """One graph that runs all models node by node on the same input and calls the observer
-    right after each tapped node (a name of graph 0) with every model's tensor there (graph k's
-    node paired with it, see `fxzip.graph.pairing`); it returns nothing.
-
-    Each model's graph is emitted in its own order, as far as the node paired with graph 0's
-    current node: for models of one architecture that is node by node, in lockstep; nothing
-    after the last tapped node is run (an early space's pass stops early). Model k's
-    submodules and attributes live under `m{k}.`; FX frees every tensor after its last use, so
-    only the tensors of the node being computed are alive beside the models' state.
-    """
-    root = nn.Module()
-    for k, gm in enumerate(graphs):
-        root.add_module(f"m{k}", gm)
-    root.add_module("observer", observer)
-    graph = fx.Graph()
-    placeholders = [n for n in graphs[0].graph.nodes if n.op == "placeholder"]
-    inputs = [graph.placeholder(n.target, default_value=n.args[0] if n.args
-                                else inspect.Signature.empty) for n in placeholders]
-    envs: list[dict[fx.Node, fx.Node]] = [{} for _ in graphs]
-    node_lists = [[n for n in gm.graph.nodes if n.op != "output"] for gm in graphs]
-    positions = [{n.name: i for i, n in enumerate(nodes)} for nodes in node_lists]
-    done = [0] * len(graphs)
-
-    def emit_until(k: int, name: str) -> fx.Node:
-        env, nodes = envs[k], node_lists[k]
-        while done[k] <= positions[k][name]:
-            node = nodes[done[k]]
-            done[k] += 1
-            if node.op == "placeholder":
-                number = sum(1 for n in nodes[:done[k]] if n.op == "placeholder") - 1
-                env[node] = inputs[number]
-                continue
-            copy = graph.node_copy(node, lambda n: env[n])
-            if node.op in ("call_module", "get_attr"):
-                copy.target = f"m{k}.{node.target}"
-            env[node] = copy
-        return env[nodes[positions[k][name]]]
-
-    shared = pairing.shared()
-    tapped = [i for i, n in enumerate(node_lists[0]) if n.name in shared and n.name in observer.taps]
-    for node in node_lists[0][:tapped[-1] + 1 if tapped else 0]:  # nothing past the last tap
-        if node.name not in shared:
-            continue
-        values = [emit_until(k, pairing.name(k, node.name)) for k in range(len(graphs))]
-        if node.name in observer.taps:
-            graph.call_module("observer", (node.name, *values))
-    graph.output(None)
-    return fx.GraphModule(root, graph, "LockstepStatistics")
-
-
 def producer_taps(analysis: Analysis, space: int) -> list[Tap]:
     """Taps at the outputs of a space's producers (each producer opens exactly that space)."""
     s = analysis.spaces[space]
@@ -331,11 +280,22 @@ def spread_reads(taps: list[Tap], moments: Moments, nodes: dict[str, fx.Node]) -
     return [Read(t, moments, rate, math.modf(j * _SALT)[0]) for j, t in enumerate(taps)]
 
 
+def first_tap(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterable[int],
+              pairing: Pairing, taps: str = "all") -> int:
+    """Where `collect`'s pass over these spaces first reads the models: the index
+    (`node_positions` of graph 0) of its earliest tap, the start a `Checkpoints` plan needs."""
+    shared = pairing.shared()
+    order = {n.name: i for i, n in enumerate(analysis.nodes)}
+    at = node_positions(graphs[0])
+    return min(at[t.node] for s in spaces for t in shared_taps(analysis, s, shared, taps, order))
+
+
 def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterable[int],
             batches: Batches, *, progress: bool = True, precision: str = "float32",
             pairing: Pairing, timings: dict[str, float] | None = None, group: Any = None,
             taps: str = "all", positions: float = 1.0,
-            owners: Mapping[int, int] | None = None) -> dict[int, SpaceStats]:
+            owners: Mapping[int, int] | None = None,
+            checkpoints: Checkpoints | None = None) -> dict[int, SpaceStats]:
     """Statistics of every requested space over all batches, for all models at once; `precision`
     is that of the Gram products ("float32" or "bfloat16", see `resolve_precision`).
 
@@ -370,6 +330,10 @@ def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterab
     batches are still its shard, but a space's columns go to its owner, which alone holds its
     moments (nothing is all-reduced); the result is this rank's spaces only, each with the
     statistics of all ranks' batches.
+
+    `checkpoints`: this is one of several planned passes (`first_tap` gave its start); it
+    resumes the models where an earlier pass saved them and saves them for later passes
+    (`fxzip.passes.lockstep`).
     """
     spaces = list(spaces)
     check_taps(taps)
@@ -392,7 +356,8 @@ def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterab
             read.positions = positions
             read.owner = None if owners is None else owners[s]
         reads += found
-    _run_pass(graphs, reads, batches, progress, "fxzip statistics", precision, pairing, group)
+    _run_pass(graphs, reads, batches, progress, "fxzip statistics", precision, pairing, group,
+              checkpoints)
     if owners is None:
         all_reduce_moments([stats[s].features for s in spaces], group)
     timings["consumer taps"] = time.perf_counter() - start
@@ -431,16 +396,21 @@ def _in_step(batches: Batches, sharded: bool, group: Any) -> Iterator[tuple[Any,
 
 def _run_pass(graphs: Sequence[fx.GraphModule], reads: list[Read], batches: Batches,
               progress: bool, desc: str, precision: str = "float32",
-              pairing: Pairing | None = None, group: Any = None) -> None:
+              pairing: Pairing | None = None, group: Any = None,
+              checkpoints: Checkpoints | None = None) -> None:
     """Stream all batches through the lockstep graph, folding each read into its moments (its
-    owner's, where the reads are sharded over ranks)."""
+    owner's, where the reads are sharded over ranks); with `checkpoints`, a batch whose frontier
+    an earlier pass saved is resumed from there."""
     by_node: dict[str, list[Read]] = defaultdict(list)
     for read in reads:
         by_node[read.tap.node].append(read)
     observer = Observer(dict(by_node), precision, group)
     keyed = any(read.rate < 1.0 or read.positions < 1.0 for read in reads)
     sharded = any(read.owner is not None for read in reads) and observer.ranks > 1
-    module = lockstep_module(graphs, observer, pairing)
+    resume_cut, saves = checkpoints.plan() if checkpoints is not None else (None, [])
+    module = lockstep_module(graphs, observer, pairing, checkpoints, saves=saves)
+    resumed = None if resume_cut is None else \
+        lockstep_module(graphs, observer, pairing, checkpoints, resume_cut, saves)
     bar = tqdm(_in_step(batches, sharded, group), desc=desc, unit="batch",
                disable=not progress, leave=False)
     with torch.no_grad():
@@ -448,10 +418,18 @@ def _run_pass(graphs: Sequence[fx.GraphModule], reads: list[Read], batches: Batc
             batches.check_shape(x, position)
             observer.position, observer.active = position, active
             observer.keys = sample_keys(x, SPREAD_SEED) if keyed else None
+            if checkpoints is not None:
+                checkpoints.position = position
+            frontier = None if resumed is None else checkpoints.take(resume_cut, position)
             try:
-                call_model(module, x)
+                if frontier is not None:
+                    resumed(*frontier)
+                else:
+                    call_model(module, x)
             except NonFiniteError:
                 raise
             except Exception as exc:
                 raise InputError(f"the models failed on calibration batch {position} ("
                                  f"{describe(x)}): {type(exc).__name__}: {exc}") from exc
+    if checkpoints is not None:
+        checkpoints.finish_pass()

@@ -94,7 +94,7 @@ def matching_bytes(dim: int) -> int:
     return _MATCHING_MATRICES * 8 * dim * dim
 
 
-def _meta_bytes(meta: Any) -> int | None:
+def meta_bytes(meta: Any) -> int | None:
     """Bytes of the tensors a node's recorded metadata describes (nested tuples summed)."""
     if hasattr(meta, "shape") and hasattr(meta, "dtype"):
         try:
@@ -102,10 +102,10 @@ def _meta_bytes(meta: Any) -> int | None:
         except (TypeError, ValueError, RuntimeError):  # symbolic or unknown sizes
             return None
     if isinstance(meta, (list, tuple)):
-        sizes = [_meta_bytes(m) for m in meta]
+        sizes = [meta_bytes(m) for m in meta]
         return sum(s for s in sizes if s is not None)
     if isinstance(meta, dict):
-        return _meta_bytes(list(meta.values()))
+        return meta_bytes(list(meta.values()))
     return 0
 
 
@@ -127,7 +127,7 @@ def activation_bytes_per_sample(gm: fx.GraphModule) -> float | None:
             shape = getattr(meta, "shape", None)
             batch = int(shape[0]) if shape is not None and len(shape) else None
         if node.op not in ("get_attr", "output"):
-            live[node] = _meta_bytes(meta) or 0
+            live[node] = meta_bytes(meta) or 0
             total += live[node]
             peak = max(peak, total)
         for arg in node.all_input_nodes:

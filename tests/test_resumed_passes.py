@@ -1,0 +1,122 @@
+"""Statistics passes under a memory budget resume where an earlier pass saved the models' values
+(`fxzip.passes.lockstep.Checkpoints`) instead of running them again from their inputs: the merge
+must be bitwise that of one pass, with in-place ops after a saved value, attributes read after
+it (a tied output embedding) and head groups."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import fxzip
+import fxzip.zipper
+from archs import BasicBlock, CNNSpec, ConvBlock, build
+from benchmarks.common.decoders import build_decoder, random_tokens
+from fxzip.passes.lockstep import Checkpoints, Lockstep, plan_cuts
+from permute_util import small_resnet
+
+IN_PLACE = CNNSpec(hw=8, stem=8, blocks=(BasicBlock(8, add="add_", post="relu_"),
+                                         BasicBlock(16, stride=2, act="relu_", add="+="),
+                                         ConvBlock(16, act="relu_")), head="pool", classes=5)
+
+
+def _batches(shape: tuple[int, ...], seed: int = 0, count: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) for _ in range(count)]
+
+
+def _in_place(seed: int) -> torch.nn.Module:
+    return build(IN_PLACE, seed)[0]
+
+
+def _tiny_vit(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
+                             num_classes=5).eval()
+
+
+CASES = {
+    "resnet": (small_resnet, lambda: _batches((16, 1, 8, 8))),
+    "in-place adds and ReLUs": (_in_place, lambda: _batches((8, 3, 8, 8))),
+    "vit (head groups)": (_tiny_vit, lambda: _batches((8, 3, 32, 32))),
+    "decoder (tied embedding)": (lambda seed: build_decoder("tiny", seed),
+                                 lambda: list(random_tokens("tiny", 12).split(4))),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_resumed_passes_give_the_one_pass_merge(case, monkeypatch):
+    """A ~zero budget gives every space a pass of its own; with room for the saved values (the
+    budget's share for them raised) the later passes resume from them, and the merge (the
+    paper's, so that the corrections' sample budget plays no part) is bitwise the one-pass one."""
+    build_model, data = CASES[case]
+    a, b = build_model(0), build_model(1)
+    batches = data()
+    kwargs = dict(corrections=None, progress=False, statistics_precision="float32")
+    one = fxzip.merge(a, b, batches, memory_gib=None, **kwargs)
+    monkeypatch.setattr(fxzip.zipper, "CHECKPOINT_SHARE", 1e5)  # 0.1 GiB of a 1e-6 GiB budget
+    many = fxzip.merge(a, b, batches, memory_gib=1e-6, **kwargs)
+    memory = many.fxzip_report.memory
+    assert memory["statistics_passes"] >= 3
+    # every batch of at least one pass, those of a pass all or none (all fit the limit)
+    assert memory["resumed_batches"] >= len(batches)
+    assert memory["resumed_batches"] % len(batches) == 0
+    assert 0 < memory["checkpoint_gib"] < 0.1
+    for key, value in one.state_dict().items():
+        assert torch.equal(value, many.state_dict()[key]), key
+    # the statistics themselves, not only the matchings they gave
+    assert [s.mean_correlation for s in one.fxzip_report.spaces] == \
+        [s.mean_correlation for s in many.fxzip_report.spaces]
+    assert "batches resumed" in str(many.fxzip_report)
+
+
+def test_values_over_the_limit_are_recomputed_from_the_inputs():
+    """With room for no saved value every batch runs from its input: the same merge, nothing
+    resumed."""
+    a, b = small_resnet(0), small_resnet(1)
+    batches = _batches((16, 1, 8, 8))
+    kwargs = dict(corrections=None, progress=False)
+    one = fxzip.merge(a, b, batches, memory_gib=None, **kwargs)
+    many = fxzip.merge(a, b, batches, memory_gib=1e-6, **kwargs)
+    assert many.fxzip_report.memory["statistics_passes"] >= 3
+    assert many.fxzip_report.memory["resumed_batches"] == 0
+    for key, value in one.state_dict().items():
+        assert torch.equal(value, many.state_dict()[key]), key
+
+
+def test_cuts_are_taken_where_fewest_values_are_alive():
+    """In a decoder the cut before an MLP space's first tap is moved back to the residual stream
+    between blocks: one (batch, tokens, hidden) tensor per model, not the MLP's wide ones."""
+    a, b = build_decoder("tiny", 0), build_decoder("tiny", 1)
+    zipper = fxzip.Zipper([a, b], list(random_tokens("tiny", 4).split(4)), progress=False)
+    lockstep = Lockstep(zipper.graphs, zipper.pairing)
+    names = [n.name for n in lockstep.node_lists[0]]
+    first, down = names.index("layers_0_mlp_down_proj"), names.index("layers_1_mlp_down_proj")
+    cut = plan_cuts(zipper.graphs, zipper.pairing, [first, down])[1]
+    assert cut is not None and first <= cut < down
+    frontier = [n.meta["tensor_meta"].shape for n in lockstep.frontier(0, cut)]
+    assert frontier == [torch.Size([4, 16, 32])]  # the residual stream (hidden 32) alone
+    assert lockstep.frontier_bytes(cut) < lockstep.frontier_bytes(down - 1)
+
+
+def test_checkpoints_keep_only_what_later_passes_resume_from():
+    """A pass's saved values are dropped once no later pass resumes from them, and a batch over
+    the limit is not saved."""
+    saved = Checkpoints([None, 5, 5, 9], limit_bytes=3 * 4 * 8)
+    assert saved.plan() == (None, [5, 9])
+    saved.position = 0
+    saved(5, torch.zeros(8))
+    saved(9, torch.zeros(8))
+    saved.position = 1
+    saved(5, torch.zeros(8))
+    saved(9, torch.zeros(8))  # over the limit
+    assert saved.skipped == 1 and saved.bytes == 96
+    saved.finish_pass()
+    assert saved.plan() == (5, [9])
+    first = saved.take(5, 0)
+    assert first is not saved.saved[5][0]  # a copy: pass 2 resumes from cut 5 as well
+    saved.finish_pass()
+    assert saved.take(5, 1) is saved.saved[5][1]  # the last pass to read it
+    saved.finish_pass()
+    assert sorted(saved.saved) == [9] and saved.bytes == 32
+    assert saved.take(9, 1) is None
