@@ -110,13 +110,15 @@ def test_torchvision_permuted_self_merge_is_exact_with_32_images(name):
     assert _error(model, other, x, corrections=None) < 1e-5
 
 
-@pytest.mark.parametrize("width", [3, 16, 17, 1000])
-def test_signature_quantiles_equal_torch_quantile_bit_for_bit(width):
-    """The weight signatures sort with numpy (about ten times faster than torch on the CPU) and
-    interpolate as `torch.quantile` does: the same float64 values, so matchings do not move."""
+@pytest.mark.parametrize("rows_count,width", [(9, 3), (9, 16), (9, 17), (9, 1000),
+                                              (1500, 1000)])  # the last sorted on threads
+def test_signature_quantiles_equal_torch_quantile_bit_for_bit(rows_count, width):
+    """The weight signatures sort with numpy (about ten times faster than torch on the CPU; a
+    large slice in row blocks on several threads) and interpolate as `torch.quantile` does: the
+    same float64 values, so matchings do not move."""
     from fxzip.matching.similarity import QUANTILES, _summary
 
-    rows = torch.randn(9, width, generator=torch.Generator().manual_seed(width))
+    rows = torch.randn(rows_count, width, generator=torch.Generator().manual_seed(width))
     rows[0, : width // 2] = 0.5  # ties
     if width <= QUANTILES:
         expected = rows.double().sort(dim=1).values

@@ -20,6 +20,7 @@ here the weights are compared by permutation-invariant signatures rather than al
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,6 +36,8 @@ __all__ = ["feature_signatures", "weight_similarity", "mix"]
 
 QUANTILES = 16
 _MIX_ROWS = 256  # rows of the similarity `mix` weighs at a time
+_PARALLEL_SORT_SIZE = 1 << 20  # values from which the rows are sorted on several threads
+_SORT_ROWS_PER_TASK = 64
 
 
 def _targets_by_graph0(analysis: Analysis, pairing: Any, k: int) -> dict[str, str]:
@@ -53,6 +56,23 @@ def _targets_by_graph0(analysis: Analysis, pairing: Any, k: int) -> dict[str, st
     return found
 
 
+def _sorted_rows(values: np.ndarray) -> np.ndarray:
+    """Each row sorted; a large array in row blocks on torch's threads (numpy's sort runs on
+    one core and lets go of the GIL), the same values as one sort."""
+    workers = min(torch.get_num_threads(), values.shape[0] // _SORT_ROWS_PER_TASK)
+    if workers < 2 or values.size < _PARALLEL_SORT_SIZE:
+        return np.sort(values, axis=1)
+    out = np.empty_like(values)
+    bounds = np.linspace(0, values.shape[0], 4 * workers + 1).astype(int)
+
+    def sort_block(i: int) -> None:
+        out[bounds[i]:bounds[i + 1]] = np.sort(values[bounds[i]:bounds[i + 1]], axis=1)
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(sort_block, range(len(bounds) - 1)))
+    return out
+
+
 def _summary(rows: torch.Tensor) -> torch.Tensor:
     """(features, m) → (features, ≤ QUANTILES): each row sorted, read at evenly spaced points
     (float64; the values of `torch.quantile`'s linear interpolation, bit for bit). The rows are
@@ -60,7 +80,7 @@ def _summary(rows: torch.Tensor) -> torch.Tensor:
     values = rows.detach().cpu()
     if values.dtype not in (torch.float32, torch.float64):
         values = values.float()
-    ordered = torch.from_numpy(np.sort(values.numpy(), axis=1)).double()
+    ordered = torch.from_numpy(_sorted_rows(values.numpy())).double()
     if ordered.shape[1] <= QUANTILES:
         return ordered
     ranks = torch.linspace(0, 1, QUANTILES, dtype=torch.float64) * (ordered.shape[1] - 1)
