@@ -12,7 +12,7 @@ import fxzip
 import fxzip.zipper
 from archs import BasicBlock, CNNSpec, ConvBlock, build
 from benchmarks.common.decoders import build_decoder, random_tokens
-from fxzip.passes.lockstep import Checkpoints, Lockstep, plan_cuts
+from fxzip.passes.lockstep import Checkpoints, Lockstep, lockstep_module, plan_cuts
 from permute_util import small_resnet
 
 IN_PLACE = CNNSpec(hw=8, stem=8, blocks=(BasicBlock(8, add="add_", post="relu_"),
@@ -99,24 +99,48 @@ def test_cuts_are_taken_where_fewest_values_are_alive():
     assert lockstep.frontier_bytes(cut) < lockstep.frontier_bytes(down - 1)
 
 
-def test_checkpoints_keep_only_what_later_passes_resume_from():
-    """A pass's saved values are dropped once no later pass resumes from them, and a batch over
-    the limit is not saved."""
-    saved = Checkpoints([None, 5, 5, 9], limit_bytes=3 * 4 * 8)
-    assert saved.plan() == (None, [5, 9])
-    saved.position = 0
-    saved(5, torch.zeros(8))
-    saved(9, torch.zeros(8))
-    saved.position = 1
-    saved(5, torch.zeros(8))
-    saved(9, torch.zeros(8))  # over the limit
-    assert saved.skipped == 1 and saved.bytes == 96
+def test_checkpoints_chain_the_passes_and_keep_only_what_later_ones_need():
+    """Each pass saves the next pass's cut only (the passes form a chain, holding one or two
+    frontiers at a time); values are dropped once no later pass resumes from them, and a batch
+    over the limit is not saved."""
+    saved = Checkpoints([None, 5, 5, 9], limit_bytes=2 * 4 * 8)
+    assert saved.plan() == (None, [5])
+    for position in (0, 1):
+        saved.position = position
+        saved(5, torch.zeros(8))
+    saved.position = 2
+    saved(5, torch.zeros(8))  # over the limit
+    assert saved.skipped == 1 and saved.bytes == 64 and saved.peak_bytes == 64
     saved.finish_pass()
-    assert saved.plan() == (5, [9])
+    assert saved.plan() == (5, [])  # the next pass resumes from the same cut
     first = saved.take(5, 0)
     assert first is not saved.saved[5][0]  # a copy: pass 2 resumes from cut 5 as well
+    assert saved.take(5, 2) is None  # it was not saved: run from the input
     saved.finish_pass()
+    assert saved.plan() == (5, [9])
     assert saved.take(5, 1) is saved.saved[5][1]  # the last pass to read it
     saved.finish_pass()
-    assert sorted(saved.saved) == [9] and saved.bytes == 32
-    assert saved.take(9, 1) is None
+    assert saved.saved == {} and saved.bytes == 0  # cut 9 was never saved
+    assert saved.plan() == (9, [])
+
+
+def test_a_pass_runs_on_to_the_next_pass_cut():
+    """A pass whose taps end before the next pass's cut runs the models on to that cut and saves
+    the values there (the chain), so every later pass of a decoder resumes."""
+    a, b = build_decoder("tiny", 0), build_decoder("tiny", 1)
+    batches = list(random_tokens("tiny", 12).split(4))
+    zipper = fxzip.Zipper([a, b], batches, progress=False)
+    lockstep = Lockstep(zipper.graphs, zipper.pairing)
+    names = [n.name for n in lockstep.node_lists[0]]
+    starts = [names.index("layers_0_mlp_down_proj"), names.index("layers_1_mlp_down_proj")]
+    cuts = plan_cuts(zipper.graphs, zipper.pairing, starts)
+    saved = Checkpoints(cuts)
+    resume, saves = saved.plan()
+    assert resume is None and saves == [cuts[1]] and cuts[1] > starts[0]
+    observer = torch.nn.Module()
+    observer.taps = {names[starts[0]]: []}
+    observer.forward = lambda name, *values: None
+    module = lockstep_module(zipper.graphs, observer, zipper.pairing, saved, resume, saves)
+    with torch.no_grad():
+        module(batches[0])
+    assert list(saved.saved) == [cuts[1]] and saved.saved[cuts[1]][0][0].shape == (4, 16, 32)

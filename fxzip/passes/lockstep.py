@@ -90,7 +90,7 @@ class Checkpoints(nn.Module):
     """The frontiers saved by statistics passes for later ones, per cut and batch position.
 
     `cuts[i]` is the cut pass i resumes from (None: from the models' inputs), in the order the
-    passes run (`plan_cuts`); a pass saves the frontiers of later passes' cuts that it runs past.
+    passes run (`plan_cuts`); a pass saves the frontier of the next pass's cut (`plan`).
     `limit_bytes` bounds the saved tensors (None: no bound); a batch whose frontier did not fit
     runs from its input. Called in the lockstep graph as `checkpoints(cut, *values)` to save."""
 
@@ -112,11 +112,15 @@ class Checkpoints(nn.Module):
                 f"not saved {self.skipped}")
 
     def plan(self) -> tuple[int | None, list[int]]:
-        """(the cut the current pass resumes from, None if none; the cuts later passes resume
-        from, which it saves where it runs past them)."""
+        """(the cut the current pass resumes from, None if none; the cut it saves: the next
+        pass's, if it lies after its own, which the pass runs on to if its taps end before it).
+        Saving only the next pass's cut keeps one or two frontiers held at a time: the passes
+        form a chain through the models instead of the first one saving every later cut."""
         resume = self.cuts[self.current]
-        later = {c for c in self.cuts[self.current + 1:] if c is not None}
-        return resume, sorted(c for c in later if c > (-1 if resume is None else resume))
+        following = self.cuts[self.current + 1] if self.current + 1 < len(self.cuts) else None
+        if following is None or following <= (-1 if resume is None else resume):
+            return resume, []
+        return resume, [following]
 
     def take(self, cut: int, position: int) -> tuple | None:
         """The frontier saved at `cut` for a batch (its own copy while a later pass still
@@ -182,8 +186,8 @@ def lockstep_module(graphs: Sequence[fx.GraphModule], observer: nn.Module, pairi
     submodules and attributes live under `m{k}.`; FX frees every tensor after its last use, so
     only the tensors of the node being computed are alive beside the models' state.
 
-    With `checkpoints`, the graph also calls it with the frontier at each cut of `saves` it
-    runs past; with `resume_cut` it starts after that cut, its inputs being the frontier's
+    With `checkpoints`, the graph also calls it with the frontier at each cut of `saves`
+    (running on to the last of them); with `resume_cut` it starts after that cut, its inputs being the frontier's
     values there (as `Checkpoints.take` gives them) instead of the models' inputs.
     """
     root = nn.Module()
@@ -198,7 +202,9 @@ def lockstep_module(graphs: Sequence[fx.GraphModule], observer: nn.Module, pairi
     envs: list[dict[fx.Node, fx.Node]] = [{} for _ in graphs]
     done = [0] * len(graphs)
     tapped = [i for i, n in enumerate(node_lists[0]) if n.name in shared and n.name in observer.taps]
-    last = tapped[-1] if tapped else -1  # nothing past the last tap
+    last = tapped[-1] if tapped else -1  # nothing past the last tap (or the last cut saved)
+    if checkpoints is not None and saves:
+        last = max(last, max(saves))
     inputs: list[fx.Node] = []
 
     def emit_until(k: int, name: str) -> fx.Node:
