@@ -3,9 +3,10 @@ observer called with every model's tensor at each tapped node.
 
 A merge under a memory budget reads the calibration data in several statistics passes, each for
 a share of the spaces; without help each pass would run the models again from their inputs. A
-pass can instead save, per batch, the values alive at the point where a later pass's first tap
-begins (its *frontier*: the tensors computed so far that later nodes still read), and the later
-pass resumes there (`Checkpoints`). The saved values are copies, so nothing a pass does in place
+pass instead saves, per batch, the values alive at a point before the next pass's first tap (a
+*cut*, chosen where the fewest bytes are alive; its *frontier*: the tensors computed so far that
+later nodes still read), running on to it if its own taps end earlier, and the next pass resumes
+there (`Checkpoints`): the passes form a chain through the models, about one forward in all. The saved values are copies, so nothing a pass does in place
 reaches them; what the budget's share for them cannot hold is recomputed from the inputs, batch
 by batch. Resuming runs the same operations on the same values: the statistics are bitwise those
 of passes run from the inputs.

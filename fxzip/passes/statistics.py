@@ -1,9 +1,10 @@
 """Statistics pass: one streaming run of all models over the calibration inputs that accumulates,
 per space, the mean and covariance of the concatenated features [f_A; f_B; ...].
 
-The models run in lockstep inside ONE graph (`LockstepModule`): after the copies of a tapped node
-an observer reads every model's tensor at once and folds it into the moments, so no tensor is kept
-or cloned beyond its last use and a later in-place op cannot change what was observed. Each batch
+The models run in lockstep inside ONE graph (`fxzip.passes.lockstep`): after the copies of a
+tapped node an observer reads every model's tensor at once and folds it into the moments, so no
+tensor is kept or cloned beyond its last use and a later in-place op cannot change what was
+observed (only the values a pass saves for the next, under a memory budget, are copies). Each batch
 is centred on its own mean in float32 and merged into float64 accumulators (Chan et al.'s parallel
 update), which keeps the moments accurate over long streams. The centred features of all models
 are written straight into one stacked matrix, whose Gram product is computed on and above the
@@ -11,7 +12,6 @@ diagonal only. The accumulators and the products are in `fxzip.runtime.moments`.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections import defaultdict
