@@ -427,6 +427,19 @@ def _joined(name: str, columns: Sequence[str]) -> Table:
 
 
 table("floor", "6_floor.md")(lambda: _joined("6_floor.md", FLOOR_COLUMNS).markdown())
+
+WALL_COLUMNS = ["case", "merge", "threads", "plain fwd s", "statistics/plain wall (≤ 1.5)",
+                "merge/plain wall (≤ 3; default ≤ 4)", "trace", "statistics", "matching",
+                "rewrite", "bn_reset", "corrections"]
+
+
+@table("floor_wall", "6_floor_wall_resnet50.md", "6_floor_wall_vit.md")
+def floor_wall() -> str:
+    """The cost against the floor in wall-clock time with torch's default threads, per model."""
+    tables = [_joined(name, WALL_COLUMNS) for name in ("6_floor_wall_resnet50.md",
+                                                         "6_floor_wall_vit.md")]
+    return Table(tables[0].header, tables[0].align, [r for t in tables for r in t.rows]).markdown()
+
 table("floor_256", "6_floor_256.md")(lambda: _joined("6_floor_256.md", FLOOR_COLUMNS).markdown())
 table("floor_phases", "6_floor.md")(lambda: _joined("6_floor.md", PHASE_COLUMNS).markdown())
 

@@ -251,7 +251,8 @@ class Zipper:
         the spaces it owns and the matches are shared. The statistics are kept (for later
         merges) only where one pass holds them all in one process. A tenth of the budget
         (`CHECKPOINT_SHARE`) keeps the models' values where a later pass begins, so that it
-        resumes there (`fxzip.passes.lockstep`). Returns the passes run, the batches resumed
+        resumes there (`fxzip.passes.lockstep`), where every read of the batches gives the same
+        ones (not a shuffling DataLoader). Returns the passes run, the batches resumed
         and the peak of the saved values, for the report."""
         keys = {s: self._match_key(s, method, options, ratios[s]) for s in spaces}
         todo = [s for s in spaces if keys[s] not in self._matches]
@@ -273,7 +274,8 @@ class Zipper:
         room = None if room is None else room - saved
         passes = plan_passes(fresh, dims, None if room is None else max(room, 0.0), ranks)
         keep = ranks == 1 and len(passes) <= 1
-        checkpoints = None if len(passes) <= 1 else Checkpoints(plan_cuts(
+        checkpoints = None if len(passes) <= 1 or not self.batches.same_each_read \
+            else Checkpoints(plan_cuts(
             self.graphs, self.pairing,
             [first_tap(self.graphs, self.analysis, p.spaces, self.pairing, self.options.taps)
              for p in passes]), saved)

@@ -144,3 +144,18 @@ def test_a_pass_runs_on_to_the_next_pass_cut():
     with torch.no_grad():
         module(batches[0])
     assert list(saved.saved) == [cuts[1]] and saved.saved[cuts[1]][0][0].shape == (4, 16, 32)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_shuffling_loader_is_never_resumed(shuffle, monkeypatch):
+    """Values saved for a batch are only reused where every read gives the same batches: a
+    sequential DataLoader resumes, a shuffling one (another order each read) runs every pass
+    from its inputs."""
+    data = torch.utils.data.TensorDataset(torch.cat(_batches((16, 1, 8, 8))))
+    loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=shuffle,
+                                         collate_fn=lambda rows: torch.stack([r[0] for r in rows]))
+    monkeypatch.setattr(fxzip.zipper, "CHECKPOINT_SHARE", 1e5)
+    merged = fxzip.merge(small_resnet(0), small_resnet(1), loader, memory_gib=1e-6,
+                         corrections=None, progress=False)
+    assert merged.fxzip_report.memory["statistics_passes"] >= 3
+    assert (merged.fxzip_report.memory["resumed_batches"] > 0) == (not shuffle)

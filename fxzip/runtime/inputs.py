@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Union
 
 import torch
+from torch.utils.data import SequentialSampler
 
 from .distributed import all_gather_objects, is_distributed
 from ..errors import InputError
@@ -174,6 +175,17 @@ class Batches:
             raise InputError(f"the first calibration batch has {describe(first)}: "
                              "batches need a non-empty leading batch axis")
         self.example = first
+
+    @property
+    def same_each_read(self) -> bool:
+        """Whether every read gives the same batches in the same order: a list (as tensors,
+        lists and one-shot iterators are kept), or a DataLoader over a sequential sampler; a
+        shuffling loader or another iterable may not (a statistics pass then never resumes from
+        values an earlier pass saved for another batch)."""
+        if isinstance(self._source, list):
+            return True
+        sampler = getattr(self._source, "sampler", None)
+        return isinstance(sampler, SequentialSampler)
 
     def __iter__(self) -> Iterator[Batch]:
         for position, batch in enumerate(self._source):

@@ -146,6 +146,11 @@ class SyntheticBatches(Batches):
         if self._made is None:
             self._made = self._synthesize()
 
+    @property
+    def same_each_read(self) -> bool:
+        """Synthesised once, read as made."""
+        return True
+
     def __iter__(self) -> Iterator[Batch]:
         self.synthesize()
         yield from self._made
