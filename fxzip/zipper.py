@@ -197,8 +197,10 @@ class Zipper:
                                     fixed=[s in group.fixed for s in spaces],
                                     inner=group.inner_of(spaces))
             else:
+                # the mixed matrix is this call's own (the cached correlation is read-only,
+                # so it is copied): made symmetric in place, no second D × D copy
                 found = [method.match(corrs[0], [sizes[0]] * self.num_models, alpha=alpha,
-                                      beta=beta, out_size=out_size)]
+                                      beta=beta, out_size=out_size, owned=True)]
         for s, m in zip(spaces, found):
             found_key = self._key(s, method.name, alpha, beta, weight_similarity, width)
             self._matches[found_key] = m

@@ -129,3 +129,26 @@ def test_mix_of_wide_matrices_equals_its_formula():
     for w in (0.25, 0.5):
         np.testing.assert_array_equal(mix(corr, sim, w), (1.0 - w) * corr + w * sim)
         assert mix(corr.astype(np.float32), sim, w).dtype == np.float64
+
+
+@pytest.mark.parametrize("method", ["zipit", "permute"])
+def test_an_owned_matrix_is_made_symmetric_in_place_with_the_same_match(method):
+    """`owned=True` (the merge's own mixed matrix) symmetrises the matrix in place and matches on
+    it instead of on a copy — no second D × D matrix for a wide space — and gives the copy's
+    Match; a read-only or float32 matrix is still copied, unchanged."""
+    from fxzip.matching import get_method
+
+    rng = np.random.default_rng(3)
+    corr, _ = planted(rng, TILE + 40)  # several tiles
+    corr[np.tril_indices_from(corr, -1)] += 1e-9  # last-bit asymmetry below the diagonal
+    expected = get_method(method).match(corr.copy(), [TILE + 40] * 2)
+    owned = corr.copy()
+    found = get_method(method).match(owned, [TILE + 40] * 2, owned=True)
+    assert [a.tolist() for a in found.assign] == [a.tolist() for a in expected.assign]
+    assert not np.array_equal(owned, corr)  # the working matrix itself: mirrored, then used
+    for kept in (corr.astype(np.float32), corr.copy()):
+        if kept.dtype == np.float64:
+            kept.setflags(write=False)
+        before = kept.copy()
+        get_method(method).match(kept, [TILE + 40] * 2, owned=True)
+        assert np.array_equal(kept, before)

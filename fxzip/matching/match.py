@@ -231,15 +231,19 @@ def check_inputs(
     out_size: int | None = None,
     alpha: float = 0.5,
     beta: float = 1.0,
+    owned: bool = False,
 ) -> tuple[np.ndarray | None, list[int], int, float, float]:
     """Validate the inputs of a matching; return (corr, sizes, out_size, alpha, beta) normalised.
 
     `corr` is (D, D) with D = sum(sizes) (model k owns the contiguous block of sizes[k]
     rows/columns); it comes back as a symmetric float64 copy with NaN set to 0, or None when
-    None was given (a method that needs no correlations). `out_size` defaults to sizes[0].
+    None was given (a method that needs no correlations). `owned`: corr is a temporary the
+    caller drops, made symmetric in place where it is a writable float64 array and returned
+    as the method's working matrix, which the method overwrites (no second D × D matrix).
+    `out_size` defaults to sizes[0].
     """
     sizes = _check_sizes(sizes)
-    S = None if corr is None else _check_corr(corr, sum(sizes))
+    S = None if corr is None else _check_corr(corr, sum(sizes), owned)
     out_size = _check_out_size(out_size, sizes)
     alpha, beta = _check_alpha_beta(alpha, beta)
     return S, sizes, out_size, alpha, beta
@@ -258,8 +262,9 @@ def _check_sizes(sizes: Sequence[int]) -> list[int]:
     return out
 
 
-def _check_corr(corr: np.ndarray, total: int) -> np.ndarray:
-    """Return a symmetric float64 copy of corr with NaN set to 0 (NaN = no information)."""
+def _check_corr(corr: np.ndarray, total: int, owned: bool = False) -> np.ndarray:
+    """Return a symmetric float64 copy of corr with NaN set to 0 (NaN = no information); corr
+    itself, made so in place, where it is `owned` and a writable C-ordered float64 array."""
     try:
         source = _real_matrix(corr)
     except (TypeError, ValueError) as exc:
@@ -268,9 +273,15 @@ def _check_corr(corr: np.ndarray, total: int) -> np.ndarray:
         raise MatchingError(
             f"corr has shape {source.shape} but sizes sum to {total}; expected ({total}, {total})"
         )
-    S, asymmetry = symmetric_copy(source)  # NaN or inf anywhere make it non-finite
+    in_place = owned and isinstance(source, np.ndarray) and source.dtype == np.float64 \
+        and source.flags.writeable and source.flags.c_contiguous
+    if in_place:
+        S, asymmetry = source, _mirror_upper(source)
+    else:
+        S, asymmetry = symmetric_copy(source)  # NaN or inf anywhere make it non-finite
     if not math.isfinite(asymmetry):  # the rare case: start again from corr
-        np.copyto(S, source, casting="unsafe")
+        if not in_place:
+            np.copyto(S, source, casting="unsafe")
         S[np.isnan(S)] = 0.0
         if not np.all(np.isfinite(S)):
             raise MatchingError(

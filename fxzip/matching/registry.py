@@ -42,12 +42,13 @@ class Method:
     joint: bool = False
 
     def match(self, corr: np.ndarray | None, sizes: Sequence[int], *, alpha: float = 0.5,
-              beta: float = 1.0, out_size: int | None = None) -> Match:
+              beta: float = 1.0, out_size: int | None = None, owned: bool = False) -> Match:
         """Match the features of N models (`sizes[k]` each) from the (D, D) correlation matrix of
         their concatenation (None for a method that needs no statistics). `out_size` (default
-        sizes[0]) is the merged width; `alpha` and `beta` only affect "zipit"."""
+        sizes[0]) is the merged width; `alpha` and `beta` only affect "zipit". `owned`: corr is
+        a temporary the method may overwrite (no copy of a wide space's matrix is made)."""
         corr, sizes, out_size, alpha, beta = check_inputs(corr, sizes, out_size=out_size,
-                                                          alpha=alpha, beta=beta)
+                                                          alpha=alpha, beta=beta, owned=owned)
         if corr is None and self.needs_statistics:
             raise MatchingError(f"method {self.name!r} needs the correlation matrix of the "
                                 "features")
