@@ -119,6 +119,35 @@ def sharded_case(case: str, rank: int | None, memory_gib: float | None) -> dict:
             "state": {k: v.clone() for k, v in merged.state_dict().items()}}
 
 
+def chained_case(case: str, rank: int | None, memory_gib: float | None = 1e-6) -> dict:
+    """Merge two tiny decoders (`benchmarks.common.decoders`) under a ~zero budget, so that
+    every space has a statistics pass and each pass resumes where the last saved the models'
+    values (their share of the budget raised), from this rank's shard of `case`: the matchings,
+    the outputs on a probe, the state and how many batches were resumed (`memory_gib=None`:
+    the one-pass reference)."""
+    import fxzip.zipper as zipper_module
+    from benchmarks.common.decoders import build_decoder, random_tokens
+
+    tokens = random_tokens("tiny", sum(BATCH_SIZES), seed=5)
+    data = list(tokens.split(list(BATCH_SIZES)))
+    shard = data if rank is None else [data[i] for i in SHARDS[case][rank]]
+    share = zipper_module.CHECKPOINT_SHARE
+    zipper_module.CHECKPOINT_SHARE = 1e5  # 0.1 GiB of the 1e-6 GiB budget
+    try:
+        merged = fxzip.merge(build_decoder("tiny", 0), build_decoder("tiny", 1), shard,
+                             memory_gib=memory_gib, method="zipit", corrections=None,
+                             progress=False,
+                             statistics_precision="float32")
+    finally:
+        zipper_module.CHECKPOINT_SHARE = share
+    with torch.no_grad():
+        outputs = [o.clone() for o in merged(random_tokens("tiny", 3, seed=9))]
+    return {"spaces": [(r.space, r.merged_width, r.within_by_model)
+                       for r in merged.fxzip_report.spaces],
+            "outputs": outputs, "memory": merged.fxzip_report.memory,
+            "state": {k: v.clone() for k, v in merged.state_dict().items()}}
+
+
 def main(out: str) -> None:
     torch.set_num_threads(1)
     distributed = "RANK" in os.environ
@@ -133,6 +162,8 @@ def main(out: str) -> None:
             for budget in SHARDED_BUDGETS:
                 torch.save(sharded_case(case, rank, budget),
                            os.path.join(out, f"sharded-{case}-{budget}-rank{rank}.pt"))
+            torch.save(chained_case(case, rank),
+                       os.path.join(out, f"chained-{case}-rank{rank}.pt"))
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

@@ -96,6 +96,40 @@ def test_spaces_sharded_over_ranks_equal_one_process(tmp_path):
                 assert torch.equal(value, ranks[1]["state"][key]), (case, budget, key)
 
 
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                    reason="torch.distributed with gloo is not available")
+def test_chained_statistics_passes_under_two_ranks_equal_one_process(tmp_path):
+    """Two tiny decoders merged under a ~zero budget (a statistics pass per space, each resuming
+    where the previous one saved the models' values on its rank's own batches): both ranks, one
+    with the batches of the other's shard or with none, build the one-process merge (the same
+    spaces and merges, outputs to 1e-5, bitwise-equal state on both ranks), which is bitwise the
+    one-pass merge, and the passes did resume."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(WORKER.parent.parent), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([*torchrun, "--standalone", "--nproc_per_node=2", str(WORKER),
+                          str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    worker = _worker_module()
+    for case in worker.SHARDS:
+        single = worker.chained_case(case, None)
+        assert single["memory"]["statistics_passes"] >= 3
+        assert single["memory"]["resumed_batches"] > 0
+        one_pass = worker.chained_case(case, None, memory_gib=None)
+        assert single["spaces"] == one_pass["spaces"]
+        for key, value in one_pass["state"].items():
+            assert torch.equal(value, single["state"][key]), (case, key)
+        ranks = [torch.load(tmp_path / f"chained-{case}-rank{r}.pt", weights_only=False)
+                 for r in (0, 1)]
+        assert ranks[0]["memory"]["resumed_batches"] > 0, case
+        for result in ranks:
+            assert result["spaces"] == single["spaces"], case
+            for out, ref in zip(result["outputs"], single["outputs"]):
+                assert torch.allclose(out, ref, atol=1e-5, rtol=0), case
+        for key, value in ranks[0]["state"].items():
+            assert torch.equal(value, ranks[1]["state"][key]), (case, key)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_merge_runs_on_cuda_with_statistics_on_the_device():
     """Models on the GPU: the statistics and the merged model live there, and the merge equals the
