@@ -45,6 +45,10 @@ class Lockstep:
         self.shared = pairing.shared()
         self.pairing = pairing
         self._done: list[list[int]] = []
+        # per model, each node's last reader (its index; -1 if none reads it but the output)
+        self._last_read = [{n: max((positions[u.name] for u in n.users if u.name in positions),
+                                   default=-1) for n in nodes}
+                           for nodes, positions in zip(self.node_lists, self.positions)]
 
     def done(self, cut: int) -> list[int]:
         """Per model, how many of its nodes have run after graph 0's node `cut`."""
@@ -62,10 +66,9 @@ class Lockstep:
         """Model k's values alive after the cut: those of its nodes run so far that a node yet
         to run reads; computed values, or with `attributes` the get_attr nodes (a resumed graph
         reads those from the model again)."""
-        nodes, done = self.node_lists[k], self.done(cut)[k]
-        later = set(nodes[done:])
+        nodes, done, last_read = self.node_lists[k], self.done(cut)[k], self._last_read[k]
         return [n for n in nodes[:done] if (n.op == "get_attr") == attributes
-                and any(u in later for u in n.users)]
+                and last_read[n] >= done]
 
     def frontier_bytes(self, cut: int) -> float:
         """The bytes of every model's frontier at a cut, from the traced shapes (unknown: inf)."""
