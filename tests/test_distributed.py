@@ -27,23 +27,31 @@ def _worker_module():
     return module
 
 
-@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                    reason="torch.distributed with gloo is not available")
-def test_two_ranks_equal_one_process_merge(tmp_path):
-    """Rank 0 holds batches 0-2 and rank 1 batches 3-4 ("unequal"), or rank 0 all and rank 1 none
-    ("empty"): both ranks return the same model (bitwise), with the one-process merge's matchings,
-    sample counts and dead-unit fallbacks, its correlations to 1e-6 (each rank sums its own products
-    in float32 before the float64 all-reduce: 6e-8 measured) and its outputs to 1e-5."""
+@pytest.fixture(scope="module")
+def ranks_out(tmp_path_factory) -> Path:
+    """The worker run once under `torchrun --nproc_per_node=2` (gloo): the folder of what each
+    rank saved for every test below."""
+    out = tmp_path_factory.mktemp("ranks")
     torchrun = [sys.executable, "-m", "torch.distributed.run"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [str(WORKER.parent.parent), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([*torchrun, "--standalone", "--nproc_per_node=2", str(WORKER),
-                          str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+                          str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return out
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                    reason="torch.distributed with gloo is not available")
+def test_two_ranks_equal_one_process_merge(ranks_out):
+    """Rank 0 holds batches 0-2 and rank 1 batches 3-4 ("unequal"), or rank 0 all and rank 1 none
+    ("empty"): both ranks return the same model (bitwise), with the one-process merge's matchings,
+    sample counts and dead-unit fallbacks, its correlations to 1e-6 (each rank sums its own products
+    in float32 before the float64 all-reduce: 6e-8 measured) and its outputs to 1e-5."""
     worker = _worker_module()
     for case in worker.SHARDS:
         single = worker.merge_case(case, None)
-        ranks = [torch.load(tmp_path / f"{case}-rank{r}.pt", weights_only=False) for r in (0, 1)]
+        ranks = [torch.load(ranks_out / f"{case}-rank{r}.pt", weights_only=False) for r in (0, 1)]
         assert single["fallbacks"], "the dead-unit pass should run"
         for result in ranks:
             assert result["matchings"] == single["matchings"], case
@@ -62,23 +70,17 @@ def test_two_ranks_equal_one_process_merge(tmp_path):
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                     reason="torch.distributed with gloo is not available")
-def test_spaces_sharded_over_ranks_equal_one_process(tmp_path):
+def test_spaces_sharded_over_ranks_equal_one_process(ranks_out):
     """`Zipper.merge` under two ranks without replicated statistics: each rank holds and matches
     only the spaces it owns (about half of the features' second moments each, none on both), the
     matches are shared, and both ranks build the one-process merge's model (the paper's zip: same
     matchings, outputs to 1e-5, bitwise-equal state on both ranks) in one pass and in a pass per
     space."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(WORKER.parent.parent), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([*torchrun, "--standalone", "--nproc_per_node=2", str(WORKER),
-                          str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     worker = _worker_module()
     for case in worker.SHARDS:
         single = worker.sharded_case(case, None, None)
         for budget in worker.SHARDED_BUDGETS:
-            ranks = [torch.load(tmp_path / f"sharded-{case}-{budget}-rank{r}.pt",
+            ranks = [torch.load(ranks_out / f"sharded-{case}-{budget}-rank{r}.pt",
                                 weights_only=False) for r in (0, 1)]
             held = [dict(r["held"]) for r in ranks]
             assert held[0] and held[1] and not set(held[0]) & set(held[1]), (case, budget)
@@ -98,18 +100,12 @@ def test_spaces_sharded_over_ranks_equal_one_process(tmp_path):
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                     reason="torch.distributed with gloo is not available")
-def test_chained_statistics_passes_under_two_ranks_equal_one_process(tmp_path):
+def test_chained_statistics_passes_under_two_ranks_equal_one_process(ranks_out):
     """Two tiny decoders merged under a ~zero budget (a statistics pass per space, each resuming
     where the previous one saved the models' values on its rank's own batches): both ranks, one
     with the batches of the other's shard or with none, build the one-process merge (the same
     spaces and merges, outputs to 1e-5, bitwise-equal state on both ranks), which is bitwise the
     one-pass merge, and the passes did resume."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(WORKER.parent.parent), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([*torchrun, "--standalone", "--nproc_per_node=2", str(WORKER),
-                          str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     worker = _worker_module()
     for case in worker.SHARDS:
         single = worker.chained_case(case, None)
@@ -119,7 +115,7 @@ def test_chained_statistics_passes_under_two_ranks_equal_one_process(tmp_path):
         assert single["spaces"] == one_pass["spaces"]
         for key, value in one_pass["state"].items():
             assert torch.equal(value, single["state"][key]), (case, key)
-        ranks = [torch.load(tmp_path / f"chained-{case}-rank{r}.pt", weights_only=False)
+        ranks = [torch.load(ranks_out / f"chained-{case}-rank{r}.pt", weights_only=False)
                  for r in (0, 1)]
         assert ranks[0]["memory"]["resumed_batches"] > 0, case
         for result in ranks:
