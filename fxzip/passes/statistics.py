@@ -408,9 +408,9 @@ def _run_pass(graphs: Sequence[fx.GraphModule], reads: list[Read], batches: Batc
     keyed = any(read.rate < 1.0 or read.positions < 1.0 for read in reads)
     sharded = any(read.owner is not None for read in reads) and observer.ranks > 1
     resume_cut, saves = checkpoints.plan() if checkpoints is not None else (None, [])
-    module = lockstep_module(graphs, observer, pairing, checkpoints, saves=saves)
     resumed = None if resume_cut is None else \
         lockstep_module(graphs, observer, pairing, checkpoints, resume_cut, saves)
+    module = None  # from the inputs: built for the first batch not resumed
     bar = tqdm(_in_step(batches, sharded, group), desc=desc, unit="batch",
                disable=not progress, leave=False)
     with torch.no_grad():
@@ -421,6 +421,8 @@ def _run_pass(graphs: Sequence[fx.GraphModule], reads: list[Read], batches: Batc
             if checkpoints is not None:
                 checkpoints.position = position
             frontier = None if resumed is None else checkpoints.take(resume_cut, position)
+            if frontier is None and module is None:
+                module = lockstep_module(graphs, observer, pairing, checkpoints, saves=saves)
             try:
                 if frontier is not None:
                     resumed(*frontier)
