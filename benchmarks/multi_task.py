@@ -15,6 +15,11 @@ accuracy over all 10 classes (argmax over the concatenated per-head softmaxes), 
 FLOPs per sample (`fxzip.runtime.costs`). Calibration data (statistics and the BatchNorm reset, done for
 every row, the ensemble included) = the training inputs of all four tasks.
 
+Methods: `default` is fxzip's default merge of all four (zipit matching, a small weight
+similarity, the label-free corrections); `zipit` and `permute` are the paper's merges (no
+corrections, no weight similarity; the BatchNorm reset); `pairs` merges two pairs with fxzip's
+defaults.
+
 Outputs in `--out`: `multi_task.csv`, `multi_task.md` and `multi_task.png` (joint accuracy vs
 FLOPs). `--quick`: the small CNN, few epochs, for a smoke run, written as `multi_task_quick.*`.
 """
@@ -59,7 +64,8 @@ def plot(rows: list[dict], arch: str, path: Path) -> None:
     (the first row) as a marker."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, marker in (("zipit", "o-"), ("permute", "s--"), ("pairs", "^:")):
+    for method, marker in (("default", "D-"), ("zipit", "o-"), ("permute", "s--"),
+                           ("pairs", "^:")):
         pts = [(r["flops"] / 1e6, 100 * r["joint"]) for r in rows if r["method"] == method]
         ax.plot(*zip(*pts), marker, label=method)
     ens = rows[0]
@@ -121,9 +127,14 @@ def main(argv=None) -> None:
         add("ensemble", "-", [m(x_test) for m in models], sum(map(count_parameters, models)),
             sum(count_flops(m, sample) for m in models))
         zipper = fxzip.Zipper(models, calibration, progress=False)
-        for method in ("zipit", "permute"):
+        for stop in stops:  # fxzip's default merge
+            merged = zipper.merge(stop)
+            add("default", str(stop), merged(x_test), count_parameters(merged),
+                count_flops(merged, sample))
+        for method in ("zipit", "permute"):  # the paper's: no corrections, no weight similarity
             for stop in stops:
-                merged = zipper.merge(stop, method=method)
+                merged = zipper.merge(stop, method=method, corrections=None,
+                                      weight_similarity=0.0)
                 add(method, str(stop), merged(x_test), count_parameters(merged),
                     count_flops(merged, sample))
         for stop in stops:  # pairs: two merges of two models each
@@ -147,9 +158,12 @@ def main(argv=None) -> None:
           pct(r["joint"]), r["params"], f"{r['flops'] / 1e6:.2f}"] for r in rows])
     header = (f"# Four tasks, one merge: 4 x {arch}, {epochs} epochs, seed {args.seed}\n\n"
               "Test accuracy (%) of each head on its own task, their mean, joint accuracy over "
-              "all 10 classes; parameters and FLOPs per sample. `zipit`/`permute`: all four "
-              "merged at once (`merge_all`); `pairs`: {0,1}+{2,3} and {4,5,6}+{7,8,9} merged "
-              "separately (zipit); stop `None`: every layer but the output layers.\n\n")
+              "all 10 classes; parameters and FLOPs per sample. `default`: all four merged at "
+              "once (`merge_all`) with fxzip's defaults (zipit matching and the label-free "
+              "corrections); `zipit`/`permute`: all four at once by the paper's merge (no "
+              "corrections, no weight similarity, the BatchNorm reset); `pairs`: {0,1}+{2,3} and "
+              "{4,5,6}+{7,8,9} merged separately with fxzip's defaults; stop `None`: every layer "
+              "but the output layers.\n\n")
     (out / f"{name}.md").write_text(header + table + "\n")
     plot(rows, arch, out / f"{name}.png")
     print(f"wrote {out / name}.md/.csv/.png in {time.perf_counter() - started:.0f} s")
