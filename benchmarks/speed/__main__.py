@@ -17,6 +17,7 @@ import torch
 
 import benchmarks.speed
 from fxzip.demo.digits import load_digits_split
+from fxzip.runtime.moments import resolve_precision
 
 from benchmarks.common.cases import CaseSpec, build_case, digits_case
 from benchmarks.common.tables import Table
@@ -57,7 +58,17 @@ def environment(argv: Sequence[str]) -> str:
     command = " ".join(["python -m benchmarks.speed", *argv])
     return (f"command: `{command}`  \ntorch {torch.__version__}, {torch.get_num_threads()} "
             f"threads, numpy {np.__version__}, python {platform.python_version()}, "
-            f"{os.cpu_count()} CPUs, {platform.machine()}")
+            f"{os.cpu_count()} CPUs, {platform.machine()} ({cpu_capability()}; Gram products "
+            f"in {resolve_precision('auto', torch.device('cpu'))} by default)")
+
+
+def cpu_capability() -> str:
+    """The vector extensions torch's CPU kernels use here (e.g. AVX2, AVX512)."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except AttributeError:
+        return "unknown"
+
 
 
 def floor_specs(config: Settings, kinds: Sequence[str] = ("resnet50", "vit"),
