@@ -4,8 +4,8 @@ from . import testing  # fxzip.testing.permuted_copy: exactness checks
 from .api import analyze, merge, merge_all
 from .corrections import AutoSettings, CorrectionReport, Corrections, reset_bn
 from .errors import (ArchitectureMismatchError, CalibrationWarning, CheckpointError, ExportError,
-                     FxzipError, InputError, MatchingError, NonFiniteError, RecipeError,
-                     StopPointError, TraceError)
+                     FxzipError, InputError, MatchingError, MemoryWarning, NonFiniteError,
+                     RecipeError, StopPointError, TraceError)
 from .io.saving import load, save
 from .io.to_model import to_model
 from .matching import Match, match_features
@@ -23,5 +23,5 @@ __all__ = [
     "Synthesis",
     "match_features", "FxzipError", "TraceError", "ArchitectureMismatchError", "StopPointError",
     "InputError", "NonFiniteError", "MatchingError", "RecipeError", "CheckpointError", "ExportError",
-    "CalibrationWarning",
+    "CalibrationWarning", "MemoryWarning",
 ]

@@ -44,3 +44,8 @@ class ExportError(FxzipError):
 class CalibrationWarning(UserWarning):
     """The calibration data are too few for the statistics of some space: the merge runs, but
     matches between features that look alike on so few samples are arbitrary."""
+
+
+class MemoryWarning(UserWarning):
+    """A feature space needs more memory to collect and match than the merge's memory budget
+    leaves for it: the merge runs (a space is matched whole), but goes over the budget."""

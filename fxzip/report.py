@@ -108,6 +108,8 @@ class MergeReport:
                          + (f" ({self.memory['resumed_batches']} batches resumed from "
                             f"{self.memory['checkpoint_gib']:.2f} GiB saved between them)"
                             if self.memory.get("resumed_batches") else "")
+                         + (f", {self.memory['spaces_over_budget']} space(s) over the budget on "
+                            "their own" if self.memory.get("spaces_over_budget") else "")
                          + f"; peak GiB: {peaks or '-'}")
         if self.calibration.get("source") == "synthesized":
             c = self.calibration

@@ -5,6 +5,7 @@ the calibration data."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .corrections import AutoSettings, choose as choose_settings, correct, reset_bn
-from .errors import CalibrationWarning, InputError, StopPointError
+from .errors import CalibrationWarning, InputError, MemoryWarning, StopPointError
 from .graph.pairing import pair_graphs
 from .graph.prepare import check_models, is_merged, prepare_graphs
 from .matching import (Match, Method, covariance, feature_signatures, get_method, match_heads,
@@ -25,7 +26,7 @@ from .passes.analysis import Analysis
 from .passes.rewrite import rewrite
 from .passes.lockstep import Checkpoints, plan_cuts
 from .passes.statistics import collect, first_tap
-from .passes.statistics_plan import plan_passes
+from .passes.statistics_plan import plan_passes, unit_bytes
 from .report import mean_across_correlation
 from .report_builder import ReportBuilder
 from .runtime.distributed import all_gather_objects, rank, world_size
@@ -41,6 +42,18 @@ _OPTIONS = object()  # `Zipper.merge`'s stop point when none is given: the optio
 # the share of a memory budget that holds the models' values saved between statistics passes,
 # so that a pass resumes where an earlier one left the models instead of at their inputs
 CHECKPOINT_SHARE = 0.1
+
+
+
+def _size(count: float) -> str:
+    """Bytes as GiB, or as MiB below a tenth of a GiB."""
+    return f"{count / GIB:.2f} GiB" if count >= 0.1 * GIB else f"{count / 2 ** 20:.1f} MiB"
+
+
+def _round_up(value: float, digits: int = 3) -> float:
+    """`value` rounded up to `digits` significant digits."""
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(value)))
+    return math.ceil(value * scale) / scale
 
 
 class Zipper:
@@ -275,6 +288,7 @@ class Zipper:
         saved = None if room is None else CHECKPOINT_SHARE * budget_gib * GIB
         room = None if room is None else room - saved
         passes = plan_passes(fresh, dims, None if room is None else max(room, 0.0), ranks)
+        over = [] if room is None else self._warn_if_over_budget(fresh, dims, budget_gib, room)
         keep = ranks == 1 and len(passes) <= 1
         checkpoints = None if len(passes) <= 1 or not self.batches.same_each_read \
             else Checkpoints(plan_cuts(
@@ -308,9 +322,37 @@ class Zipper:
                     self._moments.pop(s, None)
                     self._similarities.pop(s, None)
         self._warn_if_too_few_samples([], short)
-        return {"statistics_passes": len(passes),
+        return {"statistics_passes": len(passes), "spaces_over_budget": len(over),
                 "resumed_batches": 0 if checkpoints is None else checkpoints.resumed,
                 "checkpoint_gib": 0.0 if checkpoints is None else checkpoints.peak_bytes / GIB}
+
+    def _warn_if_over_budget(self, units: Sequence[Sequence[int]], dims: dict[int, int],
+                             budget_gib: float, room: float) -> list[Sequence[int]]:
+        """Warn (`MemoryWarning`) where a unit of spaces alone is estimated to need more than
+        the budget leaves for statistics and matching (`room` bytes: the budget less the pass's
+        activations and the saved values): it still gets a pass of its own and is matched whole.
+        Returns those units."""
+        need = {tuple(u): sum(unit_bytes(u, dims)) for u in units}
+        over = [u for u in units if need[tuple(u)] > max(room, 0.0)]
+        if over:
+            largest = max(over, key=lambda u: need[tuple(u)])
+            s = largest[0]
+            where = ", ".join(self.analysis.spaces[s].producers[:2]) or f"space {s}"
+            extra = (need[tuple(largest)] - room) / GIB
+            # the budget whose room (less the activations and the saved values' share) holds it
+            keep = 1.0 - CHECKPOINT_SHARE
+            advice = (f"give memory_gib={_round_up(budget_gib + extra / keep):g} or more"
+                      if keep > 0 else "give a larger memory_gib")
+            warnings.warn(
+                f"{len(over)} feature space(s) need more memory to collect and match than the "
+                f"memory budget of {_size(budget_gib * GIB)} leaves for them "
+                f"({_size(max(room, 0.0))} beside the statistics pass's activations), e.g. "
+                f"space {s} ({where}, {sum(dims[t] for t in largest)} features of all models): "
+                f"estimated up to {_size(need[tuple(largest)])}. A space is matched whole, so "
+                f"the merge will go over the budget by up to about {_size(extra * GIB)}; "
+                f"{advice} if the device has that much free",
+                MemoryWarning, stacklevel=4)
+        return over
 
     def _share_matches(self, before: set[tuple]) -> None:
         """Give every rank the matches each rank made since `before` (with their mean

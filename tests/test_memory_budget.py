@@ -3,6 +3,9 @@ the merge read the calibration data in several passes, each followed by its spac
 gives the same merged model as one pass; the report gives the passes and each phase's peak."""
 from __future__ import annotations
 
+import re
+import warnings
+
 import pytest
 import timm
 import torch
@@ -44,7 +47,8 @@ def test_budget_forcing_several_passes_gives_the_one_pass_merge(case, method):
     kwargs = dict(corrections=None, progress=False, statistics_precision="float32",
                   method=method)
     one = fxzip.merge(a, b, data, memory_gib=None, **kwargs)
-    many = fxzip.merge(a, b, data, memory_gib=1e-6, **kwargs)
+    with pytest.warns(fxzip.MemoryWarning, match="is matched whole"):
+        many = fxzip.merge(a, b, data, memory_gib=1e-6, **kwargs)
     assert one.fxzip_report.memory["statistics_passes"] == 1
     passes = many.fxzip_report.memory["statistics_passes"]
     assert passes >= 3 and passes <= len(many.fxzip_report.spaces)
@@ -63,12 +67,45 @@ def test_default_merge_under_a_budget_keeps_the_matchings():
     a, b = small_resnet(0), small_resnet(1)
     data = _batches((16, 1, 8, 8))
     one = fxzip.merge(a, b, data, memory_gib=None, progress=False)
-    many = fxzip.merge(a, b, data, memory_gib=1e-6, progress=False)
+    with pytest.warns(fxzip.MemoryWarning):
+        many = fxzip.merge(a, b, data, memory_gib=1e-6, progress=False)
     assert many.fxzip_report.memory["statistics_passes"] > 1
     spaces = lambda m: [(s.space, s.merged_width, s.within_by_model, s.mean_correlation)
                         for s in m.fxzip_report.spaces]
     assert spaces(one) == spaces(many)
     assert many.fxzip_report.corrections.samples < one.fxzip_report.corrections.samples
+
+
+def test_a_space_over_the_budget_warns_with_a_budget_that_holds_it():
+    """A budget smaller than what one space needs to collect and match warns (MemoryWarning)
+    with the memory_gib that holds it; that budget, and any larger one, merges without the
+    warning, and the report counts the spaces over the budget (ViT head groups: matched as one
+    unit). Two spaces of the tiny ViT are wider than the rest: a budget between them warns for
+    those alone."""
+    a, b = _tiny_vit(0), _tiny_vit(1)
+    data = _batches((8, 3, 32, 32))
+    kwargs = dict(corrections=None, progress=False)
+    with pytest.warns(fxzip.MemoryWarning) as record:
+        tight = fxzip.merge(a, b, data, memory_gib=1e-6, **kwargs)
+    messages = [str(w.message) for w in record if issubclass(w.category, fxzip.MemoryWarning)]
+    assert len(messages) == 1
+    over = tight.fxzip_report.memory["spaces_over_budget"]
+    assert over == tight.fxzip_report.memory["statistics_passes"] > 1  # every unit, own pass
+    assert messages[0].startswith(f"{over} feature space(s)")
+    enough = float(re.search(r"memory_gib=([0-9.]+) or more", messages[0]).group(1))
+    for budget in (enough, 2 * enough):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", fxzip.MemoryWarning)
+            fine = fxzip.merge(a, b, data, memory_gib=budget, **kwargs)
+        assert fine.fxzip_report.memory["spaces_over_budget"] == 0
+        assert "over the budget" not in str(fine.fxzip_report)
+        for key, value in tight.state_dict().items():  # the same merge either way
+            assert torch.equal(value, fine.state_dict()[key]), key
+    # a budget just short of what the widest space needs: fewer spaces over it, and it says so
+    with pytest.warns(fxzip.MemoryWarning, match="feature space"):
+        some = fxzip.merge(a, b, data, memory_gib=0.97 * enough, **kwargs)
+    assert 0 < some.fxzip_report.memory["spaces_over_budget"] < over
+    assert "space(s) over the budget on their own" in str(some.fxzip_report)
 
 
 def test_plan_keeps_units_whole_and_within_the_budget():
@@ -110,7 +147,8 @@ def test_phase_seconds_add_up_to_at_most_the_merge_time():
     a, b = small_resnet(0), small_resnet(1)
     data = _batches((16, 1, 8, 8))
     start = time.perf_counter()
-    merged = fxzip.merge(a, b, data, memory_gib=1e-6, progress=False)
+    with pytest.warns(fxzip.MemoryWarning):
+        merged = fxzip.merge(a, b, data, memory_gib=1e-6, progress=False)
     wall = time.perf_counter() - start
     seconds = merged.fxzip_report.seconds
     assert {"trace", "statistics", "matching", "corrections"} <= set(seconds)

@@ -15,6 +15,9 @@ from benchmarks.common.decoders import build_decoder, random_tokens
 from fxzip.passes.lockstep import Checkpoints, Lockstep, lockstep_module, plan_cuts
 from permute_util import small_resnet
 
+# every test forces passes with a ~zero budget: its MemoryWarning is expected
+pytestmark = pytest.mark.filterwarnings("ignore::fxzip.MemoryWarning")
+
 IN_PLACE = CNNSpec(hw=8, stem=8, blocks=(BasicBlock(8, add="add_", post="relu_"),
                                          BasicBlock(16, stride=2, act="relu_", add="+="),
                                          ConvBlock(16, act="relu_")), head="pool", classes=5)
