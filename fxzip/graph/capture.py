@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -135,23 +136,28 @@ def _cross_attention(m: torch.nn.MultiheadAttention, query: Any, key: Any) -> tu
 
 
 def _autowrap() -> tuple[tuple, tuple]:
-    """timm's not-traceable functions, and the modules whose functions are wrapped as leaves."""
+    """timm's not-traceable functions, and the modules whose functions are wrapped as leaves.
+    timm and torchvision are read only where already imported: a model that calls their
+    functions has imported them, and importing them for any other model costs seconds (they
+    import torch._dynamo)."""
     modules: list = [math]
-    try:
-        import torchvision.ops
-        modules.append(torchvision.ops)
-    except ImportError:  # torchvision is optional: without it there is nothing to wrap
-        pass
-    try:
-        from timm.layers import get_notrace_functions
-        functions = tuple(get_notrace_functions())
-    except ImportError:  # timm is optional (the "timm" extra)
-        functions = ()
+    if "torchvision.ops" in sys.modules:
+        modules.append(sys.modules["torchvision.ops"])
+    functions: tuple = ()
+    if "timm" in sys.modules:
+        try:
+            from timm.layers import get_notrace_functions
+            functions = tuple(get_notrace_functions())
+        except ImportError:  # pragma: no cover - a timm without the registry
+            pass
     return functions, tuple(modules)
 
 
 def _timm_leaf_modules() -> tuple[type, ...]:
-    """Module types timm marks as not traceable (they become leaves, hence barriers)."""
+    """Module types timm marks as not traceable (they become leaves, hence barriers); none where
+    timm was never imported (no model can hold its modules then)."""
+    if "timm" not in sys.modules:
+        return ()
     try:
         from timm.layers import get_notrace_modules
         return tuple(get_notrace_modules())

@@ -16,7 +16,7 @@ into (no stand-in needed).
 """
 from __future__ import annotations
 
-import importlib
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Callable
@@ -163,12 +163,13 @@ def _uses(model: torch.nn.Module) -> bool:
 
 @contextmanager
 def _replaced() -> Iterator[None]:
-    """The stand-ins in place of the library's functions (in the libraries' module globals)."""
+    """The stand-ins in place of the library's functions (in the libraries' module globals),
+    where those modules are imported: a model that calls them has imported them, and importing
+    torchvision for any other model costs seconds."""
     saved = []
     for (module_name, name), stand_in in STAND_INS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:  # torchvision is optional
+        module = sys.modules.get(module_name)
+        if module is None:
             continue
         if hasattr(module, name):
             saved.append((module, name, getattr(module, name)))

@@ -98,7 +98,7 @@ class Analysis:
     """The feature spaces of one traced model, printable and queryable."""
 
     def __init__(self, gm: fx.GraphModule):
-        timm_rules.register()  # timm's layers, where timm is installed
+        timm_rules.register()  # timm's layers, those of the timm modules imported
         self.gm = gm
         self.nodes: list[fx.Node] = list(gm.graph.nodes)
         for _ in range(MAX_SPLIT_ROUNDS):

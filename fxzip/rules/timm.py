@@ -2,11 +2,11 @@
 
 timm's window/grid partition and reverse functions are traced as single calls (timm marks them
 not traceable); they move positions around while every position keeps its channel vector.
-`register()` is idempotent and does nothing where timm is not installed.
+`register()` is idempotent and adds the rules of the timm modules imported so far.
 """
 from __future__ import annotations
 
-import importlib
+import sys
 from typing import Any
 
 import torch.fx as fx
@@ -24,7 +24,7 @@ _WINDOW_FUNCTIONS = {  # timm module: {function name: channel axis of its input 
     "timm.models.maxxvit": {"window_reverse": -1, "grid_reverse": -1, "window_reverse_nchw": 1,
                             "grid_reverse_nchw": 1},
 }
-_registered = False
+_registered: set[str] = set()  # the modules whose functions have rules
 
 
 def _window_rule(channel_axis: int) -> Rule:
@@ -43,16 +43,14 @@ def _window_rule(channel_axis: int) -> Rule:
 
 
 def register() -> None:
-    """Add the rules of timm's window functions to the rule table (once; no-op without timm)."""
-    global _registered
-    if _registered:
-        return
-    _registered = True
+    """Add the rules of timm's window functions to the rule table, for each timm module already
+    imported (once each; a model that calls them has imported their module, and importing timm
+    for any other model costs seconds)."""
     for module_name, functions in _WINDOW_FUNCTIONS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:  # pragma: no cover - timm is optional here
+        module = sys.modules.get(module_name)
+        if module is None or module_name in _registered:
             continue
+        _registered.add(module_name)
         for name, channel_axis in functions.items():
             function = getattr(module, name, None)
             if function is not None:
