@@ -114,8 +114,9 @@ def merge(model_a: nn.Module, model_b: nn.Module, inputs: Any, *, stop_at: str |
         bounds the corrections' samples ("auto" does not: the result never depends on the free
         memory). `merged.fxzip_report.memory` gives each phase's peak and the
         number of passes. A space is matched whole: one that needs more than the budget on its
-        own is a `fxzip.MemoryWarning` (with the budget that holds it), counted in the report. Under torch.distributed each rank holds and matches a share of the
-        spaces (its memory falls with the number of ranks).
+        own is a `fxzip.MemoryWarning` (with the budget that holds it), counted in the report.
+        Under torch.distributed each rank holds and matches a share of the spaces (its memory
+        falls with the number of ranks).
     Every option is checked into one `fxzip.MergeOptions` before any work (an InputError names
     the option and its allowed values). The input models are never modified. The report is in
     `merged.fxzip_report`.

@@ -44,7 +44,6 @@ _OPTIONS = object()  # `Zipper.merge`'s stop point when none is given: the optio
 CHECKPOINT_SHARE = 0.1
 
 
-
 def _size(count: float) -> str:
     """Bytes as GiB, or as MiB below a tenth of a GiB."""
     return f"{count / GIB:.2f} GiB" if count >= 0.1 * GIB else f"{count / 2 ** 20:.1f} MiB"
