@@ -429,8 +429,9 @@ def _joined(name: str, columns: Sequence[str]) -> Table:
 table("floor", "6_floor.md")(lambda: _joined("6_floor.md", FLOOR_COLUMNS).markdown())
 
 WALL_COLUMNS = ["case", "merge", "taps", "threads", "plain fwd s", "statistics/plain wall (≤ 1.5)",
-                "merge/plain wall (≤ 3; default ≤ 4)", "Gram/fwd FLOPs", "trace", "statistics",
-                "matching", "rewrite", "bn_reset", "corrections"]
+                "merge/plain wall (≤ 3; default ≤ 4)", "statistics/plain CPU (≤ 1.5)",
+                "merge/plain CPU (≤ 3)", "Gram/fwd FLOPs", "trace", "statistics", "matching",
+                "rewrite", "bn_reset", "corrections"]
 
 
 @table("floor_wall", "6_floor_wall_resnet50.md", "6_floor_wall_vit.md")
