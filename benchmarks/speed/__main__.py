@@ -70,7 +70,6 @@ def cpu_capability() -> str:
         return "unknown"
 
 
-
 def floor_specs(config: Settings, kinds: Sequence[str] = ("resnet50", "vit"),
                 images: int | None = None, size: int | None = None) -> list[CaseSpec]:
     default_images, default_size = (16, 128) if config.quick else (32, 224)
