@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import torch.fx as fx
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from .corrections import AutoSettings, choose as choose_settings, correct, reset_bn
 from .errors import CalibrationWarning, InputError, MemoryWarning, StopPointError
@@ -278,9 +279,8 @@ class Zipper:
         units = self._units(todo)
         fresh = [u for u in units if not all(s in self._moments for s in u)]
         with self._timed("matching"), peaks.phase("matching"):
-            for unit in units:
-                if unit not in fresh:
-                    match(unit[0])
+            for unit in self._bar([u for u in units if u not in fresh], "fxzip matching"):
+                match(unit[0])
         ranks = world_size(self.group)
         room = None if budget_gib is None else budget_gib * GIB - self._pass_activation_bytes()
         dims = {s: self.num_models * self.analysis.spaces[s].size for u in fresh for s in u}
@@ -296,15 +296,16 @@ class Zipper:
              for p in passes]), saved)
         me = rank(self.group)
         short: list[tuple[int, int, int]] = []
-        for p in passes:
+        for i, p in enumerate(passes):
             owners = p.owners if ranks > 1 else None
+            label = f", pass {i + 1}/{len(passes)}" if len(passes) > 1 else ""
             with self._timed("statistics"), peaks.phase("statistics"):
                 found = collect(
                     self.graphs, self.analysis, p.spaces, self.batches,
                     progress=self.options.progress, precision=self.statistics_precision,
                     pairing=self.pairing, group=self.group, taps=self.options.taps,
                     positions=self.options.positions, owners=owners,
-                    checkpoints=checkpoints)
+                    checkpoints=checkpoints, description=f"fxzip statistics{label}")
             for stats in found.values():  # used once: correlations over the co-moments
                 stats.lean = not keep
             self._moments.update(found)
@@ -312,7 +313,7 @@ class Zipper:
             short += self._short_of_samples(mine)
             before = set(self._matches)
             with self._timed("matching"), peaks.phase("matching"):
-                for unit in self._units(mine):
+                for unit in self._bar(self._units(mine), f"fxzip matching{label}"):
                     match(unit[0])
             if owners is not None:
                 self._share_matches(before)
@@ -324,6 +325,11 @@ class Zipper:
         return {"statistics_passes": len(passes), "spaces_over_budget": len(over),
                 "resumed_batches": 0 if checkpoints is None else checkpoints.resumed,
                 "checkpoint_gib": 0.0 if checkpoints is None else checkpoints.peak_bytes / GIB}
+
+    def _bar(self, units: list[list[int]], description: str) -> Any:
+        """`units`, iterated under a progress bar (one step a unit of spaces matched)."""
+        return tqdm(units, desc=description, unit="space", leave=False,
+                    disable=not (self.options.progress and units))
 
     def _warn_if_over_budget(self, units: Sequence[Sequence[int]], dims: dict[int, int],
                              budget_gib: float, room: float) -> list[Sequence[int]]:
@@ -510,7 +516,7 @@ class Zipper:
             with self._timed("corrections"), peaks.phase("corrections"):
                 correction_report = correct(merged, self.graphs, self.analysis, matches,
                                             self.batches, corrections, pairing=self.pairing,
-                                            group=self.group)
+                                            group=self.group, progress=options.progress)
         elif options.reset_bn:
             with self._timed("bn_reset"), peaks.phase("bn_reset"):
                 reset_bn(merged, self.batches, progress=options.progress, group=self.group)

@@ -152,3 +152,24 @@ def test_phase_seconds_add_up_to_at_most_the_merge_time():
     seconds = merged.fxzip_report.seconds
     assert {"trace", "statistics", "matching", "corrections"} <= set(seconds)
     assert sum(seconds.values()) <= wall
+
+
+def test_long_phases_show_progress_bars_and_none_without_progress(capfd):
+    """With progress on, the statistics (numbered when the budget splits them into passes), the
+    matching and the corrections each show a bar on stderr; with progress off nothing is
+    written."""
+    a, b = small_resnet(0), small_resnet(1)
+    data = _batches((16, 1, 8, 8))
+    fxzip.merge(a, b, data, progress=False)
+    assert capfd.readouterr().err == ""
+    fxzip.merge(a, b, data)
+    err = capfd.readouterr().err
+    assert "fxzip statistics" in err and "fxzip matching" in err and "fxzip corrections" in err
+    assert "pass 1/" not in err  # one pass: not numbered
+    with pytest.warns(fxzip.MemoryWarning):
+        merged = fxzip.merge(a, b, data, memory_gib=1e-6)
+    passes = merged.fxzip_report.memory["statistics_passes"]
+    err = capfd.readouterr().err
+    for i in range(1, passes + 1):
+        assert f"fxzip statistics, pass {i}/{passes}" in err
+        assert f"fxzip matching, pass {i}/{passes}" in err

@@ -78,6 +78,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..matching.match import Match
@@ -107,9 +108,9 @@ class _Pass:
 
     def __init__(self, merged: fx.GraphModule, graphs: Sequence[fx.GraphModule], analysis: Analysis,
                  matches: dict[int, Match], batches: list[Any], options: Corrections,
-                 pairing: Any = None, group: Any = None):
+                 pairing: Any = None, group: Any = None, progress: bool = False):
         self.merged, self.graphs, self.analysis, self.matches = merged, graphs, analysis, matches
-        self.options, self.group = options, group
+        self.options, self.group, self.progress = options, group, progress
         self.plan, skipped = plan(merged, graphs, options, pairing)
         self.by_node = {layer.node: layer for layer in self.plan}
         self.by_fit = {layer.fit_node: layer for layer in self.plan}
@@ -146,7 +147,9 @@ class _Pass:
         return value.dim() if isinstance(value, torch.Tensor) else 2
 
     def run(self) -> CorrectionReport:
-        with torch.no_grad():
+        bar = tqdm(total=len(self.plan), desc="fxzip corrections", unit="layer", leave=False,
+                   disable=not (self.progress and self.plan))
+        with torch.no_grad(), bar:
             while self.runner.next_node is not None:
                 node = self.runner.next_node
                 layer = self.by_node.get(node.name)
@@ -154,6 +157,7 @@ class _Pass:
                     self._targets(layer)
                     if layer.refit:
                         self._refit(layer)
+                    bar.update(1)
                 if node.op == "call_module" and isinstance(self.merged.get_submodule(node.target), _BN):
                     self._before_bn(node)
                 self.runner.step()
@@ -293,7 +297,7 @@ class _Pass:
 def correct(merged: fx.GraphModule, graphs: Sequence[fx.GraphModule], analysis: Analysis,
             matches: dict[int, Match], inputs: Iterable[Any],
             options: Corrections | None = None, *, max_samples: int | None = None,
-            pairing: Any = None, group: Any = None) -> CorrectionReport:
+            pairing: Any = None, group: Any = None, progress: bool = False) -> CorrectionReport:
     """Correct a merged model in place (see the module docstring); returns a report.
 
     merged: the rewrite's GraphModule (its nodes carry their parents' nodes, `fxzip_origin`);
@@ -308,6 +312,7 @@ def correct(merged: fx.GraphModule, graphs: Sequence[fx.GraphModule], analysis: 
     group: under torch.distributed, `inputs` are this rank's shard (it may be empty): every sum
         (Gram matrices, BatchNorm and REPAIR statistics) is all-reduced over `group` before it is
         used, so every rank writes the same weights. Every rank of the group must call.
+    progress: a progress bar over the corrected layers.
     """
     options = options or Corrections()
     if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
@@ -331,7 +336,8 @@ def correct(merged: fx.GraphModule, graphs: Sequence[fx.GraphModule], analysis: 
         raise InputError("correct() needs at least one calibration batch")
     was_training = merged.training
     merged.eval()
-    report = _Pass(merged, graphs, analysis, matches, batches, options, pairing, group).run()
+    report = _Pass(merged, graphs, analysis, matches, batches, options, pairing, group,
+                   progress).run()
     merged.train(was_training)
     report.seconds = time.perf_counter() - start
     report.samples = seen

@@ -295,7 +295,8 @@ def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterab
             pairing: Pairing, timings: dict[str, float] | None = None, group: Any = None,
             taps: str = "all", positions: float = 1.0,
             owners: Mapping[int, int] | None = None,
-            checkpoints: Checkpoints | None = None) -> dict[int, SpaceStats]:
+            checkpoints: Checkpoints | None = None,
+            description: str = "fxzip statistics") -> dict[int, SpaceStats]:
     """Statistics of every requested space over all batches, for all models at once; `precision`
     is that of the Gram products ("float32" or "bfloat16", see `resolve_precision`).
 
@@ -333,7 +334,7 @@ def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterab
 
     `checkpoints`: this is one of several planned passes (`first_tap` gave its start); it
     resumes the models where an earlier pass saved them and saves them for later passes
-    (`fxzip.passes.lockstep`).
+    (`fxzip.passes.lockstep`). `description` labels the progress bars (which pass this is).
     """
     spaces = list(spaces)
     check_taps(taps)
@@ -356,7 +357,7 @@ def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterab
             read.positions = positions
             read.owner = None if owners is None else owners[s]
         reads += found
-    _run_pass(graphs, reads, batches, progress, "fxzip statistics", precision, pairing, group,
+    _run_pass(graphs, reads, batches, progress, description, precision, pairing, group,
               checkpoints)
     if owners is None:
         all_reduce_moments([stats[s].features for s in spaces], group)
@@ -374,7 +375,7 @@ def collect(graphs: Sequence[fx.GraphModule], analysis: Analysis, spaces: Iterab
         _run_pass(graphs, [Read(t, stats[s].fallback if s in stats else None,
                                 owner=None if owners is None else owners[s])
                            for s, taps in retry.items() for t in taps],
-                  batches, progress, "fxzip statistics (dead units)", precision, pairing, group)
+                  batches, progress, f"{description} (dead units)", precision, pairing, group)
         if owners is None:
             all_reduce_moments([stats[s].fallback for s in retry], group)
     timings["dead units"] = time.perf_counter() - start
