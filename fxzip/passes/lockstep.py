@@ -6,9 +6,9 @@ a share of the spaces; without help each pass would run the models again from th
 pass instead saves, per batch, the values alive at a point before the next pass's first tap (a
 *cut*, chosen where the fewest bytes are alive; its *frontier*: the tensors computed so far that
 later nodes still read), running on to it if its own taps end earlier, and the next pass resumes
-there (`Checkpoints`): the passes form a chain through the models, about one forward in all. The saved values are copies, so nothing a pass does in place
-reaches them; what the budget's share for them cannot hold is recomputed from the inputs, batch
-by batch. Resuming runs the same operations on the same values: the statistics are bitwise those
+there (`Checkpoints`): the passes form a chain through the models, about one forward in all.
+The saved values are copies, so nothing a pass does in place reaches them; what the budget's
+share for them cannot hold is recomputed from the inputs, batch by batch. Resuming runs the same operations on the same values: the statistics are bitwise those
 of passes run from the inputs.
 """
 from __future__ import annotations
@@ -191,8 +191,9 @@ def lockstep_module(graphs: Sequence[fx.GraphModule], observer: nn.Module, pairi
     only the tensors of the node being computed are alive beside the models' state.
 
     With `checkpoints`, the graph also calls it with the frontier at each cut of `saves`
-    (running on to the last of them); with `resume_cut` it starts after that cut, its inputs being the frontier's
-    values there (as `Checkpoints.take` gives them) instead of the models' inputs.
+    (running on to the last of them); with `resume_cut` it starts after that cut, its inputs
+    being the frontier's values there (as `Checkpoints.take` gives them) instead of the models'
+    inputs.
     """
     root = nn.Module()
     for k, gm in enumerate(graphs):
